@@ -1,0 +1,3 @@
+"""edgepin: single-VM edge appliances on stock OpenStack."""
+
+__version__ = "0.1.0"
