@@ -1,0 +1,37 @@
+"""Shared pytest setup: the run directory, the test-bed plugins and the skip policy."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = [
+    "tests.testbed.fixtures_controlplane",
+    "tests.testbed.fixtures_tpm",
+    "tests.testbed.fixtures_libvirt",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The one directory that everything a test session creates lives in."""
+    explicit = os.environ.get("EDGEPIN_TEST_RUN_DIR")
+    if explicit:
+        path = Path(explicit)
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("edgepin-run")
+    yield path
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Downloaded inputs (Debian packages for the tiny guest) kept between runs."""
+    path = Path(os.environ.get("EDGEPIN_CACHE_DIR", REPO / ".cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

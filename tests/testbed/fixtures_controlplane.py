@@ -1,0 +1,1 @@
+"""Fixtures for the controlplane part of the test bed."""

@@ -1,0 +1,1 @@
+"""Fixtures for the libvirt part of the test bed."""

@@ -1,0 +1,1 @@
+"""Fixtures for the tpm part of the test bed."""
