@@ -1,0 +1,797 @@
+"""The test bed's control plane: real Keystone, Glance and Barbican on loopback.
+
+The services come from PyPI (pinned in requirements-services.txt) and run in their
+own venv under gunicorn, with SQLite, over HTTPS with a CA made for the run. All
+files live in the run directory. A first ("cold") start provisions the databases
+and saves them as a template; later starts copy the template and only rewrite the
+endpoint URLs, which takes a few seconds.
+
+Command line (used by ``./build.sh controlplane``)::
+
+    python -m tests.testbed.controlplane up|down|status [--run-dir DIR] [--http]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+SERVICES = ("keystone", "glance", "barbican")
+REGION = "RegionOne"
+EDGE_DOMAIN = "edge"
+# Roles that edgepin relies on: nodes get member on their own project (Barbican
+# needs it), operators admin; service users need service to validate tokens.
+ROLES = ("admin", "member", "reader", "service")
+
+
+class ControlPlaneError(RuntimeError):
+    """The test bed could not be started or stopped."""
+
+
+def services_python() -> Path:
+    env = os.environ.get("EDGEPIN_SERVICES_VENV")
+    venv = Path(env) if env else REPO / ".venv-services"
+    return venv / "bin" / "python"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def template_key() -> str:
+    h = hashlib.sha256()
+    for path in (HERE / "requirements-services.txt", Path(__file__), HERE / "serve.py"):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _write_private(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def make_ca(directory: Path, hosts: list[str]) -> tuple[Path, Path, Path]:
+    """A CA for this run and one server certificate for every service."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgepin test bed CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path = directory / "ca.pem"
+    cert_path = directory / "server.pem"
+    key_path = directory / "server-key.pem"
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    # the CA key is not kept: nothing else is ever signed by it
+    return ca_path, cert_path, key_path
+
+
+# ----------------------------------------------------------------------- configs
+
+
+def _keystone_conf(d: Path) -> str:
+    return f"""[DEFAULT]
+use_stderr = true
+[database]
+connection = sqlite:///{d}/keystone.db
+[token]
+provider = fernet
+expiration = 3600
+[fernet_tokens]
+key_repository = {d}/fernet-keys
+[fernet_receipts]
+key_repository = {d}/fernet-keys
+[credential]
+key_repository = {d}/credential-keys
+[identity]
+password_hash_rounds = 4
+[cache]
+enabled = false
+[oslo_policy]
+enforce_scope = false
+"""
+
+
+def _authtoken(cp: ControlPlane, user: str, password: str, service_type: str) -> str:
+    cafile = f"cafile = {cp.ca_path}\n" if cp.tls else ""
+    return f"""[keystone_authtoken]
+www_authenticate_uri = {cp.url("keystone")}
+auth_url = {cp.url("keystone")}
+auth_type = password
+project_domain_name = Default
+user_domain_name = Default
+project_name = service
+username = {user}
+password = {password}
+service_type = {service_type}
+region_name = {REGION}
+{cafile}"""
+
+
+def _glance_conf(cp: ControlPlane, d: Path, password: str) -> str:
+    ca = f"verify_ssl_path = {cp.ca_path}\n" if cp.tls else ""
+    return f"""[DEFAULT]
+use_stderr = true
+enabled_backends = fs:file
+worker_self_reference_url = {cp.url("glance")}
+image_size_cap = 68719476736
+[glance_store]
+default_backend = fs
+[fs]
+filesystem_store_datadir = {d}/images
+[os_glance_staging_store]
+filesystem_store_datadir = {d}/staging
+[os_glance_tasks_store]
+filesystem_store_datadir = {d}/tasks
+[database]
+connection = sqlite:///{d}/glance.db
+[paste_deploy]
+flavor = keystone
+[oslo_concurrency]
+lock_path = {d}/locks
+[key_manager]
+backend = barbican
+[barbican]
+auth_endpoint = {cp.url("keystone")}
+barbican_endpoint_type = public
+verify_ssl = {str(cp.tls).lower()}
+{ca}
+{_authtoken(cp, "glance", password, "image")}"""
+
+
+def _barbican_conf(cp: ControlPlane, d: Path, password: str, kek: str) -> str:
+    return f"""[DEFAULT]
+use_stderr = true
+host_href = {cp.url("barbican")}
+db_auto_create = true
+sql_connection = sqlite:///{d}/barbican.db
+[database]
+connection = sqlite:///{d}/barbican.db
+[secretstore]
+namespace = barbican.secretstore.plugin
+enabled_secretstore_plugins = store_crypto
+[crypto]
+namespace = barbican.crypto.plugin
+enabled_crypto_plugins = simple_crypto
+[simple_crypto_plugin]
+kek = {kek}
+{_authtoken(cp, "barbican", password, "key-manager")}"""
+
+
+# -------------------------------------------------------------------- the thing
+
+
+@dataclass
+class ControlPlane:
+    run_dir: Path
+    tls: bool = True
+    host: str = "127.0.0.1"
+    public_host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    started_from: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.run_dir / "tls" / "ca.pem"
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "controlplane.json"
+
+    @property
+    def clouds_yaml(self) -> Path:
+        return self.run_dir / "clouds.yaml"
+
+    @property
+    def auth_url(self) -> str:
+        return self.url("keystone") + "/v3"
+
+    def url(self, service: str) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.public_host}:{self.ports[service]}"
+
+    def secrets(self) -> dict[str, str]:
+        data: dict[str, str] = json.loads((self.run_dir / "secrets.json").read_text())
+        return data
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def up(self, template_root: Path | None = None) -> None:
+        t0 = time.monotonic()
+        if self.state_path.exists() and self._alive():
+            raise ControlPlaneError(f"control plane already running in {self.run_dir}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for s in SERVICES:
+            self.ports[s] = free_port(self.host)
+        hosts = list(dict.fromkeys([self.public_host, self.host, "localhost"]))
+        make_ca(self.run_dir / "tls", hosts)
+        template = (template_root / template_key()) if template_root else None
+        if template and (template / "secrets.json").exists():
+            self._from_template(template)
+            self.started_from = "template"
+        else:
+            self._cold_init()
+            self.started_from = "cold"
+        self._start_all()
+        if self.started_from == "cold":
+            self._provision()
+            if template:
+                self._save_template(template)
+        self._write_clouds_yaml()
+        self.timings["up"] = time.monotonic() - t0
+        self._save_state()
+
+    def down(self) -> None:
+        state = self._load_state()
+        pids = state.get("pids", {}) if state else self.pids
+        for name, pid in pids.items():
+            _stop_pid(int(pid), self.run_dir, name)
+        for s in SERVICES:
+            if s in self.ports:
+                _wait_port_free(self.host, self.ports[s])
+        self.pids = {}
+        if self.state_path.exists():
+            self.state_path.unlink()
+
+    def status(self) -> dict[str, Any]:
+        state = self._load_state()
+        if not state:
+            return {"running": False, "run_dir": str(self.run_dir)}
+        result: dict[str, Any] = {"running": self._alive(), "run_dir": str(self.run_dir)}
+        result["services"] = {}
+        for s in SERVICES:
+            url = state["urls"][s]
+            result["services"][s] = {
+                "url": url,
+                "pid": state["pids"].get(s),
+                "healthy": _probe(url, self.ca_path if self.tls else None),
+            }
+        result["clouds_yaml"] = str(self.clouds_yaml)
+        result["ca"] = str(self.ca_path) if self.tls else None
+        return result
+
+    @classmethod
+    def load(cls, run_dir: Path) -> ControlPlane:
+        cp = cls(run_dir)
+        state = cp._load_state()
+        if state:
+            cp.tls = state["tls"]
+            cp.host = state["host"]
+            cp.public_host = state["public_host"]
+            cp.ports = {k: int(v) for k, v in state["ports"].items()}
+            cp.pids = {k: int(v) for k, v in state["pids"].items()}
+        return cp
+
+    def stop_service(self, name: str) -> None:
+        """Stop one service (tests of an outage); start_service brings it back."""
+        pid = self.pids.pop(name, None)
+        if pid:
+            _stop_pid(pid, self.run_dir, name)
+            _wait_port_free(self.host, self.ports[name])
+        self._save_state()
+
+    def start_service(self, name: str) -> None:
+        self._start(name)
+        self._wait_ready([name])
+        self._save_state()
+
+    # ---------------------------------------------------------------- internals
+
+    def _dir(self, service: str) -> Path:
+        d = self.run_dir / service
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _manage(self, service: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        python = services_python()
+        bin_dir = python.parent
+        full_env = {**os.environ, **(env or {})}
+        if service == "barbican":
+            full_env["HOME"] = str(self._dir("barbican"))
+        log = self._dir(service) / "manage.log"
+        with log.open("ab") as out:
+            rc = subprocess.run(
+                [str(bin_dir / f"{service}-manage"), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                cwd=self._dir(service),
+                check=False,
+            ).returncode
+        if rc != 0:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise ControlPlaneError(f"{service}-manage {args[0]} failed (exit {rc}):\n{tail}")
+
+    def _write_configs(self, sec: dict[str, str]) -> None:
+        kd = self._dir("keystone")
+        (kd / "keystone.conf").write_text(_keystone_conf(kd))
+        gd = self._dir("glance")
+        for sub in ("images", "staging", "tasks", "locks"):
+            (gd / sub).mkdir(exist_ok=True)
+        _write_private(gd / "glance-api.conf", _glance_conf(self, gd, sec["glance_password"]))
+        venv_etc = services_python().parent.parent / "etc"
+        shutil.copy(venv_etc / "glance" / "glance-api-paste.ini", gd / "glance-api-paste.ini")
+        bd = self._dir("barbican")
+        conf_dir = bd / ".barbican"
+        conf_dir.mkdir(exist_ok=True)
+        _write_private(
+            conf_dir / "barbican.conf",
+            _barbican_conf(self, bd, sec["barbican_password"], sec["barbican_kek"]),
+        )
+        shutil.copy(
+            venv_etc / "barbican" / "barbican-api-paste.ini", conf_dir / "barbican-api-paste.ini"
+        )
+
+    def _cold_init(self) -> None:
+        t0 = time.monotonic()
+        sec = {
+            "admin_password": secrets.token_urlsafe(24),
+            "glance_password": secrets.token_urlsafe(24),
+            "barbican_password": secrets.token_urlsafe(24),
+            "barbican_kek": base64.b64encode(secrets.token_bytes(32)).decode(),
+        }
+        _write_private(self.run_dir / "secrets.json", json.dumps(sec))
+        self._write_configs(sec)
+        kconf = ["--config-file", str(self._dir("keystone") / "keystone.conf")]
+        self._manage("keystone", [*kconf, "db_sync"])
+        for what in ("fernet_setup", "credential_setup"):
+            self._manage(
+                "keystone", [*kconf, what, "--keystone-user", "root", "--keystone-group", "root"]
+            )
+        ks = self.url("keystone")
+        self._manage(
+            "keystone",
+            [
+                *kconf,
+                "bootstrap",
+                "--bootstrap-username",
+                "admin",
+                "--bootstrap-project-name",
+                "admin",
+                "--bootstrap-role-name",
+                "admin",
+                "--bootstrap-service-name",
+                "keystone",
+                "--bootstrap-region-id",
+                REGION,
+                "--bootstrap-admin-url",
+                ks,
+                "--bootstrap-public-url",
+                ks,
+                "--bootstrap-internal-url",
+                ks,
+            ],
+            # the password goes through the environment, never the command line
+            env={"OS_BOOTSTRAP_PASSWORD": sec["admin_password"]},
+        )
+        gconf = ["--config-file", str(self._dir("glance") / "glance-api.conf")]
+        self._manage("glance", [*gconf, "db_sync"])
+        self._manage("barbican", ["db", "upgrade"])
+        self.timings["db_init"] = time.monotonic() - t0
+
+    def _save_template(self, template: Path) -> None:
+        tmp = template.with_name(template.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for service, db in (
+            ("keystone", "keystone.db"),
+            ("glance", "glance.db"),
+            ("barbican", "barbican.db"),
+        ):
+            src = sqlite3.connect(self._dir(service) / db)
+            dst = sqlite3.connect(tmp / db)
+            with dst:
+                src.backup(dst)
+            src.close()
+            dst.close()
+        kd = self._dir("keystone")
+        shutil.copytree(kd / "fernet-keys", tmp / "fernet-keys")
+        shutil.copytree(kd / "credential-keys", tmp / "credential-keys")
+        shutil.copy(self.run_dir / "secrets.json", tmp / "secrets.json")
+        (tmp / "endpoints.json").write_text(json.dumps({s: self.url(s) for s in SERVICES}))
+        try:
+            tmp.rename(template)
+        except OSError:  # another run saved it first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _from_template(self, template: Path) -> None:
+        t0 = time.monotonic()
+        shutil.copy(template / "secrets.json", self.run_dir / "secrets.json")
+        os.chmod(self.run_dir / "secrets.json", 0o600)
+        sec = self.secrets()
+        self._write_configs(sec)
+        kd = self._dir("keystone")
+        for db, service in (
+            ("keystone.db", "keystone"),
+            ("glance.db", "glance"),
+            ("barbican.db", "barbican"),
+        ):
+            shutil.copy(template / db, self._dir(service) / db)
+        for keys in ("fernet-keys", "credential-keys"):
+            shutil.copytree(template / keys, kd / keys, dirs_exist_ok=True)
+            for p in (kd / keys).iterdir():
+                os.chmod(p, 0o600)
+        # point the catalog at this run's ports
+        old = json.loads((template / "endpoints.json").read_text())
+        conn = sqlite3.connect(kd / "keystone.db")
+        with conn:
+            for s in SERVICES:
+                conn.execute(
+                    "UPDATE endpoint SET url = replace(url, ?, ?)", (old[s], self.url(s))
+                )
+        conn.close()
+        self.timings["template_copy"] = time.monotonic() - t0
+
+    def _start(self, service: str) -> None:
+        d = self._dir(service)
+        cfg = d  # barbican: HOME, with .barbican/ inside
+        bind = f"{self.host}:{self.ports[service]}"
+        tls_dir = self.run_dir / "tls"
+        cert = str(tls_dir / "server.pem") if self.tls else "-"
+        key = str(tls_dir / "server-key.pem") if self.tls else "-"
+        log = (d / "server.log").open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [str(services_python()), str(HERE / "serve.py"), service, str(cfg), bind, cert, key],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=d,
+            env=env,
+            start_new_session=True,
+        )
+        log.close()
+        self.pids[service] = proc.pid
+
+    def _start_all(self) -> None:
+        t0 = time.monotonic()
+        for s in SERVICES:
+            self._start(s)
+        self._wait_ready(list(SERVICES))
+        self.timings["services_ready"] = time.monotonic() - t0
+
+    def _wait_ready(self, services: list[str], timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(services)
+        while pending:
+            for s in list(pending):
+                pid = self.pids[s]
+                if not _pid_alive(pid):
+                    log = self._dir(s) / "server.log"
+                    err = self._dir(s) / "error.log"
+                    tail = ""
+                    for p in (log, err):
+                        if p.exists():
+                            tail += p.read_text(errors="replace")[-1500:]
+                    raise ControlPlaneError(f"{s} exited during start:\n{tail}")
+                if _probe(self.url(s), self.ca_path if self.tls else None):
+                    pending.remove(s)
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"services not ready after {timeout:.0f}s: {pending}")
+            if pending:
+                time.sleep(0.2)
+
+    def admin_connection(self) -> Any:
+        import openstack
+
+        return openstack.connect(
+            auth_url=self.auth_url,
+            username="admin",
+            password=self.secrets()["admin_password"],
+            project_name="admin",
+            user_domain_name="Default",
+            project_domain_name="Default",
+            region_name=REGION,
+            cacert=str(self.ca_path) if self.tls else None,
+            identity_api_version="3",
+            load_yaml_config=False,
+            load_envvars=False,
+        )
+
+    def _provision(self) -> None:
+        t0 = time.monotonic()
+        sec = self.secrets()
+        conn = self.admin_connection()
+        ident = conn.identity
+        roles = {r.name: r for r in ident.roles()}
+        for name in ROLES:
+            if name not in roles:
+                roles[name] = ident.create_role(name=name)
+        service_project = ident.create_project(name="service", domain_id="default")
+        for user, stype, service in (
+            ("glance", "image", "glance"),
+            ("barbican", "key-manager", "barbican"),
+        ):
+            u = ident.create_user(
+                name=user,
+                password=sec[f"{user}_password"],
+                domain_id="default",
+                default_project_id=service_project.id,
+            )
+            for role in ("admin", "service"):
+                ident.assign_project_role_to_user(service_project, u, roles[role])
+            svc = ident.create_service(name=service, type=stype, is_enabled=True)
+            for interface in ("public", "internal", "admin"):
+                ident.create_endpoint(
+                    service_id=svc.id,
+                    interface=interface,
+                    url=self.url(service),
+                    region_id=REGION,
+                )
+        ident.create_domain(name=EDGE_DOMAIN, description="edgepin nodes: one project per node")
+        conn.close()
+        self.timings["provision"] = time.monotonic() - t0
+
+    def _write_clouds_yaml(self) -> None:
+        sec = self.secrets()
+        cacert = f"    cacert: {self.ca_path}\n" if self.tls else ""
+        _write_private(
+            self.clouds_yaml,
+            f"""clouds:
+  edgepin-testbed:
+    auth:
+      auth_url: {self.auth_url}
+      username: admin
+      password: {sec["admin_password"]}
+      project_name: admin
+      user_domain_name: Default
+      project_domain_name: Default
+    region_name: {REGION}
+    identity_api_version: 3
+{cacert}""",
+        )
+
+    def _save_state(self) -> None:
+        state = {
+            "tls": self.tls,
+            "host": self.host,
+            "public_host": self.public_host,
+            "ports": self.ports,
+            "pids": self.pids,
+            "urls": {s: self.url(s) for s in SERVICES},
+            "auth_url": self.auth_url,
+            "started_from": self.started_from,
+            "timings": self.timings,
+        }
+        self.state_path.write_text(json.dumps(state, indent=2))
+
+    def _load_state(self) -> dict[str, Any] | None:
+        if not self.state_path.exists():
+            return None
+        data: dict[str, Any] = json.loads(self.state_path.read_text())
+        return data
+
+    def _alive(self) -> bool:
+        state = self._load_state()
+        return bool(state) and any(
+            _pid_alive(int(p)) for p in (state or {}).get("pids", {}).values()
+        )
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child counts as gone
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stop_pid(pid: int, run_dir: Path, name: str, timeout: float = 15.0) -> None:
+    """Stop a service's process group, but only if it is really ours."""
+    # gunicorn rewrites its title (and the memory of argv and environ); the working
+    # directory, the service's folder in the run directory, tells that it is ours
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return
+    if not cwd.startswith(str(run_dir)):
+        return  # pid reused by something else
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        if not _pid_alive(pid) and not _group_alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    deadline = time.monotonic() + 5
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_port_free(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) != 0:
+                return
+        time.sleep(0.1)
+
+
+def _probe(url: str, ca: Path | None) -> bool:
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        with urllib.request.urlopen(url + "/", timeout=2, context=ctx) as r:  # noqa: S310
+            return int(r.status) < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except (OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("EDGEPIN_CP_RUN_DIR", REPO / ".run" / "controlplane"))
+
+
+def default_template_root() -> Path:
+    return Path(os.environ.get("EDGEPIN_CACHE_DIR", REPO / ".cache")) / "controlplane-template"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="./build.sh controlplane",
+        description="Run the test bed's Keystone, Glance and Barbican by hand, on loopback.",
+    )
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("--run-dir", type=Path, default=default_run_dir(), help="run directory")
+    p.add_argument("--http", action="store_true", help="plain HTTP instead of HTTPS")
+    p.add_argument(
+        "--public-host",
+        default=os.environ.get("EDGEPIN_CP_PUBLIC_HOST", "127.0.0.1"),
+        help="address written into the catalog and the certificate (default 127.0.0.1)",
+    )
+    p.add_argument("--no-template", action="store_true", help="always provision from scratch")
+    args = p.parse_args(argv)
+    run_dir = args.run_dir.resolve()
+    if args.action == "up":
+        cp = ControlPlane(run_dir, tls=not args.http, public_host=args.public_host)
+        try:
+            cp.up(None if args.no_template else default_template_root())
+        except ControlPlaneError as e:
+            print(f"controlplane: {e}", file=sys.stderr)
+            cp.down()
+            return 1
+        print(f"control plane up ({cp.started_from} start, {cp.timings['up']:.1f}s)")
+        for s in SERVICES:
+            print(f"  {s:9} {cp.url(s)}")
+        print(f"  clouds.yaml  {cp.clouds_yaml}  (cloud name: edgepin-testbed)")
+        if cp.tls:
+            print(f"  CA           {cp.ca_path}")
+        print(f"use: export OS_CLIENT_CONFIG_FILE={cp.clouds_yaml} OS_CLOUD=edgepin-testbed")
+        return 0
+    cp = ControlPlane.load(run_dir)
+    if args.action == "down":
+        cp.down()
+        print("control plane stopped")
+        return 0
+    st = cp.status()
+    print(json.dumps(st, indent=2))
+    return 0 if st["running"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
