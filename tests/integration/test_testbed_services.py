@@ -62,9 +62,7 @@ def test_glance_upload_download_sha512(admin: Any) -> None:
         admin.image.delete_image(image)
 
 
-def test_barbican_acl_across_projects(
-    controlplane: ControlPlane, make_user: Any
-) -> None:
+def test_barbican_acl_across_projects(controlplane: ControlPlane, make_user: Any) -> None:
     owner: TestUser = make_user("owner")
     reader: TestUser = make_user("reader")
     stranger: TestUser = make_user("stranger")
@@ -90,9 +88,7 @@ def test_barbican_acl_across_projects(
     assert sc.key_manager.get_secret(sid).payload is None
 
 
-def test_application_credential_access_rules(
-    controlplane: ControlPlane, make_user: Any
-) -> None:
+def test_application_credential_access_rules(controlplane: ControlPlane, make_user: Any) -> None:
     user: TestUser = make_user("appcred")
     conn = user.connection(controlplane)
     cred = conn.identity.create_application_credential(

@@ -1,6 +1,6 @@
 """The test bed's control plane: real Keystone, Glance and Barbican on loopback.
 
-The services come from PyPI (pinned in requirements-services.txt) and run in their
+The services come from PyPI (pinned in tests/requirements/services.txt) and run in their
 own venv under gunicorn, with SQLite, over HTTPS with a CA made for the run. All
 files live in the run directory. A first ("cold") start provisions the databases
 and saves them as a template; later starts copy the template and only rewrite the
@@ -68,7 +68,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def template_key() -> str:
     h = hashlib.sha256()
-    for path in (HERE / "requirements-services.txt", Path(__file__), HERE / "serve.py"):
+    for path in (
+        REPO / "tests" / "requirements" / "services.txt",
+        Path(__file__),
+        HERE / "serve.py",
+    ):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -502,9 +506,7 @@ class ControlPlane:
         conn = sqlite3.connect(kd / "keystone.db")
         with conn:
             for s in SERVICES:
-                conn.execute(
-                    "UPDATE endpoint SET url = replace(url, ?, ?)", (old[s], self.url(s))
-                )
+                conn.execute("UPDATE endpoint SET url = replace(url, ?, ?)", (old[s], self.url(s)))
         conn.close()
         self.timings["template_copy"] = time.monotonic() - t0
 
