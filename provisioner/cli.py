@@ -1,30 +1,253 @@
-"""The ``edgepin`` command: operator commands and the node's ``edgepin node ...``."""
+"""The ``edgepin`` command: operator commands and the node's ``edgepin node ...``.
+
+Operator commands authenticate like the openstack client: ``--os-cloud`` / ``OS_CLOUD``
+with clouds.yaml, or the ``--os-*`` options / ``OS_*`` variables, given before the
+command (``edgepin --os-cloud prod status``). Errors are one line on stderr and a
+non-zero exit code that tells the failure area (see docs/troubleshooting.md).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from provisioner import __version__
+from provisioner.errors import EdgepinError, UsageError
+
+Handler = Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _add_publish(sub: Any) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="encrypt, sign and upload a guest image to Glance",
+        description="Encrypt GUEST_IMAGE client-side (qcow2 with LUKS inside, fresh random "
+        "passphrase kept only in Barbican), sign the encrypted bytes (img_signature*), upload "
+        "it to Glance with the os_encrypt_*, img_signature* and edgepin_* properties, and check "
+        "Glance's sha512 against the one computed while uploading. On failure everything "
+        "created is removed.",
+    )
+    p.add_argument("guest", type=Path, metavar="GUEST_IMAGE", help="qcow2 or raw disk image")
+    p.add_argument("--name", required=True, help="Glance image name")
+    p.add_argument("--version", required=True, dest="image_version", help="edgepin_version")
+    p.add_argument("--vcpus", type=int, default=1, help="vCPUs of the guest (default 1)")
+    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
+    p.add_argument(
+        "--signing-cert-id",
+        default=_env("EDGEPIN_SIGNING_CERT_ID"),
+        help="Barbican UUID of the signing certificate (env EDGEPIN_SIGNING_CERT_ID)",
+    )
+    p.add_argument(
+        "--signing-key-id",
+        default=_env("EDGEPIN_SIGNING_KEY_ID"),
+        help="Barbican UUID of the signing private key (env EDGEPIN_SIGNING_KEY_ID)",
+    )
+    p.add_argument(
+        "--hash-method",
+        default="SHA-256",
+        choices=("SHA-224", "SHA-256", "SHA-384", "SHA-512"),
+        help="img_signature_hash_method (default SHA-256)",
+    )
+    p.add_argument(
+        "--health-marker",
+        help="a line the guest prints on its serial console when healthy; nodes wait for it",
+    )
+    p.add_argument(
+        "--key-deletion-policy",
+        choices=("on_image_deletion", "do_not_delete"),
+        default="on_image_deletion",
+        help="os_encrypt_key_deletion_policy (default on_image_deletion)",
+    )
+    p.add_argument(
+        "--luks-iter-time",
+        type=int,
+        default=1000,
+        help="LUKS key derivation time in ms (default 1000)",
+    )
+    p.add_argument("--work-dir", type=Path, help="where the encrypted copy is made (default TMP)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_publish, needs_cloud=True)
+
+
+def _add_signing_cert(sub: Any) -> None:
+    p = sub.add_parser("signing-cert", help="image-signing key and certificate")
+    s = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = s.add_parser(
+        "create",
+        help="create a signing key and certificate, stored in Barbican",
+        description="Generate a signing key and a self-signed certificate. Both are stored in "
+        "Barbican (the key only there); the certificate is also written as PEM to --cert-out, "
+        "to be pinned in the host image (DIB_EDGEPIN_SIGNING_CERTS).",
+    )
+    c.add_argument("--name", required=True, help="certificate common name")
+    c.add_argument("--cert-out", type=Path, required=True, help="PEM file to write")
+    c.add_argument(
+        "--key-type",
+        default="RSA-PSS",
+        choices=("RSA-PSS", "ECC_SECP384R1", "ECC_SECP521R1"),
+        help="img_signature_key_type of the new key (default RSA-PSS, 3072 bits)",
+    )
+    c.add_argument("--days", type=int, default=3 * 365, help="validity (default 3 years)")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.set_defaults(handler=cmd_signing_cert_create, needs_cloud=True)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgepin",
         description="Single-VM edge appliances governed by Keystone, Glance and Barbican.",
+        epilog="Authentication: --os-cloud/OS_CLOUD with clouds.yaml, or --os-*/OS_* "
+        "options, given before the command.",
     )
     parser.add_argument("--version", action="version", version=f"edgepin {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (also when not a TTY)"
+    )
+    from provisioner.cloud import register_auth_arguments
+
+    register_auth_arguments(parser, argv)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_publish(sub)
+    _add_signing_cert(sub)
+    for extra in _extra_commands:
+        extra(sub)
     return parser
 
 
+# Other modules (operator commands, node commands) add themselves here.
+_extra_commands: list[Callable[[Any], None]] = []
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        for line in lines:
+            print(line)
+
+
+def cmd_signing_cert_create(args: argparse.Namespace) -> int:
+    from provisioner.operator import signingcert
+
+    result = signingcert.create(args.conn, args.name, args.key_type, args.days, args.cert_out)
+    _print(
+        args,
+        {
+            "cert_id": result.cert_id,
+            "key_id": result.key_id,
+            "sha256": result.fingerprint,
+            "cert": str(args.cert_out),
+        },
+        [
+            f"certificate  {result.cert_id}",
+            f"private key  {result.key_id}  (stored in Barbican only)",
+            f"sha256       {result.fingerprint}",
+            f"PEM          {args.cert_out}  (pin it in the host image)",
+            f"export EDGEPIN_SIGNING_CERT_ID={result.cert_id}"
+            f" EDGEPIN_SIGNING_KEY_ID={result.key_id}",
+        ],
+    )
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from provisioner.operator.publish import PublishRequest, publish
+
+    if not args.signing_cert_id or not args.signing_key_id:
+        raise UsageError(
+            "publish needs --signing-cert-id and --signing-key-id",
+            hint="create them with `edgepin signing-cert create`",
+        )
+    result = publish(
+        args.conn,
+        PublishRequest(
+            guest=args.guest,
+            name=args.name,
+            version=args.image_version,
+            vcpus=args.vcpus,
+            memory_mb=args.memory,
+            signing_cert_id=args.signing_cert_id,
+            signing_key_id=args.signing_key_id,
+            hash_method=args.hash_method,
+            health_marker=args.health_marker,
+            key_deletion_policy=args.key_deletion_policy,
+            luks_iter_time_ms=args.luks_iter_time,
+            work_dir=args.work_dir,
+            progress=args.progress,
+        ),
+    )
+    _print(
+        args,
+        {
+            "image_id": result.image_id,
+            "key_id": result.key_id,
+            "sha512": result.sha512,
+            "size": result.size,
+        },
+        [
+            f"image   {result.image_id}",
+            f"key     {result.key_id}",
+            f"size    {result.size}",
+            f"sha512  {result.sha512}",
+        ],
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.debug:
+        # client libraries are chatty; their debug output can contain request details
+        for noisy in ("keystoneauth", "openstack", "urllib3", "stevedore", "barbicanclient"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     if args.command is None:
         parser.print_help()
         return 2
-    return 0
+    args.progress = not args.no_progress and sys.stderr.isatty()
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.parse_args([*argv, "--help"])
+        return 2
+    try:
+        if getattr(args, "needs_cloud", False):
+            from provisioner.cloud import connect
+
+            args.conn = connect(args)
+        return handler(args)
+    except EdgepinError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"edgepin: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  hint: {e.hint}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgepin: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line, the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"edgepin: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print("  hint: run again with --debug for the traceback", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""Connections to the control plane, and translation of its failures into edgepin errors.
+
+Operators authenticate the way the OpenStack client does: clouds.yaml, ``--os-cloud``,
+``--os-*`` options and ``OS_*`` variables, all through openstacksdk's own config loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import openstack
+import openstack.connection
+from keystoneauth1 import exceptions as ksa_exc
+from openstack import exceptions as sdk_exc
+from openstack.config import OpenStackConfig
+
+from provisioner.errors import (
+    AuthError,
+    EdgepinError,
+    NotFoundError,
+    ServiceUnavailableError,
+    UsageError,
+)
+
+
+def register_auth_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Add ``--os-cloud`` and the other ``--os-*`` options, as the openstack client has them."""
+    OpenStackConfig().register_argparse_arguments(parser, argv)
+
+
+def connect(args: argparse.Namespace) -> Any:
+    """Build the operator's connection and make sure the credential works."""
+    with translate("keystone"):
+        try:
+            region = OpenStackConfig().get_one(argparse=args)
+            conn = openstack.connection.Connection(config=region, app_name="edgepin")
+        except (sdk_exc.ConfigException, ksa_exc.MissingRequiredOptions) as e:
+            raise UsageError(
+                f"cannot load cloud configuration: {e}",
+                hint="set --os-cloud or OS_CLOUD (clouds.yaml), or the OS_* variables",
+            ) from None
+        conn.authorize()
+    return conn
+
+
+def _status(exc: Exception) -> int | None:
+    for attr in ("status_code", "http_status"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int):
+            return value
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+@contextlib.contextmanager
+def translate(service: str, what: str = "") -> Iterator[None]:
+    """Turn openstacksdk/keystoneauth exceptions into one-line edgepin errors."""
+    subject = f"{service}{': ' + what if what else ''}"
+    try:
+        yield
+    except EdgepinError:
+        raise
+    except ksa_exc.SSLError as e:
+        raise ServiceUnavailableError(
+            f"{subject}: TLS verification failed ({_first_line(e)})",
+            hint="check the CA bundle (cacert in clouds.yaml or --os-cacert)",
+        ) from None
+    except (ksa_exc.ConnectFailure, ksa_exc.ConnectTimeout, ksa_exc.DiscoveryFailure) as e:
+        raise ServiceUnavailableError(f"{subject}: unreachable ({_first_line(e)})") from None
+    except (ksa_exc.Unauthorized, sdk_exc.HttpException, ksa_exc.HttpError) as e:
+        code = _status(e)
+        if code == 401 or isinstance(e, ksa_exc.Unauthorized):
+            raise AuthError(
+                f"{subject}: the credential was refused (401)",
+                hint="it may be expired, revoked or wrong",
+            ) from None
+        if code == 403:
+            raise AuthError(f"{subject}: forbidden (403)") from None
+        if code == 404 or isinstance(e, sdk_exc.NotFoundException):
+            raise NotFoundError(f"{subject}: not found") from None
+        if code is not None and code >= 500:
+            raise ServiceUnavailableError(f"{subject}: server error {code}") from None
+        raise EdgepinError(f"{subject}: {_first_line(e)}") from None
+    except ksa_exc.ClientException as e:
+        raise ServiceUnavailableError(f"{subject}: {_first_line(e)}") from None
+    except sdk_exc.SDKException as e:
+        text = _first_line(e)
+        if "Unable to establish connection" in text or "SSL" in text:
+            raise ServiceUnavailableError(f"{subject}: unreachable ({_short(text)})") from None
+        raise EdgepinError(f"{subject}: {text}") from None
+
+
+def _short(text: str) -> str:
+    """The useful tail of a urllib3 error: 'Connection refused', 'certificate verify failed'."""
+    for marker in (
+        "Connection refused",
+        "certificate verify failed",
+        "timed out",
+        "Name or service",
+    ):
+        if marker in text:
+            return marker
+    return text[:120]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

@@ -1,0 +1,1 @@
+"""Operator commands: publish, signing certificates, enroll, assign, status, revoke."""
