@@ -103,6 +103,76 @@ def _add_signing_cert(sub: Any) -> None:
     c.set_defaults(handler=cmd_signing_cert_create, needs_cloud=True)
 
 
+def _add_nodes(sub: Any) -> None:
+    e = sub.add_parser(
+        "enroll",
+        help="create a node's identity and its TPM-wrapped bootstrap seed",
+        description="Create the node's project and user in the edge domain and a bootstrap "
+        "application credential that expires after --expires-in days; wrap its secret offline "
+        "for the node's TPM (EK) under the PCR policy given; write a NoCloud seed image (vfat, "
+        "label CIDATA). Enrolling an existing node again rotates the bootstrap credential.",
+    )
+    e.add_argument("node_id", metavar="NODE_ID")
+    ek = e.add_mutually_exclusive_group(required=True)
+    ek.add_argument("--ek-pub", type=Path, help="the node's EK public key, PEM")
+    ek.add_argument("--ek-cert", type=Path, help="the node's EK certificate, PEM or DER")
+    e.add_argument("--ek-ca", type=Path, help="CA bundle to verify --ek-cert against")
+    e.add_argument(
+        "--pcrs", default="", help="PCRs the credential is bound to, e.g. 7 or 0,7 (default none)"
+    )
+    e.add_argument(
+        "--pcr-values",
+        help='JSON file {"7": "<sha256 hex>"} with the node\'s expected PCR values, '
+        "or 'zero' for a TPM that has measured nothing (virtual nodes)",
+    )
+    e.add_argument("--seed-out", type=Path, required=True, help="NoCloud seed image to write")
+    e.add_argument(
+        "--expires-in", type=int, default=14, help="bootstrap credential lifetime, days (14)"
+    )
+    e.add_argument("--ca", type=Path, help="CA bundle the node pins (default: the cloud's cacert)")
+    e.add_argument(
+        "--node-auth-url",
+        help="Keystone URL as the node reaches it (default: the catalog's public identity URL)",
+    )
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(handler=cmd_enroll, needs_cloud=True)
+
+    a = sub.add_parser(
+        "assign",
+        help="assign an image to a node",
+        description="Share IMAGE_ID with the node's project, grant the node read access to "
+        "exactly that image's key and signing certificate (Barbican ACLs), withdraw earlier "
+        "grants, and write the assignment record with the next generation. Prints the "
+        "previous assignment.",
+    )
+    a.add_argument("node_id", metavar="NODE_ID")
+    a.add_argument("image_id", metavar="IMAGE_ID")
+    a.add_argument("--json", action="store_true", help="print the result as JSON")
+    a.set_defaults(handler=cmd_assign, needs_cloud=True)
+
+    st = sub.add_parser(
+        "status",
+        help="table of nodes: assignment, generation, member status, enrollment",
+        description="Show each node's assignment and generation, the Glance member status "
+        "its node reported (pending/accepted/rejected), whether it enrolled, and the state "
+        "of its credentials.",
+    )
+    st.add_argument("node_id", metavar="NODE_ID", nargs="?")
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.set_defaults(handler=cmd_status, needs_cloud=True)
+
+    r = sub.add_parser(
+        "revoke",
+        help="cut a node off from its image and key",
+        description="Disable the node's user, delete its application credentials, remove "
+        "its image memberships and Barbican ACLs. Afterwards the node can read neither its "
+        "image nor its key. The node's project stays, for the record.",
+    )
+    r.add_argument("node_id", metavar="NODE_ID")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.set_defaults(handler=cmd_revoke, needs_cloud=True)
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgepin",
@@ -117,10 +187,16 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     )
     from provisioner.cloud import register_auth_arguments
 
+    parser.add_argument(
+        "--edge-domain",
+        default=os.environ.get("EDGEPIN_EDGE_DOMAIN", "edge"),
+        help="Keystone domain of the nodes (env EDGEPIN_EDGE_DOMAIN, default edge)",
+    )
     register_auth_arguments(parser, argv)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_publish(sub)
     _add_signing_cert(sub)
+    _add_nodes(sub)
     for extra in _extra_commands:
         extra(sub)
     return parser
@@ -201,6 +277,118 @@ def cmd_publish(args: argparse.Namespace) -> int:
             f"key     {result.key_id}",
             f"size    {result.size}",
             f"sha512  {result.sha512}",
+        ],
+    )
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from provisioner.operator.enroll import EnrollRequest, enroll, parse_pcrs
+
+    conn = args.conn
+    ca = args.ca
+    if ca is None and conn.config.config.get("cacert"):
+        ca = Path(conn.config.config["cacert"])
+    auth_url = args.node_auth_url or conn.session.get_endpoint(
+        service_type="identity", interface="public"
+    )
+    if not auth_url.rstrip("/").endswith("/v3"):
+        auth_url = auth_url.rstrip("/") + "/v3"
+    req = EnrollRequest(
+        node_id=args.node_id,
+        seed_out=args.seed_out,
+        ek_pub=args.ek_pub,
+        ek_cert=args.ek_cert,
+        ek_ca=args.ek_ca,
+        pcrs=parse_pcrs(args.pcrs),
+        pcr_values=None if args.pcr_values in (None, "zero") else Path(args.pcr_values),
+        pcr_values_zero=args.pcr_values == "zero",
+        window_days=args.expires_in,
+        edge_domain=args.edge_domain,
+        ca_bundle=ca,
+    )
+    result = enroll(conn, req, auth_url, conn.config.get_region_name())
+    _print(
+        args,
+        {
+            "node_id": result.node_id,
+            "project_id": result.project_id,
+            "user_id": result.user_id,
+            "bootstrap_credential_id": result.bootstrap_id,
+            "expires_at": result.expires_at,
+            "rotated": result.rotated,
+            "seed": str(result.seed),
+        },
+        [
+            f"node       {result.node_id} (project {result.project_id})",
+            f"bootstrap  {result.bootstrap_id}, expires {result.expires_at} UTC",
+            *([f"rotated    {', '.join(result.rotated)}"] if result.rotated else []),
+            f"seed       {result.seed}",
+        ],
+    )
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    from provisioner.operator.assign import assign
+
+    result = assign(args.conn, args.edge_domain, args.node_id, args.image_id)
+    prev = result.previous
+    _print(
+        args,
+        {
+            "node_id": result.node_id,
+            "image_id": result.image_id,
+            "generation": result.generation,
+            "previous": prev,
+        },
+        [
+            f"{result.node_id}: image {result.image_id}, generation {result.generation}",
+            "previous: "
+            + (f"image {prev['image_id']}, generation {prev['generation']}" if prev else "none"),
+        ],
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from provisioner.operator.status import status
+
+    rows = status(args.conn, args.edge_domain, args.node_id)
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return 0
+    table = Table(title=f"edgepin nodes ({args.edge_domain})")
+    for col in ("node", "image", "gen", "member status", "enrolled", "credential"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["node"],
+            r["image_id"] or "-",
+            str(r["generation"] or "-"),
+            r["member_status"] or "-",
+            "yes" if r["enrolled"] else "no",
+            r["credential"],
+        )
+    Console(width=160).print(table)
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from provisioner.operator.revoke import revoke
+
+    result = revoke(args.conn, args.edge_domain, args.node_id)
+    _print(
+        args,
+        result,
+        [
+            f"{result['node_id']}: revoked at {result['revoked_at']}",
+            f"  credentials deleted: {len(result['credentials_deleted'])}",
+            f"  images unshared:     {', '.join(result['images_unshared']) or '-'}",
+            f"  secrets withdrawn:   {len(result['secrets_withdrawn'])}",
         ],
     )
     return 0

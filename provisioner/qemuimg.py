@@ -13,7 +13,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ra
 
 from provisioner.errors import ImageError
 
-SECRET_ID = "sec0"
+SECRET_ID = "sec0"  # noqa: S105 - the name of a qemu secret object, not a secret
 
 
 class _Transient(Exception):

@@ -1,0 +1,117 @@
+"""``edgepin assign``: point a node at one image.
+
+Shares the image with the node's project, grants the node's user read access (Barbican
+ACL) to exactly that image's key and signing certificate, withdraws what earlier
+assignments granted, and writes the assignment record with a generation that only goes up.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from provisioner import barbican
+from provisioner.cloud import translate
+from provisioner.errors import ImageError, NotFoundError
+from provisioner.operator import nodes
+from provisioner.operator.publish import REQUIRED_PROPERTIES
+
+
+@dataclass
+class Assigned:
+    node_id: str
+    image_id: str
+    generation: int
+    previous: dict[str, Any] | None
+
+
+def get_image(conn: Any, image_id: str) -> dict[str, Any]:
+    with translate("glance", f"image {image_id}"):
+        r = conn.image.get(f"/images/{image_id}", raise_exc=False)
+    if r.status_code == 404:
+        raise NotFoundError(f"glance: image {image_id} does not exist")
+    r.raise_for_status()
+    image: dict[str, Any] = r.json()
+    return image
+
+
+def check_image(image: dict[str, Any]) -> None:
+    missing = [p for p in REQUIRED_PROPERTIES if not image.get(p)]
+    if missing:
+        raise ImageError(
+            f"image {image['id']} lacks {', '.join(missing)}",
+            hint="publish images with `edgepin publish`",
+        )
+    if image.get("status") != "active":
+        raise ImageError(f"image {image['id']} is {image.get('status')}, not active")
+    if image.get("disk_format") != "qcow2" or image.get("os_hash_algo") != "sha512":
+        raise ImageError(f"image {image['id']} is not a qcow2 with a sha512 hash")
+
+
+def share(conn: Any, image_id: str, project_id: str) -> None:
+    with translate("glance", f"share {image_id}"):
+        r = conn.image.post(
+            f"/images/{image_id}/members", json={"member": project_id}, raise_exc=False
+        )
+    if r.status_code == 409:  # already a member
+        return
+    if r.status_code >= 300:
+        raise ImageError(f"glance refused to share {image_id} ({r.status_code})")
+
+
+def unshare(conn: Any, image_id: str, project_id: str) -> None:
+    with translate("glance", f"unshare {image_id}"):
+        conn.image.delete(f"/images/{image_id}/members/{project_id}", raise_exc=False)
+
+
+def grant(conn: Any, secret_id: str, user_id: str) -> None:
+    users = barbican.acl_users(conn, secret_id)
+    if user_id not in users:
+        barbican.set_acl_users(conn, secret_id, [*users, user_id])
+
+
+def withdraw(conn: Any, secret_id: str, user_id: str) -> None:
+    try:
+        users = barbican.acl_users(conn, secret_id)
+    except NotFoundError:
+        return
+    if user_id in users:
+        barbican.set_acl_users(conn, secret_id, [u for u in users if u != user_id])
+
+
+def assign(conn: Any, edge_domain: str, node_id: str, image_id: str) -> Assigned:
+    domain_id = nodes.edge_domain_id(conn, edge_domain)
+    node = nodes.get_node(conn, domain_id, node_id)
+    image = get_image(conn, image_id)
+    check_image(image)
+    previous = node.assignment
+    generation = int(previous["generation"]) + 1 if previous else 1
+    secrets_now = [image["os_encrypt_key_id"], image["img_signature_certificate_uuid"]]
+
+    share(conn, image_id, node.project_id)
+    for sid in secrets_now:
+        grant(conn, sid, node.user_id)
+    # withdraw everything earlier assignments granted that this one does not need
+    old = node.grants
+    for sid in old.get("secrets", []):
+        if sid not in secrets_now:
+            withdraw(conn, sid, node.user_id)
+    for old_image in old.get("images", []):
+        if old_image != image_id:
+            unshare(conn, old_image, node.project_id)
+
+    record = {
+        "image_id": image_id,
+        "generation": generation,
+        "assigned_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    nodes.update_project(
+        conn,
+        node.project_id,
+        {
+            nodes.ASSIGNMENT_ATTR: record,
+            nodes.GRANTS_ATTR: {"images": [image_id], "secrets": secrets_now},
+        },
+    )
+    return Assigned(node_id, image_id, generation, previous)

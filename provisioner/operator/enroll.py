@@ -1,0 +1,239 @@
+"""``edgepin enroll``: create a node's identity and its TPM-wrapped bootstrap credential.
+
+The factory station has no TPM: the bootstrap application credential's secret is
+wrapped offline for the node's endorsement key (a TPM2 duplication blob) under the PCR
+policy given, so that only that machine, in that measured state, can unseal it.
+Enrolling a node again rotates the bootstrap credential and deletes the old one.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provisioner import seed, tpm
+from provisioner.cloud import translate
+from provisioner.errors import AuthError, TrustError, UsageError
+from provisioner.operator import nodes
+
+DEFAULT_WINDOW_DAYS = 14
+
+
+@dataclass
+class EnrollRequest:
+    node_id: str
+    seed_out: Path
+    ek_pub: Path | None = None
+    ek_cert: Path | None = None
+    ek_ca: Path | None = None
+    pcrs: tuple[int, ...] = ()
+    pcr_values: Path | None = None  # JSON {"7": "hex"}; the literal "zero" means reset values
+    pcr_values_zero: bool = False
+    window_days: int = DEFAULT_WINDOW_DAYS
+    edge_domain: str = "edge"
+    ca_bundle: Path | None = None  # the control plane's CA that the node pins
+
+
+@dataclass
+class Enrolled:
+    node_id: str
+    project_id: str
+    user_id: str
+    bootstrap_id: str
+    expires_at: str
+    rotated: list[str]
+    seed: Path
+
+
+def parse_pcrs(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
+    try:
+        pcrs = tuple(sorted({int(p) for p in text.split(",")}))
+    except ValueError:
+        raise UsageError(f"--pcrs {text!r}: give PCR numbers like 0,7") from None
+    if any(p < 0 or p > 23 for p in pcrs):
+        raise UsageError("--pcrs: PCR numbers are 0..23")
+    return pcrs
+
+
+def load_pcr_values(req: EnrollRequest) -> dict[int, bytes] | None:
+    if not req.pcrs:
+        return None
+    if req.pcr_values_zero:
+        return {p: bytes(32) for p in req.pcrs}
+    if req.pcr_values is None:
+        raise UsageError(
+            "--pcrs needs --pcr-values FILE (the node's expected sha256 PCR values)",
+            hint="read them on a reference node with `edgepin node pcrs --json`, "
+            "or --pcr-values zero for a TPM that has measured nothing (virtual nodes)",
+        )
+    try:
+        raw = json.loads(req.pcr_values.read_text())
+        values = {int(k): bytes.fromhex(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"--pcr-values {req.pcr_values}: {e}") from None
+    missing = [p for p in req.pcrs if p not in values]
+    if missing or any(len(values[p]) != 32 for p in req.pcrs):
+        raise UsageError(f"--pcr-values must give a 32-byte sha256 value for PCRs {req.pcrs}")
+    return {p: values[p] for p in req.pcrs}
+
+
+def ek_public(req: EnrollRequest) -> tuple[bytes, str]:
+    """The EK public key (PEM) and a description of where it came from."""
+    if bool(req.ek_pub) == bool(req.ek_cert):
+        raise UsageError("give exactly one of --ek-pub and --ek-cert")
+    if req.ek_cert:
+        cert = _read(req.ek_cert, "--ek-cert")
+        if req.ek_ca:
+            try:
+                tpm.verify_ek_cert_chain(cert, _read(req.ek_ca, "--ek-ca"))
+            except tpm.TpmError as e:
+                raise TrustError(f"EK certificate refused: {e}") from None
+        try:
+            return tpm.ek_public_pem_from_cert(cert), f"certificate {req.ek_cert}"
+        except tpm.TpmError as e:
+            raise TrustError(f"--ek-cert: {e}") from None
+    assert req.ek_pub is not None
+    pem = _read(req.ek_pub, "--ek-pub")
+    if b"PUBLIC KEY" not in pem:
+        raise UsageError(f"--ek-pub {req.ek_pub}: not a PEM public key")
+    return pem, f"public key {req.ek_pub}"
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{what} {path}: {e.strerror}") from None
+
+
+def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> Enrolled:
+    nodes.check_node_id(req.node_id)
+    if req.window_days < 1:
+        raise UsageError("--expires-in must be at least 1 day")
+    ek_pem, _ = ek_public(req)
+    pcr_values = load_pcr_values(req)
+    ca_pem = _read(req.ca_bundle, "--ca").decode() if req.ca_bundle else None
+    domain_id = nodes.edge_domain_id(conn, req.edge_domain)
+
+    node = nodes.find_node(conn, domain_id, req.node_id)
+    with translate("keystone", f"node {req.node_id}"):
+        member = conn.identity.find_role("member", ignore_missing=False)
+        if node is None:
+            project = conn.identity.create_project(
+                name=req.node_id,
+                domain_id=domain_id,
+                description=f"edgepin node {req.node_id}",
+                tags=[nodes.NODE_TAG],
+            )
+            node = nodes.Node(req.node_id, {"id": project.id}, None)
+        if node.user is None:
+            user = conn.identity.create_user(
+                name=req.node_id,
+                domain_id=domain_id,
+                default_project_id=node.project_id,
+                password=secrets.token_urlsafe(32),
+                description=f"edgepin node {req.node_id}",
+            )
+            node.user = {"id": user.id}
+        else:
+            conn.identity.update_user(node.user_id, is_enabled=True)
+        conn.identity.assign_project_role_to_user(node.project_id, node.user_id, member.id)
+
+    # An application credential is created by its user: set a one-time password that
+    # lives only in this process, use it once, then replace it by another one nobody knows.
+    password = secrets.token_urlsafe(32)
+    with translate("keystone", "set the node user's one-time password"):
+        conn.identity.update_user(node.user_id, password=password)
+    expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=req.window_days)
+    expires_at = expires.strftime("%Y-%m-%dT%H:%M:%S")
+    user_conn = conn.connect_as(
+        username=None,
+        user_id=node.user_id,
+        password=password,
+        project_id=node.project_id,
+        project_name=None,
+        project_domain_id=None,
+        project_domain_name=None,
+        user_domain_id=None,
+        user_domain_name=None,
+        application_credential_id=None,
+        application_credential_secret=None,
+        auth_type="password",
+    )
+    with translate("keystone", "create the bootstrap credential"):
+        try:
+            cred = user_conn.identity.create_application_credential(
+                user=node.user_id,
+                name=f"{nodes.BOOTSTRAP_PREFIX}-{secrets.token_hex(4)}",
+                description="edgepin bootstrap: single use, deleted by the node after enrollment",
+                expires_at=expires_at,
+                unrestricted=True,  # it must create the node's own credential
+                roles=[{"name": "member"}],
+            )
+        finally:
+            user_conn.close()
+            conn.identity.update_user(node.user_id, password=secrets.token_urlsafe(32))
+            del password
+    if not cred.secret:
+        raise AuthError("keystone returned no application credential secret")
+
+    # rotation: every older bootstrap credential goes
+    rotated = []
+    for old in nodes.app_credentials(conn, node.user_id):
+        if old["name"].startswith(nodes.BOOTSTRAP_PREFIX) and old["id"] != cred.id:
+            nodes.delete_app_credential(conn, node.user_id, old["id"])
+            rotated.append(old["id"])
+
+    try:
+        wrapped = tpm.wrap_for_ek(ek_pem, cred.secret.encode(), pcr_values)
+    except tpm.TpmError as e:
+        nodes.delete_app_credential(conn, node.user_id, cred.id)
+        raise TrustError(f"cannot wrap the credential for this EK: {e}") from None
+
+    bundle: dict[str, Any] = {
+        "version": seed.BUNDLE_VERSION,
+        "node_id": req.node_id,
+        "project_id": node.project_id,
+        "user_id": node.user_id,
+        "user_domain_id": domain_id,
+        "auth_url": auth_url,
+        "region": region,
+        "interface": "public",
+        "ca_pem": ca_pem,
+        "pcrs": list(req.pcrs),
+        "pcr_bank": "sha256",
+        "bootstrap": {
+            "application_credential_id": cred.id,
+            "expires_at": expires_at,
+            "wrapped": base64.b64encode(wrapped).decode(),
+        },
+    }
+    try:
+        seed.write_seed(req.seed_out, req.node_id, bundle)
+    except Exception:
+        nodes.delete_app_credential(conn, node.user_id, cred.id)
+        raise
+    nodes.update_project(
+        conn,
+        node.project_id,
+        {
+            "edgepin_bootstrap_expires_at": expires_at,
+            "edgepin_enrolled_for": _ek_fingerprint(ek_pem),
+        },
+    )
+    return Enrolled(
+        req.node_id, node.project_id, node.user_id, cred.id, expires_at, rotated, req.seed_out
+    )
+
+
+def _ek_fingerprint(pem: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(pem.strip()).hexdigest()[:32]

@@ -1,0 +1,140 @@
+"""Node records in Keystone: one project and one user per node in the edge domain.
+
+The assignment and the operator's bookkeeping live as extra attributes of the node's
+project: operators (admin) can write them, the node's own credential can read its own
+project and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from provisioner.cloud import translate
+from provisioner.errors import NotFoundError, UsageError
+
+NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NODE_TAG = "edgepin-node"
+BOOTSTRAP_PREFIX = "edgepin-bootstrap"
+NODE_CREDENTIAL_NAME = "edgepin-node"
+ASSIGNMENT_ATTR = "edgepin_assignment"
+GRANTS_ATTR = "edgepin_grants"
+
+
+def check_node_id(node_id: str) -> str:
+    if not NODE_ID_RE.match(node_id):
+        raise UsageError(
+            f"invalid node id {node_id!r}",
+            hint="lowercase letters, digits and '-', at most 63 characters",
+        )
+    return node_id
+
+
+@dataclass
+class Node:
+    node_id: str
+    project: dict[str, Any]
+    user: dict[str, Any] | None
+
+    @property
+    def project_id(self) -> str:
+        return str(self.project["id"])
+
+    @property
+    def user_id(self) -> str:
+        if not self.user:
+            raise NotFoundError(f"node {self.node_id} has no user")
+        return str(self.user["id"])
+
+    @property
+    def assignment(self) -> dict[str, Any] | None:
+        raw = self.project.get(ASSIGNMENT_ATTR)
+        if not raw:
+            return None
+        data: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else raw
+        return data
+
+    @property
+    def grants(self) -> dict[str, list[str]]:
+        raw = self.project.get(GRANTS_ATTR)
+        if not raw:
+            return {"images": [], "secrets": []}
+        data: dict[str, list[str]] = json.loads(raw) if isinstance(raw, str) else raw
+        return data
+
+
+def edge_domain_id(conn: Any, domain: str) -> str:
+    with translate("keystone", f"domain {domain}"):
+        r = conn.identity.get("/domains", params={"name": domain})
+        r.raise_for_status()
+    found = r.json()["domains"]
+    if not found:
+        raise NotFoundError(
+            f"keystone: edge domain {domain!r} does not exist",
+            hint="create it (openstack domain create) or set --edge-domain",
+        )
+    return str(found[0]["id"])
+
+
+def find_node(conn: Any, domain_id: str, node_id: str) -> Node | None:
+    with translate("keystone", f"node {node_id}"):
+        r = conn.identity.get("/projects", params={"name": node_id, "domain_id": domain_id})
+        r.raise_for_status()
+        projects = r.json()["projects"]
+        if not projects:
+            return None
+        u = conn.identity.get("/users", params={"name": node_id, "domain_id": domain_id})
+        u.raise_for_status()
+        users = u.json()["users"]
+    return Node(node_id, projects[0], users[0] if users else None)
+
+
+def get_node(conn: Any, domain_id: str, node_id: str) -> Node:
+    node = find_node(conn, domain_id, check_node_id(node_id))
+    if node is None:
+        raise NotFoundError(
+            f"unknown node {node_id!r}", hint="enroll it first with `edgepin enroll`"
+        )
+    return node
+
+
+def list_nodes(conn: Any, domain_id: str) -> list[Node]:
+    with translate("keystone", "list nodes"):
+        r = conn.identity.get("/projects", params={"domain_id": domain_id, "tags": NODE_TAG})
+        r.raise_for_status()
+        u = conn.identity.get("/users", params={"domain_id": domain_id})
+        u.raise_for_status()
+    users = {x["name"]: x for x in u.json()["users"]}
+    nodes = [Node(p["name"], p, users.get(p["name"])) for p in r.json()["projects"]]
+    return sorted(nodes, key=lambda n: n.node_id)
+
+
+def update_project(conn: Any, project_id: str, attrs: dict[str, Any]) -> dict[str, Any]:
+    body = {
+        k: json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
+        for k, v in attrs.items()
+    }
+    with translate("keystone", f"update project {project_id}"):
+        r = conn.identity.patch(f"/projects/{project_id}", json={"project": body})
+        r.raise_for_status()
+    data: dict[str, Any] = r.json()["project"]
+    return data
+
+
+def app_credentials(conn: Any, user_id: str) -> list[dict[str, Any]]:
+    with translate("keystone", "application credentials"):
+        r = conn.identity.get(f"/users/{user_id}/application_credentials")
+        r.raise_for_status()
+    creds: list[dict[str, Any]] = r.json()["application_credentials"]
+    return creds
+
+
+def delete_app_credential(conn: Any, user_id: str, cred_id: str) -> None:
+    with translate("keystone", f"delete application credential {cred_id}"):
+        r = conn.identity.delete(
+            f"/users/{user_id}/application_credentials/{cred_id}", raise_exc=False
+        )
+    if r.status_code not in (204, 404):
+        r.raise_for_status()

@@ -1,0 +1,104 @@
+"""The NoCloud seed that carries a node's enrollment bundle to its first boot.
+
+The seed is a small vfat filesystem labelled ``CIDATA`` (the only kind cloud-init's
+NoCloud datasource finds on a disk) with ``meta-data`` and ``user-data``. The user-data
+is a cloud-config whose ``write_files`` puts the bundle at ``/var/lib/edgepin/seed/
+bundle.json`` (mode 0600), where ``edgepin node enroll`` reads it. It is built with
+mkfs.vfat and mtools, without mounting anything. The bundle holds no secret in the clear:
+the bootstrap credential's secret is wrapped for the node's TPM.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from provisioner.errors import ConfigError, UsageError
+
+BUNDLE_PATH = "/var/lib/edgepin/seed/bundle.json"
+BUNDLE_VERSION = 1
+SEED_SIZE_KIB = 1024
+
+
+def user_data(bundle: dict[str, Any]) -> str:
+    encoded = base64.b64encode(json.dumps(bundle, sort_keys=True).encode()).decode()
+    return (
+        "#cloud-config\n"
+        "# edgepin enrollment bundle, consumed by edgepin-enroll.service\n"
+        "write_files:\n"
+        f"  - path: {BUNDLE_PATH}\n"
+        "    permissions: '0600'\n"
+        "    owner: root:root\n"
+        "    encoding: b64\n"
+        f"    content: {encoded}\n"
+    )
+
+
+def meta_data(node_id: str) -> str:
+    return f"instance-id: edgepin-{node_id}\nlocal-hostname: {node_id}\n"
+
+
+def write_seed(path: Path, node_id: str, bundle: dict[str, Any]) -> None:
+    """Write the seed image atomically (a failure leaves no partial file)."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgepin-seed-") as tmp:
+        files = {
+            "meta-data": meta_data(node_id),
+            "user-data": user_data(bundle),
+            "edgepin-bundle.json": json.dumps(bundle, indent=2, sort_keys=True) + "\n",
+        }
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+        image = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        image.unlink(missing_ok=True)
+        try:
+            _run(["mkfs.vfat", "-C", "-n", "CIDATA", "--invariant", str(image), str(SEED_SIZE_KIB)])
+            for name in files:
+                _run(["mcopy", "-o", "-i", str(image), str(Path(tmp) / name), f"::{name}"])
+            with image.open("rb") as f:
+                os.fsync(f.fileno())
+            image.replace(path)
+        finally:
+            image.unlink(missing_ok=True)
+
+
+def read_seed_bundle(image: Path) -> dict[str, Any]:
+    """The bundle from a seed image (factory checks and tests; nodes get it via cloud-init)."""
+    r = subprocess.run(
+        ["mcopy", "-i", str(image), "::edgepin-bundle.json", "-"],
+        capture_output=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        raise ConfigError(f"{image}: not an edgepin seed ({r.stderr.decode().strip()})")
+    return parse_bundle(r.stdout)
+
+
+def parse_bundle(data: bytes) -> dict[str, Any]:
+    try:
+        bundle: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise ConfigError("seed bundle is not JSON") from None
+    if bundle.get("version") != BUNDLE_VERSION:
+        raise ConfigError(f"seed bundle version {bundle.get('version')!r} is not supported")
+    missing = [
+        k
+        for k in ("node_id", "project_id", "user_id", "auth_url", "bootstrap", "pcrs")
+        if k not in bundle
+    ]
+    if missing:
+        raise ConfigError(f"seed bundle lacks {', '.join(missing)}")
+    return bundle
+
+
+def _run(args: list[str]) -> None:
+    r = subprocess.run(args, capture_output=True, check=False)
+    if r.returncode != 0:
+        raise ConfigError(f"{args[0]} failed: {r.stderr.decode(errors='replace').strip()}")
