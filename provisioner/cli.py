@@ -197,6 +197,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     _add_publish(sub)
     _add_signing_cert(sub)
     _add_nodes(sub)
+    from provisioner.node import cli as node_cli
+
+    node_cli.add_parser(sub)
     for extra in _extra_commands:
         extra(sub)
     return parser

@@ -1,0 +1,1 @@
+"""The node side: enroll, then reconcile (assignment, fetch, verify, keys, domain, report)."""

@@ -1,0 +1,116 @@
+"""``edgepin node ...``: the commands the host image's systemd units run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from provisioner.node import config
+
+
+def add_parser(sub: Any) -> None:
+    node = sub.add_parser(
+        "node",
+        help="node side: enroll, reconcile, status (run by the host image's units)",
+        description="Commands that run on the edge node. Paths derive from --root "
+        "(default /): <root>/etc/edgepin, <root>/var/lib/edgepin, <root>/run/edgepin. "
+        "Settings come from <root>/etc/edgepin/edgepin.conf and EDGEPIN_* variables.",
+    )
+    node.add_argument("--root", type=Path, help="root of the node's directories (default /)")
+    node.add_argument("--tcti", help="TPM TCTI, e.g. device:/dev/tpmrm0 or swtpm:port=2321")
+    node.add_argument("--libvirt-uri", help="libvirt URI (default qemu:///system)")
+    node.add_argument("--virt-type", choices=("kvm", "qemu"), help="libvirt domain type")
+    s = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    s.add_parser(
+        "enroll",
+        help="first boot: unseal the bootstrap credential, mint and seal the node's own",
+        description="Read the seed bundle, import and unseal the bootstrap credential from "
+        "the TPM, create the node's long-term application credential (least privilege), seal "
+        "it to the TPM under the configured PCRs, delete the bootstrap credential. A no-op "
+        "when already enrolled; resumes an interrupted enrollment.",
+    ).set_defaults(handler=cmd_enroll)
+    s.add_parser(
+        "reconcile",
+        help="run exactly the assigned, verified guest",
+        description="Read the assignment, fetch and verify a new image, switch with health "
+        "check and rollback, or start the guest from the local copy when the control plane "
+        "is unreachable. Writes /run/edgepin/status.json and edgepin.prom.",
+    ).set_defaults(handler=cmd_reconcile)
+    st = s.add_parser("status", help="print the node's status", description="Print the status.")
+    st.add_argument("--json", action="store_true", help="the raw status.json")
+    st.set_defaults(handler=cmd_status)
+    pc = s.add_parser(
+        "pcrs",
+        help="print the TPM's sha256 PCR values (for `edgepin enroll --pcr-values`)",
+        description="Print the configured PCRs' sha256 values as JSON.",
+    )
+    pc.add_argument("--pcrs", help="PCRs to read (default: the configured ones)")
+    pc.set_defaults(handler=cmd_pcrs)
+
+
+def _cfg(args: argparse.Namespace) -> config.NodeConfig:
+    return config.load(
+        root=args.root,
+        overrides={
+            "tcti": args.tcti,
+            "libvirt_uri": args.libvirt_uri,
+            "virt_type": args.virt_type,
+        },
+    )
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from provisioner.node import credentials
+
+    record = credentials.enroll(_cfg(args))
+    print(f"enrolled: node {record['node_id']}, credential {record['credential_id']}")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from provisioner.node import reconcile
+
+    outcome = reconcile.reconcile(_cfg(args))
+    print(f"{outcome.state}: {outcome.reason}")
+    if outcome.error is not None:
+        print(f"edgepin: error: {outcome.error.message}", file=sys.stderr)
+        return outcome.error.exit_code
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _cfg(args)
+    try:
+        status = json.loads(cfg.status_path.read_text())
+    except FileNotFoundError:
+        print(f"no status yet ({cfg.status_path})")
+        return 3
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(f"state       {status['state']}: {status['reason']}")
+    print(f"image       {status.get('image_id') or '-'} (version {status.get('version') or '-'})")
+    print(
+        f"generation  {status.get('generation') or '-'}, highest seen "
+        f"{status.get('highest_generation')}"
+    )
+    print(f"previous    {status.get('previous_image_id') or '-'}")
+    print(f"fetched     {status.get('bytes_fetched_total', 0)} bytes")
+    failures = status.get("failures") or {}
+    print("failures    " + (", ".join(f"{k}={v}" for k, v in sorted(failures.items())) or "none"))
+    print(f"updated     {status.get('updated_at')}")
+    return 0
+
+
+def cmd_pcrs(args: argparse.Namespace) -> int:
+    from provisioner import tpm
+
+    cfg = _cfg(args)
+    pcrs = tuple(int(p) for p in args.pcrs.split(",")) if args.pcrs else cfg.pcrs
+    with tpm.Tpm.open(cfg.tcti) as t:
+        values = t.read_pcrs(pcrs)
+    print(json.dumps({str(k): v.hex() for k, v in sorted(values.items())}, indent=2))
+    return 0

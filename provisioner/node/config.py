@@ -1,0 +1,181 @@
+"""The node's one configuration object, built once from its sources and passed down.
+
+Sources, later ones win:
+1. built-in defaults (the table below);
+2. ``<root>/etc/edgepin/edgepin.conf``: ``KEY=VALUE`` lines written at image build time
+   from ``DIB_EDGEPIN_*`` (the same file the systemd units read with EnvironmentFile=);
+3. ``EDGEPIN_*`` environment variables;
+4. command-line options (``--root``, ``--tcti``, ...).
+
+Every path derives from ``root`` so that a development machine runs exactly the code that
+ships, against a swtpm and a libvirtd, with /etc/edgepin, /var/lib/edgepin and
+/run/edgepin under a folder of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from provisioner.errors import ConfigError
+
+# key -> (default, description). One table: the config file, the environment and the
+# docs (docs/node.md) use these names.
+SETTINGS: dict[str, tuple[str, str]] = {
+    "EDGEPIN_TCTI": ("device:/dev/tpmrm0", "TPM to use (tpm2-tss TCTI string)"),
+    "EDGEPIN_LIBVIRT_URI": ("qemu:///system", "libvirt connection URI"),
+    "EDGEPIN_VIRT_TYPE": ("kvm", "libvirt domain type: kvm, or qemu for software emulation"),
+    "EDGEPIN_PCRS": ("7", "PCRs the node credential and image keys are sealed to"),
+    "EDGEPIN_RESERVED_CPUS": ("0", "host CPUs kept for the host; the guest gets the others"),
+    "EDGEPIN_HEALTH_TIMEOUT": ("120", "seconds a new guest has to become healthy"),
+    "EDGEPIN_NETWORK": ("none", "guest network: none, or 'network:NAME' / 'bridge:NAME'"),
+    "EDGEPIN_DOMAIN_NAME": ("edgepin-guest", "name of the one libvirt domain"),
+    "EDGEPIN_HTTP_TIMEOUT": ("30", "seconds before an unanswered request fails"),
+    "EDGEPIN_KEEP_IMAGES": ("2", "images kept on disk: the current one and the previous"),
+}
+
+
+def _root_default() -> Path:
+    return Path("/")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    root: Path = field(default_factory=_root_default)
+    tcti: str = SETTINGS["EDGEPIN_TCTI"][0]
+    libvirt_uri: str = SETTINGS["EDGEPIN_LIBVIRT_URI"][0]
+    virt_type: str = SETTINGS["EDGEPIN_VIRT_TYPE"][0]
+    pcrs: tuple[int, ...] = (7,)
+    reserved_cpus: frozenset[int] = frozenset({0})
+    health_timeout: float = 120.0
+    network: str = "none"
+    domain_name: str = "edgepin-guest"
+    http_timeout: float = 30.0
+    keep_images: int = 2
+
+    # ----------------------------------------------------------------- paths
+    @property
+    def etc_dir(self) -> Path:
+        return self.root / "etc" / "edgepin"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "var" / "lib" / "edgepin"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run" / "edgepin"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "var" / "log" / "edgepin"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.state_dir / "seed" / "bundle.json"
+
+    @property
+    def pinned_certs_dir(self) -> Path:
+        return self.etc_dir / "signing-certs"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.etc_dir / "ca.pem"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.log_dir / "guest-serial.log"
+
+    @property
+    def status_path(self) -> Path:
+        return self.run_dir / "status.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "edgepin.prom"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.run_dir / "lock"
+
+    @property
+    def disabled_path(self) -> Path:
+        return self.etc_dir / "disabled"
+
+
+def _parse_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if not path.exists():
+        return values
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ConfigError(f"{path}:{n}: expected KEY=VALUE")
+        key, value = line.split("=", 1)
+        value = value.strip().strip('"').strip("'")
+        values[key.strip()] = value
+    return values
+
+
+def _int_set(text: str, what: str) -> frozenset[int]:
+    try:
+        return frozenset(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ConfigError(f"{what}: expected numbers like 0,1 (got {text!r})") from None
+
+
+def load(
+    root: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Build the configuration from defaults, the config file, the environment, overrides."""
+    env = dict(os.environ if environ is None else environ)
+    root = root or Path(env.get("EDGEPIN_ROOT", "/"))
+    raw = {k: v[0] for k, v in SETTINGS.items()}
+    raw.update(_parse_env_file(root / "etc" / "edgepin" / "edgepin.conf"))
+    raw.update({k: v for k, v in env.items() if k in SETTINGS})
+    unknown = sorted(
+        k
+        for k in _parse_env_file(root / "etc" / "edgepin" / "edgepin.conf")
+        if k not in SETTINGS and not k.startswith("EDGEPIN_X_")
+    )
+    if unknown:
+        raise ConfigError(f"unknown settings in edgepin.conf: {', '.join(unknown)}")
+    if raw["EDGEPIN_VIRT_TYPE"] not in ("kvm", "qemu"):
+        raise ConfigError("EDGEPIN_VIRT_TYPE must be kvm or qemu")
+    try:
+        values: dict[str, Any] = {
+            "root": root,
+            "tcti": raw["EDGEPIN_TCTI"],
+            "libvirt_uri": raw["EDGEPIN_LIBVIRT_URI"],
+            "virt_type": raw["EDGEPIN_VIRT_TYPE"],
+            "pcrs": tuple(sorted(_int_set(raw["EDGEPIN_PCRS"], "EDGEPIN_PCRS"))),
+            "reserved_cpus": _int_set(raw["EDGEPIN_RESERVED_CPUS"], "EDGEPIN_RESERVED_CPUS"),
+            "health_timeout": float(raw["EDGEPIN_HEALTH_TIMEOUT"]),
+            "network": raw["EDGEPIN_NETWORK"],
+            "domain_name": raw["EDGEPIN_DOMAIN_NAME"],
+            "http_timeout": float(raw["EDGEPIN_HTTP_TIMEOUT"]),
+            "keep_images": int(raw["EDGEPIN_KEEP_IMAGES"]),
+        }
+    except ValueError as e:
+        raise ConfigError(f"bad setting: {e}") from None
+    names = {f.name for f in fields(NodeConfig)}
+    for key, value in (overrides or {}).items():
+        if key not in names:
+            raise ConfigError(f"unknown override {key}")
+        if value is not None:
+            values[key] = value
+    net = values["network"]
+    if net != "none" and not (net.startswith("network:") or net.startswith("bridge:")):
+        raise ConfigError("EDGEPIN_NETWORK must be none, network:NAME or bridge:NAME")
+    return NodeConfig(**values)

@@ -1,0 +1,271 @@
+"""The node's identity: first-boot enrollment and the TPM-sealed long-term credential.
+
+Enrollment (idempotent, resumable; the bootstrap credential stays valid until the node
+credential is proven to work, so a failure half-way never leaves the node without a
+usable credential):
+
+1. read the seed bundle; unseal the bootstrap secret (imported under the EK);
+2. generate the node secret, seal it locally (fixedTPM, PCR policy) and save the blob
+   as ``node-credential.pending``;
+3. create the application credential ``edgepin-node`` with that secret and access rules
+   that allow only what a node needs; save ``node-credential.json``;
+4. authenticate with it; delete the bootstrap credential; record the enrollment.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keystoneauth1 import exceptions as ksa_exc
+from keystoneauth1 import session as ksa_session
+from keystoneauth1.identity import v3
+
+from provisioner import seed, tpm
+from provisioner.cloud import translate
+from provisioner.errors import AuthError, ConfigError, TrustError
+from provisioner.node import state
+from provisioner.node.config import NodeConfig
+
+LOG = logging.getLogger(__name__)
+NODE_CREDENTIAL_NAME = "edgepin-node"
+
+
+@dataclass
+class Identity:
+    """What the node knows about itself (no secret in here)."""
+
+    node_id: str
+    project_id: str
+    user_id: str
+    auth_url: str
+    region: str | None
+    interface: str
+    ca_file: Path
+
+
+def access_rules(project_id: str) -> list[dict[str, str]]:
+    """The least a node needs, and nothing else."""
+    return [
+        {"service": "identity", "method": "GET", "path": f"/v3/projects/{project_id}"},
+        {"service": "image", "method": "GET", "path": "/v2/images"},
+        {"service": "image", "method": "GET", "path": "/v2/images/*"},
+        {"service": "image", "method": "GET", "path": "/v2/images/*/file"},
+        {"service": "image", "method": "PUT", "path": f"/v2/images/*/members/{project_id}"},
+        {"service": "key-manager", "method": "GET", "path": "/v1/"},
+        {"service": "key-manager", "method": "GET", "path": "/v1/secrets/*"},
+        {"service": "key-manager", "method": "GET", "path": "/v1/secrets/*/payload"},
+    ]
+
+
+def load_bundle(cfg: NodeConfig) -> dict[str, Any]:
+    try:
+        data = cfg.bundle_path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no seed bundle at {cfg.bundle_path}",
+            hint="attach the NoCloud seed written by `edgepin enroll` and boot again",
+        ) from None
+    return seed.parse_bundle(data)
+
+
+def identity(cfg: NodeConfig, bundle: dict[str, Any]) -> Identity:
+    ca_file = cfg.ca_path
+    if not ca_file.exists():
+        # no CA baked into the image: use the one the factory put in the seed
+        if not bundle.get("ca_pem"):
+            raise ConfigError(f"no control-plane CA: neither {cfg.ca_path} nor in the seed")
+        ca_file = cfg.state_dir / "seed" / "ca.pem"
+        if not ca_file.exists() or ca_file.read_text() != bundle["ca_pem"]:
+            state.atomic_write(ca_file, bundle["ca_pem"].encode(), 0o644)
+    return Identity(
+        node_id=bundle["node_id"],
+        project_id=bundle["project_id"],
+        user_id=bundle["user_id"],
+        auth_url=bundle["auth_url"],
+        region=bundle.get("region"),
+        interface=bundle.get("interface", "public"),
+        ca_file=ca_file,
+    )
+
+
+def make_session(ident: Identity, cred_id: str, secret: str, timeout: float) -> Any:
+    auth = v3.ApplicationCredential(
+        auth_url=ident.auth_url,
+        application_credential_id=cred_id,
+        application_credential_secret=secret,
+    )
+    return ksa_session.Session(auth=auth, verify=str(ident.ca_file), timeout=timeout)
+
+
+def _unseal(cfg: NodeConfig, blob: bytes, what: str) -> bytes:
+    try:
+        with tpm.Tpm.open(cfg.tcti) as t:
+            return t.unseal(blob)
+    except tpm.TpmPolicyError as e:
+        raise TrustError(
+            f"TPM refused to unseal the {what}: the measured boot state differs from "
+            f"enrollment ({e})",
+            hint="the host OS or its boot chain changed; re-enroll the node if intended",
+        ) from None
+    except tpm.TpmUnavailableError as e:
+        raise TrustError(f"no TPM: {e}", hint=f"check {cfg.tcti}") from None
+    except tpm.TpmError as e:
+        raise TrustError(f"TPM cannot unseal the {what}: {e}") from None
+
+
+def _seal(cfg: NodeConfig, secret: bytes) -> bytes:
+    try:
+        with tpm.Tpm.open(cfg.tcti) as t:
+            return t.seal(secret, cfg.pcrs)
+    except tpm.TpmError as e:
+        raise TrustError(f"TPM cannot seal: {e}") from None
+
+
+def _token(sess: Any, what: str) -> None:
+    try:
+        sess.get_token()
+    except ksa_exc.Unauthorized:
+        raise AuthError(f"keystone refused the {what}") from None
+    except (ksa_exc.ConnectFailure, ksa_exc.SSLError) as e:
+        with translate("keystone"):
+            raise e
+
+
+def _pending(cfg: NodeConfig) -> Path:
+    return cfg.state_dir / "node-credential.pending"
+
+
+def _final(cfg: NodeConfig) -> Path:
+    return cfg.state_dir / "node-credential.json"
+
+
+def _enrollment(cfg: NodeConfig) -> Path:
+    return cfg.state_dir / "enrollment.json"
+
+
+def enrolled(cfg: NodeConfig) -> bool:
+    record = state.read_json(_enrollment(cfg))
+    return bool(record and record.get("phase") == "done")
+
+
+def enroll(cfg: NodeConfig) -> dict[str, Any]:
+    """First-boot enrollment; a no-op when done, resumable when interrupted."""
+    record = state.read_json(_enrollment(cfg))
+    if record and record.get("phase") == "done":
+        LOG.info("enrollment: already done (%s), nothing to do", record.get("enrolled_at"))
+        return record
+    bundle = load_bundle(cfg)
+    ident = identity(cfg, bundle)
+    boot = bundle["bootstrap"]
+    final = state.read_json(_final(cfg))
+
+    boot_session: Any = None
+
+    def bootstrap_session() -> Any:
+        nonlocal boot_session
+        if boot_session is None:
+            wrapped = base64.b64decode(boot["wrapped"])
+            boot_secret = _unseal(cfg, wrapped, "bootstrap credential").decode()
+            boot_session = make_session(
+                ident, boot["application_credential_id"], boot_secret, cfg.http_timeout
+            )
+            del boot_secret
+            try:
+                _token(boot_session, "bootstrap credential")
+            except AuthError:
+                raise AuthError(
+                    "keystone refused the bootstrap credential (expired, rotated or used)",
+                    hint="enroll the node again (`edgepin enroll`) and give it the new seed",
+                ) from None
+        return boot_session
+
+    if final is None:
+        pending = state.read_json(_pending(cfg))
+        if pending is None:
+            node_secret = secrets.token_urlsafe(48)
+            sealed = _seal(cfg, node_secret.encode())
+            pending = {"sealed": base64.b64encode(sealed).decode(), "pcrs": list(cfg.pcrs)}
+            state.write_json(_pending(cfg), pending)
+        else:
+            LOG.info("enrollment: resuming with the sealed secret from an earlier attempt")
+            node_secret = _unseal(
+                cfg, base64.b64decode(pending["sealed"]), "pending node credential"
+            ).decode()
+        sess = bootstrap_session()
+        with translate("keystone", "create the node credential"):
+            # a credential left by an attempt that died before saving its id goes first
+            r = sess.get(f"{ident.auth_url}/users/{ident.user_id}/application_credentials")
+            for old in r.json()["application_credentials"]:
+                if old["name"] == NODE_CREDENTIAL_NAME:
+                    sess.delete(
+                        f"{ident.auth_url}/users/{ident.user_id}/application_credentials/"
+                        f"{old['id']}"
+                    )
+            r = sess.post(
+                f"{ident.auth_url}/users/{ident.user_id}/application_credentials",
+                json={
+                    "application_credential": {
+                        "name": NODE_CREDENTIAL_NAME,
+                        "description": f"edgepin node {ident.node_id}, sealed to its TPM",
+                        "secret": node_secret,
+                        "roles": [{"name": "member"}],
+                        "access_rules": access_rules(ident.project_id),
+                    }
+                },
+            )
+        cred_id = r.json()["application_credential"]["id"]
+        final = {"id": cred_id, "sealed": pending["sealed"], "pcrs": pending["pcrs"]}
+        state.write_json(_final(cfg), final)
+        _pending(cfg).unlink(missing_ok=True)
+        # prove that it works before giving anything up
+        _token(make_session(ident, cred_id, node_secret, cfg.http_timeout), "new node credential")
+        del node_secret
+        LOG.info("enrollment: node credential %s created and sealed to PCRs %s", cred_id, cfg.pcrs)
+
+    # delete the bootstrap credential (unless a previous attempt already did)
+    try:
+        sess = bootstrap_session()
+        with translate("keystone", "delete the bootstrap credential"):
+            sess.delete(
+                f"{ident.auth_url}/users/{ident.user_id}/application_credentials/"
+                f"{boot['application_credential_id']}",
+                raise_exc=False,
+            )
+    except AuthError:
+        LOG.info("enrollment: the bootstrap credential is already gone")
+    record = {
+        "phase": "done",
+        "node_id": ident.node_id,
+        "credential_id": final["id"],
+        "enrolled_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "pcrs": final["pcrs"],
+    }
+    state.write_json(_enrollment(cfg), record)
+    LOG.info("enrollment passed")
+    return record
+
+
+def node_session(cfg: NodeConfig) -> tuple[Identity, Any]:
+    """The node's authenticated session; unsealing fails closed on a changed boot state."""
+    final = state.read_json(_final(cfg))
+    if final is None or not enrolled(cfg):
+        raise ConfigError("the node is not enrolled", hint="run `edgepin node enroll` first")
+    ident = identity(cfg, load_bundle(cfg))
+    node_secret = _unseal(cfg, base64.b64decode(final["sealed"]), "node credential").decode()
+    sess = make_session(ident, final["id"], node_secret, cfg.http_timeout)
+    del node_secret
+    return ident, sess
+
+
+def unseal_check(cfg: NodeConfig) -> None:
+    """Unseal the node credential without using it (the offline path's trust check)."""
+    final = state.read_json(_final(cfg))
+    if final is None:
+        raise ConfigError("the node is not enrolled", hint="run `edgepin node enroll` first")
+    _unseal(cfg, base64.b64decode(final["sealed"]), "node credential")

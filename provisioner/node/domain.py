@@ -1,0 +1,229 @@
+"""The one libvirt domain: deterministic XML, pinning, the key as an ephemeral secret.
+
+The same inputs give byte-identical XML. The LUKS passphrase reaches QEMU through an
+ephemeral, private libvirt secret set at every start (such secrets do not survive a
+libvirtd restart, so libvirt's autostart is not used) and undefined right after the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from provisioner.errors import GuestError
+from provisioner.node.config import NodeConfig
+
+LOG = logging.getLogger(__name__)
+NAMESPACE = "https://edgepin.dev/xmlns/guest/1"
+UUID_NS = uuid.UUID("4d6f2a44-6a1d-4bde-9a38-1f0a2c8b7e10")
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    image_id: str
+    generation: int
+    disk: Path
+    vcpus: int
+    memory_mb: int
+
+
+def secret_uuid(spec: GuestSpec) -> str:
+    return str(uuid.uuid5(UUID_NS, f"secret:{spec.image_id}"))
+
+
+def guest_cpus(cfg: NodeConfig, host_cpus: list[int], vcpus: int) -> list[int]:
+    """The host CPUs for the guest's vCPUs: the online ones not reserved for the host."""
+    free = [c for c in host_cpus if c not in cfg.reserved_cpus]
+    if vcpus > len(free):
+        raise GuestError(
+            f"image wants {vcpus} vCPUs; this host has {len(free)} CPUs for guests "
+            f"({len(host_cpus)} online, reserved {sorted(cfg.reserved_cpus)})"
+        )
+    return free[:vcpus]
+
+
+def build_xml(cfg: NodeConfig, spec: GuestSpec, host_cpus: list[int]) -> str:
+    pins = guest_cpus(cfg, host_cpus, spec.vcpus)
+    host_side = sorted(c for c in host_cpus if c in cfg.reserved_cpus) or pins
+    dom = ET.Element("domain", {"type": cfg.virt_type})
+    ET.SubElement(dom, "name").text = cfg.domain_name
+    ET.SubElement(dom, "uuid").text = str(uuid.uuid5(UUID_NS, f"domain:{spec.image_id}"))
+    meta = ET.SubElement(dom, "metadata")
+    guest = ET.SubElement(meta, f"{{{NAMESPACE}}}guest")
+    ET.SubElement(guest, f"{{{NAMESPACE}}}image").text = spec.image_id
+    ET.SubElement(guest, f"{{{NAMESPACE}}}generation").text = str(spec.generation)
+    ET.SubElement(dom, "memory", {"unit": "MiB"}).text = str(spec.memory_mb)
+    ET.SubElement(dom, "vcpu", {"placement": "static"}).text = str(spec.vcpus)
+    tune = ET.SubElement(dom, "cputune")
+    for i, cpu in enumerate(pins):
+        ET.SubElement(tune, "vcpupin", {"vcpu": str(i), "cpuset": str(cpu)})
+    ET.SubElement(tune, "emulatorpin", {"cpuset": ",".join(str(c) for c in host_side)})
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", {"arch": "x86_64", "machine": "pc"}).text = "hvm"
+    ET.SubElement(os_el, "boot", {"dev": "hd"})
+    features = ET.SubElement(dom, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(dom, "on_poweroff").text = "destroy"
+    ET.SubElement(dom, "on_reboot").text = "restart"
+    ET.SubElement(dom, "on_crash").text = "destroy"
+    dev = ET.SubElement(dom, "devices")
+    disk = ET.SubElement(dev, "disk", {"type": "file", "device": "disk"})
+    ET.SubElement(disk, "driver", {"name": "qemu", "type": "qcow2", "cache": "none"})
+    src = ET.SubElement(disk, "source", {"file": str(spec.disk)})
+    enc = ET.SubElement(src, "encryption", {"format": "luks"})
+    ET.SubElement(enc, "secret", {"type": "passphrase", "uuid": secret_uuid(spec)})
+    ET.SubElement(disk, "target", {"dev": "vda", "bus": "virtio"})
+    if cfg.network != "none":
+        kind, name = cfg.network.split(":", 1)
+        iface = ET.SubElement(dev, "interface", {"type": kind})
+        ET.SubElement(iface, "source", {kind: name})
+        ET.SubElement(iface, "model", {"type": "virtio"})
+    serial = ET.SubElement(dev, "serial", {"type": "pty"})
+    ET.SubElement(serial, "log", {"file": str(cfg.serial_log), "append": "off"})
+    ET.SubElement(serial, "target", {"port": "0"})
+    console = ET.SubElement(dev, "console", {"type": "pty"})
+    ET.SubElement(console, "target", {"type": "serial", "port": "0"})
+    ET.SubElement(dev, "memballoon", {"model": "none"})
+    ET.register_namespace("edgepin", NAMESPACE)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def _secret_xml(spec: GuestSpec) -> str:
+    sec = ET.Element("secret", {"ephemeral": "yes", "private": "yes"})
+    ET.SubElement(sec, "uuid").text = secret_uuid(spec)
+    ET.SubElement(sec, "description").text = f"edgepin key of image {spec.image_id}"
+    return ET.tostring(sec, encoding="unicode")
+
+
+def connect(cfg: NodeConfig) -> Any:
+    try:
+        return libvirt.open(cfg.libvirt_uri)
+    except libvirt.libvirtError as e:
+        raise GuestError(f"libvirt unreachable at {cfg.libvirt_uri}: {e}") from None
+
+
+def host_cpus(conn: Any) -> list[int]:
+    _n, cpumap, _online = conn.getCPUMap()
+    return [i for i, online in enumerate(cpumap) if online]
+
+
+def host_memory_mb(conn: Any) -> int:
+    return int(conn.getInfo()[1])
+
+
+def remove_others(cfg: NodeConfig, conn: Any) -> list[str]:
+    """Destroy and undefine every domain that is not edgepin's one guest."""
+    removed = []
+    for dom in conn.listAllDomains():
+        name = dom.name()
+        if name == cfg.domain_name:
+            continue
+        try:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        except libvirt.libvirtError as e:
+            raise GuestError(f"cannot remove foreign domain {name!r}: {e}") from None
+        LOG.warning("domain: removed foreign domain %r", name)
+        removed.append(name)
+    return removed
+
+
+def current(cfg: NodeConfig, conn: Any) -> tuple[Any | None, str | None]:
+    """The edgepin domain (if defined) and the image id in its metadata."""
+    try:
+        dom = conn.lookupByName(cfg.domain_name)
+    except libvirt.libvirtError:
+        return None, None
+    root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - from our own libvirtd
+    image = root.find(f"metadata/{{{NAMESPACE}}}guest/{{{NAMESPACE}}}image")
+    return dom, image.text if image is not None else None
+
+
+def stop(cfg: NodeConfig, conn: Any) -> None:
+    dom, _ = current(cfg, conn)
+    if dom is None:
+        return
+    try:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    except libvirt.libvirtError as e:
+        raise GuestError(f"cannot stop the guest: {e}") from None
+
+
+def start(cfg: NodeConfig, conn: Any, spec: GuestSpec, passphrase: bytes) -> Any:
+    """Define the domain from the XML, hand QEMU the key, start it."""
+    xml = build_xml(cfg, spec, host_cpus(conn))
+    if spec.memory_mb > host_memory_mb(conn):
+        raise GuestError(
+            f"image wants {spec.memory_mb} MiB; the host has {host_memory_mb(conn)} MiB"
+        )
+    dom, _ = current(cfg, conn)
+    if dom is not None and dom.isActive():
+        dom.destroy()
+    cfg.serial_log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dom = conn.defineXML(xml)
+    except libvirt.libvirtError as e:
+        raise GuestError(f"libvirt refused the domain: {e}") from None
+    secret = None
+    try:
+        try:
+            old = conn.secretLookupByUUIDString(secret_uuid(spec))
+            old.undefine()
+        except libvirt.libvirtError:
+            pass
+        secret = conn.secretDefineXML(_secret_xml(spec))
+        secret.setValue(passphrase)
+        dom.create()
+    except libvirt.libvirtError as e:
+        raise GuestError(f"the guest did not start: {e}") from None
+    finally:
+        if secret is not None:
+            try:
+                secret.undefine()  # QEMU has the key now; libvirt need not keep it
+            except libvirt.libvirtError:
+                pass
+    return dom
+
+
+def running(cfg: NodeConfig, conn: Any, image_id: str | None = None) -> bool:
+    dom, current_image = current(cfg, conn)
+    if dom is None or (image_id and current_image != image_id):
+        return False
+    state, _reason = dom.state()
+    return bool(state == libvirt.VIR_DOMAIN_RUNNING)
+
+
+def healthy(
+    cfg: NodeConfig, conn: Any, image_id: str, marker: str | None, timeout: float
+) -> tuple[bool, str]:
+    """Running for the whole settle time, and the marker seen when the image declares one."""
+    deadline = time.monotonic() + timeout
+    settle = min(5.0, timeout)
+    started = time.monotonic()
+    while True:
+        if not running(cfg, conn, image_id):
+            return False, "guest is not running"
+        seen = marker is None or _marker_seen(cfg.serial_log, marker)
+        if seen and time.monotonic() - started >= settle:
+            return True, "running" + (" and reported healthy" if marker else "")
+        if time.monotonic() > deadline:
+            return False, f"no health signal {marker!r} within {timeout:.0f}s"
+        time.sleep(0.5)
+
+
+def _marker_seen(log: Path, marker: str) -> bool:
+    try:
+        return marker.encode() in log.read_bytes()
+    except FileNotFoundError:
+        return False
