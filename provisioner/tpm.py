@@ -1,0 +1,485 @@
+"""The TPM: PCR policies, sealing, and the factory's offline wrap for a node's EK.
+
+Works with tpm2-pytss 2.3 (Debian trixie) and 3.0; ``tpm2_pytss.policy`` is not used
+(it needs tss2-policy >= 4.0): the PolicyPCR digest is computed here.
+
+Blobs are JSON bytes:
+- ``kind: "sealed"``: created on this TPM under the owner hierarchy's storage key
+  (an ECC P-256 primary recreated from the owner seed each time, so nothing must be
+  persisted); the object is fixedTPM|fixedParent.
+- ``kind: "duplicate"``: made offline by the factory for one TPM's endorsement key; it
+  is imported under the EK (which needs PolicySecret(endorsement)) and unsealed once.
+Both are sealed with PolicyPCR over the PCRs they name, or, with no PCRs, bound only to
+the TPM.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+BLOB_VERSION = 1
+TPM_CC_POLICY_PCR = 0x0000017F
+BANKS = {"sha256": (0x000B, hashlib.sha256)}
+EK_CERT_RSA_NV_INDEX = 0x01C00002
+
+
+class TpmError(Exception):
+    """Base class of TPM failures."""
+
+
+class TpmUnavailableError(TpmError):
+    """The TPM cannot be opened."""
+
+
+class TpmPolicyError(TpmError):
+    """The PCR policy does not match: the measured state differs from enrollment."""
+
+
+class TpmBlobError(TpmError):
+    """The blob is malformed or belongs to another TPM."""
+
+
+class EkCertificateError(TpmError):
+    """The EK certificate chain does not verify."""
+
+
+# ------------------------------------------------------------------ pure logic
+
+
+def _bank(bank: str) -> tuple[int, Any]:
+    try:
+        return BANKS[bank]
+    except KeyError:
+        raise TpmBlobError(f"unsupported PCR bank {bank!r}") from None
+
+
+def pcr_selection_bytes(pcrs: Sequence[int], bank: str = "sha256") -> bytes:
+    """A marshalled TPML_PCR_SELECTION with one bank."""
+    alg, _ = _bank(bank)
+    bitmap = bytearray(3)
+    for p in pcrs:
+        if not 0 <= p < 24:
+            raise TpmBlobError(f"PCR {p} out of range")
+        bitmap[p // 8] |= 1 << (p % 8)
+    return (1).to_bytes(4, "big") + alg.to_bytes(2, "big") + bytes([3]) + bytes(bitmap)
+
+
+def pcr_policy_digest(pcr_values: Mapping[int, bytes], bank: str = "sha256") -> bytes:
+    """TPM2_PolicyPCR's policy digest, from an all-zero start, for the given PCR values."""
+    _, hfunc = _bank(bank)
+    pcrs = sorted(pcr_values)
+    pcr_digest = hfunc(b"".join(pcr_values[p] for p in pcrs)).digest()
+    start = bytes(hfunc().digest_size)
+    return hfunc(
+        start + TPM_CC_POLICY_PCR.to_bytes(4, "big") + pcr_selection_bytes(pcrs, bank) + pcr_digest
+    ).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def parse_blob(blob: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(blob)
+    except (ValueError, UnicodeDecodeError):
+        raise TpmBlobError("TPM blob is not JSON") from None
+    if not isinstance(data, dict) or data.get("version") != BLOB_VERSION:
+        raise TpmBlobError("TPM blob has an unknown version")
+    if data.get("kind") not in ("sealed", "duplicate"):
+        raise TpmBlobError(f"TPM blob has an unknown kind {data.get('kind')!r}")
+    need = ("public", "private") if data["kind"] == "sealed" else ("public", "duplicate", "seed")
+    try:
+        for key in need:
+            base64.b64decode(data[key], validate=True)
+        [int(p) for p in data.get("pcrs", [])]
+    except (KeyError, ValueError, TypeError):
+        raise TpmBlobError("TPM blob is malformed") from None
+    return data
+
+
+# ------------------------------------------------------------------- EK helpers
+
+
+def ek_public_pem_from_cert(cert: bytes) -> bytes:
+    """The public key (PEM) of an EK certificate given as PEM or DER."""
+    parsed = _load_cert(cert)
+    return parsed.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _load_cert(data: bytes) -> x509.Certificate:
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise EkCertificateError(f"not an X.509 certificate: {e}") from None
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    key = issuer.public_key()
+    algorithm = cert.signature_hash_algorithm
+    try:
+        if isinstance(key, rsa.RSAPublicKey) and algorithm is not None:
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and algorithm is not None:
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verify_ek_cert_chain(cert: bytes, ca_bundle: bytes) -> None:
+    """Check that the EK certificate chains up to a self-signed CA in the bundle.
+
+    EK certificates carry extensions (TPM SAN in a critical extension, no key usage for
+    signing) that general X.509 path validation rejects, so the signatures and validity
+    periods are checked one link at a time.
+    """
+    import datetime
+
+    leaf = _load_cert(cert)
+    try:
+        bundle = x509.load_pem_x509_certificates(ca_bundle)
+    except ValueError:
+        raise EkCertificateError("the EK CA bundle holds no PEM certificate") from None
+    now = datetime.datetime.now(datetime.UTC)
+    current = leaf
+    for _ in range(8):
+        if not (current.not_valid_before_utc <= now <= current.not_valid_after_utc):
+            raise EkCertificateError(f"certificate {current.subject.rfc4514_string()} expired")
+        issuer = next((c for c in bundle if _signed_by(current, c)), None)
+        if issuer is None:
+            raise EkCertificateError(
+                f"no issuer of {current.subject.rfc4514_string() or 'the EK'} in the CA bundle"
+            )
+        if issuer.issuer == issuer.subject and _signed_by(issuer, issuer):
+            return
+        current = issuer
+    raise EkCertificateError("EK certificate chain too long")
+
+
+# --------------------------------------------------------------- factory, offline
+
+
+def wrap_for_ek(
+    ek_public_pem: bytes,
+    secret: bytes,
+    pcr_values: Mapping[int, bytes] | None,
+    bank: str = "sha256",
+) -> bytes:
+    """A duplication blob of a sealed object holding ``secret``, for one TPM's RSA EK."""
+    from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
+    from tpm2_pytss.types import (
+        TPM2B_PUBLIC,
+        TPM2B_SENSITIVE,
+        TPMT_PUBLIC,
+        TPMT_SYM_DEF_OBJECT,
+        TPMU_SYM_KEY_BITS,
+        TPMU_SYM_MODE,
+    )
+    from tpm2_pytss.utils import wrap
+
+    if len(secret) > 128:
+        raise TpmError("a sealed secret holds at most 128 bytes")
+    aes128cfb = TPMT_SYM_DEF_OBJECT(
+        algorithm=TPM2_ALG.AES,
+        keyBits=TPMU_SYM_KEY_BITS(aes=128),
+        mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+    )
+    try:
+        ek = TPMT_PUBLIC.from_pem(
+            ek_public_pem,
+            nameAlg=TPM2_ALG.SHA256,
+            objectAttributes=TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT,
+            symmetric=aes128cfb,
+        )
+    except (ValueError, TypeError) as e:
+        raise TpmBlobError(f"not a usable EK public key: {e}") from None
+    if ek.type != TPM2_ALG.RSA:
+        raise TpmBlobError("only RSA endorsement keys are supported")
+    attrs = TPMA_OBJECT.NODA
+    if pcr_values:
+        policy = pcr_policy_digest(pcr_values, bank)
+    else:
+        policy = b""
+        attrs |= TPMA_OBJECT.USERWITHAUTH
+    sensitive, public = TPM2B_SENSITIVE.keyedhash_from_secret(secret, objectAttributes=attrs)
+    # tpm2-pytss versions differ in returning the TPMT_ or the TPM2B_ forms
+    pub2b = public if isinstance(public, TPM2B_PUBLIC) else TPM2B_PUBLIC(publicArea=public)
+    pub2b.publicArea.authPolicy = policy
+    sens2b = (
+        sensitive
+        if isinstance(sensitive, TPM2B_SENSITIVE)
+        else TPM2B_SENSITIVE(sensitiveArea=sensitive)
+    )
+    _key, duplicate, seed = wrap(ek, pub2b, sens2b)
+    return json.dumps(
+        {
+            "version": BLOB_VERSION,
+            "kind": "duplicate",
+            "public": _b64(pub2b.marshal()),
+            "duplicate": _b64(duplicate.marshal()),
+            "seed": _b64(seed.marshal()),
+            "pcrs": sorted(pcr_values or {}),
+            "bank": bank,
+        },
+        sort_keys=True,
+    ).encode()
+
+
+# ------------------------------------------------------------------- on a TPM
+
+
+class Tpm:
+    """An ESAPI connection; transient objects and sessions are always flushed."""
+
+    def __init__(self, esys: Any) -> None:
+        self.esys = esys
+
+    @classmethod
+    @contextmanager
+    def open(cls, tcti: str) -> Iterator[Tpm]:
+        try:
+            from tpm2_pytss import ESAPI
+            from tpm2_pytss.TCTILdr import TCTILdr
+
+            name, _, conf = tcti.partition(":")
+            esys = ESAPI(TCTILdr(name, conf or None))
+        except Exception as e:
+            raise TpmUnavailableError(f"cannot open TPM {tcti!r}: {e}") from None
+        try:
+            yield cls(esys)
+        finally:
+            esys.close()
+
+    # -- helpers --------------------------------------------------------------
+    def _flush(self, handle: Any) -> None:
+        try:
+            self.esys.flush_context(handle)
+        except Exception:  # already gone
+            pass
+
+    def _storage_primary(self) -> Any:
+        from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
+        from tpm2_pytss.types import TPM2B_PUBLIC
+
+        template = TPM2B_PUBLIC.parse(
+            "ecc256:aes128cfb",
+            objectAttributes=TPMA_OBJECT.RESTRICTED
+            | TPMA_OBJECT.DECRYPT
+            | TPMA_OBJECT.FIXEDTPM
+            | TPMA_OBJECT.FIXEDPARENT
+            | TPMA_OBJECT.SENSITIVEDATAORIGIN
+            | TPMA_OBJECT.USERWITHAUTH
+            | TPMA_OBJECT.NODA,
+        )
+        handle, *_ = self.esys.create_primary(None, template, ESYS_TR.OWNER)
+        return handle
+
+    def _ek(self) -> Any:
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.utils import NVReadEK, create_ek_template
+
+        _cert, template = create_ek_template("EK-RSA2048", NVReadEK(self.esys))
+        handle, *_ = self.esys.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+        return handle
+
+    def _policy_session(self) -> Any:
+        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
+        from tpm2_pytss.types import TPMT_SYM_DEF
+
+        return self.esys.start_auth_session(
+            ESYS_TR.NONE,
+            ESYS_TR.NONE,
+            TPM2_SE.POLICY,
+            TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+            TPM2_ALG.SHA256,
+        )
+
+    def _ek_session(self) -> Any:
+        from tpm2_pytss.constants import ESYS_TR
+
+        session = self._policy_session()
+        self.esys.policy_secret(ESYS_TR.ENDORSEMENT, session)
+        return session
+
+    def _unseal_loaded(self, handle: Any, pcrs: list[int], bank: str) -> bytes:
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+        from tpm2_pytss.types import TPML_PCR_SELECTION
+
+        if not pcrs:
+            from tpm2_pytss.constants import ESYS_TR
+
+            return bytes(self.esys.unseal(handle, session1=ESYS_TR.PASSWORD))
+        session = self._policy_session()
+        try:
+            selection = TPML_PCR_SELECTION.unmarshal(pcr_selection_bytes(pcrs, bank))[0]
+            self.esys.policy_pcr(session, b"", selection)
+            return bytes(self.esys.unseal(handle, session1=session))
+        except TSS2_Exception as e:
+            if _is_policy_failure(e):
+                raise TpmPolicyError(
+                    f"PCR policy over {bank} PCRs {pcrs} does not match: the measured "
+                    "boot state differs from enrollment"
+                ) from None
+            raise TpmError(f"unseal failed: {e}") from None
+        finally:
+            self._flush(session)
+
+    # -- API --------------------------------------------------------------------
+    def read_pcrs(self, pcrs: Sequence[int], bank: str = "sha256") -> dict[int, bytes]:
+        from tpm2_pytss.types import TPML_PCR_SELECTION
+
+        values: dict[int, bytes] = {}
+        for p in pcrs:  # one at a time: PCR_Read returns at most 8 digests per call
+            selection = TPML_PCR_SELECTION.unmarshal(pcr_selection_bytes([p], bank))[0]
+            _counter, _sel, digests = self.esys.pcr_read(selection)
+            values[p] = bytes(digests.digests[0])
+        return values
+
+    def extend_pcr(self, pcr: int, data: bytes) -> None:
+        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+        from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
+
+        digest = hashlib.sha256(data).digest()
+        values = TPML_DIGEST_VALUES(
+            [TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=digest))]
+        )
+        self.esys.pcr_extend(ESYS_TR.PCR0 + pcr, values)
+
+    def ek_public_pem(self) -> bytes:
+        handle = self._ek()
+        try:
+            public, _name, _qname = self.esys.read_public(handle)
+            return bytes(public.to_pem())
+        finally:
+            self._flush(handle)
+
+    def seal(self, secret: bytes, pcrs: Sequence[int], bank: str = "sha256") -> bytes:
+        from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
+        from tpm2_pytss.types import (
+            TPM2B_PUBLIC,
+            TPM2B_SENSITIVE_CREATE,
+            TPMS_SENSITIVE_CREATE,
+            TPMT_PUBLIC,
+        )
+
+        if len(secret) > 128:
+            raise TpmError("a sealed secret holds at most 128 bytes")
+        pcrs = sorted(set(pcrs))
+        attrs = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA
+        if pcrs:
+            policy = pcr_policy_digest(self.read_pcrs(pcrs, bank), bank)
+        else:
+            policy = b""
+            attrs |= TPMA_OBJECT.USERWITHAUTH
+        public = TPMT_PUBLIC(
+            type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256, objectAttributes=attrs
+        )
+        public.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
+        public.authPolicy = policy
+        sensitive = TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=secret))
+        parent = self._storage_primary()
+        try:
+            private, out_public, *_ = self.esys.create(
+                parent, sensitive, TPM2B_PUBLIC(publicArea=public)
+            )
+        finally:
+            self._flush(parent)
+        return json.dumps(
+            {
+                "version": BLOB_VERSION,
+                "kind": "sealed",
+                "public": _b64(out_public.marshal()),
+                "private": _b64(private.marshal()),
+                "pcrs": pcrs,
+                "bank": bank,
+            },
+            sort_keys=True,
+        ).encode()
+
+    def unseal(self, blob: bytes) -> bytes:
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+        from tpm2_pytss.types import (
+            TPM2B_ENCRYPTED_SECRET,
+            TPM2B_PRIVATE,
+            TPM2B_PUBLIC,
+            TPMT_SYM_DEF_OBJECT,
+        )
+
+        data = parse_blob(blob)
+        pcrs = [int(p) for p in data.get("pcrs", [])]
+        bank = str(data.get("bank", "sha256"))
+        public = TPM2B_PUBLIC.unmarshal(base64.b64decode(data["public"]))[0]
+        handles: list[Any] = []
+        try:
+            if data["kind"] == "sealed":
+                parent = self._storage_primary()
+                handles.append(parent)
+                private = TPM2B_PRIVATE.unmarshal(base64.b64decode(data["private"]))[0]
+                try:
+                    obj = self.esys.load(parent, private, public)
+                except TSS2_Exception as e:
+                    raise TpmBlobError(f"sealed object does not belong to this TPM ({e})") from None
+            else:
+                from tpm2_pytss.constants import TPM2_ALG
+
+                ek = self._ek()
+                handles.append(ek)
+                duplicate = TPM2B_PRIVATE.unmarshal(base64.b64decode(data["duplicate"]))[0]
+                seed = TPM2B_ENCRYPTED_SECRET.unmarshal(base64.b64decode(data["seed"]))[0]
+                session = self._ek_session()
+                try:
+                    private = self.esys.import_(
+                        ek,
+                        b"",
+                        public,
+                        duplicate,
+                        seed,
+                        TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+                        session1=session,
+                    )
+                except TSS2_Exception as e:
+                    raise TpmBlobError(
+                        f"the wrapped credential was made for another TPM ({e})"
+                    ) from None
+                finally:
+                    self._flush(session)
+                session = self._ek_session()
+                try:
+                    obj = self.esys.load(ek, private, public, session1=session)
+                finally:
+                    self._flush(session)
+            handles.append(obj)
+            return self._unseal_loaded(obj, pcrs, bank)
+        finally:
+            for h in reversed(handles):
+                self._flush(h)
+
+
+def _is_policy_failure(e: Exception) -> bool:
+    from tpm2_pytss.constants import TPM2_RC
+
+    rc = getattr(e, "rc", None)
+    if rc is None:
+        return False
+    base = int(rc) & 0xFFF if int(rc) & 0x80 else int(rc) & 0xFF
+    codes = {int(TPM2_RC.POLICY_FAIL) & 0xFF, int(TPM2_RC.VALUE) & 0xFF}
+    return base in codes or "policy" in str(e).lower()

@@ -1,0 +1,228 @@
+"""A swtpm factory: a fresh TPM 2.0 per test node, with EK certificates from a local CA.
+
+Everything (the CA, each TPM's state, configuration, logs, pid files) lives under the
+factory's base directory; nothing is read from or written to /etc or $HOME.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tests.testbed.controlplane import free_port
+
+
+class SwtpmError(RuntimeError):
+    pass
+
+
+class SwtpmFactory:
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.ca_dir = base_dir / "swtpm-ca"
+        self.created: list[Swtpm] = []
+
+    def _ensure_ca_config(self) -> Path:
+        self.ca_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.base_dir / "swtpm-localca.conf"
+        opts = self.base_dir / "swtpm-localca.options"
+        setup = self.base_dir / "swtpm_setup.conf"
+        if not setup.exists():
+            conf.write_text(
+                f"statedir = {self.ca_dir}\n"
+                f"signingkey = {self.ca_dir}/signkey.pem\n"
+                f"issuercert = {self.ca_dir}/issuercert.pem\n"
+                f"certserial = {self.ca_dir}/certserial\n"
+            )
+            opts.write_text(
+                "--platform-manufacturer edgepin\n--platform-version 2.1\n"
+                "--platform-model testbed\n"
+            )
+            tool = shutil.which("swtpm_localca")
+            if tool is None:
+                raise SwtpmError("swtpm_localca not installed (package swtpm-tools)")
+            setup.write_text(
+                f"create_certs_tool = {tool}\n"
+                f"create_certs_tool_config = {conf}\n"
+                f"create_certs_tool_options = {opts}\n"
+            )
+        return setup
+
+    def create(self, name: str) -> Swtpm:
+        setup = self._ensure_ca_config()
+        state = self.base_dir / f"tpm-{name}"
+        if state.exists():
+            raise SwtpmError(f"TPM {name} exists already")
+        state.mkdir(parents=True)
+        log = state / "setup.log"
+        with log.open("wb") as out:
+            rc = subprocess.run(
+                [
+                    "swtpm_setup",
+                    "--tpm2",
+                    "--tpmstate",
+                    str(state),
+                    "--create-ek-cert",
+                    "--create-platform-cert",
+                    "--create-spk",
+                    "--pcr-banks",
+                    "sha256",
+                    "--config",
+                    str(setup),
+                    "--overwrite",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={
+                    **os.environ,
+                    "HOME": str(self.base_dir),
+                    "XDG_CONFIG_HOME": str(self.base_dir),
+                },
+                check=False,
+            ).returncode
+        if rc != 0:
+            raise SwtpmError(f"swtpm_setup failed: {log.read_text()[-1500:]}")
+        tpm = Swtpm(name, state, self)
+        tpm.start()
+        self.created.append(tpm)
+        return tpm
+
+    def ca_cert_pem(self) -> bytes:
+        """The local CA chain (intermediate, then root) that issued the EK certificates."""
+        return (self.ca_dir / "issuercert.pem").read_bytes() + (
+            self.ca_dir / "swtpm-localca-rootca-cert.pem"
+        ).read_bytes()
+
+    def stop_all(self) -> None:
+        for tpm in self.created:
+            tpm.stop()
+
+
+class Swtpm:
+    def __init__(self, name: str, state_dir: Path, factory: SwtpmFactory) -> None:
+        self.name = name
+        self.state_dir = state_dir
+        self.factory = factory
+        self.port = 0
+        self.ctrl_port = 0
+        self.pid: int | None = None
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "swtpm.pid"
+
+    def start(self) -> None:
+        if self.pid and _alive(self.pid):
+            return
+        for _attempt in range(5):
+            # the swtpm TCTI talks to the control channel on port + 1
+            self.port = free_port()
+            self.ctrl_port = self.port + 1
+            self.pid_file.unlink(missing_ok=True)
+            rc = subprocess.run(
+                [
+                    "swtpm",
+                    "socket",
+                    "--tpm2",
+                    "--tpmstate",
+                    f"dir={self.state_dir}",
+                    "--server",
+                    f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                    "--ctrl",
+                    f"type=tcp,port={self.ctrl_port},bindaddr=127.0.0.1",
+                    "--flags",
+                    "not-need-init,startup-clear",
+                    "--daemon",
+                    "--pid",
+                    f"file={self.pid_file}",
+                    "--log",
+                    f"file={self.state_dir / 'swtpm.log'},level=1",
+                ],
+                capture_output=True,
+                check=False,
+            ).returncode
+            deadline = time.monotonic() + 5
+            while rc == 0 and not self.pid_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if rc == 0 and self.pid_file.exists():
+                self.pid = int(self.pid_file.read_text().strip())
+                return
+        raise SwtpmError(f"swtpm {self.name} did not start")
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            self.pid = None
+            return
+        deadline = time.monotonic() + 5
+        while _alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(self.pid):
+            os.kill(self.pid, signal.SIGKILL)
+        self.pid = None
+
+    def power_cycle(self) -> None:
+        """Power off and on: PCRs are reset, TPM2_Startup(CLEAR) runs again."""
+        subprocess.run(
+            ["swtpm_ioctl", "--tcp", f"127.0.0.1:{self.ctrl_port}", "-i"],
+            check=True,
+            capture_output=True,
+        )
+        from tpm2_pytss import ESAPI
+        from tpm2_pytss.constants import TPM2_SU
+        from tpm2_pytss.TCTILdr import TCTILdr
+
+        esys = ESAPI(TCTILdr("swtpm", self.tcti.split(":", 1)[1]))
+        try:
+            esys.startup(TPM2_SU.CLEAR)
+        finally:
+            esys.close()
+
+    def ek_cert_pem(self) -> bytes:
+        """The RSA EK certificate from NV index 0x01c00002, as PEM."""
+        from tpm2_pytss import ESAPI
+        from tpm2_pytss.TCTILdr import TCTILdr
+        from tpm2_pytss.utils import NVReadEK
+
+        esys = ESAPI(TCTILdr("swtpm", self.tcti.split(":", 1)[1]))
+        try:
+            der = NVReadEK(esys)(0x01C00002)
+        finally:
+            esys.close()
+        cert = x509.load_der_x509_certificate(bytes(der))
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def ek_public_pem(self) -> bytes:
+        from provisioner.tpm import Tpm
+
+        with Tpm.open(self.tcti) as t:
+            return t.ek_public_pem()
+
+    def ca_cert_pem(self) -> bytes:
+        return self.factory.ca_cert_pem()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
