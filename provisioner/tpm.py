@@ -16,6 +16,7 @@ the TPM.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -80,7 +81,7 @@ def pcr_policy_digest(pcr_values: Mapping[int, bytes], bank: str = "sha256") -> 
     pcrs = sorted(pcr_values)
     pcr_digest = hfunc(b"".join(pcr_values[p] for p in pcrs)).digest()
     start = bytes(hfunc().digest_size)
-    return hfunc(
+    digest: bytes = hfunc(
         start + TPM_CC_POLICY_PCR.to_bytes(4, "big") + pcr_selection_bytes(pcrs, bank) + pcr_digest
     ).digest()
 
@@ -271,10 +272,8 @@ class Tpm:
 
     # -- helpers --------------------------------------------------------------
     def _flush(self, handle: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):  # already gone
             self.esys.flush_context(handle)
-        except Exception:  # already gone
-            pass
 
     def _storage_primary(self) -> Any:
         from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
