@@ -84,6 +84,7 @@ def pcr_policy_digest(pcr_values: Mapping[int, bytes], bank: str = "sha256") -> 
     digest: bytes = hfunc(
         start + TPM_CC_POLICY_PCR.to_bytes(4, "big") + pcr_selection_bytes(pcrs, bank) + pcr_digest
     ).digest()
+    return digest
 
 
 def _b64(data: bytes) -> str:
