@@ -1,0 +1,164 @@
+"""A tiny guest disk image built from Debian packages: nothing prebuilt is downloaded.
+
+Debian's cloud kernel (from ``apt-get download``) and a busybox initramfs go on a FAT
+partition of an MBR disk booted by syslinux, all without mounting anything (mkfs.vfat
+--offset, mcopy, ``syslinux --offset``). The guest prints ``EDGEPIN-GUEST-MARKER
+<marker>`` on its serial console, then keeps running (``run``), powers off (``poweroff``)
+or panics (``panic``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+MARKER_PREFIX = "EDGEPIN-GUEST-MARKER"
+PART_OFFSET = 1024 * 1024
+DISK_MIB = 48
+BEHAVIOURS = ("run", "poweroff", "panic")
+
+
+def _run(args: list[str], cwd: Path | None = None) -> bytes:
+    r = subprocess.run(args, cwd=cwd, capture_output=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {r.stderr.decode(errors='replace')}")
+    return r.stdout
+
+
+def kernel_package(cache_dir: Path) -> Path:
+    """The Debian cloud kernel package, downloaded once into the cache."""
+    debs = cache_dir / "guest-debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    found = sorted(debs.glob("linux-image-*-cloud-amd64_*.deb"))
+    if found:
+        return found[-1]
+    depends = _run(["apt-cache", "depends", "linux-image-cloud-amd64"]).decode()
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in depends.splitlines()
+        if line.strip().startswith("Depends: linux-image-")
+    ]
+    if not names:
+        raise RuntimeError("cannot resolve linux-image-cloud-amd64")
+    _run(["apt-get", "download", names[0]], cwd=debs)
+    found = sorted(debs.glob("linux-image-*-cloud-amd64_*.deb"))
+    if not found:
+        raise RuntimeError("apt-get download gave no kernel package")
+    return found[-1]
+
+
+def extract_vmlinuz(deb: Path, out: Path) -> None:
+    data = _run(["dpkg-deb", "--fsys-tarfile", str(deb)])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            if member.name.startswith("./boot/vmlinuz-"):
+                f = tar.extractfile(member)
+                assert f is not None
+                out.write_bytes(f.read())
+                return
+    raise RuntimeError(f"no vmlinuz in {deb}")
+
+
+def init_script(marker: str, behaviour: str) -> str:
+    tail = {
+        "run": 'n=0\nwhile true; do n=$((n+1)); say "heartbeat $n"; sleep 5; done\n',
+        "poweroff": "sleep 1\npoweroff -f\n",
+        "panic": "exit 1\n",
+    }[behaviour]
+    return (
+        "#!/bin/busybox sh\n"
+        "/bin/busybox --install -s /bin\n"
+        "mount -t proc proc /proc\nmount -t sysfs sys /sys\n"
+        "mount -t devtmpfs dev /dev 2>/dev/null\n"
+        'say() { echo "$*" > /dev/ttyS0; }\n'
+        f'say "{MARKER_PREFIX} {marker}"\n' + tail
+    )
+
+
+def _cpio_newc(files: dict[str, tuple[int, bytes]]) -> bytes:
+    """A newc cpio archive (deterministic: fixed mtimes and inode numbers)."""
+    out = io.BytesIO()
+    ino = 1
+    for name, (mode, data) in [*sorted(files.items()), ("TRAILER!!!", (0, b""))]:
+        nlink = 2 if mode & 0o040000 else 1
+        header = "070701" + "".join(
+            f"{v:08x}" for v in (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0)
+        )
+        out.write(header.encode() + name.encode() + b"\0")
+        out.write(b"\0" * ((4 - out.tell() % 4) % 4))
+        out.write(data)
+        out.write(b"\0" * ((4 - out.tell() % 4) % 4))
+        ino += 1
+    return out.getvalue()
+
+
+def build_initramfs(marker: str, behaviour: str) -> bytes:
+    busybox = Path("/bin/busybox").read_bytes()
+    files = {
+        "bin": (0o040755, b""),
+        "dev": (0o040755, b""),
+        "proc": (0o040755, b""),
+        "sys": (0o040755, b""),
+        "bin/busybox": (0o100755, busybox),
+        "init": (0o100755, init_script(marker, behaviour).encode()),
+    }
+    return gzip.compress(_cpio_newc(files), mtime=0)
+
+
+def build_tiny_guest(cache_dir: Path, out: Path, marker: str, behaviour: str = "run") -> Path:
+    """Build the bootable qcow2 (cached by marker, behaviour and kernel)."""
+    if behaviour not in BEHAVIOURS:
+        raise ValueError(f"behaviour must be one of {BEHAVIOURS}")
+    deb = kernel_package(cache_dir)
+    key = hashlib.sha256(f"{marker}\0{behaviour}\0{deb.name}\0v1".encode()).hexdigest()[:16]
+    cached = cache_dir / "guest-images" / f"{key}.qcow2"
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="edgepin-guest-") as tmp:
+            t = Path(tmp)
+            extract_vmlinuz(deb, t / "vmlinuz")
+            (t / "initrd.gz").write_bytes(build_initramfs(marker, behaviour))
+            (t / "syslinux.cfg").write_text(
+                "serial 0 115200\ndefault guest\nprompt 0\ntimeout 1\n"
+                "label guest\n  kernel /vmlinuz\n  initrd /initrd.gz\n"
+                "  append console=ttyS0,115200 panic=-1 quiet\n"
+            )
+            raw = t / "disk.raw"
+            with raw.open("wb") as f:
+                f.truncate(DISK_MIB * 1024 * 1024)
+            subprocess.run(
+                ["sfdisk", "-q", str(raw)], input=b"2048,,c,*\n", check=True, capture_output=True
+            )
+            sectors = PART_OFFSET // 512
+            _run(
+                [
+                    "mkfs.vfat",
+                    "--offset",
+                    str(sectors),
+                    "-n",
+                    "GUEST",
+                    "--invariant",
+                    str(raw),
+                    str((DISK_MIB - 1) * 1024),
+                ]
+            )
+            image = f"{raw}@@{PART_OFFSET}"
+            for name in ("vmlinuz", "initrd.gz", "syslinux.cfg"):
+                _run(["mcopy", "-i", image, str(t / name), f"::{name}"])
+            _run(["syslinux", "--offset", str(PART_OFFSET), "--install", str(raw)])
+            mbr = Path("/usr/lib/syslinux/mbr/mbr.bin").read_bytes()
+            with raw.open("r+b") as f:
+                f.write(mbr[:440])
+            tmp_out = cached.with_suffix(f".tmp{os.getpid()}")
+            _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp_out)])
+            tmp_out.replace(cached)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, out)
+    return out
