@@ -405,10 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.debug:
-        # client libraries are chatty; their debug output can contain request details
-        for noisy in ("keystoneauth", "openstack", "urllib3", "stevedore", "barbicanclient"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Client libraries log request bodies at debug level, passwords and secrets included:
+    # they stay at WARNING even with --debug. Secrets are never logged.
+    for noisy in ("keystoneauth", "openstack", "urllib3", "stevedore", "barbicanclient"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not args.debug else logging.WARNING)
     if args.command is None:
         parser.print_help()
         return 2

@@ -89,6 +89,15 @@ def translate(service: str, what: str = "") -> Iterator[None]:
         raise ServiceUnavailableError(f"{subject}: {_first_line(e)}") from None
     except sdk_exc.SDKException as e:
         text = _first_line(e)
+        if "(HTTP 401)" in text:
+            raise AuthError(
+                f"{subject}: the credential was refused (401)",
+                hint="it may be expired, revoked or wrong",
+            ) from None
+        if "does not have any supported versions" in text:
+            raise ServiceUnavailableError(
+                f"{subject}: unreachable (version discovery failed)"
+            ) from None
         if "Unable to establish connection" in text or "SSL" in text:
             raise ServiceUnavailableError(f"{subject}: unreachable ({_short(text)})") from None
         raise EdgepinError(f"{subject}: {text}") from None

@@ -12,9 +12,13 @@ import base64
 import datetime
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from keystoneauth1 import session as ksa_session
+from keystoneauth1.identity import v3
 
 from provisioner import seed, tpm
 from provisioner.cloud import translate
@@ -153,48 +157,55 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
         conn.identity.update_user(node.user_id, password=password)
     expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=req.window_days)
     expires_at = expires.strftime("%Y-%m-%dT%H:%M:%S")
-    user_conn = conn.connect_as(
-        username=None,
-        user_id=node.user_id,
-        password=password,
-        project_id=node.project_id,
-        project_name=None,
-        project_domain_id=None,
-        project_domain_name=None,
-        user_domain_id=None,
-        user_domain_name=None,
-        application_credential_id=None,
-        application_credential_secret=None,
-        auth_type="password",
+    # Keystone revokes the user's tokens on a password change with one-second precision:
+    # a token issued within the same second would be born revoked.
+    time.sleep(1.1)
+    identity_url = conn.session.get_endpoint(service_type="identity", interface="public")
+    identity_url = identity_url.rstrip("/")
+    if not identity_url.endswith("/v3"):
+        identity_url += "/v3"
+    user_session = ksa_session.Session(
+        auth=v3.Password(
+            auth_url=identity_url,
+            user_id=node.user_id,
+            password=password,
+            project_id=node.project_id,
+        ),
+        verify=conn.session.verify,
     )
     with translate("keystone", "create the bootstrap credential"):
         try:
-            cred = user_conn.identity.create_application_credential(
-                user=node.user_id,
-                name=f"{nodes.BOOTSTRAP_PREFIX}-{secrets.token_hex(4)}",
-                description="edgepin bootstrap: single use, deleted by the node after enrollment",
-                expires_at=expires_at,
-                unrestricted=True,  # it must create the node's own credential
-                roles=[{"name": "member"}],
+            r = user_session.post(
+                f"{identity_url}/users/{node.user_id}/application_credentials",
+                json={
+                    "application_credential": {
+                        "name": f"{nodes.BOOTSTRAP_PREFIX}-{secrets.token_hex(4)}",
+                        "description": "edgepin bootstrap: single use, deleted by the node "
+                        "after enrollment",
+                        "expires_at": expires_at,
+                        "unrestricted": True,  # it must create the node's own credential
+                        "roles": [{"name": "member"}],
+                    }
+                },
             )
+            cred = r.json()["application_credential"]
         finally:
-            user_conn.close()
             conn.identity.update_user(node.user_id, password=secrets.token_urlsafe(32))
             del password
-    if not cred.secret:
+    if not cred.get("secret"):
         raise AuthError("keystone returned no application credential secret")
 
     # rotation: every older bootstrap credential goes
     rotated = []
     for old in nodes.app_credentials(conn, node.user_id):
-        if old["name"].startswith(nodes.BOOTSTRAP_PREFIX) and old["id"] != cred.id:
+        if old["name"].startswith(nodes.BOOTSTRAP_PREFIX) and old["id"] != cred["id"]:
             nodes.delete_app_credential(conn, node.user_id, old["id"])
             rotated.append(old["id"])
 
     try:
-        wrapped = tpm.wrap_for_ek(ek_pem, cred.secret.encode(), pcr_values)
+        wrapped = tpm.wrap_for_ek(ek_pem, cred["secret"].encode(), pcr_values)
     except tpm.TpmError as e:
-        nodes.delete_app_credential(conn, node.user_id, cred.id)
+        nodes.delete_app_credential(conn, node.user_id, cred["id"])
         raise TrustError(f"cannot wrap the credential for this EK: {e}") from None
 
     bundle: dict[str, Any] = {
@@ -210,7 +221,7 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
         "pcrs": list(req.pcrs),
         "pcr_bank": "sha256",
         "bootstrap": {
-            "application_credential_id": cred.id,
+            "application_credential_id": cred["id"],
             "expires_at": expires_at,
             "wrapped": base64.b64encode(wrapped).decode(),
         },
@@ -218,7 +229,7 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
     try:
         seed.write_seed(req.seed_out, req.node_id, bundle)
     except Exception:
-        nodes.delete_app_credential(conn, node.user_id, cred.id)
+        nodes.delete_app_credential(conn, node.user_id, cred["id"])
         raise
     nodes.update_project(
         conn,
@@ -229,7 +240,7 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
         },
     )
     return Enrolled(
-        req.node_id, node.project_id, node.user_id, cred.id, expires_at, rotated, req.seed_out
+        req.node_id, node.project_id, node.user_id, cred["id"], expires_at, rotated, req.seed_out
     )
 
 

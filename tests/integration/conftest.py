@@ -1,0 +1,98 @@
+"""Operator-side fixtures shared by the integration tests: CLI environment, signer, publish."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.libvirtd import Libvirtd
+from tests.testbed.node import VirtualNode, run_edgepin
+from tests.testbed.swtpm import Swtpm
+
+
+@pytest.fixture(scope="session")
+def cli_env(controlplane: ControlPlane) -> dict[str, str]:
+    return {
+        "OS_CLIENT_CONFIG_FILE": str(controlplane.clouds_yaml),
+        "OS_CLOUD": "edgepin-testbed",
+    }
+
+
+@dataclass
+class Signer:
+    cert_id: str
+    key_id: str
+    sha256: str
+    pem: bytes
+
+
+@pytest.fixture(scope="session")
+def signer(cli_env: dict[str, str], run_dir: Path) -> Signer:
+    out = run_dir / f"signing-{secrets.token_hex(3)}.pem"
+    r = run_edgepin(
+        ["signing-cert", "create", "--name", "edgepin tests", "--cert-out", str(out), "--json"],
+        cli_env,
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    return Signer(data["cert_id"], data["key_id"], data["sha256"], out.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def publish(
+    cli_env: dict[str, str], signer: Signer, tiny_guest: Callable[..., Path]
+) -> Callable[..., dict[str, Any]]:
+    """Publish a tiny guest; returns the CLI's JSON plus the marker and plaintext path."""
+
+    def do(
+        version: str = "1",
+        behaviour: str = "run",
+        extra: list[str] | None = None,
+        signer_: Signer | None = None,
+    ) -> dict[str, Any]:
+        s = signer_ or signer
+        marker = f"m{secrets.token_hex(5)}"
+        guest = tiny_guest(marker, behaviour)
+        r = run_edgepin(
+            [
+                "publish",
+                str(guest),
+                "--name",
+                f"tiny-{marker}",
+                "--version",
+                version,
+                "--signing-cert-id",
+                s.cert_id,
+                "--signing-key-id",
+                s.key_id,
+                "--luks-iter-time",
+                "100",
+                "--json",
+                *(extra or []),
+            ],
+            cli_env,
+        )
+        assert r.returncode == 0, r.stderr
+        result: dict[str, Any] = json.loads(r.stdout)
+        result.update(marker=marker, plaintext=guest)
+        return result
+
+    return do
+
+
+@pytest.fixture
+def virtual_node(
+    swtpm: Swtpm, libvirtd: Libvirtd, run_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[VirtualNode]:
+    name = f"n{secrets.token_hex(4)}"
+    root = run_dir / "nodes" / name
+    root.mkdir(parents=True)
+    node = VirtualNode(name, root, swtpm, libvirtd)
+    yield node

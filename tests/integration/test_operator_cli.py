@@ -1,0 +1,343 @@
+"""The operator CLI against the real test bed: publish, enroll, assign, status, revoke."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cursive import signature_utils
+
+from provisioner import seed, tpm
+from provisioner.signing import load_certificate
+from tests.integration.conftest import Signer
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.node import bundle_from_user_data, run_edgepin
+from tests.testbed.swtpm import Swtpm
+
+pytestmark = pytest.mark.integration
+
+
+def image(admin: Any, image_id: str) -> dict[str, Any]:
+    data: dict[str, Any] = admin.image.get(f"/images/{image_id}").json()
+    return data
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode != 0
+    # progress lines ("==> ...") may come first; the error is exactly one line
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("edgepin: ")]
+    assert len(errors) == 1 and errors[0].startswith("edgepin: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    return errors[0]
+
+
+def test_publish_properties_bytes_and_signature(
+    publish: Callable[..., dict[str, Any]], admin: Any, signer: Signer, run_dir: Path
+) -> None:
+    pub = publish(version="1.2.3", extra=["--vcpus", "1", "--memory", "192"])
+    img = image(admin, pub["image_id"])
+    for key, value in {
+        "os_encrypt_format": "LUKSv1",
+        "os_encrypt_key_id": pub["key_id"],
+        "os_encrypt_key_deletion_policy": "on_image_deletion",
+        "os_decrypt_container_format": "bare",
+        "img_signature_hash_method": "SHA-256",
+        "img_signature_key_type": "RSA-PSS",
+        "img_signature_certificate_uuid": signer.cert_id,
+        "edgepin_version": "1.2.3",
+        "edgepin_vcpus": "1",
+        "edgepin_memory_mb": "192",
+        "disk_format": "qcow2",
+        "os_hash_algo": "sha512",
+        "os_hash_value": pub["sha512"],
+    }.items():
+        assert img.get(key) == value, key
+    assert int(img["os_decrypt_size"]) > 0
+    # the bytes in Glance, decrypted with the passphrase from Barbican, are the plaintext
+    enc = run_dir / f"dl-{pub['image_id']}.qcow2"
+    enc.write_bytes(admin.image.get(f"/images/{pub['image_id']}/file").content)
+    passphrase = admin.key_manager.get(
+        f"/secrets/{pub['key_id']}/payload", headers={"Accept": "text/plain"}
+    ).content
+    r = subprocess.run(
+        [
+            "qemu-img",
+            "compare",
+            "--object",
+            "secret,id=s0,file=/dev/stdin",
+            "--image-opts",
+            f"driver=qcow2,file.filename={enc},encrypt.key-secret=s0",
+            f"driver=qcow2,file.filename={pub['plaintext']}",
+        ],
+        input=passphrase,
+        capture_output=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    # verified the way cursive verifies it (its own verifier classes)
+    cert = load_certificate(signer.pem)
+    verifier = signature_utils.create_verifier_for_pss(
+        base64.b64decode(img["img_signature"]), hashes.SHA256(), cert.public_key()
+    )
+    verifier.update(enc.read_bytes())
+    verifier.verify()
+
+
+def test_glance_checks_the_signature_itself(
+    admin: Any, signer: Signer, tiny_guest: Callable[..., Path]
+) -> None:
+    """With the img_signature* properties set at creation, a bad signature fails upload."""
+    bogus = base64.b64encode(b"\x01" * 384).decode()
+    created = admin.image.post(
+        "/images",
+        json={
+            "name": "bad-signature",
+            "disk_format": "qcow2",
+            "container_format": "bare",
+            "img_signature": bogus,
+            "img_signature_hash_method": "SHA-256",
+            "img_signature_key_type": "RSA-PSS",
+            "img_signature_certificate_uuid": signer.cert_id,
+        },
+    ).json()
+    try:
+        r = admin.image.put(
+            f"/images/{created['id']}/file",
+            data=tiny_guest("sigcheck").read_bytes(),
+            headers={"Content-Type": "application/octet-stream"},
+            raise_exc=False,
+        )
+        assert r.status_code == 400
+        assert "ignature" in r.text
+    finally:
+        admin.image.delete(f"/images/{created['id']}", raise_exc=False)
+
+
+def enroll(cli_env: dict[str, str], node_id: str, node_tpm: Swtpm, out: Path, *extra: str) -> Any:
+    cert = out.with_suffix(".ek.pem")
+    cert.write_bytes(node_tpm.ek_cert_pem())
+    ca = out.with_suffix(".ekca.pem")
+    ca.write_bytes(node_tpm.ca_cert_pem())
+    r = run_edgepin(
+        [
+            "enroll",
+            node_id,
+            "--ek-cert",
+            str(cert),
+            "--ek-ca",
+            str(ca),
+            "--seed-out",
+            str(out),
+            "--json",
+            *extra,
+        ],
+        cli_env,
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_enroll_wraps_for_that_tpm_only(
+    cli_env: dict[str, str],
+    controlplane: ControlPlane,
+    make_swtpm: Callable[[str], Swtpm],
+    run_dir: Path,
+    admin: Any,
+) -> None:
+    node_tpm, other_tpm = make_swtpm("enroll"), make_swtpm("thief")
+    node_id = f"node-{secrets.token_hex(3)}"
+    out = run_dir / f"{node_id}.seed.img"
+    result = enroll(cli_env, node_id, node_tpm, out, "--pcrs", "7", "--pcr-values", "zero")
+    bundle = seed.read_seed_bundle(out)
+    r = subprocess.run(
+        ["mcopy", "-i", str(out), "::user-data", "-"], capture_output=True, text=True, check=True
+    )
+    assert r.stdout.startswith("#cloud-config")
+    assert json.loads(bundle_from_user_data(r.stdout)) == bundle
+    label = subprocess.run(
+        ["mlabel", "-s", "-i", str(out), "::"], capture_output=True, text=True, check=True
+    )
+    assert "CIDATA" in label.stdout
+    assert bundle["node_id"] == node_id and bundle["pcrs"] == [7]
+    wrapped = base64.b64decode(bundle["bootstrap"]["wrapped"])
+    # the node's TPM unseals it and Keystone accepts it
+    with tpm.Tpm.open(node_tpm.tcti) as t:
+        secret = t.unseal(wrapped).decode()
+    assert secret not in out.read_bytes().decode(errors="replace")
+    from keystoneauth1 import session
+    from keystoneauth1.identity import v3
+
+    auth = v3.ApplicationCredential(
+        auth_url=bundle["auth_url"],
+        application_credential_id=result["bootstrap_credential_id"],
+        application_credential_secret=secret,
+    )
+    assert session.Session(auth=auth, verify=str(controlplane.ca_path)).get_token()
+    # another TPM cannot; a changed PCR cannot
+    with tpm.Tpm.open(other_tpm.tcti) as t, pytest.raises(tpm.TpmBlobError):
+        t.unseal(wrapped)
+    with tpm.Tpm.open(node_tpm.tcti) as t:
+        t.extend_pcr(7, b"another bootloader")
+        with pytest.raises(tpm.TpmPolicyError):
+            t.unseal(wrapped)
+    # enrolling again rotates: the old bootstrap credential is gone
+    again = enroll(cli_env, node_id, node_tpm, run_dir / f"{node_id}.seed2.img")
+    assert again["rotated"] == [result["bootstrap_credential_id"]]
+    creds = admin.identity.get(f"/users/{result['user_id']}/application_credentials").json()
+    assert [c["id"] for c in creds["application_credentials"]] == [again["bootstrap_credential_id"]]
+
+
+def test_enroll_refuses_an_ek_cert_from_another_ca(
+    cli_env: dict[str, str], swtpm: Swtpm, run_dir: Path, controlplane: ControlPlane
+) -> None:
+    cert = run_dir / "ek-other.pem"
+    cert.write_bytes(swtpm.ek_cert_pem())
+    r = run_edgepin(
+        [
+            "enroll",
+            "node-wrong-ca",
+            "--ek-cert",
+            str(cert),
+            "--ek-ca",
+            str(controlplane.ca_path),
+            "--seed-out",
+            str(run_dir / "never.img"),
+        ],
+        cli_env,
+    )
+    assert "EK certificate refused" in one_line_error(r)
+    assert r.returncode == 9
+    assert not (run_dir / "never.img").exists()
+
+
+def test_assign_status_revoke(
+    cli_env: dict[str, str],
+    publish: Callable[..., dict[str, Any]],
+    swtpm: Swtpm,
+    run_dir: Path,
+    admin: Any,
+    controlplane: ControlPlane,
+) -> None:
+    node_id = f"node-{secrets.token_hex(3)}"
+    enrolled = enroll(cli_env, node_id, swtpm, run_dir / f"{node_id}.img")
+    first, second = publish(version="1"), publish(version="2")
+    r = run_edgepin(["assign", node_id, first["image_id"], "--json"], cli_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["generation"] == 1
+    r = run_edgepin(["assign", node_id, second["image_id"], "--json"], cli_env)
+    out = json.loads(r.stdout)
+    assert out["generation"] == 2
+    assert out["previous"]["image_id"] == first["image_id"]
+    # only the current image's key is readable by the node's user
+    acl = admin.key_manager.get(f"/secrets/{second['key_id']}/acl").json()
+    assert enrolled["user_id"] in acl["read"]["users"]
+    old_acl = admin.key_manager.get(f"/secrets/{first['key_id']}/acl").json()
+    assert enrolled["user_id"] not in old_acl.get("read", {}).get("users", [])
+    r = run_edgepin(["status", node_id, "--json"], cli_env)
+    rows = json.loads(r.stdout)
+    assert rows[0]["image_id"] == second["image_id"]
+    assert rows[0]["generation"] == 2
+    assert rows[0]["member_status"] == "pending"
+    assert rows[0]["enrolled"] is False
+    assert rows[0]["credential"].startswith("bootstrap until")
+    table = run_edgepin(["status"], cli_env)
+    assert table.returncode == 0 and node_id in table.stdout
+    r = run_edgepin(["revoke", node_id, "--json"], cli_env)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(run_edgepin(["status", node_id, "--json"], cli_env).stdout)
+    assert rows[0]["credential"] == "revoked"
+    assert rows[0]["member_status"] == "not-shared"
+    acl = admin.key_manager.get(f"/secrets/{second['key_id']}/acl").json()
+    assert enrolled["user_id"] not in acl.get("read", {}).get("users", [])
+
+
+def test_bad_input_one_line_errors(
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    admin: Any,
+    controlplane: ControlPlane,
+) -> None:
+    base = ["--signing-cert-id", signer.cert_id, "--signing-key-id", signer.key_id]
+    r = run_edgepin(
+        ["publish", str(run_dir / "missing.qcow2"), "--name", "x", "--version", "1", *base], cli_env
+    )
+    assert "no such file" in one_line_error(r)
+    text = run_dir / "not-a-disk.img"
+    text.write_bytes(b"hello world\n" * 1000)
+    r = run_edgepin(["publish", str(text), "--name", "x", "--version", "1", *base], cli_env)
+    assert "not a disk image" in one_line_error(r)
+    r = run_edgepin(["assign", "no-such-node", "0" * 8], cli_env)
+    assert "unknown node" in one_line_error(r)
+    bad = run_dir / "bad-clouds.yaml"
+    bad.write_text(
+        controlplane.clouds_yaml.read_text().replace(
+            controlplane.secrets()["admin_password"], "wrong-password"
+        )
+    )
+    r = run_edgepin(["status"], {**cli_env, "OS_CLIENT_CONFIG_FILE": str(bad)})
+    assert "refused" in one_line_error(r) and r.returncode == 4
+
+
+def test_failed_publish_leaves_nothing(
+    cli_env: dict[str, str],
+    signer: Signer,
+    controlplane: ControlPlane,
+    admin: Any,
+    tiny_guest: Callable[..., Path],
+) -> None:
+    guest = tiny_guest("glance-down")
+    name = f"down-{secrets.token_hex(3)}"
+    secrets_before = {s.secret_ref for s in admin.key_manager.secrets()}
+    controlplane.stop_service("glance")
+    try:
+        r = run_edgepin(
+            [
+                "publish",
+                str(guest),
+                "--name",
+                name,
+                "--version",
+                "1",
+                "--signing-cert-id",
+                signer.cert_id,
+                "--signing-key-id",
+                signer.key_id,
+                "--luks-iter-time",
+                "100",
+            ],
+            cli_env,
+        )
+    finally:
+        controlplane.start_service("glance")
+    assert "glance" in one_line_error(r) and r.returncode == 5
+    assert {s.secret_ref for s in admin.key_manager.secrets()} == secrets_before
+    assert not [i for i in admin.image.images() if i.name == name]
+    # and Barbican down: the error names it
+    controlplane.stop_service("barbican")
+    try:
+        r = run_edgepin(
+            [
+                "publish",
+                str(guest),
+                "--name",
+                name,
+                "--version",
+                "1",
+                "--signing-cert-id",
+                signer.cert_id,
+                "--signing-key-id",
+                signer.key_id,
+            ],
+            cli_env,
+        )
+    finally:
+        controlplane.start_service("barbican")
+    assert "barbican" in one_line_error(r)

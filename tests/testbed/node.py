@@ -1,0 +1,98 @@
+"""A virtual edge node for integration tests: its own root folder, swtpm and libvirtd.
+
+The node runs the real ``edgepin node ...`` commands as subprocesses, as the host
+image's units do; only the paths differ (``--root``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from provisioner.seed import BUNDLE_PATH
+from tests.testbed.libvirtd import Libvirtd
+from tests.testbed.swtpm import Swtpm
+
+EDGEPIN = str(Path(sys.executable).parent / "edgepin")
+
+
+def run_edgepin(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EDGEPIN, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+
+
+def bundle_from_user_data(user_data: str) -> bytes:
+    """What cloud-init's write_files does with the seed's user-data, for the bundle file."""
+    for line in user_data.splitlines():
+        if line.strip().startswith("content:"):
+            return base64.b64decode(line.split(":", 1)[1].strip())
+    raise AssertionError("no write_files content in user-data")
+
+
+@dataclass
+class VirtualNode:
+    name: str
+    root: Path
+    tpm: Swtpm
+    libvirtd: Libvirtd
+    logs: list[Path] = field(default_factory=list)
+
+    def configure(self, pcrs: str = "7", health_timeout: int = 45, **extra: str) -> None:
+        etc = self.root / "etc" / "edgepin"
+        etc.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "EDGEPIN_TCTI": self.tpm.tcti,
+            "EDGEPIN_LIBVIRT_URI": self.libvirtd.uri,
+            "EDGEPIN_VIRT_TYPE": "qemu",
+            "EDGEPIN_PCRS": pcrs,
+            "EDGEPIN_RESERVED_CPUS": "0",
+            "EDGEPIN_HEALTH_TIMEOUT": str(health_timeout),
+            **extra,
+        }
+        (etc / "edgepin.conf").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+
+    def pin_certificate(self, pem: bytes, name: str = "signing.pem") -> None:
+        d = self.root / "etc" / "edgepin" / "signing-certs"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(pem)
+
+    def install_seed(self, seed_image: Path) -> None:
+        """Put the bundle where cloud-init's write_files puts it on a real node."""
+        r = subprocess.run(
+            ["mcopy", "-i", str(seed_image), "::user-data", "-"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        target = self.root / BUNDLE_PATH.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(bundle_from_user_data(r.stdout))
+        target.chmod(0o600)
+
+    def node(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        r = run_edgepin(["node", "--root", str(self.root), *args], timeout=timeout)
+        log = self.root / "test-logs" / f"{len(self.logs):03d}-{'-'.join(args)}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"$ edgepin node {' '.join(args)}\n{r.stdout}\n--- stderr\n{r.stderr}")
+        self.logs.append(log)
+        return r
+
+    @property
+    def serial_log(self) -> Path:
+        return self.root / "var" / "log" / "edgepin" / "guest-serial.log"
+
+    @property
+    def status_path(self) -> Path:
+        return self.root / "run" / "edgepin" / "status.json"
