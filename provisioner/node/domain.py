@@ -54,7 +54,8 @@ def build_xml(cfg: NodeConfig, spec: GuestSpec, host_cpus: list[int]) -> str:
     host_side = sorted(c for c in host_cpus if c in cfg.reserved_cpus) or pins
     dom = ET.Element("domain", {"type": cfg.virt_type})
     ET.SubElement(dom, "name").text = cfg.domain_name
-    ET.SubElement(dom, "uuid").text = str(uuid.uuid5(UUID_NS, f"domain:{spec.image_id}"))
+    # one domain per node, whatever image it runs: the UUID follows the name
+    ET.SubElement(dom, "uuid").text = str(uuid.uuid5(UUID_NS, f"domain:{cfg.domain_name}"))
     meta = ET.SubElement(dom, "metadata")
     guest = ET.SubElement(meta, f"{{{NAMESPACE}}}guest")
     ET.SubElement(guest, f"{{{NAMESPACE}}}image").text = spec.image_id
@@ -103,7 +104,12 @@ def _secret_xml(spec: GuestSpec) -> str:
     return ET.tostring(sec, encoding="unicode")
 
 
+def _quiet(_ctx: Any, _err: Any) -> None:
+    """libvirt prints every error on stderr by default; edgepin reports them itself."""
+
+
 def connect(cfg: NodeConfig) -> Any:
+    libvirt.registerErrorHandler(_quiet, None)
     try:
         return libvirt.open(cfg.libvirt_uri)
     except libvirt.libvirtError as e:

@@ -1,0 +1,349 @@
+"""The node provisioner against the real test bed, a swtpm and an isolated libvirtd."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from provisioner import tpm
+from tests.integration.conftest import Signer
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.node import VirtualNode, run_edgepin
+
+pytestmark = pytest.mark.integration
+
+
+def enroll_node(node: VirtualNode, cli_env: dict[str, str], signer: Signer, run_dir: Path) -> None:
+    cert = run_dir / f"{node.name}.ek.pem"
+    cert.write_bytes(node.tpm.ek_cert_pem())
+    ca = run_dir / f"{node.name}.ekca.pem"
+    ca.write_bytes(node.tpm.ca_cert_pem())
+    seed = run_dir / f"{node.name}.seed.img"
+    r = run_edgepin(
+        [
+            "enroll",
+            node.name,
+            "--ek-cert",
+            str(cert),
+            "--ek-ca",
+            str(ca),
+            "--pcrs",
+            "7",
+            "--pcr-values",
+            "zero",
+            "--seed-out",
+            str(seed),
+        ],
+        cli_env,
+    )
+    assert r.returncode == 0, r.stderr
+    node.configure(pcrs="7")
+    node.pin_certificate(signer.pem)
+    node.install_seed(seed)
+
+
+def assign(cli_env: dict[str, str], node: VirtualNode, image_id: str) -> None:
+    r = run_edgepin(["assign", node.name, image_id], cli_env)
+    assert r.returncode == 0, r.stderr
+
+
+def status(node: VirtualNode) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(node.status_path.read_text())
+    return data
+
+
+def ok(r: Any) -> None:
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+
+
+def wait_marker(node: VirtualNode, marker: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node.serial_log.exists() and marker.encode() in node.serial_log.read_bytes():
+            return
+        time.sleep(0.25)
+    tail = node.serial_log.read_bytes()[-800:] if node.serial_log.exists() else b"(no log)"
+    raise AssertionError(f"marker {marker} not seen; serial tail:\n{tail.decode(errors='replace')}")
+
+
+def app_credentials(admin: Any, node: VirtualNode) -> list[dict[str, Any]]:
+    bundle = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())
+    r = admin.identity.get(f"/users/{bundle['user_id']}/application_credentials")
+    creds: list[dict[str, Any]] = r.json()["application_credentials"]
+    return creds
+
+
+def member_status(admin: Any, image_id: str, node: VirtualNode) -> str:
+    bundle = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())
+    r = admin.image.get(f"/images/{image_id}/members/{bundle['project_id']}")
+    return str(r.json()["status"])
+
+
+def secrets_of(node: VirtualNode, passphrases: list[bytes]) -> list[bytes]:
+    """The actual secret bytes to scan for: the node credential, the image keys."""
+    cred = json.loads((node.root / "var/lib/edgepin/node-credential.json").read_text())
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        node_secret = t.unseal(base64.b64decode(cred["sealed"]))
+    found = [node_secret, *passphrases]
+    forms = []
+    for s in found:
+        forms += [s, base64.b64encode(s), s.hex().encode()]
+    return forms
+
+
+def scan(paths: list[Path], needles: list[bytes]) -> list[str]:
+    hits = []
+    for root in paths:
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for f in files:
+            data = f.read_bytes()
+            hits += [f"{f}: {n[:6]!r}…" for n in needles if n in data]
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            hits += [f"cmdline of {pid}" for n in needles if n in cmd]
+    return hits
+
+
+def test_seed_to_running_guest_then_nothing_to_do(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    admin: Any,
+    controlplane: ControlPlane,
+) -> None:
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    creds = app_credentials(admin, node)
+    assert [c["name"] for c in creds] == ["edgepin-node"]  # bootstrap deleted
+    assert creds[0]["access_rules"], "the node credential must be least-privilege"
+    ok(node.node("enroll"))  # a no-op
+    assert app_credentials(admin, node) == creds
+
+    pub = publish(version="1")
+    assign(cli_env, node, pub["image_id"])
+    ok(node.node("reconcile"))
+    wait_marker(node, pub["marker"])
+    st = status(node)
+    assert st["state"] == "running" and st["image_id"] == pub["image_id"]
+    assert st["generation"] == 1
+    assert member_status(admin, pub["image_id"], node) == "accepted"
+    fetched = st["bytes_fetched_total"]
+    assert fetched > 0
+    prom = (node.root / "run/edgepin/edgepin.prom").read_text()
+    assert 'edgepin_state{state="running"} 1' in prom and "edgepin_generation 1" in prom
+
+    # a second run downloads nothing and mints nothing
+    ok(node.node("reconcile"))
+    assert status(node)["bytes_fetched_total"] == fetched
+    assert app_credentials(admin, node) == creds
+
+    # the domain XML is pinned and carries the key only by reference
+    conn = libvirt.open(node.libvirtd.uri)
+    try:
+        dom = conn.lookupByName("edgepin-guest")
+        xml = dom.XMLDesc(0)
+        assert "<vcpupin vcpu='0' cpuset='1'/>" in xml
+        assert "encryption format='luks'" in xml
+        assert conn.listAllSecrets() == []  # handed to QEMU, then undefined
+    finally:
+        conn.close()
+
+    # secrets appear nowhere: state, logs, status, command lines
+    passphrase = admin.key_manager.get(
+        f"/secrets/{pub['key_id']}/payload", headers={"Accept": "text/plain"}
+    ).content
+    hits = scan(
+        [node.root / "var", node.root / "run", node.root / "test-logs", node.libvirtd.base_dir],
+        secrets_of(node, [passphrase]),
+    )
+    assert hits == []
+
+    # the bootstrap credential no longer works
+    bundle = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        boot_secret = t.unseal(base64.b64decode(bundle["bootstrap"]["wrapped"])).decode()
+    from keystoneauth1 import exceptions, session
+    from keystoneauth1.identity import v3
+
+    auth = v3.ApplicationCredential(
+        auth_url=bundle["auth_url"],
+        application_credential_id=bundle["bootstrap"]["application_credential_id"],
+        application_credential_secret=boot_secret,
+    )
+    with pytest.raises((exceptions.Unauthorized, exceptions.NotFound)):
+        session.Session(auth=auth, verify=str(controlplane.ca_path)).get_token()
+
+
+def test_offline_reboot_update_rollback_and_rollback_attack(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    admin: Any,
+    controlplane: ControlPlane,
+) -> None:
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    v1 = publish(version="1")
+    assign(cli_env, node, v1["image_id"])
+    ok(node.node("reconcile"))
+    wait_marker(node, v1["marker"])
+
+    # a reboot with the control plane stopped: the guest comes back from the cache
+    conn = libvirt.open(node.libvirtd.uri)
+    conn.lookupByName("edgepin-guest").destroy()
+    conn.close()
+    node.tpm.power_cycle()
+    node.serial_log.unlink()
+    for service in ("keystone", "glance", "barbican"):
+        controlplane.stop_service(service)
+    try:
+        r = node.node("reconcile")
+        assert r.returncode == 0, r.stderr
+        assert status(node)["state"] == "offline"
+        wait_marker(node, v1["marker"])
+    finally:
+        for service in ("keystone", "glance", "barbican"):
+            controlplane.start_service(service)
+
+    # a new assignment leads to an update; the previous image is kept for rollback
+    v2 = publish(version="2")
+    assign(cli_env, node, v2["image_id"])
+    ok(node.node("reconcile"))
+    wait_marker(node, v2["marker"])
+    st = status(node)
+    assert st["image_id"] == v2["image_id"] and st["previous_image_id"] == v1["image_id"]
+    images = sorted(p.name for p in (node.root / "var/lib/edgepin/images").iterdir())
+    assert images == sorted([f"{v1['image_id']}.qcow2", f"{v2['image_id']}.qcow2"])
+
+    # an update to a guest that never becomes healthy is rolled back
+    bad = publish(version="3", behaviour="poweroff", extra=["--health-marker", "never-printed"])
+    assign(cli_env, node, bad["image_id"])
+    r = node.node("reconcile")
+    assert r.returncode == 11, r.stdout + r.stderr
+    st = status(node)
+    assert st["state"] == "rolled-back" and st["image_id"] == v2["image_id"]
+    assert member_status(admin, bad["image_id"], node) == "rejected"
+    conn = libvirt.open(node.libvirtd.uri)
+    try:
+        assert conn.lookupByName("edgepin-guest").isActive()
+    finally:
+        conn.close()
+    # and it is not retried until a new assignment
+    r = node.node("reconcile")
+    assert "already refused" in r.stdout
+
+    # a lower generation is refused as a rollback attack
+    project = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())["project_id"]
+    admin.identity.patch(
+        f"/projects/{project}",
+        json={
+            "project": {
+                "edgepin_assignment": json.dumps({"image_id": v1["image_id"], "generation": 1})
+            }
+        },
+    )
+    r = node.node("reconcile")
+    assert r.returncode == 10
+    assert "rollback attack" in r.stderr
+    assert status(node)["image_id"] == v2["image_id"]
+
+
+def test_pcr_change_refuses_and_foreign_domain_removed(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+) -> None:
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    pub = publish(version="1")
+    assign(cli_env, node, pub["image_id"])
+
+    # a domain defined by hand is removed
+    conn = libvirt.open(node.libvirtd.uri)
+    conn.defineXML(
+        "<domain type='qemu'><name>intruder</name><memory unit='MiB'>64</memory>"
+        "<os><type arch='x86_64'>hvm</type></os></domain>"
+    )
+    conn.close()
+    ok(node.node("reconcile"))
+    conn = libvirt.open(node.libvirtd.uri)
+    try:
+        assert [d.name() for d in conn.listAllDomains()] == ["edgepin-guest"]
+        conn.lookupByName("edgepin-guest").destroy()
+    finally:
+        conn.close()
+
+    # a tampered boot: PCR 7 differs, the node refuses, says why, starts nothing
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        t.extend_pcr(7, b"a different bootloader")
+    r = node.node("reconcile")
+    assert r.returncode == 9
+    assert "measured boot state differs" in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("edgepin: error")]) == 1
+    st = status(node)
+    assert st["state"] == "refused" and "measured boot state" in st["reason"]
+    conn = libvirt.open(node.libvirtd.uri)
+    try:
+        assert not conn.lookupByName("edgepin-guest").isActive()
+    finally:
+        conn.close()
+
+
+def test_two_provisioners_at_once(virtual_node: VirtualNode) -> None:
+    from provisioner.errors import StateError
+    from provisioner.node import state
+
+    lock = virtual_node.root / "run/edgepin/lock"
+    with state.node_lock(lock):
+        r = virtual_node.node("reconcile")
+        with pytest.raises(StateError, match="lock held"), state.node_lock(lock):
+            pass
+    assert r.returncode == 10 and "another edgepin provisioner" in r.stderr
+
+
+def test_image_signed_by_an_unpinned_certificate_is_refused(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    admin: Any,
+) -> None:
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    out = run_dir / f"rogue-{secrets.token_hex(3)}.pem"
+    r = run_edgepin(
+        ["signing-cert", "create", "--name", "rogue", "--cert-out", str(out), "--json"], cli_env
+    )
+    rogue_ids = json.loads(r.stdout)
+    rogue = Signer(rogue_ids["cert_id"], rogue_ids["key_id"], rogue_ids["sha256"], out.read_bytes())
+    pub = publish(version="1", signer_=rogue)
+    assign(cli_env, node, pub["image_id"])
+    r = node.node("reconcile")
+    assert r.returncode == 8
+    assert "not pinned" in r.stderr
+    assert member_status(admin, pub["image_id"], node) == "rejected"
+    assert not list((node.root / "var/lib/edgepin/images").glob("*.qcow2"))

@@ -1,0 +1,72 @@
+"""Pure node logic: configuration, deterministic domain XML, metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import ConfigError, GuestError
+from provisioner.node import config, domain, report
+
+pytestmark = pytest.mark.unit
+
+UNITS = Path(__file__).resolve().parents[2] / "provisioner" / "units"
+
+
+def test_config_layers(tmp_path: Path) -> None:
+    etc = tmp_path / "etc" / "edgepin"
+    etc.mkdir(parents=True)
+    (etc / "edgepin.conf").write_text("EDGEPIN_PCRS=0,7\nEDGEPIN_RESERVED_CPUS=0,1\n")
+    cfg = config.load(tmp_path, environ={"EDGEPIN_VIRT_TYPE": "qemu"}, overrides={"tcti": "x"})
+    assert cfg.pcrs == (0, 7) and cfg.reserved_cpus == {0, 1}
+    assert cfg.virt_type == "qemu" and cfg.tcti == "x"
+    assert cfg.status_path == tmp_path / "run" / "edgepin" / "status.json"
+    (etc / "edgepin.conf").write_text("EDGEPIN_TYPO=1\n")
+    with pytest.raises(ConfigError, match="unknown settings"):
+        config.load(tmp_path, environ={})
+
+
+def spec(image_id: str = "abc", vcpus: int = 1) -> domain.GuestSpec:
+    return domain.GuestSpec(image_id, 3, Path("/var/lib/edgepin/images/abc.qcow2"), vcpus, 256)
+
+
+def test_domain_xml_is_deterministic_and_pinned() -> None:
+    cfg = config.NodeConfig(virt_type="qemu", reserved_cpus=frozenset({0}))
+    a = domain.build_xml(cfg, spec(), [0, 1, 2, 3])
+    b = domain.build_xml(cfg, spec(), [0, 1, 2, 3])
+    assert a == b
+    assert '<vcpupin vcpu="0" cpuset="1" />' in a
+    assert '<emulatorpin cpuset="0" />' in a
+    assert domain.secret_uuid(spec()) in a
+
+
+def test_domain_xml_escapes_hostile_values() -> None:
+    cfg = config.NodeConfig(domain_name="x'><evil/>", network='bridge:br0"/><x')
+    xml = domain.build_xml(cfg, spec("id'><injected/>"), [0, 1])
+    assert "<evil/>" not in xml and "<injected/>" not in xml and "<x" not in xml.replace("<xml", "")
+
+
+def test_too_many_vcpus_refused() -> None:
+    cfg = config.NodeConfig(reserved_cpus=frozenset({0}))
+    with pytest.raises(GuestError, match="wants 4 vCPUs"):
+        domain.build_xml(cfg, spec(vcpus=4), [0, 1])
+
+
+def test_metrics_format() -> None:
+    text = report.metrics(
+        {"state": "running", "generation": 4, "failures": {"verification": 2}, "last_success": 5}
+    )
+    assert 'edgepin_state{state="running"} 1' in text
+    assert 'edgepin_failures_total{kind="verification"} 2' in text
+    assert "edgepin_generation 4" in text
+
+
+def test_units_ship_with_the_package() -> None:
+    timer = (UNITS / "edgepin-reconcile.timer").read_text()
+    assert "RandomizedDelaySec=" in timer
+    for unit in ("edgepin-enroll.service", "edgepin-reconcile.service"):
+        text = (UNITS / unit).read_text()
+        assert "ConditionPathExists=!/etc/edgepin/disabled" in text
+        assert "StandardOutput=journal+console" in text
+        assert "Type=oneshot" in text
