@@ -229,6 +229,14 @@ def fetch(
             f"download of {image_id} ended at {offset} of {size} bytes; it resumes on the next run"
         )
     got = sha.hexdigest()
+    if got != expected and resumed_from and not restarted:
+        # the bytes kept from an earlier run may be what is wrong (a torn write on the
+        # node's own disk): one full download decides, not the resumed one
+        LOG.warning("fetch: resumed image %s failed its hash; downloading from zero", image_id)
+        partial.unlink(missing_ok=True)
+        again = fetch(sess, interface, image, certificate, images_dir, on_progress)
+        again.bytes_fetched += fetched
+        return again
     if got != expected:
         partial.unlink(missing_ok=True)
         raise VerificationError(

@@ -347,3 +347,42 @@ def test_image_signed_by_an_unpinned_certificate_is_refused(
     assert "not pinned" in r.stderr
     assert member_status(admin, pub["image_id"], node) == "rejected"
     assert not list((node.root / "var/lib/edgepin/images").glob("*.qcow2"))
+
+
+def test_interrupted_download_resumes_with_range(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    admin: Any,
+) -> None:
+    """A download cut half-way resumes from where it stopped, and the result verifies."""
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    pub = publish(version="1")
+    assign(cli_env, node, pub["image_id"])
+    data = admin.image.get(f"/images/{pub['image_id']}/file").content
+    half = len(data) // 2
+    images = node.root / "var/lib/edgepin/images"
+    images.mkdir(parents=True, exist_ok=True)
+    (images / f"{pub['image_id']}.partial").write_bytes(data[:half])
+    ok(node.node("reconcile"))
+    st = status(node)
+    assert st["state"] == "running"
+    assert st["bytes_fetched_total"] == len(data) - half
+    wait_marker(node, pub["marker"])
+    # a partial file corrupted on the node's own disk: the resumed hash fails, the node
+    # downloads once more from zero instead of blaming the image
+    v2 = publish(version="2")
+    size2 = len(admin.image.get(f"/images/{v2['image_id']}/file").content)
+    (images / f"{v2['image_id']}.partial").write_bytes(os.urandom(size2 // 2))
+    before = status(node)["bytes_fetched_total"]
+    assign(cli_env, node, v2["image_id"])
+    ok(node.node("reconcile"))
+    st = status(node)
+    assert st["image_id"] == v2["image_id"]
+    assert st["bytes_fetched_total"] - before == size2 - size2 // 2 + size2
+    r = node.node("status")
+    assert r.returncode == 0 and "running" in r.stdout and v2["image_id"] in r.stdout
