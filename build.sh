@@ -34,6 +34,8 @@ Commands:
   controlplane up|down|status [--http] [--run-dir DIR]
                            run the test bed's Keystone, Glance and Barbican by hand
                            (on loopback, HTTPS with a CA made for the run)
+  bench [ARGS...]          run the benchmarks (benchmarks/, issue 8): prints a table of
+                           ratios against baselines measured in the same run, writes JSON
   setup                    only install what is missing (apt packages, venvs)
   -h, --help               show this help
 
@@ -153,6 +155,12 @@ cmd_controlplane() {
     "$VENV/bin/python" -m tests.testbed.controlplane "$@"
 }
 
+cmd_bench() {
+    setup
+    cd "$ROOT"
+    "$VENV/bin/python" -m benchmarks "$@"
+}
+
 main() {
     local cmd="${1:-image}"
     [[ $# -gt 0 ]] && shift
@@ -161,6 +169,7 @@ main() {
         image) cmd_image "$@" ;;
         test) cmd_test "$@" ;;
         controlplane) cmd_controlplane "$@" ;;
+        bench) cmd_bench "$@" ;;
         setup) setup ;;
         *) usage >&2; die "unknown command: $cmd" ;;
     esac
