@@ -1,0 +1,85 @@
+"""5. Footprint: the host image's size against the installed size of its packages.
+
+The image is built by ``./build.sh image`` (never by the benchmarks: two image builds at
+once would overload a small machine). Without ``out/edgepin-host.qcow2`` and its manifest
+the section says "not built".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks import stats
+from benchmarks.bed import MIB
+from benchmarks.report import Row
+
+IMAGE = "edgepin-host.qcow2"
+MANIFESTS = ("edgepin-host.manifest.json", "manifest.json")
+
+
+def _packages(manifest: dict[str, Any]) -> list[tuple[str, int]]:
+    """(name, installed bytes) from a manifest's package list, whatever its exact shape."""
+    pkgs = manifest.get("packages") or []
+    if isinstance(pkgs, dict):
+        pkgs = [{"name": k, **(v if isinstance(v, dict) else {})} for k, v in pkgs.items()]
+    found = []
+    for p in pkgs:
+        if not isinstance(p, dict):
+            continue
+        kib = p.get("installed_size_kib", p.get("installed_size", p.get("Installed-Size")))
+        if kib is None:
+            continue
+        try:
+            found.append((str(p.get("name", p.get("package", "?"))), int(kib) * 1024))
+        except (TypeError, ValueError):
+            continue
+    return sorted(found, key=lambda x: -x[1])
+
+
+def measure(out_dir: Path) -> dict[str, Any]:
+    image = out_dir / IMAGE
+    manifest = next((out_dir / m for m in MANIFESTS if (out_dir / m).exists()), None)
+    if not image.exists() or manifest is None:
+        return {"built": False}
+    data = json.loads(manifest.read_text())
+    pkgs = _packages(data)
+    return {
+        "built": True,
+        "image_bytes": image.stat().st_size,
+        "manifest": str(manifest),
+        "packages": len(pkgs),
+        "installed_bytes": sum(b for _, b in pkgs),
+        "largest": pkgs[:8],
+    }
+
+
+def rows(fp: dict[str, Any]) -> list[Row]:
+    if not fp["built"]:
+        return [Row("footprint", "host image: not built", None, "", goal="./build.sh image")]
+    installed = fp["installed_bytes"]
+    out = [
+        Row(
+            "footprint",
+            "host image qcow2",
+            fp["image_bytes"] / MIB,
+            "MiB",
+            "installed packages",
+            installed / MIB if installed else None,
+            stats.ratio(fp["image_bytes"], installed) if installed else None,
+        )
+    ]
+    for name, size in fp["largest"][:5]:
+        out.append(
+            Row(
+                "footprint",
+                f"package {name}",
+                size / MIB,
+                "MiB",
+                "installed packages",
+                installed / MIB,
+                stats.ratio(size, installed),
+            )
+        )
+    return out

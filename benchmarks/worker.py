@@ -1,0 +1,77 @@
+"""Child processes of the fetch benchmark; their settings (and secrets) come on stdin.
+
+``python -m benchmarks.worker edgepin-fetch``: edgepin's own fetch (download, sha512,
+signature, fsync, qemu-img check, rename) with a token and a fixed image endpoint, as the
+node does after authenticating.
+
+``python -m benchmarks.worker sdk-download``: openstacksdk's ``download_image`` to a file,
+the first link of the naive chain.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def edgepin_fetch(cfg: dict[str, Any]) -> dict[str, Any]:
+    from keystoneauth1 import session, token_endpoint
+
+    from provisioner.errors import EdgepinError
+    from provisioner.node import fetch
+    from provisioner.signing import load_certificate
+
+    sess = session.Session(
+        auth=token_endpoint.Token(cfg["endpoint"], cfg["token"]), verify=cfg["ca"]
+    )
+    cert = load_certificate(Path(cfg["cert_pem"]).read_bytes())
+    t0 = time.monotonic()
+    try:
+        r = fetch.fetch(sess, "public", cfg["image"], cert, Path(cfg["images_dir"]))
+    except EdgepinError as e:
+        return {"ok": False, "error": e.message}
+    return {
+        "ok": True,
+        "fetch_seconds": time.monotonic() - t0,
+        "bytes_fetched": r.bytes_fetched,
+        "resumed_from": r.resumed_from,
+        "restarted": r.restarted,
+        "path": str(r.path),
+    }
+
+
+def sdk_download(cfg: dict[str, Any]) -> dict[str, Any]:
+    import openstack
+
+    conn = openstack.connect(
+        auth_url=cfg["auth_url"],
+        username="admin",
+        password=cfg["password"],
+        project_name="admin",
+        user_domain_name="Default",
+        project_domain_name="Default",
+        cacert=cfg["ca"],
+        identity_api_version="3",
+        load_yaml_config=False,
+        load_envvars=False,
+    )
+    try:
+        conn.image.download_image(cfg["image_id"], output=cfg["output"])
+    finally:
+        conn.close()
+    return {"ok": True}
+
+
+def main() -> int:
+    cfg = json.loads(sys.stdin.read())
+    handlers = {"edgepin-fetch": edgepin_fetch, "sdk-download": sdk_download}
+    result = handlers[sys.argv[1]](cfg)
+    print(json.dumps(result))
+    return 0 if result.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
