@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fetchbench, footprint, report
+from benchmarks import fetchbench, fleet, footprint, nodebench, report, stats
 from benchmarks.bed import MIB, Bed
 from benchmarks.report import Row
 
@@ -71,6 +71,118 @@ def fetch_rows(label: str, res: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def node_rows(res: dict[str, Any]) -> list[Row]:
+    sec = "reconcile, no change"
+    base = "auth + 1 GET"
+    b = res["baseline_seconds_median"]
+    return [
+        Row(
+            sec,
+            "wall time (edgepin node reconcile)",
+            res["nochange_seconds_median"],
+            "s",
+            base,
+            b,
+            res["nochange_vs_baseline"],
+        ),
+        Row(
+            sec,
+            "HTTP requests at proxies",
+            res["requests_total_median"],
+            "",
+            base,
+            2.0,
+            stats.ratio(res["requests_total_median"], 2.0),
+        ),
+        Row(
+            sec,
+            "tokens issued",
+            res["tokens_issued_median"],
+            "",
+            base,
+            1.0,
+            stats.ratio(res["tokens_issued_median"], 1.0),
+        ),
+        Row(
+            "reconcile, offline",
+            "reconcile wall time (guest started, 5 s settle)",
+            res["offline_reconcile_seconds"],
+            "s",
+            base,
+            b,
+            res["offline_vs_baseline"],
+        ),
+        Row(
+            "reconcile, offline",
+            "start to guest marker on serial",
+            res["offline_to_guest_marker_seconds"],
+            "s",
+            base,
+            b,
+            stats.ratio(res["offline_to_guest_marker_seconds"], b)
+            if res["offline_to_guest_marker_seconds"]
+            else None,
+        ),
+    ]
+
+
+def fleet_rows(res: dict[str, Any]) -> list[Row]:
+    sec = f"fleet N={res['nodes']}"
+    b, nc, md = res["baseline"], res["nochange"], res["metadata"]
+    base = "bare GET /v3"
+
+    def r(metric: str, value: float, unit: str, bval: float, goal: str = "") -> Row:
+        return Row(sec, metric, value, unit, base, bval, stats.ratio(value, bval), goal)
+
+    rows = [
+        r("reconciles/s (no change)", nc["per_second"], "/s", b["per_second"]),
+        r("p50 latency", nc["p50"] * 1000, "ms", b["p50"] * 1000),
+        r("p99 latency", nc["p99"] * 1000, "ms", b["p99"] * 1000),
+    ]
+    for s in ("keystone", "glance", "barbican"):
+        rows.append(
+            r(
+                f"requests/node {s}",
+                nc["requests_per_node"][s],
+                "",
+                b["requests_per_node"]["keystone"],
+            )
+        )
+    rows.append(r("tokens issued/reconcile", nc["requests_per_node"]["tokens_issued"], "", 1.0))
+    bcpu = b["cpu_seconds_per_reconcile"]["keystone"] * 1000
+    for s in ("keystone", "glance", "barbican"):
+        rows.append(
+            r(f"CPU ms/reconcile {s}", nc["cpu_seconds_per_reconcile"][s] * 1000, "ms", bcpu)
+        )
+    rows.append(
+        r(
+            "client CPU ms/reconcile",
+            nc["client_cpu_seconds_per_reconcile"] * 1000,
+            "ms",
+            b["client_cpu_seconds_per_reconcile"] * 1000,
+        )
+    )
+    rows.append(r("with image metadata: reconciles/s", md["per_second"], "/s", b["per_second"]))
+    for s in ("keystone", "glance"):
+        rows.append(
+            r(
+                f"with image metadata: requests/node {s}",
+                md["requests_per_node"][s],
+                "",
+                b["requests_per_node"]["keystone"],
+            )
+        )
+        rows.append(
+            r(
+                f"with image metadata: CPU ms/reconcile {s}",
+                md["cpu_seconds_per_reconcile"][s] * 1000,
+                "ms",
+                bcpu,
+            )
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     only = set(args.only or SECTIONS)
@@ -116,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
                     "<= 1.05",
                 )
             )
+        if bed and "reconcile" in only:
+            res = nodebench.bench_node(bed, args.runs, log)
+            raw["reconcile"] = res
+            rows += node_rows(res)
+        if bed and "fleet" in only:
+            image_id = image["id"] if image else bed.publish_random(MIB)["id"]
+            res = fleet.bench_fleet(bed, args.fleet, image_id, args.rounds, args.concurrency, log)
+            raw["fleet"] = res
+            rows += fleet_rows(res)
         if "footprint" in only:
             fp = footprint.measure(Path(__file__).resolve().parent.parent / "out")
             raw["footprint"] = fp

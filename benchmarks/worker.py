@@ -65,9 +65,32 @@ def sdk_download(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True}
 
 
+def token_get(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The baseline: authenticate with keystoneauth and make one GET, in a fresh process."""
+    from keystoneauth1 import session
+    from keystoneauth1.identity import v3
+
+    auth = v3.Password(
+        auth_url=cfg["auth_url"],
+        username="admin",
+        password=cfg["password"],
+        project_name="admin",
+        user_domain_name="Default",
+        project_domain_name="Default",
+    )
+    sess = session.Session(auth=auth, verify=cfg["ca"])
+    project_id = sess.get_project_id()
+    sess.get(f"{cfg['auth_url']}/projects/{project_id}").raise_for_status()
+    return {"ok": True}
+
+
 def main() -> int:
     cfg = json.loads(sys.stdin.read())
-    handlers = {"edgepin-fetch": edgepin_fetch, "sdk-download": sdk_download}
+    handlers = {
+        "edgepin-fetch": edgepin_fetch,
+        "sdk-download": sdk_download,
+        "token-get": token_get,
+    }
     result = handlers[sys.argv[1]](cfg)
     print(json.dumps(result))
     return 0 if result.get("ok") else 1

@@ -1,0 +1,203 @@
+"""4. Fleet: N simulated nodes reconcile against one test bed.
+
+Each node has its own Keystone project, user and application credential (with the
+node's least-privilege access rules) and its own assignment; the image is shared with
+its project. No TPM, no libvirt: a simulated node runs the provisioner's own protocol
+code (``credentials.make_session`` + ``reconcile._read_assignment``, and in the
+"metadata" round ``reconcile._get_image`` + ``fetch.check_properties``), with a new
+session per reconcile, as the node's timer-started process has.
+
+Baseline: the same nodes each make one unauthenticated HTTPS GET of Keystone's
+version document on a new connection: the floor of any request to this control plane.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from keystoneauth1 import session as ksa_session
+from keystoneauth1.identity import v3
+
+from benchmarks import procstat, servicelog, stats
+from benchmarks.bed import Bed, BenchError
+from provisioner.node import credentials, fetch, reconcile
+from provisioner.operator import assign, nodes
+from tests.testbed.controlplane import EDGE_DOMAIN, REGION
+
+
+@dataclass
+class SimNode:
+    ident: credentials.Identity
+    cred_id: str
+    secret: str
+    generation: int
+    image_id: str
+
+
+def _make_node(bed: Bed, admin: Any, domain_id: str, member_id: str, image_id: str) -> SimNode:
+    name = f"bench-{secrets.token_hex(5)}"
+    project = admin.identity.create_project(name=name, domain_id=domain_id)
+    password = secrets.token_urlsafe(18)
+    user = admin.identity.create_user(
+        name=name, password=password, domain_id=domain_id, default_project_id=project.id
+    )
+    admin.identity.assign_project_role_to_user(project, user, member_id)
+    auth = v3.Password(
+        auth_url=bed.cp.auth_url,
+        username=name,
+        password=password,
+        user_domain_id=domain_id,
+        project_id=project.id,
+    )
+    sess = ksa_session.Session(auth=auth, verify=str(bed.cp.ca_path))
+    secret = secrets.token_urlsafe(48)
+    r = sess.post(
+        f"{bed.cp.auth_url}/users/{user.id}/application_credentials",
+        json={
+            "application_credential": {
+                "name": credentials.NODE_CREDENTIAL_NAME,
+                "secret": secret,
+                "roles": [{"name": "member"}],
+                "access_rules": credentials.access_rules(project.id),
+            }
+        },
+    )
+    cred_id = r.json()["application_credential"]["id"]
+    sess.session.close()
+    assign.share(admin, image_id, project.id)
+    nodes.update_project(
+        admin, project.id, {nodes.ASSIGNMENT_ATTR: {"image_id": image_id, "generation": 1}}
+    )
+    ident = credentials.Identity(
+        node_id=name,
+        project_id=project.id,
+        user_id=user.id,
+        auth_url=bed.cp.auth_url,
+        region=REGION,
+        interface="public",
+        ca_file=bed.cp.ca_path,
+    )
+    return SimNode(ident, cred_id, secret, 1, image_id)
+
+
+def make_fleet(bed: Bed, n: int, image_id: str, log: Callable[[str], None]) -> list[SimNode]:
+    domain_id = bed.admin.identity.find_domain(EDGE_DOMAIN, ignore_missing=False).id
+    member_id = bed.admin.identity.find_role("member", ignore_missing=False).id
+    local = threading.local()
+    made: list[SimNode] = []
+    lock = threading.Lock()
+
+    def one(_: int) -> None:
+        if not hasattr(local, "admin"):
+            local.admin = bed.cp.admin_connection()
+        node = _make_node(bed, local.admin, domain_id, member_id, image_id)
+        with lock:
+            made.append(node)
+            if len(made) % 50 == 0:
+                log(f"fleet: {len(made)}/{n} nodes enrolled")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(n)))
+    return made
+
+
+def _baseline(node: SimNode) -> None:
+    sess = ksa_session.Session(verify=str(node.ident.ca_file))
+    try:
+        sess.get(node.ident.auth_url, authenticated=False).raise_for_status()
+    finally:
+        sess.session.close()
+
+
+def _reconcile(node: SimNode, metadata: bool) -> None:
+    sess = credentials.make_session(node.ident, node.cred_id, node.secret, 30.0)
+    try:
+        a = reconcile._read_assignment(sess, node.ident)
+        if not a or int(a["generation"]) != node.generation:
+            raise BenchError(f"node {node.ident.node_id} read a wrong assignment")
+        if metadata:
+            image = reconcile._get_image(sess, node.ident, str(a["image_id"]))
+            fetch.check_properties(image)
+    finally:
+        sess.session.close()
+
+
+def _round(
+    bed: Bed, fleet: list[SimNode], rounds: int, concurrency: int, work: Callable[[SimNode], None]
+) -> dict[str, Any]:
+    order = [node for _ in range(rounds) for node in random.sample(fleet, len(fleet))]
+    pgids = bed.service_pgids()
+    logs = servicelog.AccessLogs(bed.cp.run_dir)
+    cpu0 = {s: procstat.group_cpu_seconds(p) for s, p in pgids.items()}
+    client0 = procstat.self_cpu_seconds()
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def timed(node: SimNode) -> None:
+        t0 = time.monotonic()
+        try:
+            work(node)
+        except Exception as e:  # counted and reported, never hidden
+            errors.append(f"{type(e).__name__}: {e}"[:200])
+            return
+        latencies.append(time.monotonic() - t0)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(timed, order))
+    wall = time.monotonic() - t0
+    time.sleep(0.5)  # let the access logs catch up
+    cpu = {s: procstat.group_cpu_seconds(p) - cpu0[s] for s, p in pgids.items()}
+    client = procstat.self_cpu_seconds() - client0
+    reqs = logs.since()
+    count = len(order)
+    counts = servicelog.summarize(reqs)
+    if errors:
+        raise BenchError(f"fleet: {len(errors)} of {count} reconciles failed, e.g. {errors[0]}")
+    return {
+        "reconciles": count,
+        "seconds": wall,
+        "per_second": count / wall,
+        "p50": stats.percentile(latencies, 50),
+        "p99": stats.percentile(latencies, 99),
+        "requests_per_node": {k: v / count for k, v in counts.items()},
+        "cpu_seconds_per_reconcile": {s: v / count for s, v in cpu.items()},
+        "cpu_seconds_per_reconcile_all_services": sum(cpu.values()) / count,
+        "client_cpu_seconds_per_reconcile": client / count,
+        "routes": {s: servicelog.by_route(r) for s, r in reqs.items()},
+    }
+
+
+def bench_fleet(
+    bed: Bed,
+    n: int,
+    image_id: str,
+    rounds: int,
+    concurrency: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    t0 = time.monotonic()
+    fleet = make_fleet(bed, n, image_id, log)
+    setup = time.monotonic() - t0
+    log(f"fleet: {n} nodes enrolled in {setup:.0f}s; baseline round")
+    base = _round(bed, fleet, rounds, concurrency, _baseline)
+    log("fleet: no-change reconciles")
+    nochange = _round(bed, fleet, rounds, concurrency, lambda node: _reconcile(node, False))
+    log("fleet: reconciles that also read the image metadata (an assignment change)")
+    meta = _round(bed, fleet, 1, concurrency, lambda node: _reconcile(node, True))
+    return {
+        "nodes": n,
+        "rounds": rounds,
+        "concurrency": concurrency,
+        "setup_seconds": setup,
+        "baseline": base,
+        "nochange": nochange,
+        "metadata": meta,
+    }
