@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -72,7 +73,7 @@ def run(
     return Run(seconds, max_rss, proc.returncode, stdout, stderr)
 
 
-def _wait4(pid: int, timeout: float) -> tuple[int, int, os.struct_rusage]:
+def _wait4(pid: int, timeout: float) -> tuple[int, int, resource.struct_rusage]:
     deadline = time.monotonic() + timeout
     while True:
         wpid, status, usage = os.wait4(pid, os.WNOHANG)

@@ -1,0 +1,67 @@
+"""The benchmarks' statistics and the parsing they rely on (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import servicelog, stats
+from benchmarks.footprint import _packages
+
+pytestmark = pytest.mark.unit
+
+
+def test_median_odd_and_even() -> None:
+    assert stats.median([3.0, 1.0, 2.0]) == 2.0
+    assert stats.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    with pytest.raises(ValueError):
+        stats.median([])
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [float(x) for x in range(1, 101)]  # 1..100
+    assert stats.percentile(values, 50) == pytest.approx(50.5)
+    assert stats.percentile(values, 99) == pytest.approx(99.01)
+    assert stats.percentile(values, 0) == 1.0
+    assert stats.percentile(values, 100) == 100.0
+    assert stats.percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        stats.percentile(values, 101)
+
+
+def test_ratio_and_throughput() -> None:
+    assert stats.ratio(3.0, 2.0) == 1.5
+    assert stats.ratio(1.0, 0.0) is None
+    assert stats.throughput(256 * 1024 * 1024, 2.0) == 128.0
+    with pytest.raises(ValueError):
+        stats.throughput(1, 0)
+
+
+def test_access_log_counts_tokens_and_routes() -> None:
+    reqs = {
+        "keystone": [
+            ("POST", "/v3/auth/tokens"),
+            ("GET", "/v3/projects/0123456789abcdef0123456789abcdef"),
+            ("GET", "/v3/auth/tokens"),
+        ],
+        "glance": [("GET", "/v2/images/12345678-1234-1234-1234-123456789abc")],
+        "barbican": [],
+    }
+    counts = servicelog.summarize(reqs)
+    assert counts["keystone"] == 3 and counts["glance"] == 1 and counts["barbican"] == 0
+    assert counts["tokens_issued"] == 1 and counts["token_validations"] == 1
+    assert servicelog.by_route(reqs["glance"]) == {"GET /v2/images/{id}": 1}
+    line = '127.0.0.1 - - [x] "GET /v3 HTTP/1.1" 200 1 "-" "ua"'
+    m = servicelog.REQUEST.search(line)
+    assert m and m.groups() == ("GET", "/v3")
+
+
+def test_manifest_packages_largest_first() -> None:
+    manifest = {
+        "packages": [
+            {"name": "a", "installed_size_kib": 10},
+            {"name": "b", "installed_size_kib": 30},
+            {"name": "c"},
+        ]
+    }
+    assert _packages(manifest) == [("b", 30 * 1024), ("a", 10 * 1024)]
+    assert _packages({"packages": {"x": {"Installed-Size": "4"}}}) == [("x", 4096)]
