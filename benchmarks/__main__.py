@@ -30,6 +30,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="runs per fetch method (median; default 3)")
     p.add_argument("--size-mib", type=int, default=256, help="fetch image size (default 256)")
     p.add_argument("--large", action="store_true", help="also fetch a 2 GiB image (slow)")
+    p.add_argument(
+        "--link-mibps",
+        type=float,
+        default=20,
+        help="fetch also through a proxy throttled to this rate, MiB/s (0: skip; default 20)",
+    )
     p.add_argument("--fleet", type=int, default=100, help="simulated nodes (default 100)")
     p.add_argument("--concurrency", type=int, default=8, help="fleet: nodes at once (default 8)")
     p.add_argument("--rounds", type=int, default=3, help="fleet: reconciles per node (default 3)")
@@ -213,6 +219,22 @@ def main(argv: list[str] | None = None) -> int:
                 if "fetch" in only:
                     rows += fetch_rows(label, res)
                 image = image or res["image"]
+                if "fetch" in only and args.link_mibps > 0 and size == sizes[0]:
+                    link = fetchbench.bench_link(bed, res["image"], args.link_mibps, args.runs, log)
+                    raw["fetch_link"] = link
+                    lm = link["methods"]
+                    rows.append(
+                        Row(
+                            f"fetch {label}, {args.link_mibps:g} MiB/s link",
+                            "edgepin throughput",
+                            lm["edgepin"]["mib_per_s"],
+                            "MiB/s",
+                            "curl",
+                            lm["curl"]["mib_per_s"],
+                            lm["edgepin"]["throughput_vs_curl"],
+                            ">= 0.9x curl",
+                        )
+                    )
         if bed and image and "resume" in only:
             res = fetchbench.bench_resume(bed, image, log)
             raw["resume"] = res

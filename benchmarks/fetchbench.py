@@ -25,8 +25,10 @@ from tests.testbed.faultproxy import FaultProxy
 PY = sys.executable
 
 
-def _curl(bed: Bed, image_id: str, out: Path, header: Path) -> procstat.Run:
-    url = f"{bed.cp.url('glance')}/v2/images/{image_id}/file"
+def _curl(
+    bed: Bed, image_id: str, out: Path, header: Path, endpoint: str | None = None
+) -> procstat.Run:
+    url = f"{endpoint or bed.cp.url('glance')}/v2/images/{image_id}/file"
     r = procstat.run(
         [
             "curl",
@@ -199,4 +201,51 @@ def bench_resume(bed: Bed, image: dict[str, Any], log: Any) -> dict[str, Any]:
         "transferred_vs_size": stats.ratio(transferred, size),
         "requests": requests,
         "seconds": [r1.seconds, r2.seconds],
+    }
+
+
+def bench_link(
+    bed: Bed, image: dict[str, Any], mib_per_s: float, runs: int, log: Any
+) -> dict[str, Any]:
+    """curl and edgepin through a loopback proxy that throttles to an edge link's rate."""
+    size = int(image["size"])
+    tls = bed.cp.run_dir / "tls"
+    proxy = FaultProxy(
+        bed.cp.url("glance"), bed.cp.ca_path, tls / "server.pem", tls / "server-key.pem"
+    )
+    proxy.start()
+    proxy.fault = ("slow", int(mib_per_s * MIB))
+    work = bed.run_dir / "link"
+    work.mkdir(parents=True, exist_ok=True)
+    header = bed.token_header_file()
+    times: dict[str, list[float]] = {"curl": [], "edgepin": []}
+    try:
+        for i in range(runs):
+            log(f"fetch over a {mib_per_s:g} MiB/s link: run {i + 1}/{runs}")
+            out = work / "out.img"
+            r = _curl(bed, image["id"], out, header, proxy.url)
+            out.unlink()
+            times["curl"].append(r.seconds)
+            images_dir = work / "images"
+            r, res = _edgepin(bed, image, images_dir, proxy.url)
+            if not res["ok"]:
+                raise BenchError(f"edgepin fetch over the link failed: {res.get('error')}")
+            shutil.rmtree(images_dir)
+            times["edgepin"].append(r.seconds)
+    finally:
+        proxy.stop()
+    base = stats.median(times["curl"])
+    return {
+        "link_mib_per_s": mib_per_s,
+        "image_bytes": size,
+        "runs": runs,
+        "methods": {
+            m: {
+                "seconds_median": stats.median(t),
+                "seconds_all": t,
+                "mib_per_s": stats.throughput(size, stats.median(t)),
+                "throughput_vs_curl": stats.ratio(base, stats.median(t)),
+            }
+            for m, t in times.items()
+        },
     }
