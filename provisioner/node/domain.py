@@ -166,13 +166,17 @@ def stop(cfg: NodeConfig, conn: Any) -> None:
         raise GuestError(f"cannot stop the guest: {e}") from None
 
 
+def check_fits(cfg: NodeConfig, conn: Any, vcpus: int, memory_mb: int) -> None:
+    """Refuse, before any download, a guest this host cannot run."""
+    guest_cpus(cfg, host_cpus(conn), vcpus)
+    if memory_mb > host_memory_mb(conn):
+        raise GuestError(f"image wants {memory_mb} MiB; the host has {host_memory_mb(conn)} MiB")
+
+
 def start(cfg: NodeConfig, conn: Any, spec: GuestSpec, passphrase: bytes) -> Any:
     """Define the domain from the XML, hand QEMU the key, start it."""
+    check_fits(cfg, conn, spec.vcpus, spec.memory_mb)
     xml = build_xml(cfg, spec, host_cpus(conn))
-    if spec.memory_mb > host_memory_mb(conn):
-        raise GuestError(
-            f"image wants {spec.memory_mb} MiB; the host has {host_memory_mb(conn)} MiB"
-        )
     dom, _ = current(cfg, conn)
     if dom is not None and dom.isActive():
         dom.destroy()

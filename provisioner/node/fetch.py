@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from keystoneauth1 import exceptions as ksa_exc
 
 from provisioner import qemuimg
 from provisioner.cloud import translate
@@ -201,23 +200,16 @@ def fetch(
                         on_progress(len(chunk))
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as e:
-            if getattr(e, "errno", None) == 28:
+        except Exception as e:
+            # requests' errors derive from OSError: tell a cut stream from a full disk
+            if type(e).__module__.startswith(("requests", "urllib3", "keystoneauth1")):
+                raise ServiceUnavailableError(
+                    f"download of {image_id} cut at {offset} of {size} bytes "
+                    f"({type(e).__name__}); it resumes on the next run"
+                ) from None
+            if isinstance(e, OSError) and e.errno == 28:
                 raise StateError(
                     f"disk full while downloading {image_id} ({offset} of {size} bytes kept)"
-                ) from None
-            raise
-        except (ksa_exc.ConnectFailure, ksa_exc.ConnectionError, ConnectionError) as e:
-            raise ServiceUnavailableError(
-                f"download of {image_id} cut at {offset} of {size} bytes ({type(e).__name__});"
-                " it resumes on the next run"
-            ) from None
-        except Exception as e:
-            # requests raises its own errors for a connection reset mid-stream
-            if type(e).__module__.startswith(("requests", "urllib3")):
-                raise ServiceUnavailableError(
-                    f"download of {image_id} cut at {offset} of {size} bytes; "
-                    "it resumes on the next run"
                 ) from None
             raise
         finally:

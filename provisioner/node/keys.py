@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import tpm
+from provisioner.cloud import translate
 from provisioner.errors import AuthError, NotFoundError, ServiceUnavailableError, TrustError
 from provisioner.node import state
 from provisioner.node.config import NodeConfig
@@ -28,12 +29,13 @@ def barbican_payload(sess: Any, interface: str, secret_id: str, text: bool) -> b
     """GET a secret's payload; a 403 or 404 is an error, never an empty key."""
     ep = {"service_type": "key-manager", "interface": interface}
     accept = "text/plain" if text else "application/octet-stream"
-    r = sess.get(
-        f"/v1/secrets/{secret_id}/payload",
-        endpoint_filter=ep,
-        headers={"Accept": accept},
-        raise_exc=False,
-    )
+    with translate("barbican", f"secret {secret_id}"):
+        r = sess.get(
+            f"/v1/secrets/{secret_id}/payload",
+            endpoint_filter=ep,
+            headers={"Accept": accept},
+            raise_exc=False,
+        )
     if r.status_code == 404:
         raise NotFoundError(f"barbican: secret {secret_id} does not exist")
     if r.status_code in (401, 403):

@@ -13,6 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from keystoneauth1 import exceptions as ksa_exc
+
+from provisioner.cloud import translate
 from provisioner.errors import (
     AuthError,
     EdgepinError,
@@ -74,13 +77,22 @@ def _start(cfg: NodeConfig, conn: Any, entry: dict[str, Any]) -> None:
 
 
 def _read_assignment(sess: Any, ident: credentials.Identity) -> dict[str, Any] | None:
-    r = sess.get(f"{ident.auth_url}/projects/{ident.project_id}", raise_exc=False)
+    try:
+        r = sess.get(f"{ident.auth_url}/projects/{ident.project_id}", raise_exc=False)
+    except (ksa_exc.Unauthorized, ksa_exc.NotFound):
+        # raised while authenticating: the application credential is gone or disabled
+        raise AuthError("keystone refused the node credential (revoked?)") from None
+    except ksa_exc.ClientException as e:
+        raise ServiceUnavailableError(f"control plane unreachable ({type(e).__name__})") from None
     if r.status_code in (401, 403):
         raise AuthError(f"keystone refused the node credential ({r.status_code}); revoked?")
     if r.status_code >= 500:
         raise ServiceUnavailableError(f"keystone: server error {r.status_code}")
     r.raise_for_status()
-    raw = r.json()["project"].get("edgepin_assignment")
+    try:
+        raw = r.json()["project"].get("edgepin_assignment")
+    except (ValueError, KeyError, AttributeError):
+        raise ServiceUnavailableError("keystone sent a malformed project record") from None
     if not raw:
         return None
     import json
@@ -95,11 +107,12 @@ def _read_assignment(sess: Any, ident: credentials.Identity) -> dict[str, Any] |
 
 
 def _get_image(sess: Any, ident: credentials.Identity, image_id: str) -> dict[str, Any]:
-    r = sess.get(
-        f"/v2/images/{image_id}",
-        endpoint_filter={"service_type": "image", "interface": ident.interface},
-        raise_exc=False,
-    )
+    with translate("glance", f"image {image_id}"):
+        r = sess.get(
+            f"/v2/images/{image_id}",
+            endpoint_filter={"service_type": "image", "interface": ident.interface},
+            raise_exc=False,
+        )
     if r.status_code == 404:
         raise ImageError(f"assigned image {image_id} does not exist or is not shared with us")
     if r.status_code in (401, 403):
@@ -107,7 +120,12 @@ def _get_image(sess: Any, ident: credentials.Identity, image_id: str) -> dict[st
     if r.status_code >= 500:
         raise ServiceUnavailableError(f"glance: server error {r.status_code}")
     r.raise_for_status()
-    image: dict[str, Any] = r.json()
+    try:
+        image: dict[str, Any] = r.json()
+    except ValueError:
+        raise ImageError(f"glance sent malformed metadata for image {image_id}") from None
+    if not isinstance(image, dict) or image.get("id") != image_id:
+        raise ImageError(f"glance sent metadata of another image than {image_id}")
     return image
 
 
@@ -153,6 +171,7 @@ def _fail(st: dict[str, Any], kind: str) -> None:
 def reconcile(cfg: NodeConfig) -> Outcome:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with state.node_lock(cfg.lock_path):
+        state.remove_stale_temp_files(cfg.state_dir)
         st = load_state(cfg)
         outcome = _reconcile(cfg, st)
         if outcome.state in ("running", "offline"):
@@ -203,16 +222,12 @@ def _converge(
     cfg: NodeConfig, st: dict[str, Any], ident: credentials.Identity, sess: Any, conn: Any
 ) -> Outcome:
     offline_reason = None
+    offline_error: EdgepinError | None = None
     assignment = None
     try:
         assignment = _read_assignment(sess, ident)
     except (ServiceUnavailableError, AuthError) as e:
-        offline_reason = e.message
-    except Exception as e:
-        if type(e).__module__.startswith(("keystoneauth1", "requests", "urllib3")):
-            offline_reason = f"control plane unreachable ({type(e).__name__})"
-        else:
-            raise
+        offline_reason, offline_error = e.message, e
 
     refusal: Outcome | None = None
     if assignment is not None:
@@ -249,8 +264,8 @@ def _converge(
     if current is None:
         if refusal:
             return refusal
-        if offline_reason:
-            none_yet = ServiceUnavailableError(f"no guest yet and {offline_reason}")
+        if offline_error is not None:
+            none_yet = type(offline_error)(f"no guest yet: {offline_reason}")
             return Outcome("offline", none_yet.message, none_yet)
         return Outcome("waiting", "no assignment yet")
     if not domain.running(cfg, conn, current["image_id"]):
@@ -291,6 +306,7 @@ def _update(
         image = _get_image(sess, ident, image_id)
         fetch.check_properties(image)
         entry = _entry(image, gen)
+        domain.check_fits(cfg, conn, entry["vcpus"], entry["memory_mb"])
         disk = cfg.images_dir / f"{image_id}.qcow2"
         known = st["images"].get(image_id)
         if not (disk.exists() and known and known.get("sha512") == image["os_hash_value"]):
@@ -309,7 +325,7 @@ def _update(
             st["images"][image_id] = {"sha512": result.sha512, "size": result.size}
             state.write_json(_state_path(cfg), st)
         keys.ensure_sealed(cfg, sess, ident.interface, image)
-    except (VerificationError, ImageError, NotFoundError) as e:
+    except (VerificationError, ImageError, NotFoundError, GuestError) as e:
         LOG.error("reconcile: image %s refused: %s", image_id, e.message)
         if report.member_status(sess, ident.interface, image_id, ident.project_id, "rejected"):
             st["reported"][image_id] = "rejected"

@@ -74,3 +74,13 @@ def node_lock(path: Path, wait: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Temp files of atomic writes interrupted by a crash (only run under the node lock)."""
+    removed = []
+    if directory.exists():
+        for path in directory.rglob(".*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
