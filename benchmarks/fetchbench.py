@@ -119,6 +119,8 @@ def bench_fetch(bed: Bed, size: int, runs: int, log: Any) -> dict[str, Any]:
     times: dict[str, list[float]] = {"curl": [], "edgepin": [], "naive": []}
     rss: dict[str, list[int]] = {"curl": [], "edgepin": [], "naive": []}
     in_process: list[float] = []
+    glance_cpu: list[float] = []
+    glance_pgid = bed.service_pgids()["glance"]
     for i in range(runs):
         log(f"fetch {size // MIB} MiB: run {i + 1}/{runs}")
         r = _curl(bed, image_id, out, header)
@@ -129,7 +131,9 @@ def bench_fetch(bed: Bed, size: int, runs: int, log: Any) -> dict[str, Any]:
         rss["curl"].append(r.max_rss_kib)
 
         images_dir = work / "images"
+        cpu0 = procstat.group_cpu_seconds(glance_pgid)
         r, res = _edgepin(bed, image, images_dir, bed.cp.url("glance"))
+        glance_cpu.append(procstat.group_cpu_seconds(glance_pgid) - cpu0)
         if not res["ok"]:
             raise BenchError(f"edgepin fetch failed: {res.get('error')}")
         shutil.rmtree(images_dir)

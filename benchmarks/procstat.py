@@ -59,7 +59,12 @@ def run(
             except BrokenPipeError:
                 pass
         # wait4 (not Popen.wait) to get this child's own rusage
-        _, status, usage = _wait4(proc.pid, timeout)
+        try:
+            _, status, usage = _wait4(proc.pid, timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
         seconds = time.monotonic() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
