@@ -1,10 +1,12 @@
 """Fetch and verify an image in one pass: stream, sha512, signature, write, atomically.
 
 The download goes to ``<images>/<id>.partial`` and resumes with an HTTP Range request.
-A store that refuses ranges (Glance on Ceph RBD answers 400) or ignores them (200) makes
-the node start again from byte zero, once; it never loops and never accepts a partial
-image. Only a file whose sha512 equals ``os_hash_value`` and whose signature verifies
-against a pinned certificate is renamed to ``<id>.qcow2``.
+A store that refuses ranges (Glance on Ceph RBD answers 400, see ``range_action``) is
+asked once more without a range, from byte zero; one that ignores them (200) is read
+from byte zero. The bytes kept from an earlier run are hashed again only when the store
+does resume (206). The node never loops on a 400 and never accepts a partial image. Only a
+file whose sha512 equals ``os_hash_value`` and whose signature verifies against a pinned
+certificate is renamed to ``<id>.qcow2``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 
@@ -34,6 +36,8 @@ from provisioner.signing import StreamVerifier, fingerprint, load_certificate
 LOG = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
 MAX_PROPERTY = 4096
+
+RangeAction = Literal["append", "from_zero", "retry_from_zero", "fail"]
 
 
 @dataclass
@@ -105,6 +109,23 @@ def choose_certificate(
     return pinned[fp]
 
 
+def range_action(status: int, restarted: bool) -> RangeAction:
+    """What to do with the answer to a ``Range: bytes=N-`` request.
+
+    206: the store resumes, append. 200: it ignored the range and sends the whole image,
+    keep that from byte zero. 400 (Glance on Ceph RBD: "Getting images randomly from this
+    store is not supported") or 416: ask again without a range, from byte zero, and only
+    if that has not happened yet in this fetch. Anything else fails like any bad answer.
+    """
+    if status == 206:
+        return "append"
+    if status == 200:
+        return "from_zero"
+    if status in (400, 416) and not restarted:
+        return "retry_from_zero"
+    return "fail"
+
+
 def _rehash(path: Path, upto: int, sha: Any, verifier: StreamVerifier) -> None:
     with path.open("rb") as f:
         remaining = upto
@@ -145,8 +166,6 @@ def fetch(
     if offset > size:
         partial.unlink()
         offset = 0
-    if offset:
-        _rehash(partial, offset, sha, verifier)
     resumed_from = offset
     restarted = False
     fetched = 0
@@ -155,31 +174,36 @@ def fetch(
     started = time.monotonic()
 
     while True:
-        headers = {"Range": f"bytes={offset}-"} if 0 < offset < size else {}
         if offset == size:
-            break  # everything was already there; verify below
+            _rehash(partial, offset, sha, verifier)  # everything was already there
+            break
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
         with translate("glance", f"download of {image_id}"):
             r = sess.get(
                 path, endpoint_filter=url_filter, stream=True, headers=headers, raise_exc=False
             )
-        if headers and r.status_code in (400, 416, 200) and not restarted:
-            # the store cannot (400: Ceph RBD) or will not (200) serve ranges: from zero, once
+        action = range_action(r.status_code, restarted) if headers else "fail"
+        if action == "append":
+            # the bytes kept from an earlier run count only now that the store resumes
+            _rehash(partial, offset, sha, verifier)
+        elif action in ("from_zero", "retry_from_zero"):
             LOG.info(
                 "fetch: store answered %s to a range request; restarting from byte 0",
                 r.status_code,
             )
-            r.close()
             partial.unlink(missing_ok=True)
             offset, restarted = 0, True
             sha, verifier = fresh()
-            continue
+            if action == "retry_from_zero":
+                r.close()
+                continue
         if r.status_code == 404:
             raise ImageError(f"image {image_id} is gone from glance")
         if r.status_code in (401, 403):
             raise VerificationError(f"not allowed to download image {image_id}")
         if r.status_code >= 500:
             raise ServiceUnavailableError(f"glance: server error {r.status_code} on download")
-        if r.status_code not in (200, 206) or (headers and r.status_code != 206):
+        if r.status_code not in (200, 206) or (offset and r.status_code != 206):
             raise ServiceUnavailableError(f"glance: unexpected status {r.status_code}")
         mode = "ab" if offset else "wb"
         try:
