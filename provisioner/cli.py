@@ -131,8 +131,16 @@ def _add_nodes(sub: Any) -> None:
     )
     e.add_argument("--ca", type=Path, help="CA bundle the node pins (default: the cloud's cacert)")
     e.add_argument(
+        "--node-interface",
+        choices=("public", "internal", "admin"),
+        default="public",
+        help="service catalog interface the node uses for Keystone, Glance and Barbican "
+        "(default public)",
+    )
+    e.add_argument(
         "--node-auth-url",
-        help="Keystone URL as the node reaches it (default: the catalog's public identity URL)",
+        help="Keystone URL as the node reaches it (default: the catalog's identity URL "
+        "of --node-interface)",
     )
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(handler=cmd_enroll, needs_cloud=True)
@@ -293,7 +301,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if ca is None and conn.config.config.get("cacert"):
         ca = Path(conn.config.config["cacert"])
     auth_url = args.node_auth_url or conn.session.get_endpoint(
-        service_type="identity", interface="public"
+        service_type="identity", interface=args.node_interface
     )
     if not auth_url.rstrip("/").endswith("/v3"):
         auth_url = auth_url.rstrip("/") + "/v3"
@@ -309,6 +317,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         window_days=args.expires_in,
         edge_domain=args.edge_domain,
         ca_bundle=ca,
+        interface=args.node_interface,
     )
     result = enroll(conn, req, auth_url, conn.config.get_region_name())
     _print(

@@ -44,16 +44,23 @@ def meta_data(node_id: str) -> str:
 
 
 def write_seed(path: Path, node_id: str, bundle: dict[str, Any]) -> None:
-    """Write the seed image atomically (a failure leaves no partial file)."""
+    """Write the node's seed image atomically (a failure leaves no partial file)."""
+    write_nocloud(
+        path,
+        {
+            "meta-data": meta_data(node_id),
+            "user-data": user_data(bundle),
+            "edgepin-bundle.json": json.dumps(bundle, indent=2, sort_keys=True) + "\n",
+        },
+    )
+
+
+def write_nocloud(path: Path, files: dict[str, str]) -> None:
+    """A NoCloud seed: a vfat image labelled CIDATA holding ``files``, written atomically."""
     if path.is_dir():
         raise UsageError(f"{path} is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgepin-seed-") as tmp:
-        files = {
-            "meta-data": meta_data(node_id),
-            "user-data": user_data(bundle),
-            "edgepin-bundle.json": json.dumps(bundle, indent=2, sort_keys=True) + "\n",
-        }
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
         image = path.with_name(f".{path.name}.tmp{os.getpid()}")

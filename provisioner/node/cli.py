@@ -71,10 +71,17 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from provisioner.node import reconcile
+    from provisioner.node import reconcile, state
 
-    outcome = reconcile.reconcile(_cfg(args))
+    cfg = _cfg(args)
+    outcome = reconcile.reconcile(cfg)
     print(f"{outcome.state}: {outcome.reason}")
+    status = state.read_json(cfg.status_path) or {}
+    if status.get("image_id"):
+        print(
+            f"current: image {status['image_id']} (version {status.get('version') or '-'}, "
+            f"generation {status.get('generation')})"
+        )
     if outcome.error is not None:
         print(f"edgepin: error: {outcome.error.message}", file=sys.stderr)
         return outcome.error.exit_code

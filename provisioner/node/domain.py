@@ -226,7 +226,9 @@ def healthy(
             return False, "guest is not running"
         seen = marker is None or _marker_seen(cfg.serial_log, marker)
         if seen and time.monotonic() - started >= settle:
-            return True, "running" + (" and reported healthy" if marker else "")
+            return True, "running" + (
+                f" and reported healthy ({marker!r} on its console)" if marker else ""
+            )
         if time.monotonic() > deadline:
             return False, f"no health signal {marker!r} within {timeout:.0f}s"
         time.sleep(0.5)

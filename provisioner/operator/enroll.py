@@ -41,6 +41,7 @@ class EnrollRequest:
     window_days: int = DEFAULT_WINDOW_DAYS
     edge_domain: str = "edge"
     ca_bundle: Path | None = None  # the control plane's CA that the node pins
+    interface: str = "public"  # the catalog interface the node uses
 
 
 @dataclass
@@ -216,7 +217,7 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
         "user_domain_id": domain_id,
         "auth_url": auth_url,
         "region": region,
-        "interface": "public",
+        "interface": req.interface,
         "ca_pem": ca_pem,
         "pcrs": list(req.pcrs),
         "pcr_bank": "sha256",

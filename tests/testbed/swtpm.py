@@ -113,6 +113,8 @@ class Swtpm:
         self.port = 0
         self.ctrl_port = 0
         self.pid: int | None = None
+        # set while the TPM serves a QEMU machine instead of the TCP TCTI
+        self.qemu_socket: Path | None = None
 
     @property
     def tcti(self) -> str:
@@ -160,7 +162,45 @@ class Swtpm:
                 return
         raise SwtpmError(f"swtpm {self.name} did not start")
 
+    def start_for_qemu(self) -> Path:
+        """Serve the TPM to QEMU (``-tpmdev emulator``) on a unix control socket.
+
+        QEMU and the firmware run TPM2_Startup themselves; the TCP TCTI is not available
+        while QEMU owns the TPM. Returns the socket path for ``-chardev socket,path=``.
+        """
+        self.stop()
+        sock = self.state_dir / "qemu-ctrl.sock"
+        sock.unlink(missing_ok=True)
+        self.pid_file.unlink(missing_ok=True)
+        subprocess.run(
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={self.state_dir}",
+                "--ctrl",
+                f"type=unixio,path={sock}",
+                "--daemon",
+                "--pid",
+                f"file={self.pid_file}",
+                "--log",
+                f"file={self.state_dir / 'swtpm.log'},level=1",
+            ],
+            capture_output=True,
+            check=True,
+        )
+        deadline = time.monotonic() + 5
+        while not (self.pid_file.exists() and sock.exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self.pid_file.exists():
+            raise SwtpmError(f"swtpm {self.name} did not start for QEMU")
+        self.pid = int(self.pid_file.read_text().strip())
+        self.qemu_socket = sock
+        return sock
+
     def stop(self) -> None:
+        self.qemu_socket = None
         if self.pid is None:
             return
         try:

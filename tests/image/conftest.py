@@ -1,0 +1,132 @@
+"""The image tier: the built host image, booted in QEMU like a field node."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from provisioner.operator import signingcert
+from tests.integration.conftest import cli_env, signer  # noqa: F401  (shared fixtures)
+from tests.testbed.swtpm import SwtpmFactory
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_INPUTS = ("elements", "provisioner", "pyproject.toml")
+
+
+def inputs_digest(extra: list[str]) -> str:
+    """What the image is built from: tracked files of the elements and the provisioner."""
+    h = hashlib.sha256()
+    files = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", *IMAGE_INPUTS],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in sorted(files):
+        path = REPO / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(" ".join(extra).encode())
+    return h.hexdigest()
+
+
+def build_image(out: Path, args: list[str]) -> Path:
+    """Build (or reuse, when nothing it is made of changed) the host image in ``out``."""
+    image = out / "edgepin-host.qcow2"
+    stamp = out / "edgepin-host.inputs"
+    want = inputs_digest(args)
+    if image.exists() and stamp.exists() and stamp.read_text() == want:
+        return image
+    stamp.unlink(missing_ok=True)
+    r = subprocess.run(
+        [str(REPO / "build.sh"), "image", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        log = out / "edgepin-host.log"
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.exists() else ""
+        pytest.fail(f"./build.sh image failed:\n{r.stderr[-3000:]}\n--- build log tail ---\n{tail}")
+    stamp.write_text(want)
+    return image
+
+
+@pytest.fixture(scope="session")
+def results_dir() -> Path:
+    """Serial logs and boot timelines of the image tests; kept after the run."""
+    path = Path(os.environ.get("EDGEPIN_RESULTS_DIR", REPO / "out" / "results"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class ImageSigner:
+    """A test-only image-signing key, pinned in the test image, kept between runs.
+
+    Test-bed material like the test bed's own CA key: it lives under .cache with mode 0600
+    and signs only test guests. Each run stores it in that run's Barbican.
+    """
+
+    key_pem: bytes
+    cert_pem: bytes
+    cert_path: Path
+
+
+def image_signer_material(cache: Path) -> ImageSigner:
+    d = cache / "image-tier"
+    d.mkdir(parents=True, exist_ok=True)
+    key_path, cert_path = d / "signing-key.pem", d / "signing-cert.pem"
+    if not (key_path.exists() and cert_path.exists()):
+        key, cert = signingcert.generate("edgepin image-tier tests", "RSA-PSS", 3650)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return ImageSigner(key_path.read_bytes(), cert_path.read_bytes(), cert_path)
+
+
+# the test image: the real build, with settings a QEMU-booted node under test needs
+def image_args(material: ImageSigner) -> list[str]:
+    return [
+        "--signing-cert",
+        str(material.cert_path),
+        "--virt-type",
+        "qemu",
+        "--pcrs",
+        "0,7",
+        "--reconcile-interval",
+        "20s",
+    ]
+
+
+@pytest.fixture(scope="session")
+def image_signer(cache_dir: Path) -> ImageSigner:
+    return image_signer_material(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def host_image(cache_dir: Path, image_signer: ImageSigner) -> Path:
+    """The host image the tests boot: built by ./build.sh image when its inputs changed."""
+    explicit = os.environ.get("EDGEPIN_HOST_IMAGE")
+    if explicit:
+        return Path(explicit)
+    return build_image(cache_dir / "image-tier" / "out", image_args(image_signer))
+
+
+@pytest.fixture(scope="session")
+def vm_tpms(run_dir: Path) -> Iterator[SwtpmFactory]:
+    factory = SwtpmFactory(run_dir / "vm-tpm")
+    yield factory
+    factory.stop_all()

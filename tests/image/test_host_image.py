@@ -1,0 +1,121 @@
+"""The host image boots on UEFI (OVMF) and BIOS (SeaBIOS) with a TPM, and is what it claims.
+
+Each boot gets a NoCloud seed whose only job is to run a check once the system has
+finished starting, and to print the answers on the serial console, where the test reads
+them. The seed is the test's; the image under test is exactly what ./build.sh makes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from provisioner.seed import write_nocloud
+from tests.testbed.qemuvm import HostVm, VmError
+from tests.testbed.swtpm import SwtpmFactory
+
+pytestmark = pytest.mark.image
+
+CHECK = (Path(__file__).parent / "check.sh").read_text()
+
+
+def check_seed(path: Path) -> Path:
+    user_data = (
+        "#cloud-config\n"
+        + json.dumps(
+            {
+                "write_files": [
+                    {"path": "/run/edgepin-check.sh", "permissions": "0755", "content": CHECK}
+                ],
+                "runcmd": [
+                    [
+                        "systemd-run",
+                        "--no-block",
+                        "--unit=edgepin-image-check",
+                        # /run is mounted noexec
+                        "/bin/sh",
+                        "/run/edgepin-check.sh",
+                    ]
+                ],
+            }
+        )
+        + "\n"
+    )
+    write_nocloud(path, {"meta-data": "instance-id: image-check\n", "user-data": user_data})
+    return path
+
+
+def checks(vm: HostVm, timeout: float) -> dict[str, str]:
+    vm.wait_for(r"EDGEPIN-CHECK-END", timeout)
+    found = re.findall(r"EDGEPIN-CHECK (\S+?)=(.*)", vm.console())
+    return {k: v.strip() for k, v in found}
+
+
+# power-on -> kernel -> state partition -> systemd -> cloud-init -> multi-user -> check
+TIMELINE = {
+    "firmware": r"SeaBIOS|BdsDxe|UEFI",
+    "kernel": r"Linux version \d",
+    "state partition": r"edgepin: state partition on /var",
+    "systemd": r"systemd\[1\]: .*(Detected|running in system mode)|Welcome to ",
+    "cloud-init": r"cloud-init\[\d+\]",
+    "multi-user": r"Reached target .*[Mm]ulti-[Uu]ser",
+    "check": r"EDGEPIN-CHECK system=",
+}
+
+
+@pytest.mark.parametrize("firmware", ["uefi", "bios"])
+def test_boots_read_only_with_tpm_and_no_way_in(
+    firmware: str, host_image: Path, vm_tpms: SwtpmFactory, run_dir: Path, results_dir: Path
+) -> None:
+    work = run_dir / f"vm-{firmware}"
+    tpm = vm_tpms.create(f"image-{firmware}")
+    vm = HostVm(
+        f"edgepin-image-{firmware}",
+        host_image,
+        work,
+        firmware=firmware,
+        tpm=tpm,
+        seed=check_seed(work / "seed.img"),
+        milestones=TIMELINE,
+    )
+    out = results_dir / f"host-image-{firmware}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    vm.start()
+    try:
+        try:
+            got = checks(vm, timeout=900)
+        except VmError:
+            shutil.copy(vm.serial_log, out / "serial.log")
+            raise
+        seconds = vm.seconds_since_start()
+    finally:
+        vm.stop()
+    shutil.copy(vm.serial_log, out / "serial.log")
+    report = {
+        "firmware": firmware,
+        "seconds_to_check": round(seconds, 1),
+        "timeline": vm.timeline(),
+    }
+    (out / "checks.json").write_text(json.dumps({**report, "checks": got}, indent=2) + "\n")
+    print(json.dumps(report))
+    tail = vm.tail(40)
+    assert got["system"] == "running", f"{got}\n{tail}"
+    assert got["failed"] == "", f"failed units: {got['failed']}\n{tail}"
+    assert got["root"] == "ro", got
+    fstype, size = got["var"].split()
+    assert fstype == "ext4", got
+    # the 4 GiB disk minus ESP, BIOS boot and root: the state partition grew on first boot
+    assert int(size.rstrip("M")) > 2000, f"the state partition did not grow: {got['var']}"
+    assert got["etc"] == "overlay", got
+    assert got["listen22"] == "0", "something listens on port 22"
+    assert got["tpm0"] == "yes", got
+    assert got["libvirtd"] == "active", got
+    assert re.fullmatch(r"edgepin \d+\.\d+\.\d+\S*", got["edgepin"]), got["edgepin"]
+    assert got["root-login"] == "L", "root can log in"
+    assert got["compilers"] == "0", "a compiler or make is in the image"
+    assert re.fullmatch(r"[0-9a-f]{32}", got["machine-id"]), got

@@ -1,0 +1,256 @@
+"""The whole story on the real artefact: the built host image, booted in QEMU like a field
+node (its own swtpm, the seed `edgepin enroll` wrote for that TPM, user networking to the
+test bed on the host's loopback), against the real Keystone, Glance and Barbican.
+
+The scenarios run in order on one node, as a field node would live them:
+1. first boot: enroll, fetch, verify, define, and the nested guest's marker;
+2. a reboot with the control plane out of reach: the guest starts from the cache;
+3. bad assignments (an unpinned signer, bytes changed in Glance's store): refused,
+   reported as rejected, and the running guest keeps running;
+4. a boot with other firmware (PCR 0 differs from enrollment): the node refuses to
+   unseal and says why on the console.
+Each boot leaves its serial log and a timeline in out/results/node-image/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner import barbican
+from provisioner.signing import fingerprint, load_certificate
+from tests.image.conftest import ImageSigner
+from tests.integration.conftest import Signer
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.node import run_edgepin
+from tests.testbed.qemuvm import HostVm
+from tests.testbed.swtpm import SwtpmFactory
+
+pytestmark = pytest.mark.image
+
+# power-on -> kernel -> first-boot unit -> enrolled -> image verified -> guest running
+TIMELINE = {
+    "firmware": r"BdsDxe|UEFI|SeaBIOS",
+    "kernel": r"Linux version \d",
+    "first-boot unit": r"Start(ing|ed) edgepin-enroll\.service",
+    "enrolled": r"enrolled: node ",
+    "image verified": r"fetch: image \S+ verified",
+    "guest running": r"reconcile: switched to image|guest \S+ started from the local copy",
+}
+BOOT_TIMEOUT = 1200.0  # software emulation inside software emulation: generous
+
+
+@dataclass
+class Node:
+    name: str
+    vm: HostVm
+    project_id: str
+    results: Path
+    timelines: dict[str, Any]
+    label: str = ""
+
+    def boot(self, label: str, **changes: Any) -> None:
+        for k, v in changes.items():
+            setattr(self.vm, k, v)
+        self.vm.start()
+        self.label = label
+
+    def wait(self, pattern: str, timeout: float = BOOT_TIMEOUT) -> re.Match[str]:
+        try:
+            return self.vm.wait_for(pattern, timeout)
+        finally:
+            self.save()
+
+    def save(self) -> None:
+        shutil.copy(self.vm.serial_log, self.results / f"serial-{self.label}.log")
+        self.timelines[self.label] = self.vm.timeline()
+        (self.results / "timeline.json").write_text(json.dumps(self.timelines, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def pinned_signer(admin: Any, image_signer: ImageSigner) -> Signer:
+    """The test-only signing key that the test image pins, stored in this run's Barbican."""
+    cert_id = barbican.store(
+        admin, "edgepin-signing-cert:image-tier", "certificate", image_signer.cert_pem
+    )
+    key_id = barbican.store(
+        admin, "edgepin-signing-key:image-tier", "private", image_signer.key_pem
+    )
+    cert = load_certificate(image_signer.cert_pem)
+    return Signer(cert_id, key_id, fingerprint(cert), image_signer.cert_pem)
+
+
+@pytest.fixture(scope="module")
+def node(
+    host_image: Path,
+    vm_tpms: SwtpmFactory,
+    run_dir: Path,
+    results_dir: Path,
+    cli_env: dict[str, str],
+) -> Iterator[Node]:
+    name = f"q{secrets.token_hex(3)}"
+    tpm = vm_tpms.create(name)
+    work = run_dir / "qemu-nodes" / name
+    work.mkdir(parents=True)
+    ek, ekca = work / "ek.pem", work / "ek-ca.pem"
+    ek.write_bytes(tpm.ek_cert_pem())
+    ekca.write_bytes(tpm.ca_cert_pem())
+    seed = work / "seed.img"
+    # the node reaches the test bed as QEMU's user networking shows the host: 10.0.2.2,
+    # the catalog's internal interface (the bootstrap credential is not PCR-bound: the
+    # node binds its own credential to PCRs 0 and 7 as it measures them on first boot)
+    r = run_edgepin(
+        [
+            "enroll",
+            name,
+            "--ek-cert",
+            str(ek),
+            "--ek-ca",
+            str(ekca),
+            "--node-interface",
+            "internal",
+            "--seed-out",
+            str(seed),
+            "--json",
+        ],
+        cli_env,
+    )
+    assert r.returncode == 0, r.stderr
+    project_id = json.loads(r.stdout)["project_id"]
+    results = results_dir / "node-image"
+    shutil.rmtree(results, ignore_errors=True)
+    results.mkdir(parents=True)
+    vm = HostVm(
+        name, host_image, work / "vm", firmware="uefi", tpm=tpm, seed=seed, milestones=TIMELINE
+    )
+    n = Node(name, vm, project_id, results, {})
+    yield n
+    vm.stop()
+
+
+def publish_signed(
+    cli_env: dict[str, str], tiny_guest: Callable[..., Path], signer: Signer, version: str
+) -> dict[str, Any]:
+    marker = f"m{secrets.token_hex(5)}"
+    guest = tiny_guest(marker, "run")
+    r = run_edgepin(
+        [
+            "publish",
+            str(guest),
+            "--name",
+            f"tiny-{marker}",
+            "--version",
+            version,
+            "--signing-cert-id",
+            signer.cert_id,
+            "--signing-key-id",
+            signer.key_id,
+            "--health-marker",
+            f"EDGEPIN-GUEST-MARKER {marker}",
+            "--luks-iter-time",
+            "100",
+            "--json",
+        ],
+        cli_env,
+    )
+    assert r.returncode == 0, r.stderr
+    result: dict[str, Any] = json.loads(r.stdout)
+    result["marker"] = marker
+    return result
+
+
+def assign(cli_env: dict[str, str], node: Node, image_id: str) -> None:
+    r = run_edgepin(["assign", node.name, image_id], cli_env)
+    assert r.returncode == 0, r.stderr
+
+
+def member_status(admin: Any, image_id: str, project_id: str) -> str:
+    return str(admin.image.get(f"/images/{image_id}/members/{project_id}").json()["status"])
+
+
+@pytest.fixture(scope="module")
+def v1(
+    cli_env: dict[str, str], tiny_guest: Callable[..., Path], pinned_signer: Signer
+) -> dict[str, Any]:
+    return publish_signed(cli_env, tiny_guest, pinned_signer, "1")
+
+
+def test_1_first_boot_enrolls_fetches_verifies_and_runs_the_guest(
+    node: Node, v1: dict[str, Any], cli_env: dict[str, str], admin: Any
+) -> None:
+    assign(cli_env, node, v1["image_id"])
+    node.boot("first-boot")
+    node.wait(r"enrolled: node " + node.name)
+    node.wait(rf"fetch: image {v1['image_id']} verified")
+    node.wait(rf"switched to image {v1['image_id']}.*reported healthy")
+    # the guest's own marker, which the node saw on the guest's console
+    assert f"EDGEPIN-GUEST-MARKER {v1['marker']}" in node.vm.console()
+    node.wait(rf"running: guest {v1['image_id']} running", 120)
+    assert member_status(admin, v1["image_id"], node.project_id) == "accepted"
+    timeline = node.timelines["first-boot"]
+    assert all(timeline[k] is not None for k in TIMELINE), timeline
+    order = [timeline[k] for k in TIMELINE]
+    assert order == sorted(order), f"milestones out of order: {timeline}"
+
+
+def test_2_reboot_with_the_control_plane_out_of_reach(node: Node, v1: dict[str, Any]) -> None:
+    node.vm.stop()
+    # QEMU's restrict=on: the node sees no network at all, as with the control plane down
+    node.boot("offline-reboot", netdev="user,id=n0,restrict=on")
+    node.wait(rf"guest {v1['image_id']} started from the local copy")
+    node.wait(r"offline: guest running from the local copy", 300)
+    assert "enrolled: node" not in node.vm.console(), "enrolled again on a reboot"
+
+
+def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
+    node: Node,
+    v1: dict[str, Any],
+    cli_env: dict[str, str],
+    admin: Any,
+    tiny_guest: Callable[..., Path],
+    signer: Signer,
+    pinned_signer: Signer,
+    controlplane: ControlPlane,
+) -> None:
+    node.vm.stop()
+    node.boot("bad-assignments", netdev="user,id=n0")
+    node.wait(rf"running: guest {v1['image_id']} running")
+    # signed by a certificate Barbican offers but the image does not pin
+    unpinned = publish_signed(cli_env, tiny_guest, signer, "unpinned")
+    assign(cli_env, node, unpinned["image_id"])
+    node.wait(rf"refused: .*{unpinned['image_id']}|image {unpinned['image_id']} refused", 600)
+    node.wait(rf"current: image {v1['image_id']}", 120)
+    assert member_status(admin, unpinned["image_id"], node.project_id) == "rejected"
+    # bytes changed in Glance's store after a correct upload
+    tampered = publish_signed(cli_env, tiny_guest, pinned_signer, "tampered")
+    stored = controlplane.run_dir / "glance" / "images" / tampered["image_id"]
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    assign(cli_env, node, tampered["image_id"])
+    node.wait(rf"image {tampered['image_id']} refused: .*os_hash_value", 600)
+    console = node.vm.console()
+    after = console[console.rindex(tampered["image_id"]) :]
+    assert re.search(rf"current: image {v1['image_id']}", after) or node.wait(
+        rf"current: image {v1['image_id']}", 120
+    )
+    assert member_status(admin, tampered["image_id"], node.project_id) == "rejected"
+    assert f"switched to image {tampered['image_id']}" not in node.vm.console()
+
+
+def test_4_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:
+    node.vm.stop()
+    # another firmware build: PCR 0 differs from what the node sealed to on first boot
+    node.boot("other-firmware", firmware="uefi-other")
+    node.wait(r"TPM refused to unseal the \S+ .*measured boot state differs", BOOT_TIMEOUT)
+    console = node.vm.console()
+    assert "started from the local copy" not in console
+    assert "switched to image" not in console

@@ -1,0 +1,215 @@
+"""Boot the built host image in QEMU, like a field node: its own swtpm, a NoCloud seed,
+user networking that reaches the host's loopback as 10.0.2.2, and the serial console
+captured to a file.
+
+Software emulation (TCG) unless KVM is asked for: on this machine /dev/kvm exists but
+does not work (../shared/MACHINE-NOTES.md), so its presence decides nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.testbed.swtpm import Swtpm
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# another firmware build (2 MiB flash): a node booted with it measures another PCR 0
+OTHER_OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+OTHER_OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+FIRMWARE = {"uefi": (OVMF_CODE, OVMF_VARS), "uefi-other": (OTHER_OVMF_CODE, OTHER_OVMF_VARS)}
+
+# what a guest kernel in trouble prints: the test says so instead of timing out
+PANIC = re.compile(r"Kernel panic|Oops: |BUG: unable to handle|end Kernel panic")
+
+
+class VmError(AssertionError):
+    """A boot that did not reach what the test waited for; carries the console's tail."""
+
+
+@dataclass
+class HostVm:
+    name: str
+    image: Path
+    workdir: Path
+    firmware: str = "uefi"  # "bios" (SeaBIOS), or "uefi-other" (another OVMF build)
+    tpm: Swtpm | None = None
+    seed: Path | None = None
+    disk_size: str = "4G"
+    memory_mb: int = 2048
+    cpus: int = 2
+    accel: str = field(default_factory=lambda: os.environ.get("EDGEPIN_QEMU_ACCEL", "tcg"))
+    # QEMU user networking: the guest reaches the host's loopback as 10.0.2.2;
+    # "user,id=n0,restrict=on" cuts the node off (the control plane out of reach)
+    netdev: str = "user,id=n0"
+    append_args: list[str] = field(default_factory=list)
+    # milestones on the console (name -> regex); wait_for notes when each first shows
+    milestones: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    boots: int = 0
+    boot_started: float = 0.0
+    seen: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.disk = self.workdir / "disk.qcow2"
+        if not self.disk.exists():
+            # an overlay: the built image is never written; the state partition grows
+            # into the larger virtual disk on first boot
+            subprocess.run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "qcow2",
+                    "-b",
+                    str(self.image.resolve()),
+                    str(self.disk),
+                    self.disk_size,
+                ],
+                check=True,
+            )
+
+    @property
+    def vars(self) -> Path:
+        """The machine's own UEFI variable store, one per firmware build."""
+        return self.workdir / f"VARS-{self.firmware}.fd"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.workdir / f"serial-boot{self.boots}.log"
+
+    def command(self) -> list[str]:
+        cmd = [
+            "qemu-system-x86_64",
+            "-name",
+            self.name,
+            "-machine",
+            "q35",
+            "-accel",
+            self.accel,
+            "-m",
+            str(self.memory_mb),
+            "-smp",
+            str(self.cpus),
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            f"file:{self.serial_log}",
+            "-drive",
+            f"file={self.disk},if=virtio,format=qcow2,cache=unsafe",
+            "-netdev",
+            self.netdev,
+            "-device",
+            "virtio-net-pci,netdev=n0",
+            "-no-reboot",
+        ]
+        if self.accel == "tcg":
+            cmd[cmd.index("-accel") + 1] = "tcg"
+            cmd += ["-cpu", "max"]
+        if self.firmware in FIRMWARE:
+            code, template = FIRMWARE[self.firmware]
+            if not self.vars.exists():
+                shutil.copyfile(template, self.vars)
+            cmd += [
+                "-drive",
+                f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                "-drive",
+                f"if=pflash,format=raw,unit=1,file={self.vars}",
+            ]
+        if self.seed is not None:
+            cmd += ["-drive", f"file={self.seed},if=virtio,format=raw,readonly=on"]
+        if self.tpm is not None:
+            sock = self.tpm.start_for_qemu()
+            cmd += [
+                "-chardev",
+                f"socket,id=chrtpm,path={sock}",
+                "-tpmdev",
+                "emulator,id=tpm0,chardev=chrtpm",
+                "-device",
+                "tpm-tis,tpmdev=tpm0",
+            ]
+        return cmd + self.append_args
+
+    def start(self) -> None:
+        self.seen = {}
+        self.boots += 1
+        self.serial_log.unlink(missing_ok=True)
+        self.serial_log.touch()
+        stderr = (self.workdir / f"qemu-boot{self.boots}.stderr").open("wb")
+        self.boot_started = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            start_new_session=True,
+        )
+
+    def console(self) -> str:
+        return self.serial_log.read_text(errors="replace")
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.console().splitlines()[-lines:])
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Wait for a regex on the serial console; fail with the console's tail."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.console()
+            for name, mrx in self.milestones.items():
+                if name not in self.seen and re.search(mrx, text):
+                    self.seen[name] = round(self.seconds_since_start(), 1)
+            m = rx.search(text)
+            if m:
+                return m
+            panic = PANIC.search(text)
+            if panic:
+                raise VmError(
+                    f"{self.name}: the host kernel panicked (boot {self.boots}):\n{self.tail()}"
+                )
+            if self.proc is not None and self.proc.poll() is not None:
+                raise VmError(
+                    f"{self.name}: QEMU exited ({self.proc.returncode}) before /{pattern}/ "
+                    f"(boot {self.boots}):\n{self.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise VmError(
+                    f"{self.name}: no /{pattern}/ on the console within {timeout:.0f} s "
+                    f"(boot {self.boots}):\n{self.tail()}"
+                )
+            time.sleep(0.5)
+
+    def timeline(self) -> dict[str, float | None]:
+        """Seconds from power-on to each milestone (sampled every 0.5 s), None if unseen."""
+        return {name: self.seen.get(name) for name in self.milestones}
+
+    def seconds_since_start(self) -> float:
+        return time.monotonic() - self.boot_started
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        if self.tpm is not None:
+            self.tpm.stop()
