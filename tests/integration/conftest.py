@@ -35,6 +35,11 @@ class Signer:
 
 @pytest.fixture(scope="session")
 def signer(cli_env: dict[str, str], run_dir: Path) -> Signer:
+    return make_signer(cli_env, run_dir)
+
+
+def make_signer(cli_env: dict[str, str], run_dir: Path) -> Signer:
+    """A signing certificate and key in the Barbican that ``cli_env`` points at."""
     out = run_dir / f"signing-{secrets.token_hex(3)}.pem"
     r = run_edgepin(
         ["signing-cert", "create", "--name", "edgepin tests", "--cert-out", str(out), "--json"],
@@ -50,6 +55,13 @@ def publish(
     cli_env: dict[str, str], signer: Signer, tiny_guest: Callable[..., Path]
 ) -> Callable[..., dict[str, Any]]:
     """Publish a tiny guest; returns the CLI's JSON plus the marker and plaintext path."""
+    return make_publisher(cli_env, signer, tiny_guest)
+
+
+def make_publisher(
+    cli_env: dict[str, str], signer: Signer, tiny_guest: Callable[..., Path]
+) -> Callable[..., dict[str, Any]]:
+    """``publish`` for the control plane that ``cli_env`` points at."""
 
     def do(
         version: str = "1",

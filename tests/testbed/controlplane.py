@@ -9,6 +9,13 @@ endpoint URLs, which takes a few seconds.
 Command line (used by ``./build.sh controlplane``)::
 
     python -m tests.testbed.controlplane up|down|status [--run-dir DIR] [--http]
+                                         [--store file|ceph]
+
+With ``--store ceph`` Glance keeps images in a real single-node Ceph cluster
+(tests/testbed/ceph.py) over RBD, through a cephx user limited to the images pool. The
+RBD driver needs librados' Python bindings, which only exist for the system Python, so
+that tier runs the services from a second venv (``.venv-services-ceph``, made with
+``--system-site-packages`` from /usr/bin/python3, same requirements).
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.testbed.ceph import GLANCE_USER, IMAGES_POOL, CephCluster, CephError
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SERVICES = ("keystone", "glance", "barbican")
@@ -48,15 +57,20 @@ EDGE_DOMAIN = "edge"
 # Roles that edgepin relies on: nodes get member on their own project (Barbican
 # needs it), operators admin; service users need service to validate tokens.
 ROLES = ("admin", "member", "reader", "service")
+STORES = ("file", "ceph")
 
 
 class ControlPlaneError(RuntimeError):
     """The test bed could not be started or stopped."""
 
 
-def services_python() -> Path:
-    env = os.environ.get("EDGEPIN_SERVICES_VENV")
-    venv = Path(env) if env else REPO / ".venv-services"
+def services_python(store: str = "file") -> Path:
+    if store == "ceph":
+        env = os.environ.get("EDGEPIN_SERVICES_CEPH_VENV")
+        venv = Path(env) if env else REPO / ".venv-services-ceph"
+    else:
+        env = os.environ.get("EDGEPIN_SERVICES_VENV")
+        venv = Path(env) if env else REPO / ".venv-services"
     return venv / "bin" / "python"
 
 
@@ -193,21 +207,40 @@ username = {user}
 password = {password}
 service_type = {service_type}
 region_name = {REGION}
+# services reach each other by the catalog's public URLs (internal ones may be the nodes')
+interface = public
 {cafile}"""
+
+
+def _glance_store_conf(cp: ControlPlane, d: Path) -> str:
+    if cp.store == "ceph":
+        # RBD through client.glance; the staging and tasks stores stay on local disk
+        return f"""enabled_backends = ceph:rbd
+[glance_store]
+default_backend = ceph
+[ceph]
+store_description = Ceph RBD, pool {IMAGES_POOL}
+rbd_store_pool = {IMAGES_POOL}
+rbd_store_user = {GLANCE_USER}
+rbd_store_ceph_conf = {cp.ceph_cluster.conf}
+rbd_store_chunk_size = 8
+rados_connect_timeout = 30
+"""
+    return f"""enabled_backends = fs:file
+[glance_store]
+default_backend = fs
+[fs]
+filesystem_store_datadir = {d}/images
+"""
 
 
 def _glance_conf(cp: ControlPlane, d: Path, password: str) -> str:
     ca = f"verify_ssl_path = {cp.ca_path}\n" if cp.tls else ""
     return f"""[DEFAULT]
 use_stderr = true
-enabled_backends = fs:file
 worker_self_reference_url = {cp.url("glance")}
 image_size_cap = 68719476736
-[glance_store]
-default_backend = fs
-[fs]
-filesystem_store_datadir = {d}/images
-[os_glance_staging_store]
+{_glance_store_conf(cp, d)}[os_glance_staging_store]
 filesystem_store_datadir = {d}/staging
 [os_glance_tasks_store]
 filesystem_store_datadir = {d}/tasks
@@ -259,6 +292,15 @@ class ControlPlane:
     pids: dict[str, int] = field(default_factory=dict)
     started_from: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    store: str = "file"
+
+    @property
+    def python(self) -> Path:
+        return services_python(self.store)
+
+    @property
+    def ceph_cluster(self) -> CephCluster:
+        return CephCluster.load(self.run_dir / "ceph")
 
     @property
     def ca_path(self) -> Path:
@@ -290,9 +332,21 @@ class ControlPlane:
         t0 = time.monotonic()
         if self.state_path.exists() and self._alive():
             raise ControlPlaneError(f"control plane already running in {self.run_dir}")
+        if self.store not in STORES:
+            raise ControlPlaneError(f"unknown Glance store {self.store!r}: one of {STORES}")
+        if not self.python.exists():
+            raise ControlPlaneError(f"no services venv at {self.python.parent.parent}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for s in SERVICES:
             self.ports[s] = free_port(self.host)
+        if self.store == "ceph":
+            self._save_state()  # so that down() finds the cluster if its start fails
+            cluster = CephCluster(self.run_dir / "ceph")
+            try:
+                cluster.up()
+            except CephError as e:
+                raise ControlPlaneError(str(e)) from None
+            self.timings["ceph_up"] = cluster.timings["up"]
         hosts = list(dict.fromkeys([self.public_host, self.host, "localhost"]))
         make_ca(self.run_dir / "tls", hosts)
         template = (template_root / template_key()) if template_root else None
@@ -320,6 +374,8 @@ class ControlPlane:
             if s in self.ports:
                 _wait_port_free(self.host, self.ports[s])
         self.pids = {}
+        if (state or {}).get("store", self.store) == "ceph":
+            self.ceph_cluster.down()
         if self.state_path.exists():
             self.state_path.unlink()
 
@@ -338,6 +394,9 @@ class ControlPlane:
             }
         result["clouds_yaml"] = str(self.clouds_yaml)
         result["ca"] = str(self.ca_path) if self.tls else None
+        result["store"] = state.get("store", "file")
+        if result["store"] == "ceph":
+            result["ceph"] = self.ceph_cluster.status()
         return result
 
     @classmethod
@@ -350,6 +409,7 @@ class ControlPlane:
             cp.public_host = state["public_host"]
             cp.ports = {k: int(v) for k, v in state["ports"].items()}
             cp.pids = {k: int(v) for k, v in state["pids"].items()}
+            cp.store = state.get("store", "file")
         return cp
 
     def stop_service(self, name: str) -> None:
@@ -373,8 +433,7 @@ class ControlPlane:
         return d
 
     def _manage(self, service: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        python = services_python()
-        bin_dir = python.parent
+        bin_dir = self.python.parent
         full_env = {**os.environ, **(env or {})}
         if service == "barbican":
             full_env["HOME"] = str(self._dir("barbican"))
@@ -399,7 +458,7 @@ class ControlPlane:
         for sub in ("images", "staging", "tasks", "locks"):
             (gd / sub).mkdir(exist_ok=True)
         _write_private(gd / "glance-api.conf", _glance_conf(self, gd, sec["glance_password"]))
-        venv_etc = services_python().parent.parent / "etc"
+        venv_etc = self.python.parent.parent / "etc"
         shutil.copy(venv_etc / "glance" / "glance-api-paste.ini", gd / "glance-api-paste.ini")
         bd = self._dir("barbican")
         conf_dir = bd / ".barbican"
@@ -520,7 +579,7 @@ class ControlPlane:
         log = (d / "server.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
-            [str(services_python()), str(HERE / "serve.py"), service, str(cfg), bind, cert, key],
+            [str(self.python), str(HERE / "serve.py"), service, str(cfg), bind, cert, key],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -640,6 +699,7 @@ class ControlPlane:
             "auth_url": self.auth_url,
             "started_from": self.started_from,
             "timings": self.timings,
+            "store": self.store,
         }
         self.state_path.write_text(json.dumps(state, indent=2))
 
@@ -767,10 +827,18 @@ def main(argv: list[str] | None = None) -> int:
         help="address written into the catalog and the certificate (default 127.0.0.1)",
     )
     p.add_argument("--no-template", action="store_true", help="always provision from scratch")
+    p.add_argument(
+        "--store",
+        choices=STORES,
+        default="file",
+        help="Glance's image store: file (default) or ceph (a single-node Ceph cluster, RBD)",
+    )
     args = p.parse_args(argv)
     run_dir = args.run_dir.resolve()
     if args.action == "up":
-        cp = ControlPlane(run_dir, tls=not args.http, public_host=args.public_host)
+        cp = ControlPlane(
+            run_dir, tls=not args.http, public_host=args.public_host, store=args.store
+        )
         try:
             cp.up(None if args.no_template else default_template_root())
         except ControlPlaneError as e:
@@ -778,6 +846,11 @@ def main(argv: list[str] | None = None) -> int:
             cp.down()
             return 1
         print(f"control plane up ({cp.started_from} start, {cp.timings['up']:.1f}s)")
+        if cp.store == "ceph":
+            print(
+                f"  ceph      {cp.ceph_cluster.conf} (pool {IMAGES_POOL}, "
+                f"user client.{GLANCE_USER}; up in {cp.timings['ceph_up']:.1f}s)"
+            )
         for s in SERVICES:
             print(f"  {s:9} {cp.url(s)}")
         print(f"  clouds.yaml  {cp.clouds_yaml}  (cloud name: edgepin-testbed)")

@@ -11,7 +11,14 @@ from typing import Any
 import openstack
 import pytest
 
-from tests.testbed.controlplane import REGION, ControlPlane, _group_alive, default_template_root
+from tests.testbed.ceph import missing_binaries
+from tests.testbed.controlplane import (
+    REGION,
+    ControlPlane,
+    _group_alive,
+    default_template_root,
+    services_python,
+)
 
 
 @dataclass
@@ -54,6 +61,28 @@ def controlplane(run_dir: Path, cache_dir: Path) -> Iterator[ControlPlane]:
     cp.down()
     leftover = [name for name, pid in pids.items() if _group_alive(pid)]
     assert not leftover, f"control-plane processes left behind: {leftover}"
+
+
+@pytest.fixture(scope="session")
+def ceph_controlplane(run_dir: Path, cache_dir: Path) -> Iterator[ControlPlane]:
+    """The same services with Glance on a real single-node Ceph (RBD): the ``ceph`` tier."""
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Ceph is not installed ({', '.join(missing)}): run ./build.sh setup")
+    if not services_python("ceph").exists():
+        pytest.skip("no services venv for the Ceph tier (.venv-services-ceph): ./build.sh setup")
+    cp = ControlPlane(run_dir / "controlplane-ceph", store="ceph")
+    try:
+        cp.up(default_template_root() if cache_dir else None)
+    except Exception:
+        cp.down()
+        raise
+    yield cp
+    pids = dict(cp.pids)
+    ceph_pids = dict(cp.ceph_cluster.pids)
+    cp.down()
+    leftover = [name for name, pid in {**pids, **ceph_pids}.items() if _group_alive(pid)]
+    assert not leftover, f"control-plane or Ceph processes left behind: {leftover}"
 
 
 @pytest.fixture(scope="session")
