@@ -68,6 +68,33 @@ def fetch_rows(label: str, res: dict[str, Any]) -> list[Row]:
                 goal,
             )
         )
+    e = m["edgepin"]
+    if "in_process_mib_per_s" in e:
+        rows.append(
+            Row(
+                f"fetch {label}",
+                "edgepin throughput, fetch() alone (no process start)",
+                e["in_process_mib_per_s"],
+                "MiB/s",
+                "curl",
+                m["curl"]["mib_per_s"],
+                e["in_process_vs_curl"],
+            )
+        )
+    if "glance_cpu_seconds_per_gib" in e:
+        # CPU-seconds Glance spends per GiB, against curl's wall seconds per GiB
+        curl_s_per_gib = m["curl"]["seconds_median"] * 1024 * MIB / res["image_bytes"]
+        rows.append(
+            Row(
+                f"fetch {label}",
+                "glance CPU per GiB served (edgepin runs)",
+                e["glance_cpu_seconds_per_gib"],
+                "s",
+                "curl s/GiB",
+                curl_s_per_gib,
+                stats.ratio(e["glance_cpu_seconds_per_gib"], curl_s_per_gib),
+            )
+        )
     for name in ("curl", "edgepin", "naive"):
         rows.append(
             Row(

@@ -158,6 +158,16 @@ def bench_fetch(bed: Bed, size: int, runs: int, log: Any) -> dict[str, Any]:
             "peak_rss_mib": stats.median(rss[m]) / 1024,
             "peak_rss_vs_curl": stats.ratio(stats.median(rss[m]), base_rss),
         }
+    if in_process:
+        # the fetch alone, without the process's start and imports
+        t = stats.median(in_process)
+        methods["edgepin"]["in_process_seconds_median"] = t
+        methods["edgepin"]["in_process_mib_per_s"] = stats.throughput(real, t)
+        methods["edgepin"]["in_process_vs_curl"] = stats.ratio(base_t, t)
+    if glance_cpu:
+        methods["edgepin"]["glance_cpu_seconds_per_gib"] = stats.median(glance_cpu) / (
+            real / (1024 * MIB)
+        )
     return {
         "image_bytes": real,
         "runs": runs,

@@ -45,11 +45,15 @@ def measure(out_dir: Path) -> dict[str, Any]:
         return {"built": False}
     data = json.loads(manifest.read_text())
     pkgs = _packages(data)
+    images = [i for i in data.get("images", []) if isinstance(i, dict)]
+    virtual = next((i.get("virtual_bytes") for i in images if i.get("file") == IMAGE), None)
     return {
         "built": True,
         "image_bytes": image.stat().st_size,
+        "virtual_bytes": virtual,
         "manifest": str(manifest),
-        "packages": len(pkgs),
+        "packages": len(data.get("packages") or []),
+        "packages_with_size": len(pkgs),
         "installed_bytes": sum(b for _, b in pkgs),
         "largest": pkgs[:8],
     }
@@ -60,6 +64,30 @@ def rows(fp: dict[str, Any]) -> list[Row]:
         return [Row("footprint", "host image: not built", None, "", goal="./build.sh image")]
     installed = fp["installed_bytes"]
     out = [
+        Row(
+            "footprint",
+            f"host image qcow2 / virtual size ({fp['packages']} packages)",
+            fp["image_bytes"] / MIB,
+            "MiB",
+            "virtual size",
+            fp["virtual_bytes"] / MIB if fp.get("virtual_bytes") else None,
+            stats.ratio(fp["image_bytes"], fp["virtual_bytes"])
+            if fp.get("virtual_bytes")
+            else None,
+        )
+    ]
+    if not installed:
+        out.append(
+            Row(
+                "footprint",
+                "installed size of packages",
+                None,
+                "",
+                goal="not in the manifest (needs Installed-Size)",
+            )
+        )
+        return out
+    out += [
         Row(
             "footprint",
             "host image qcow2",
