@@ -274,10 +274,10 @@ def fetch(
     os.replace(partial, final)
     state.fsync_dir(images_dir)
     LOG.info(
-        "fetch: image %s verified (%d bytes fetched, resumed from %d, %.1fs)",
+        "fetch: image %s verified (%d bytes fetched, %s, %.1fs)",
         image_id,
         fetched,
-        resumed_from,
+        "restarted from byte 0" if restarted else f"resumed from {resumed_from}",
         time.monotonic() - started,
     )
     return FetchResult(final, got, size, fetched, resumed_from, restarted)
