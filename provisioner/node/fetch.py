@@ -37,7 +37,7 @@ LOG = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
 MAX_PROPERTY = 4096
 
-RangeAction = Literal["append", "from_zero", "retry_from_zero", "fail"]
+RangeAction = Literal["append", "from_zero", "retry_from_zero", "other"]
 
 
 @dataclass
@@ -115,7 +115,8 @@ def range_action(status: int, restarted: bool) -> RangeAction:
     206: the store resumes, append. 200: it ignored the range and sends the whole image,
     keep that from byte zero. 400 (Glance on Ceph RBD: "Getting images randomly from this
     store is not supported") or 416: ask again without a range, from byte zero, and only
-    if that has not happened yet in this fetch. Anything else fails like any bad answer.
+    if that has not happened yet in this fetch. Anything else ("other", a 400 the second time
+    included) is judged like the answer to any request: 404, 5xx, unexpected status.
     """
     if status == 206:
         return "append"
@@ -123,7 +124,7 @@ def range_action(status: int, restarted: bool) -> RangeAction:
         return "from_zero"
     if status in (400, 416) and not restarted:
         return "retry_from_zero"
-    return "fail"
+    return "other"
 
 
 def _rehash(path: Path, upto: int, sha: Any, verifier: StreamVerifier) -> None:
@@ -182,7 +183,7 @@ def fetch(
             r = sess.get(
                 path, endpoint_filter=url_filter, stream=True, headers=headers, raise_exc=False
             )
-        action = range_action(r.status_code, restarted) if headers else "fail"
+        action = range_action(r.status_code, restarted) if headers else None
         if action == "append":
             # the bytes kept from an earlier run count only now that the store resumes
             _rehash(partial, offset, sha, verifier)
