@@ -845,6 +845,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"controlplane: {e}", file=sys.stderr)
             cp.down()
             return 1
+        except BaseException:
+            cp.down()  # leave nothing running (Ceph included), then show what happened
+            raise
         print(f"control plane up ({cp.started_from} start, {cp.timings['up']:.1f}s)")
         if cp.store == "ceph":
             print(
