@@ -44,6 +44,18 @@ def dpkg_manifest(out: Path, name: str) -> dict[str, Any]:
     return data
 
 
+def package_sizes(out: Path, name: str) -> dict[str, int]:
+    """Installed size (KiB) per package, as the image build recorded it."""
+    path = out / f"{name}.d" / "dib-manifests" / "edgepin-package-sizes"
+    sizes: dict[str, int] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            size, _, package = line.partition("\t")
+            if size.isdigit() and package:
+                sizes[package] = int(size)
+    return sizes
+
+
 def elements_used(log: str) -> list[str]:
     """The expanded element list diskimage-builder printed in its log."""
     m = re.search(r"Expanded element dependencies to:\s*(.+)", log)
@@ -80,9 +92,15 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     log_path = out / f"{args.name}.log"
     log = log_path.read_text(errors="replace") if log_path.exists() else ""
     dpkg = dpkg_manifest(out, args.name)
+    sizes = package_sizes(out, args.name)
     packages = sorted(
         (
-            {"package": p["package"], "version": p["version"], "arch": p.get("arch")}
+            {
+                "package": p["package"],
+                "version": p["version"],
+                "arch": p.get("arch"),
+                "installed_kib": sizes.get(p["package"]),
+            }
             for p in dpkg.get("packages", [])
         ),
         key=lambda p: str(p["package"]),
@@ -117,11 +135,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     manifest = build(args)
     (args.out / f"{args.name}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    pins = {"packages": [dict(p) for p in manifest["packages"]]}
+    pins = {
+        "packages": [
+            {k: p[k] for k in ("package", "version", "arch")} for p in manifest["packages"]
+        ]
+    }
     (args.out / f"{args.name}.pins.json").write_text(json.dumps(pins, indent=2) + "\n")
     for image in manifest["images"]:
         print(f"{image['file']}: {image['bytes'] / 2**20:.1f} MiB, sha256 {image['sha256']}")
     print(f"{len(manifest['packages'])} packages; manifest {args.name}.manifest.json")
+    largest = sorted(
+        (p for p in manifest["packages"] if p["installed_kib"]),
+        key=lambda p: -int(p["installed_kib"]),
+    )[:10]
+    if largest:
+        print(
+            "largest installed: "
+            + ", ".join(f"{p['package']} {int(p['installed_kib']) / 1024:.0f} MiB" for p in largest)
+        )
     return 0
 
 

@@ -57,7 +57,8 @@ def checks(vm: HostVm, timeout: float) -> dict[str, str]:
 
 # power-on -> kernel -> state partition -> systemd -> cloud-init -> multi-user -> check
 TIMELINE = {
-    "firmware": r"SeaBIOS|BdsDxe|UEFI",
+    # OVMF prints on the serial port; SeaBIOS does not, so BIOS boots start at GRUB
+    "firmware": r"BdsDxe|UEFI|SeaBIOS|GRUB|Booting `",
     "kernel": r"Linux version \d",
     "state partition": r"edgepin: state partition on /var",
     "systemd": r"systemd\[1\]: .*(Detected|running in system mode)|Welcome to ",
