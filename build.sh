@@ -8,6 +8,8 @@ VENV="${EDGEPIN_VENV:-$ROOT/.venv}"
 SVC_VENV="${EDGEPIN_SERVICES_VENV:-$ROOT/.venv-services}"
 PYTHON="${EDGEPIN_PYTHON:-python3}"
 export EDGEPIN_SERVICES_VENV="$SVC_VENV"
+CEPH_SVC_VENV="${EDGEPIN_SERVICES_CEPH_VENV:-$ROOT/.venv-services-ceph}"
+export EDGEPIN_SERVICES_CEPH_VENV="$CEPH_SVC_VENV"
 
 # Debian packages the build, the test bed and the tests need on the build host.
 APT_PACKAGES=(
@@ -20,6 +22,14 @@ APT_PACKAGES=(
     # building the Python bindings (tpm2-pytss, libvirt-python)
     pkg-config gcc
     openssl curl ca-certificates
+    # the Ceph tier: a single-node cluster under Glance (tests/testbed/ceph.py)
+    ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd
+)
+
+# ... and what ./build.sh image needs on the build host (diskimage-builder's tools)
+IMAGE_APT_PACKAGES=(
+    debootstrap sudo uuid-runtime parted gdisk dosfstools mtools kpartx
+    squashfs-tools qemu-utils jq
 )
 
 usage() {
@@ -27,21 +37,26 @@ usage() {
 Usage: ./build.sh [COMMAND] [ARGS...]
 
 Commands:
-  image                    build the host image into out/ (the default)
+  image [OPTIONS]          build the host image into out/ (the default);
+                           ./build.sh image --help for its options
   test [PYTEST ARGS...]    install what the tests need, run ruff, mypy and the whole
                            pytest suite; pass pytest arguments to select, e.g.
                            ./build.sh test -m unit
-  controlplane up|down|status [--http] [--run-dir DIR]
+  controlplane up|down|status [--http] [--run-dir DIR] [--store file|ceph]
                            run the test bed's Keystone, Glance and Barbican by hand
                            (on loopback, HTTPS with a CA made for the run)
   bench [ARGS...]          run the benchmarks (benchmarks/, issue 8): prints a table of
                            ratios against baselines measured in the same run, writes JSON
+  demo [--down]            edgepin end to end here: control plane, host image, a
+                           published guest, an enrolled node booted in QEMU; --down
+                           stops and removes it all
   setup                    only install what is missing (apt packages, venvs)
   -h, --help               show this help
 
 Environment:
   EDGEPIN_VENV             project venv (default .venv)
   EDGEPIN_SERVICES_VENV    OpenStack services venv (default .venv-services)
+  EDGEPIN_SERVICES_CEPH_VENV  the same for the Ceph tier (default .venv-services-ceph)
   EDGEPIN_PYTHON           Python used to create the venvs (default python3, >= 3.11)
   CI                       when set, a test run fails if any test was skipped
 
@@ -66,7 +81,7 @@ die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
 
 ensure_apt() {
     local missing=() p
-    for p in "${APT_PACKAGES[@]}"; do
+    for p in "${APT_PACKAGES[@]}" "$@"; do
         [[ "$p" == \#* ]] && continue
         if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
             missing+=("$p")
@@ -114,17 +129,214 @@ ensure_services_venv() {
     ensure_venv "$SVC_VENV" "$ROOT/tests/requirements/services.txt"
 }
 
+# the Ceph tier's services: glance_store's RBD driver needs python3-rados/python3-rbd,
+# which exist only for the system Python; same requirements as .venv-services
+ensure_ceph_venv() {
+    local dir="$CEPH_SVC_VENV" req="$ROOT/tests/requirements/services.txt" want
+    want="$(sha256sum <"$req" | cut -d' ' -f1) system-site"
+    if [[ -x "$dir/bin/python" && "$(cat "$dir/.edgepin-stamp" 2>/dev/null)" == "$want" ]]; then
+        return 0
+    fi
+    log "creating venv $dir (/usr/bin/python3 + system rados/rbd) from ${req#"$ROOT"/}"
+    rm -rf "$dir"
+    /usr/bin/python3 -m venv --system-site-packages "$dir"
+    pip_q "$dir/bin/python" install --upgrade pip
+    pip_q "$dir/bin/python" install -r "$req"
+    "$dir/bin/python" -c 'import rados, rbd' || die "python3-rados/python3-rbd missing in $dir"
+    echo "$want" >"$dir/.edgepin-stamp"
+}
+
+ensure_dib_venv() {
+    ensure_venv "$ROOT/.venv-dib" "$ROOT/elements/build-requirements.txt"
+}
+
+# everything: the tests build and boot the host image too
 setup() {
-    ensure_apt
+    ensure_apt "${IMAGE_APT_PACKAGES[@]}"
     ensure_project_venv
     ensure_services_venv
+    ensure_ceph_venv
+    ensure_dib_venv
 }
 
 # ------------------------------------------------------------------ commands
 
+# ---------------------------------------------------------------- host image
+
+image_usage() {
+    cat <<'EOF'
+Usage: ./build.sh image [OPTIONS]
+
+Build the edgepin host image with diskimage-builder from the elements in elements/.
+
+Options:
+  --release NAME           Debian release (default trixie; bookworm works too)
+  --ca FILE                control plane CA bundle the node pins (/etc/edgepin/ca.pem)
+  --signing-cert FILE      image-signing certificate the node pins; repeat for several
+  --pcrs LIST              PCRs to seal to (default 7)
+  --reserved-cpus LIST     host CPUs kept for the host (default 0)
+  --reconcile-interval T   systemd time span between reconciles (default 5min)
+  --virt-type kvm|qemu     libvirt domain type on the node (default kvm)
+  --pins FILE              rebuild with exactly the package versions of a pin file
+                           (out/edgepin-host.pins.json of an earlier build)
+  --raw                    also write a raw image, for writing to disks
+  --out DIR                output folder (default out/)
+  -h, --help               show this help
+
+Outputs: DIR/edgepin-host.qcow2 (+ .raw), edgepin-host.manifest.json,
+edgepin-host.pins.json, edgepin-host.log. SOURCE_DATE_EPOCH (default: the
+time of the last commit) clamps file times for reproducible builds.
+EOF
+}
+
+# the Debian mirrors of this build host, from its apt configuration
+apt_mirror() {
+    python3 - "$1" <<'PY'
+import glob, re, sys
+want = sys.argv[1]  # main or security
+found = []
+for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+    for stanza in open(path).read().split("\n\n"):
+        uris = re.findall(r"^URIs:\s*(.+)$", stanza, re.M)
+        suites = re.findall(r"^Suites:\s*(.+)$", stanza, re.M)
+        if uris and suites:
+            found += [(u, s) for u in uris[0].split() for s in suites[0].split()]
+for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
+    try:
+        for line in open(path):
+            m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
+            if m:
+                found.append((m.group(1), m.group(2)))
+    except OSError:
+        pass
+for uri, suite in found:
+    if (want == "security") == suite.endswith("-security"):
+        print(uri.rstrip("/"))
+        break
+PY
+}
+
+# this host lacks device-mapper or kernel vfat (a container or a sandbox): DIB's
+# standard path cannot work there, the shims in elements/edgepin-host/host-shims stand in
+needs_host_shims() {
+    [[ -e /dev/mapper/control ]] || return 0
+    grep -qw vfat /proc/filesystems && return 1
+    modprobe -q vfat 2>/dev/null && grep -qw vfat /proc/filesystems && return 1
+    return 0
+}
+
 cmd_image() {
-    setup
-    die "the host image is not built yet: diskimage-builder elements come with the host image issue (#5)"
+    local release="${DIB_RELEASE:-trixie}" ca="" certs=() pcrs=7 reserved=0 interval=5min
+    local virt=kvm pins="" raw=0 out="$ROOT/out"
+    while (($#)); do
+        case "$1" in
+            --release) release="$2"; shift 2 ;;
+            --ca) ca="$(realpath "$2")"; shift 2 ;;
+            --signing-cert) certs+=("$(realpath "$2")"); shift 2 ;;
+            --pcrs) pcrs="$2"; shift 2 ;;
+            --reserved-cpus) reserved="$2"; shift 2 ;;
+            --reconcile-interval) interval="$2"; shift 2 ;;
+            --virt-type) virt="$2"; shift 2 ;;
+            --pins) pins="$(realpath "$2")"; shift 2 ;;
+            --raw) raw=1; shift ;;
+            --out) out="$(realpath -m "$2")"; shift 2 ;;
+            -h | --help) image_usage; return 0 ;;
+            *) image_usage >&2; die "image: unknown option $1" ;;
+        esac
+    done
+    [[ -z "$ca" || -f "$ca" ]] || die "--ca: no such file"
+    local f
+    for f in "${certs[@]}"; do [[ -f "$f" ]] || die "--signing-cert: no such file: $f"; done
+    [[ -z "$pins" || -f "$pins" ]] || die "--pins: no such file: $pins"
+    [[ "$virt" == kvm || "$virt" == qemu ]] || die "--virt-type must be kvm or qemu"
+
+    ensure_apt "${IMAGE_APT_PACKAGES[@]}"
+    ensure_project_venv
+    ensure_dib_venv
+    local dib_venv="$ROOT/.venv-dib"
+
+    local work="$ROOT/.cache/image" name="edgepin-host"
+    mkdir -p "$out" "$work"
+    export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || date +%s)}"
+
+    log "building the edgepin wheel"
+    rm -rf "$work/wheel"
+    pip_q "$dib_venv/bin/python" wheel --no-deps --no-build-isolation -w "$work/wheel" "$ROOT" >/dev/null
+    rm -rf "$ROOT/build"
+    local wheel
+    wheel="$(ls "$work"/wheel/edgepin-*.whl)"
+
+    local mirror security
+    mirror="${DIB_DISTRIBUTION_MIRROR:-$(apt_mirror main)}"
+    security="${DIB_DEBIAN_SECURITY_MIRROR:-$(apt_mirror security)}"
+    [[ -n "$mirror" ]] || die "no Debian mirror in this host's apt configuration; set DIB_DISTRIBUTION_MIRROR"
+
+    local path="$dib_venv/bin:$PATH" shims=no
+    if needs_host_shims; then
+        [[ $(id -u) -eq 0 ]] || die "this host has no device-mapper or kernel vfat: build as root"
+        log "no device-mapper or kernel vfat here: DIB runs with the host shims (partx, mtools)"
+        path="$ROOT/elements/edgepin-host/host-shims:$path"
+        export EDGEPIN_SHIM_STATE="$work/shim-state" DIB_EDGEPIN_HOST_SHIMS=1
+        mkdir -p "$EDGEPIN_SHIM_STATE"
+        shims=yes
+    fi
+
+    local types=qcow2
+    ((raw)) && types=qcow2,raw
+    local logfile="$out/$name.log"
+    log "diskimage-builder: Debian $release from $mirror; log in $logfile"
+    local start=$SECONDS rc=0
+    (
+        export PATH="$path"
+        export ELEMENTS_PATH="$ROOT/elements"
+        export DIB_RELEASE="$release"
+        export DIB_DISTRIBUTION_MIRROR="$mirror"
+        if [[ -n "$security" ]]; then export DIB_DEBIAN_SECURITY_MIRROR="$security"; fi
+        export TMP_DIR="$work/tmp"
+        export DIB_IMAGE_CACHE="$ROOT/.cache/dib"
+        export DIB_EDGEPIN_WHEEL="$wheel"
+        export DIB_EDGEPIN_CA_BUNDLE="$ca"
+        export DIB_EDGEPIN_SIGNING_CERTS="${certs[*]}"
+        export DIB_EDGEPIN_PCRS="$pcrs"
+        export DIB_EDGEPIN_RESERVED_CPUS="$reserved"
+        export DIB_EDGEPIN_RECONCILE_INTERVAL="$interval"
+        export DIB_EDGEPIN_VIRT_TYPE="$virt"
+        if [[ -n "$pins" ]]; then export DIB_DPKG_MANIFEST="$pins"; fi
+        mkdir -p "$TMP_DIR"
+        exec disk-image-create -a amd64 -t "$types" --image-size 2 --no-tmpfs \
+            -o "$out/$name" edgepin-host
+    ) >"$logfile" 2>&1 &
+    local pid=$!
+    # progress: the hook diskimage-builder is running, as it changes
+    local last="" now
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 3
+        now="$(grep -oE "dib-run-parts Running [^ ]+" "$logfile" 2>/dev/null | tail -1 || true)"
+        now="${now##*/in_target.d/}"
+        now="${now##*/hooks/}"
+        if [[ -n "$now" && "$now" != "$last" ]]; then
+            printf '    [%4d s] %s\n' "$((SECONDS - start))" "$now" >&2
+            last="$now"
+        fi
+    done
+    wait "$pid" || rc=$?
+    if ((rc != 0)); then
+        tail -25 "$logfile" >&2
+        die "diskimage-builder failed (exit $rc) after $((SECONDS - start)) s; full log: $logfile"
+    fi
+    log "image built in $((SECONDS - start)) s"
+    local ca_sum="" pins_sum="" cert_sums=""
+    [[ -n "$ca" ]] && ca_sum="$(sha256sum "$ca" | cut -d' ' -f1)"
+    [[ -n "$pins" ]] && pins_sum="$(sha256sum "$pins" | cut -d' ' -f1)"
+    for f in "${certs[@]}"; do cert_sums+="$(sha256sum "$f" | cut -d' ' -f1),"; done
+    "$VENV/bin/python" -m provisioner.imagemanifest \
+        --out "$out" --name "$name" --elements-dir "$ROOT/elements" --wheel "$wheel" \
+        --setting "release=$release" --setting "mirror=$mirror" \
+        --setting "source_date_epoch=$SOURCE_DATE_EPOCH" \
+        --setting "pcrs=$pcrs" --setting "reserved_cpus=$reserved" \
+        --setting "reconcile_interval=$interval" --setting "virt_type=$virt" \
+        --setting "ca_sha256=$ca_sum" --setting "signing_certs_sha256=${cert_sums%,}" \
+        --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims"
 }
 
 cmd_test() {
@@ -151,8 +363,15 @@ cmd_controlplane() {
     ensure_apt
     ensure_project_venv
     ensure_services_venv
+    if [[ " $* " == *" --store ceph "* || " $* " == *" --store=ceph "* ]]; then ensure_ceph_venv; fi
     cd "$ROOT"
     "$VENV/bin/python" -m tests.testbed.controlplane "$@"
+}
+
+cmd_demo() {
+    setup
+    cd "$ROOT"
+    "$VENV/bin/python" -m tests.testbed.demo "$@"
 }
 
 cmd_bench() {
@@ -170,6 +389,7 @@ main() {
         test) cmd_test "$@" ;;
         controlplane) cmd_controlplane "$@" ;;
         bench) cmd_bench "$@" ;;
+        demo) cmd_demo "$@" ;;
         setup) setup ;;
         *) usage >&2; die "unknown command: $cmd" ;;
     esac

@@ -288,6 +288,9 @@ class ControlPlane:
     tls: bool = True
     host: str = "127.0.0.1"
     public_host: str = "127.0.0.1"
+    # the "internal" catalog interface: how QEMU-booted nodes (user networking) reach the
+    # host's loopback; QEMU forwards 10.0.2.2:PORT to 127.0.0.1:PORT
+    node_host: str = "10.0.2.2"
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     started_from: str = ""
@@ -322,6 +325,14 @@ class ControlPlane:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://{self.public_host}:{self.ports[service]}"
 
+    def node_url(self, service: str) -> str:
+        """The service as a node inside QEMU reaches it (the catalog's internal URL)."""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.node_host}:{self.ports[service]}"
+
+    def endpoint_url(self, service: str, interface: str) -> str:
+        return self.node_url(service) if interface == "internal" else self.url(service)
+
     def secrets(self) -> dict[str, str]:
         data: dict[str, str] = json.loads((self.run_dir / "secrets.json").read_text())
         return data
@@ -347,7 +358,7 @@ class ControlPlane:
             except CephError as e:
                 raise ControlPlaneError(str(e)) from None
             self.timings["ceph_up"] = cluster.timings["up"]
-        hosts = list(dict.fromkeys([self.public_host, self.host, "localhost"]))
+        hosts = list(dict.fromkeys([self.public_host, self.host, self.node_host, "localhost"]))
         make_ca(self.run_dir / "tls", hosts)
         template = (template_root / template_key()) if template_root else None
         if template and (template / "secrets.json").exists():
@@ -508,7 +519,7 @@ class ControlPlane:
                 "--bootstrap-public-url",
                 ks,
                 "--bootstrap-internal-url",
-                ks,
+                self.node_url("keystone"),
             ],
             # the password goes through the environment, never the command line
             env={"OS_BOOTSTRAP_PASSWORD": sec["admin_password"]},
@@ -537,7 +548,14 @@ class ControlPlane:
         shutil.copytree(kd / "fernet-keys", tmp / "fernet-keys")
         shutil.copytree(kd / "credential-keys", tmp / "credential-keys")
         shutil.copy(self.run_dir / "secrets.json", tmp / "secrets.json")
-        (tmp / "endpoints.json").write_text(json.dumps({s: self.url(s) for s in SERVICES}))
+        (tmp / "endpoints.json").write_text(
+            json.dumps(
+                {
+                    i: {s: self.endpoint_url(s, i) for s in SERVICES}
+                    for i in ("public", "internal", "admin")
+                }
+            )
+        )
         try:
             tmp.rename(template)
         except OSError:  # another run saved it first
@@ -564,8 +582,12 @@ class ControlPlane:
         old = json.loads((template / "endpoints.json").read_text())
         conn = sqlite3.connect(kd / "keystone.db")
         with conn:
-            for s in SERVICES:
-                conn.execute("UPDATE endpoint SET url = replace(url, ?, ?)", (old[s], self.url(s)))
+            for i, urls in old.items():
+                for s in SERVICES:
+                    conn.execute(
+                        "UPDATE endpoint SET url = replace(url, ?, ?) WHERE interface = ?",
+                        (urls[s], self.endpoint_url(s, i), i),
+                    )
         conn.close()
         self.timings["template_copy"] = time.monotonic() - t0
 
@@ -662,7 +684,7 @@ class ControlPlane:
                 ident.create_endpoint(
                     service_id=svc.id,
                     interface=interface,
-                    url=self.url(service),
+                    url=self.endpoint_url(service, interface),
                     region_id=REGION,
                 )
         ident.create_domain(name=EDGE_DOMAIN, description="edgepin nodes: one project per node")
