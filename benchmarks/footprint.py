@@ -28,7 +28,14 @@ def _packages(manifest: dict[str, Any]) -> list[tuple[str, int]]:
     for p in pkgs:
         if not isinstance(p, dict):
             continue
-        kib = p.get("installed_size_kib", p.get("installed_size", p.get("Installed-Size")))
+        kib = next(
+            (
+                p[k]
+                for k in ("installed_kib", "installed_size_kib", "installed_size", "Installed-Size")
+                if k in p
+            ),
+            None,
+        )
         if kib is None:
             continue
         try:

@@ -65,3 +65,5 @@ def test_manifest_packages_largest_first() -> None:
     }
     assert _packages(manifest) == [("b", 30 * 1024), ("a", 10 * 1024)]
     assert _packages({"packages": {"x": {"Installed-Size": "4"}}}) == [("x", 4096)]
+    # the form the image build writes (provisioner/imagemanifest.py)
+    assert _packages({"packages": [{"package": "apt", "installed_kib": 2}]}) == [("apt", 2048)]
