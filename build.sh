@@ -21,7 +21,7 @@ APT_PACKAGES=(
     busybox-static syslinux syslinux-common mtools dosfstools fdisk cpio
     # building the Python bindings (tpm2-pytss, libvirt-python)
     pkg-config gcc
-    openssl curl ca-certificates
+    openssl curl ca-certificates time
     # the Ceph tier: a single-node cluster under Glance (tests/testbed/ceph.py)
     ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd
 )
