@@ -63,9 +63,12 @@ def controlplane(run_dir: Path, cache_dir: Path) -> Iterator[ControlPlane]:
     assert not leftover, f"control-plane processes left behind: {leftover}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ceph_controlplane(run_dir: Path, cache_dir: Path) -> Iterator[ControlPlane]:
-    """The same services with Glance on a real single-node Ceph (RBD): the ``ceph`` tier."""
+    """The same services with Glance on a real single-node Ceph (RBD): the ``ceph`` tier.
+
+    Module-scoped: the cluster (~400 MB, a mgr that ticks) is gone once its tests are done.
+    """
     missing = missing_binaries()
     if missing:
         pytest.skip(f"Ceph is not installed ({', '.join(missing)}): run ./build.sh setup")
