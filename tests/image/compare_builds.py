@@ -1,0 +1,137 @@
+"""Compare two host image builds: what differs, file by file.
+
+    python -m tests.image.compare_builds A.qcow2 B.qcow2 [--json OUT]
+
+Run as root: each image is converted to raw, its partitions are attached read-only (partx)
+and the ext4 ones mounted read-only; the ESP is read with mtools. For every file the
+content hash, mode, owner, mtime and link target are compared. The images themselves are
+compared byte for byte too, to say whether the build is bit-identical or only file-identical.
+Used for the reproducibility figures in docs/host-image.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+PARTS = {3: "root", 4: "state"}  # ext4 partitions of the layout; 1 is the ESP
+
+
+def run(args: list[str]) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def tree(root: Path) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p), st.st_uid, st.st_gid)
+            elif p.is_file():
+                h = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[rel] = ("file", h, oct(st.st_mode), st.st_uid, st.st_gid, int(st.st_mtime))
+            elif p.is_dir():
+                out[rel] = ("dir", oct(st.st_mode), st.st_uid, st.st_gid, int(st.st_mtime))
+            else:
+                out[rel] = ("other", oct(st.st_mode))
+    return out
+
+
+def esp_files(raw_part: str, into: Path) -> dict[str, tuple[object, ...]]:
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mcopy", "-s", "-n", "-i", raw_part, "::/", str(into)], check=False)
+    return {k: v[:2] for k, v in tree(into).items()}  # FAT keeps no owners; times vary
+
+
+@contextlib.contextmanager
+def attached(image: Path, work: Path) -> Iterator[dict[str, dict[str, tuple[object, ...]]]]:
+    raw = work / "disk.raw"
+    run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)])
+    loop = run(["losetup", "--find", "--show", "--read-only", str(raw)]).strip()
+    mounts: list[Path] = []
+    try:
+        subprocess.run(["partx", "-d", loop], check=False, capture_output=True)
+        run(["partx", "-a", loop])
+        result = {}
+        for num, name in PARTS.items():
+            mnt = work / name
+            mnt.mkdir()
+            run(["mount", "-o", "ro,noload", f"{loop}p{num}", str(mnt)])
+            mounts.append(mnt)
+            result[name] = tree(mnt)
+        result["esp"] = esp_files(f"{loop}p1", work / "esp")
+        yield result
+    finally:
+        for mnt in mounts:
+            subprocess.run(["umount", str(mnt)], check=False)
+        subprocess.run(["partx", "-d", loop], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def compare(a: Path, b: Path) -> dict[str, object]:
+    report: dict[str, object] = {"qcow2_identical": digest(a) == digest(b)}
+    with tempfile.TemporaryDirectory(prefix="edgepin-cmp-") as tmp:
+        (Path(tmp) / "a").mkdir()
+        (Path(tmp) / "b").mkdir()
+        with attached(a, Path(tmp) / "a") as ta, attached(b, Path(tmp) / "b") as tb:
+            report["raw_identical"] = digest(Path(tmp) / "a" / "disk.raw") == digest(
+                Path(tmp) / "b" / "disk.raw"
+            )
+            for part in ta:
+                fa, fb = ta[part], tb[part]
+                differ = sorted(k for k in fa.keys() & fb.keys() if fa[k] != fb[k])
+                report[part] = {
+                    "files": len(fa),
+                    "only_in_a": sorted(fa.keys() - fb.keys()),
+                    "only_in_b": sorted(fb.keys() - fa.keys()),
+                    "differ": [
+                        {"path": k, "a": list(map(str, fa[k])), "b": list(map(str, fb[k]))}
+                        for k in differ
+                    ],
+                }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--json", type=Path, help="write the full report here")
+    args = p.parse_args(argv)
+    report = compare(args.a, args.b)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"qcow2 identical: {report['qcow2_identical']}; raw identical: {report['raw_identical']}")
+    for part in ("root", "state", "esp"):
+        r = report[part]
+        assert isinstance(r, dict)
+        print(
+            f"{part}: {r['files']} entries, {len(r['differ'])} differ, "
+            f"{len(r['only_in_a'])} only in A, {len(r['only_in_b'])} only in B"
+        )
+        for d in r["differ"][:15]:
+            print(f"    {d['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
