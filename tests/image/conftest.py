@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,3 +130,28 @@ def vm_tpms(run_dir: Path) -> Iterator[SwtpmFactory]:
     factory = SwtpmFactory(run_dir / "vm-tpm")
     yield factory
     factory.stop_all()
+
+
+# Scenarios that live one after the other on one node (a module with INCREMENTAL = True):
+# once one fails, the rest fail at once, naming it, instead of each waiting out its timeout
+# on a node in an unknown state.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    module = getattr(item, "module", None)
+    if getattr(module, "INCREMENTAL", False) and report.failed and item.parent is not None:
+        item.parent.stash[_FAILED] = item.name
+    return report
+
+
+_FAILED = pytest.StashKey[str]()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    module = getattr(item, "module", None)
+    if getattr(module, "INCREMENTAL", False) and item.parent is not None:
+        failed = item.parent.stash.get(_FAILED, None)
+        if failed is not None:
+            pytest.fail(f"not run: the node is in no known state since {failed} failed")

@@ -35,6 +35,7 @@ from tests.testbed.qemuvm import HostVm
 from tests.testbed.swtpm import SwtpmFactory
 
 pytestmark = pytest.mark.image
+INCREMENTAL = True  # one node lives the scenarios in order (see conftest)
 
 # power-on -> kernel -> first-boot unit -> enrolled -> image verified -> guest running
 TIMELINE = {

@@ -26,6 +26,18 @@ OTHER_OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OTHER_OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 FIRMWARE = {"uefi": (OVMF_CODE, OVMF_VARS), "uefi-other": (OTHER_OVMF_CODE, OTHER_OVMF_VARS)}
 
+# The whole image tier's wall-clock budget, counted from the first boot: software
+# emulation is slow and a hung boot must not eat CI's limit. Every wait is cut to it.
+BUDGET_SECONDS = float(os.environ.get("EDGEPIN_IMAGE_TIER_BUDGET", "2700"))
+_first_boot: float | None = None
+
+
+def budget_left() -> float:
+    if _first_boot is None:
+        return BUDGET_SECONDS
+    return BUDGET_SECONDS - (time.monotonic() - _first_boot)
+
+
 # what a guest kernel in trouble prints: the test says so instead of timing out
 PANIC = re.compile(r"Kernel panic|Oops: |BUG: unable to handle|end Kernel panic")
 
@@ -144,6 +156,9 @@ class HostVm:
         return cmd + self.append_args
 
     def start(self) -> None:
+        global _first_boot
+        if _first_boot is None:
+            _first_boot = time.monotonic()
         self.seen = {}
         self.boots += 1
         self.serial_log.unlink(missing_ok=True)
@@ -167,6 +182,12 @@ class HostVm:
     def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
         """Wait for a regex on the serial console; fail with the console's tail."""
         rx = re.compile(pattern)
+        left = budget_left()
+        if left < timeout:
+            timeout = max(left, 30.0)
+            why = f"the image tier's budget (EDGEPIN_IMAGE_TIER_BUDGET={BUDGET_SECONDS:.0f} s)"
+        else:
+            why = "the test's limit"
         deadline = time.monotonic() + timeout
         while True:
             text = self.console()
@@ -188,7 +209,8 @@ class HostVm:
                 )
             if time.monotonic() > deadline:
                 raise VmError(
-                    f"{self.name}: no /{pattern}/ on the console within {timeout:.0f} s "
+                    f"{self.name}: no /{pattern}/ on the console within {timeout:.0f} s, "
+                    f"{why} "
                     f"(boot {self.boots}):\n{self.tail()}"
                 )
             time.sleep(0.5)
