@@ -36,7 +36,17 @@ def write_status(cfg: NodeConfig, status: dict[str, Any]) -> None:
     state.atomic_write(cfg.metrics_path, metrics(status).encode(), mode=0o644)
 
 
-STATES = ("running", "offline", "refused", "failed", "rolled-back", "disabled", "unenrolled")
+# every state reconcile reports (Outcome.state), so that exactly one series is 1
+STATES = (
+    "running",
+    "offline",
+    "refused",
+    "failed",
+    "rolled-back",
+    "waiting",
+    "disabled",
+    "unenrolled",
+)
 
 
 def metrics(status: dict[str, Any]) -> str:
