@@ -332,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
             fp = footprint.measure(Path(__file__).resolve().parent.parent / "out")
             raw["footprint"] = fp
             rows += footprint.rows(fp)
+            boot = footprint.boot_measure(
+                Path(__file__).resolve().parent.parent / "out" / "results"
+            )
+            raw["boot"] = boot
+            rows += footprint.boot_rows(boot)
     finally:
         meta["loadavg_end"] = os.getloadavg()
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -118,3 +118,78 @@ def rows(fp: dict[str, Any]) -> list[Row]:
             )
         )
     return out
+
+
+# 5b. Boot: the timelines the QA image tests leave (tests/image/, docs/qa.md). The
+# benchmarks never boot the image themselves; they read the last QA run's results.
+BOOT_ORDER = (
+    "firmware",
+    "kernel",
+    "first-boot unit",
+    "enrolled",
+    "image verified",
+    "guest running",
+)
+
+
+def boot_measure(results: Path) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    node = results / "node-image" / "timeline.json"
+    if node.exists():
+        found["node"] = json.loads(node.read_text())
+    for fw in ("uefi", "bios"):
+        checks = results / f"host-image-{fw}" / "checks.json"
+        if checks.exists():
+            found[f"host-{fw}"] = json.loads(checks.read_text()).get("timeline", {})
+    return found
+
+
+def boot_rows(boot: dict[str, Any]) -> list[Row]:
+    if not boot:
+        return [Row("boot", "QA boot timeline: no results", None, "", goal="pytest -m image")]
+    out: list[Row] = []
+    first = boot.get("node", {}).get("first-boot", {})
+    total = first.get("guest running")
+    for name in BOOT_ORDER:
+        at = first.get(name)
+        out.append(
+            Row(
+                "boot",
+                f"first boot (TCG): {name}",
+                at,
+                "s",
+                "to guest running",
+                total,
+                stats.ratio(at, total) if at is not None and total else None,
+            )
+        )
+    again = boot.get("node", {}).get("offline-reboot", {}).get("guest running")
+    if again is not None:
+        out.append(
+            Row(
+                "boot",
+                "offline reboot: guest running (cache + sealed key)",
+                again,
+                "s",
+                "first boot",
+                total,
+                stats.ratio(again, total) if total else None,
+            )
+        )
+    for fw in ("uefi", "bios"):
+        tl = boot.get(f"host-{fw}")
+        if tl:
+            out.append(
+                Row(
+                    "boot",
+                    f"host image ({fw}): multi-user",
+                    tl.get("multi-user"),
+                    "s",
+                    "kernel",
+                    tl.get("kernel"),
+                    stats.ratio(tl["multi-user"], tl["kernel"])
+                    if tl.get("multi-user") and tl.get("kernel")
+                    else None,
+                )
+            )
+    return out

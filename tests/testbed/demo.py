@@ -51,7 +51,12 @@ def edgepin(args: list[str], cp: ControlPlane) -> subprocess.CompletedProcess[st
 
 def up() -> int:
     from provisioner import barbican
-    from tests.image.conftest import build_image, image_args, image_signer_material
+    from tests.image.conftest import (
+        build_image,
+        image_args,
+        image_signer_material,
+        inputs_digest,
+    )
     from tests.testbed.guest import build_tiny_guest
     from tests.testbed.qemuvm import HostVm
     from tests.testbed.swtpm import SwtpmFactory
@@ -71,9 +76,11 @@ def up() -> int:
     signer = image_signer_material(CACHE)
     out = CACHE / "image-tier" / "out"
     image = out / "edgepin-host.qcow2"
+    stamp = out / "edgepin-host.inputs"
+    current = stamp.exists() and stamp.read_text() == inputs_digest(image_args(signer))
     step(
         "reusing the host image"
-        if image.exists()
+        if image.exists() and current
         else "building the host image (./build.sh image; a few minutes, log in "
         f"{out / 'edgepin-host.log'})"
     )
@@ -210,7 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="./build.sh demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--down", action="store_true", help="stop and remove everything the demo made")
     args = p.parse_args(argv)
-    return down() if args.down else up()
+    if args.down:
+        return down()
+    try:
+        return up()
+    except BaseException as e:  # a build failure reaches here as pytest's Failed
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        print(f"{e}" or type(e).__name__, file=sys.stderr)
+        print(
+            f"demo: stopped; what it started is still up for a look in {RUN}. "
+            "./build.sh demo --down stops and removes it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from benchmarks import servicelog, stats
@@ -67,3 +70,23 @@ def test_manifest_packages_largest_first() -> None:
     assert _packages({"packages": {"x": {"Installed-Size": "4"}}}) == [("x", 4096)]
     # the form the image build writes (provisioner/imagemanifest.py)
     assert _packages({"packages": [{"package": "apt", "installed_kib": 2}]}) == [("apt", 2048)]
+
+
+def test_boot_rows_read_the_qa_timelines(tmp_path: Path) -> None:
+    from benchmarks import footprint
+
+    node = tmp_path / "node-image"
+    node.mkdir()
+    (node / "timeline.json").write_text(
+        json.dumps(
+            {
+                "first-boot": {"kernel": 30.0, "enrolled": 200.0, "guest running": 400.0},
+                "offline-reboot": {"guest running": 100.0},
+            }
+        )
+    )
+    rows = {r.metric: r for r in footprint.boot_rows(footprint.boot_measure(tmp_path))}
+    assert rows["first boot (TCG): enrolled"].ratio == 0.5
+    assert rows["first boot (TCG): firmware"].value is None
+    assert rows["offline reboot: guest running (cache + sealed key)"].ratio == 0.25
+    assert footprint.boot_rows(footprint.boot_measure(tmp_path / "none"))[0].value is None
