@@ -1,7 +1,9 @@
 #!/bin/sh
-# waits for systemd to finish starting, then reports on the serial console
+# Waits for systemd to finish starting, then reports on the console in one write.
+# /dev/console, not /dev/ttyS0: serial-getty's vhangup of ttyS0 as it starts would cut a
+# writer that holds ttyS0 open (a race seen on a fast boot); the console survives it.
 systemctl is-system-running --wait >/dev/null 2>&1
-{
+report=$(
 echo "EDGEPIN-CHECK system=$(systemctl is-system-running)"
 echo "EDGEPIN-CHECK failed=$(systemctl list-units --failed --plain --no-legend | awk '{print $1}' | paste -sd, -)"
 echo "EDGEPIN-CHECK root=$(findmnt -no OPTIONS / | cut -d, -f1)"
@@ -15,4 +17,5 @@ echo "EDGEPIN-CHECK root-login=$(passwd -S root | awk '{print $2}')"
 echo "EDGEPIN-CHECK compilers=$(for t in gcc cc make; do command -v $t; done | wc -l)"
 echo "EDGEPIN-CHECK machine-id=$(cat /etc/machine-id)"
 echo "EDGEPIN-CHECK-END"
-} >/dev/ttyS0 2>&1
+)
+printf '\n%s\n' "$report" >/dev/console
