@@ -319,9 +319,14 @@ class Tpm:
 
     def _ek_session(self) -> Any:
         from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.types import TPM2B_DIGEST, TPM2B_NONCE
 
         session = self._policy_session()
-        self.esys.policy_secret(ESYS_TR.ENDORSEMENT, session)
+        # every argument explicit: tpm2-pytss 2.3 (Debian's, in the host image) has no
+        # defaults for them, 3.0 has
+        self.esys.policy_secret(
+            ESYS_TR.ENDORSEMENT, session, TPM2B_NONCE(), TPM2B_DIGEST(), TPM2B_NONCE(), 0
+        )
         return session
 
     def _unseal_loaded(self, handle: Any, pcrs: list[int], bank: str) -> bytes:
