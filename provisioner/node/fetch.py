@@ -152,7 +152,9 @@ def fetch(
     expected = str(image["os_hash_value"])
     final = images_dir / f"{image_id}.qcow2"
     partial = images_dir / f"{image_id}.partial"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    # traversable, not listable: QEMU runs as its own user (libvirt's dynamic ownership
+    # gives it the image file while the guest runs) and must reach the file here
+    images_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
 
     def fresh() -> tuple[Any, StreamVerifier]:
         return hashlib.sha512(), StreamVerifier(

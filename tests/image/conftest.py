@@ -45,6 +45,9 @@ def build_image(out: Path, args: list[str]) -> Path:
     if image.exists() and stamp.exists() and stamp.read_text() == want:
         return image
     stamp.unlink(missing_ok=True)
+    # a cache: the old image goes (diskimage-builder would keep it under a dated name)
+    for old in [image, *out.glob("edgepin-host-*.qcow2")]:
+        old.unlink(missing_ok=True)
     r = subprocess.run(
         [str(REPO / "build.sh"), "image", "--out", str(out), *args],
         capture_output=True,
