@@ -177,6 +177,7 @@ Options:
   --reserved-cpus LIST     host CPUs kept for the host (default 0)
   --reconcile-interval T   systemd time span between reconciles (default 5min)
   --virt-type kvm|qemu     libvirt domain type on the node (default kvm)
+  --health-timeout SECONDS time a new guest has to show its health marker (default 120)
   --pins FILE              rebuild with exactly the package versions of a pin file
                            (out/edgepin-host.pins.json of an earlier build)
   --raw                    also write a raw image, for writing to disks
@@ -227,7 +228,7 @@ needs_host_shims() {
 
 cmd_image() {
     local release="${DIB_RELEASE:-trixie}" ca="" certs=() pcrs=7 reserved=0 interval=5min
-    local virt=kvm pins="" raw=0 out="$ROOT/out"
+    local virt=kvm health=120 pins="" raw=0 out="$ROOT/out"
     while (($#)); do
         case "$1" in
             --release) release="$2"; shift 2 ;;
@@ -237,6 +238,7 @@ cmd_image() {
             --reserved-cpus) reserved="$2"; shift 2 ;;
             --reconcile-interval) interval="$2"; shift 2 ;;
             --virt-type) virt="$2"; shift 2 ;;
+            --health-timeout) health="$2"; shift 2 ;;
             --pins) pins="$(realpath "$2")"; shift 2 ;;
             --raw) raw=1; shift ;;
             --out) out="$(realpath -m "$2")"; shift 2 ;;
@@ -249,6 +251,7 @@ cmd_image() {
     for f in "${certs[@]}"; do [[ -f "$f" ]] || die "--signing-cert: no such file: $f"; done
     [[ -z "$pins" || -f "$pins" ]] || die "--pins: no such file: $pins"
     [[ "$virt" == kvm || "$virt" == qemu ]] || die "--virt-type must be kvm or qemu"
+    [[ "$health" =~ ^[0-9]+$ && "$health" -gt 0 ]] || die "--health-timeout must be a whole number of seconds"
 
     ensure_apt "${IMAGE_APT_PACKAGES[@]}"
     ensure_project_venv
@@ -301,6 +304,7 @@ cmd_image() {
         export DIB_EDGEPIN_RESERVED_CPUS="$reserved"
         export DIB_EDGEPIN_RECONCILE_INTERVAL="$interval"
         export DIB_EDGEPIN_VIRT_TYPE="$virt"
+        export DIB_EDGEPIN_HEALTH_TIMEOUT="$health"
         if [[ -n "$pins" ]]; then export DIB_DPKG_MANIFEST="$pins"; fi
         mkdir -p "$TMP_DIR"
         exec disk-image-create -a amd64 -t "$types" --image-size 2 --no-tmpfs \
@@ -335,6 +339,7 @@ cmd_image() {
         --setting "source_date_epoch=$SOURCE_DATE_EPOCH" \
         --setting "pcrs=$pcrs" --setting "reserved_cpus=$reserved" \
         --setting "reconcile_interval=$interval" --setting "virt_type=$virt" \
+        --setting "health_timeout=$health" \
         --setting "ca_sha256=$ca_sum" --setting "signing_certs_sha256=${cert_sums%,}" \
         --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims"
 }

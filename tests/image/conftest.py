@@ -111,6 +111,10 @@ def image_args(material: ImageSigner) -> list[str]:
         "0,7",
         "--reconcile-interval",
         "20s",
+        # the nested guest runs in software emulation inside software emulation: its
+        # kernel takes minutes to reach the marker
+        "--health-timeout",
+        "900",
     ]
 
 
