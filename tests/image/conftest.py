@@ -149,7 +149,7 @@ def pytest_runtest_makereport(
     report = yield
     module = getattr(item, "module", None)
     if getattr(module, "INCREMENTAL", False) and report.failed and item.parent is not None:
-        item.parent.stash[_FAILED] = item.name
+        item.parent.stash.setdefault(_FAILED, item.name)  # the first failure is the cause
     return report
 
 

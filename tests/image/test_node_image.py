@@ -41,7 +41,7 @@ INCREMENTAL = True  # one node lives the scenarios in order (see conftest)
 TIMELINE = {
     "firmware": r"BdsDxe|UEFI|SeaBIOS",
     "kernel": r"Linux version \d",
-    "first-boot unit": r"Start(ing|ed) edgepin-enroll\.service",
+    "first-boot unit": r"Start(ing|ed) \S*edgepin-enroll\.service",
     "enrolled": r"enrolled: node ",
     "image verified": r"fetch: image \S+ verified",
     "guest running": r"reconcile: switched to image|guest \S+ started from the local copy",

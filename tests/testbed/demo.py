@@ -145,7 +145,7 @@ def up() -> int:
 
     milestones = {
         "kernel booted": r"Linux version \d",
-        "first-boot unit started": r"Start(ing|ed) edgepin-enroll\.service",
+        "first-boot unit started": r"Start(ing|ed) \S*edgepin-enroll\.service",
         "enrolled with the TPM-sealed credential": r"enrolled: node ",
         "image verified (sha512 + signature)": r"fetch: image \S+ verified",
         "guest running": r"reconcile: switched to image",
