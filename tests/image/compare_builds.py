@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from provisioner.imagemanifest import sha256
+
 PARTS = {3: "root", 4: "state"}  # ext4 partitions of the layout; 1 is the ESP
 
 
@@ -79,21 +81,13 @@ def attached(image: Path, work: Path) -> Iterator[dict[str, dict[str, tuple[obje
         subprocess.run(["losetup", "-d", loop], check=False)
 
 
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def compare(a: Path, b: Path) -> dict[str, object]:
-    report: dict[str, object] = {"qcow2_identical": digest(a) == digest(b)}
+    report: dict[str, object] = {"qcow2_identical": sha256(a) == sha256(b)}
     with tempfile.TemporaryDirectory(prefix="edgepin-cmp-") as tmp:
         (Path(tmp) / "a").mkdir()
         (Path(tmp) / "b").mkdir()
         with attached(a, Path(tmp) / "a") as ta, attached(b, Path(tmp) / "b") as tb:
-            report["raw_identical"] = digest(Path(tmp) / "a" / "disk.raw") == digest(
+            report["raw_identical"] = sha256(Path(tmp) / "a" / "disk.raw") == sha256(
                 Path(tmp) / "b" / "disk.raw"
             )
             for part in ta:

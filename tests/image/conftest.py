@@ -37,12 +37,20 @@ def inputs_digest(extra: list[str]) -> str:
     return h.hexdigest()
 
 
+def is_current(out: Path, args: list[str]) -> bool:
+    """Whether ``out`` holds an image built from the current inputs with these arguments."""
+    stamp = out / "edgepin-host.inputs"
+    return (out / "edgepin-host.qcow2").exists() and (
+        stamp.exists() and stamp.read_text() == inputs_digest(args)
+    )
+
+
 def build_image(out: Path, args: list[str]) -> Path:
     """Build (or reuse, when nothing it is made of changed) the host image in ``out``."""
     image = out / "edgepin-host.qcow2"
     stamp = out / "edgepin-host.inputs"
     want = inputs_digest(args)
-    if image.exists() and stamp.exists() and stamp.read_text() == want:
+    if is_current(out, args):
         return image
     stamp.unlink(missing_ok=True)
     # a cache: the old image goes (diskimage-builder would keep it under a dated name)

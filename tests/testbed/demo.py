@@ -55,7 +55,7 @@ def up() -> int:
         build_image,
         image_args,
         image_signer_material,
-        inputs_digest,
+        is_current,
     )
     from tests.testbed.guest import build_tiny_guest
     from tests.testbed.qemuvm import HostVm
@@ -76,11 +76,9 @@ def up() -> int:
     signer = image_signer_material(CACHE)
     out = CACHE / "image-tier" / "out"
     image = out / "edgepin-host.qcow2"
-    stamp = out / "edgepin-host.inputs"
-    current = stamp.exists() and stamp.read_text() == inputs_digest(image_args(signer))
     step(
         "reusing the host image"
-        if image.exists() and current
+        if is_current(out, image_args(signer))
         else "building the host image (./build.sh image; a few minutes, log in "
         f"{out / 'edgepin-host.log'})"
     )
