@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--large] [--fleet N] [--only SECTION ...]``."""
+"""``python -m benchmarks [--large] [--fleet N [N ...]] [--only SECTION ...]``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import fetchbench, fleet, footprint, nodebench, report, stats
-from benchmarks.bed import MIB, Bed
+from benchmarks.bed import MIB, Bed, BenchError
 from benchmarks.report import Row
+from tests.testbed import ceph
 
 SECTIONS = ("fetch", "resume", "reconcile", "fleet", "footprint")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,13 +38,33 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=20,
         help="fetch also through a proxy throttled to this rate, MiB/s (0: skip; default 20)",
     )
-    p.add_argument("--fleet", type=int, default=100, help="simulated nodes (default 100)")
+    p.add_argument(
+        "--fleet",
+        type=int,
+        nargs="+",
+        default=[100],
+        metavar="N",
+        help="simulated nodes; several sizes grow one fleet, e.g. --fleet 100 1000 "
+        "(default 100). The metadata, kept-token and Keystone-cache rounds run at the "
+        "smallest size; bigger sizes run the baseline and no-change rounds, one per node",
+    )
     p.add_argument("--concurrency", type=int, default=8, help="fleet: nodes at once (default 8)")
-    p.add_argument("--rounds", type=int, default=3, help="fleet: reconciles per node (default 3)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="fleet: reconciles per node at the smallest size (default 3; bigger sizes: 1)",
+    )
     p.add_argument(
         "--keystone-cache",
         action="store_true",
         help="fleet: also run with Keystone's cache on (in-process backend; see docs)",
+    )
+    p.add_argument(
+        "--no-ceph",
+        dest="ceph",
+        action="store_false",
+        help="fetch and resume on the file store only (default: also on a single-node Ceph)",
     )
     p.add_argument("--keep", action="store_true", help="keep the run directory")
     p.add_argument("--run-dir", type=Path, help="run directory (default: a new temp dir)")
@@ -167,7 +188,7 @@ def node_rows(res: dict[str, Any]) -> list[Row]:
 
 def fleet_rows(res: dict[str, Any]) -> list[Row]:
     sec = f"fleet N={res['nodes']}"
-    b, nc, md = res["baseline"], res["nochange"], res["metadata"]
+    b, nc = res["baseline"], res["nochange"]
     base = "bare GET /v3"
 
     def r(metric: str, value: float, unit: str, bval: float, goal: str = "") -> Row:
@@ -177,6 +198,7 @@ def fleet_rows(res: dict[str, Any]) -> list[Row]:
         r("reconciles/s (no change)", nc["per_second"], "/s", b["per_second"]),
         r("p50 latency", nc["p50"] * 1000, "ms", b["p50"] * 1000),
         r("p99 latency", nc["p99"] * 1000, "ms", b["p99"] * 1000),
+        r("failed reconciles (no change)", nc["errors"], "", 0.0, "0"),
     ]
     for s in ("keystone", "glance", "barbican"):
         rows.append(
@@ -201,6 +223,8 @@ def fleet_rows(res: dict[str, Any]) -> list[Row]:
             b["client_cpu_seconds_per_reconcile"] * 1000,
         )
     )
+    if "kept_token" not in res:
+        return rows
     kt = res["kept_token"]
     rows.append(r("kept token: reconciles/s", kt["per_second"], "/s", b["per_second"]))
     rows.append(r("kept token: p50 latency", kt["p50"] * 1000, "ms", b["p50"] * 1000))
@@ -231,6 +255,7 @@ def fleet_rows(res: dict[str, Any]) -> list[Row]:
                 bcpu,
             )
         )
+    md = res["metadata"]
     rows.append(r("with image metadata: reconciles/s", md["per_second"], "/s", b["per_second"]))
     for s in ("keystone", "glance"):
         rows.append(
@@ -249,6 +274,87 @@ def fleet_rows(res: dict[str, Any]) -> list[Row]:
                 bcpu,
             )
         )
+    return rows
+
+
+def resume_row(section: str, res: dict[str, Any]) -> Row:
+    return Row(
+        section,
+        "bytes transferred / image size"
+        + (" (store refused the range: from byte 0)" if res["restarted_from_zero"] else ""),
+        res["transferred_bytes"] / MIB,
+        "MiB",
+        "image size",
+        res["image_bytes"] / MIB,
+        res["transferred_vs_size"],
+        "<= 1.05" if not res["restarted_from_zero"] else "converges, no loop",
+    )
+
+
+def ceph_sections(
+    args: argparse.Namespace, only: set[str], run_dir: Path, raw: dict[str, Any]
+) -> list[Row]:
+    """Fetch and resume again with Glance on a real single-node Ceph (RBD), issue 10.
+
+    Same image size and methods as on the file store; RBD answers a Range request with
+    400, so the resume row shows what the node does then (one restart from byte 0).
+    """
+    missing = ceph.missing_binaries()
+    if missing:
+        raise BenchError(
+            f"Ceph is not installed ({', '.join(missing)}): run ./build.sh setup, "
+            "or pass --no-ceph to measure the file store only"
+        )
+    rows: list[Row] = []
+    log(f"starting a control plane with Glance on Ceph (RBD) in {run_dir}")
+    bed = Bed(run_dir, store="ceph")
+    t0 = time.monotonic()
+    bed.up()
+    raw["ceph_up_seconds"] = time.monotonic() - t0
+    raw["ceph_cluster_up_seconds"] = bed.cp.timings.get("ceph_up")
+    if raw.get("controlplane_up_seconds"):
+        rows.append(
+            Row(
+                "Glance on Ceph",
+                f"control plane up, Ceph cluster included ({raw['ceph_cluster_up_seconds']:.1f} s)",
+                raw["ceph_up_seconds"],
+                "s",
+                "file store",
+                raw["controlplane_up_seconds"],
+                stats.ratio(raw["ceph_up_seconds"], raw["controlplane_up_seconds"]),
+            )
+        )
+    try:
+        size = args.size_mib * MIB
+        runs = args.runs if "fetch" in only else 0
+        res = fetchbench.bench_fetch(bed, size, runs, log)
+        raw[f"ceph_fetch_{size // MIB}m"] = res
+        if "fetch" in only:
+            rows += fetch_rows(f"{size // MIB} MiB, Glance on Ceph", res)
+            file_res = raw.get(f"fetch_{size // MIB}m")
+            if file_res and file_res["methods"]["edgepin"].get("mib_per_s"):
+                for name in ("curl", "edgepin"):
+                    rows.append(
+                        Row(
+                            f"fetch {size // MIB} MiB, Glance on Ceph",
+                            f"{name} on Ceph against {name} on the file store",
+                            res["methods"][name]["mib_per_s"],
+                            "MiB/s",
+                            "file store",
+                            file_res["methods"][name]["mib_per_s"],
+                            stats.ratio(
+                                res["methods"][name]["mib_per_s"],
+                                file_res["methods"][name]["mib_per_s"],
+                            ),
+                        )
+                    )
+        if "resume" in only:
+            r = fetchbench.bench_resume(bed, res["image"], log)
+            raw["ceph_resume"] = r
+            rows.append(resume_row("resume, Glance on Ceph (RBD)", r))
+    finally:
+        log("stopping the Ceph control plane")
+        bed.down()
     return rows
 
 
@@ -275,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         if only & {"fetch", "resume", "reconcile", "fleet"}:
             log(f"starting the control plane in {run_dir}")
             bed = Bed(run_dir)
+            t0 = time.monotonic()
             bed.up()
+            raw["controlplane_up_seconds"] = time.monotonic() - t0
         image = None
         if bed and only & {"fetch", "resume"}:
             sizes = [args.size_mib * MIB] + ([2048 * MIB] if args.large else [])
@@ -305,29 +413,33 @@ def main(argv: list[str] | None = None) -> int:
         if bed and image and "resume" in only:
             res = fetchbench.bench_resume(bed, image, log)
             raw["resume"] = res
-            rows.append(
-                Row(
-                    "resume",
-                    "bytes transferred / image size",
-                    res["transferred_bytes"] / MIB,
-                    "MiB",
-                    "image size",
-                    res["image_bytes"] / MIB,
-                    res["transferred_vs_size"],
-                    "<= 1.05",
-                )
-            )
+            rows.append(resume_row("resume, Glance file store", res))
         if bed and "reconcile" in only:
             res = nodebench.bench_node(bed, args.runs, log)
             raw["reconcile"] = res
             rows += node_rows(res)
         if bed and "fleet" in only:
             image_id = image["id"] if image else bed.publish_random(MIB)["id"]
-            res = fleet.bench_fleet(
-                bed, args.fleet, image_id, args.rounds, args.concurrency, log, args.keystone_cache
-            )
-            raw["fleet"] = res
-            rows += fleet_rows(res)
+            nodes: list[fleet.SimNode] = []
+            for i, n in enumerate(sorted(set(args.fleet))):
+                res, nodes = fleet.bench_fleet(
+                    bed,
+                    n,
+                    image_id,
+                    args.rounds if i == 0 else 1,
+                    args.concurrency,
+                    log,
+                    args.keystone_cache,
+                    nodes,
+                    variants=i == 0,
+                )
+                raw["fleet" if i == 0 else f"fleet_{n}"] = res
+                rows += fleet_rows(res)
+        if bed is not None and only & {"fetch", "resume"} and args.ceph:
+            log("stopping the file-store control plane; the Ceph one starts next")
+            bed.down()
+            bed = None
+            rows += ceph_sections(args, only, run_dir / "ceph", raw)
         if "footprint" in only:
             fp = footprint.measure(Path(__file__).resolve().parent.parent / "out")
             raw["footprint"] = fp

@@ -42,12 +42,13 @@ class Signer:
 @dataclass
 class Bed:
     run_dir: Path
+    store: str = "file"
     cp: ControlPlane = field(init=False)
     admin: Any = None
     signer: Signer | None = None
 
     def up(self) -> None:
-        self.cp = ControlPlane(self.run_dir / "controlplane")
+        self.cp = ControlPlane(self.run_dir / "controlplane", store=self.store)
         try:
             self.cp.up(default_template_root())
         except Exception:

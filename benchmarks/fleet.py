@@ -105,11 +105,21 @@ def _make_node(bed: Bed, admin: Any, domain_id: str, member_id: str, image_id: s
     return SimNode(ident, cred_id, secret, 1, image_id)
 
 
-def make_fleet(bed: Bed, n: int, image_id: str, log: Callable[[str], None]) -> list[SimNode]:
+def make_fleet(
+    bed: Bed, n: int, image_id: str, log: Callable[[str], None], fleet: list[SimNode] | None = None
+) -> list[SimNode]:
+    """Enroll simulated nodes until there are ``n`` (those in ``fleet`` are kept).
+
+    Set-up only: Keystone runs with its cache on while the nodes are created (each admin
+    call validates the admin's token, ~0.4 s of Keystone CPU without the cache: ~5 s a
+    node, ~1 s with it, measured here) and is restarted without it before any round.
+    """
+    made: list[SimNode] = list(fleet or [])
+    if len(made) >= n:
+        return made[:n]
     domain_id = bed.admin.identity.find_domain(EDGE_DOMAIN, ignore_missing=False).id
     member_id = bed.admin.identity.find_role("member", ignore_missing=False).id
     local = threading.local()
-    made: list[SimNode] = []
     lock = threading.Lock()
 
     def one(_: int) -> None:
@@ -121,8 +131,12 @@ def make_fleet(bed: Bed, n: int, image_id: str, log: Callable[[str], None]) -> l
             if len(made) % 50 == 0:
                 log(f"fleet: {len(made)}/{n} nodes enrolled")
 
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(one, range(n)))
+    keystone_cache(bed, True)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(one, range(n - len(made))))
+    finally:
+        keystone_cache(bed, False)
     return made
 
 
@@ -205,7 +219,9 @@ def _round(
     reqs = logs.since()
     count = len(order)
     counts = servicelog.summarize(reqs)
-    if errors and not tolerate_errors:
+    # a rare 500 from the test bed's SQLite ("database is locked") is reported in the
+    # table, not fatal; more than 1 % failing means the figures are not worth reading
+    if errors and not tolerate_errors and len(errors) > count // 100:
         raise BenchError(f"fleet: {len(errors)} of {count} reconciles failed, e.g. {errors[0]}")
     return {
         "reconciles": count,
@@ -249,51 +265,58 @@ def bench_fleet(
     concurrency: int,
     log: Callable[[str], None],
     with_keystone_cache: bool = False,
-) -> dict[str, Any]:
+    fleet: list[SimNode] | None = None,
+    variants: bool = True,
+) -> tuple[dict[str, Any], list[SimNode]]:
+    """Baseline and no-change rounds on ``n`` nodes; with ``variants``, also the
+    image-metadata, kept-token (and Keystone-cache) rounds. Returns the nodes, so that a
+    bigger fleet can grow from them."""
     t0 = time.monotonic()
-    fleet = make_fleet(bed, n, image_id, log)
+    have = len(fleet or [])
+    fleet = make_fleet(bed, n, image_id, log, fleet)
     setup = time.monotonic() - t0
-    log(f"fleet: {n} nodes enrolled in {setup:.0f}s; baseline round")
+    log(f"fleet: {n - have} nodes enrolled in {setup:.0f}s ({n} in all); baseline round")
     base = _round(bed, fleet, rounds, concurrency, _baseline)
-    log("fleet: no-change reconciles")
+    log(f"fleet N={n}: no-change reconciles, {rounds} round(s)")
     nochange = _round(bed, fleet, rounds, concurrency, lambda node: _reconcile(node, False))
+    result: dict[str, Any] = {
+        "nodes": n,
+        "rounds": rounds,
+        "concurrency": concurrency,
+        "setup_seconds": setup,
+        "setup_nodes": n - have,
+        "setup_with_keystone_cache": True,
+        "baseline": base,
+        "nochange": nochange,
+    }
+    if not variants:
+        return result, fleet
     log("fleet: reconciles that also read the image metadata (an assignment change)")
-    meta = _round(bed, fleet, 1, concurrency, lambda node: _reconcile(node, True))
+    result["metadata"] = _round(bed, fleet, 1, concurrency, lambda node: _reconcile(node, True))
     log("fleet: no-change reconciles with a kept token (a possible provisioner change)")
     cached = _CachedSessions()
     try:
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(cached.warm, fleet))
-        kept = _round(bed, fleet, rounds, concurrency, cached.reconcile)
+        result["kept_token"] = _round(bed, fleet, rounds, concurrency, cached.reconcile)
     finally:
         cached.close()
-    extra: dict[str, Any] = {}
     if with_keystone_cache:
         log("fleet: Keystone with its cache on: no-change reconciles, then with a kept token")
         keystone_cache(bed, True)
         try:
-            extra["keystone_cache_nochange"] = _round(
+            result["keystone_cache_nochange"] = _round(
                 bed, fleet, rounds, concurrency, lambda node: _reconcile(node, False), True
             )
             cached = _CachedSessions()
             try:
                 with ThreadPoolExecutor(concurrency) as pool:
                     list(pool.map(cached.warm, fleet))
-                extra["keystone_cache_kept_token"] = _round(
+                result["keystone_cache_kept_token"] = _round(
                     bed, fleet, rounds, concurrency, cached.reconcile, True
                 )
             finally:
                 cached.close()
         finally:
             keystone_cache(bed, False)
-    return {
-        **extra,
-        "nodes": n,
-        "rounds": rounds,
-        "concurrency": concurrency,
-        "setup_seconds": setup,
-        "baseline": base,
-        "nochange": nochange,
-        "metadata": meta,
-        "kept_token": kept,
-    }
+    return result, fleet

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +91,38 @@ def test_boot_rows_read_the_qa_timelines(tmp_path: Path) -> None:
     assert rows["first boot (TCG): firmware"].value is None
     assert rows["offline reboot: guest running (cache + sealed key)"].ratio == 0.25
     assert footprint.boot_rows(footprint.boot_measure(tmp_path / "none"))[0].value is None
+
+
+def _round(per_second: float, errors: int = 0) -> dict[str, Any]:
+    return {
+        "per_second": per_second,
+        "p50": 0.5,
+        "p99": 1.0,
+        "errors": errors,
+        "requests_per_node": {"keystone": 2.0, "glance": 0.0, "barbican": 0.0, "tokens_issued": 1},
+        "cpu_seconds_per_reconcile": {"keystone": 0.4, "glance": 0.0, "barbican": 0.0},
+        "client_cpu_seconds_per_reconcile": 0.01,
+    }
+
+
+def test_fleet_rows_without_variants_and_resume_rows() -> None:
+    """A bigger fleet runs only the baseline and no-change rounds; its rows say so, and
+    a failed reconcile shows in the table instead of vanishing."""
+    from benchmarks.__main__ import fleet_rows, resume_row
+
+    res = {"nodes": 1000, "baseline": _round(200.0), "nochange": _round(2.0, errors=3)}
+    rows = {r.metric: r for r in fleet_rows(res)}
+    assert rows["reconciles/s (no change)"].ratio == 0.01
+    assert rows["failed reconciles (no change)"].value == 3
+    assert not any(m.startswith(("kept token", "with image metadata")) for m in rows)
+    assert {r.section for r in rows.values()} == {"fleet N=1000"}
+
+    common = {"image_bytes": 100, "transferred_bytes": 150}
+    ceph = resume_row(
+        "resume, Ceph", {**common, "transferred_vs_size": 1.5, "restarted_from_zero": True}
+    )
+    assert "from byte 0" in ceph.metric and ceph.goal == "converges, no loop"
+    file = resume_row(
+        "resume, file", {**common, "transferred_vs_size": 1.02, "restarted_from_zero": False}
+    )
+    assert file.goal == "<= 1.05" and file.ratio == 1.02
