@@ -449,6 +449,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             raw["boot"] = boot
             rows += footprint.boot_rows(boot)
+    except BaseException as e:
+        # what was measured before the failure is kept: table and JSON, marked failed
+        meta["failed"] = f"{type(e).__name__}: {e}"[:500]
+        meta["loadavg_end"] = os.getloadavg()
+        if rows or raw:
+            report.print_table(rows)
+            path = report.write_json(args.out, meta, rows, raw)
+            log(f"failed: {meta['failed']}; the figures measured until then are in {path}")
+        raise
     finally:
         meta["loadavg_end"] = os.getloadavg()
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

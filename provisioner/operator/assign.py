@@ -56,6 +56,14 @@ def share(conn: Any, image_id: str, project_id: str) -> None:
         )
     if r.status_code == 409:  # already a member
         return
+    if r.status_code == 413:
+        raise ImageError(
+            f"glance refused to share {image_id} with one more project (413): the image has "
+            "as many members as Glance's image_member_quota allows",
+            hint="raise image_member_quota in glance-api.conf above the number of nodes that "
+            "run one image (-1: no limit; the default, 128, is too small for a fleet); "
+            "see docs/production.md",
+        )
     if r.status_code >= 300:
         raise ImageError(f"glance refused to share {image_id} ({r.status_code})")
 

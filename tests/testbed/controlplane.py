@@ -240,6 +240,9 @@ def _glance_conf(cp: ControlPlane, d: Path, password: str) -> str:
 use_stderr = true
 worker_self_reference_url = {cp.url("glance")}
 image_size_cap = 68719476736
+# edgepin shares an image with each node's project; Glance's default (128 members per
+# image) stops a fleet at 128 nodes per image (docs/production.md)
+image_member_quota = -1
 {_glance_store_conf(cp, d)}[os_glance_staging_store]
 filesystem_store_datadir = {d}/staging
 [os_glance_tasks_store]
