@@ -9,9 +9,11 @@ Each case id is listed in docs/faults.md; a test keeps the two in step.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import subprocess
@@ -25,15 +27,17 @@ from typing import Any
 
 import libvirt
 import pytest
+import requests
 
 from provisioner.errors import EdgepinError
+from provisioner.node.fetch import CHUNK
 from provisioner.operator.assign import grant
 from provisioner.operator.signingcert import load_key
 from provisioner.signing import StreamSigner
 from tests.integration.conftest import Signer
 from tests.integration.test_node import assign, enroll_node, member_status, status, wait_marker
 from tests.testbed.controlplane import ControlPlane, make_ca
-from tests.testbed.faultproxy import FaultProxy
+from tests.testbed.faultproxy import FaultProxy, Seen
 from tests.testbed.libvirtd import Libvirtd
 from tests.testbed.node import EDGEPIN, VirtualNode
 from tests.testbed.swtpm import SwtpmFactory
@@ -552,6 +556,187 @@ def test_keystone_down(bed: Bed, controlplane: ControlPlane) -> None:
     assert r.returncode == 0
     assert status(bed.node)["state"] == "offline"
     assert guest_image(bed.node) == current(bed)
+
+
+# Keystone's [token] expiration while the token cases run: far below keystoneauth's
+# MIN_TOKEN_LIFE_SECONDS (120), so the node takes a fresh token for every request, and a
+# download throttled to last ~TOKEN_LIFETIME + 10 s outlives the token it started with.
+TOKEN_LIFETIME = 15
+
+
+@contextmanager
+def token_lifetime(cp: ControlPlane, seconds: int) -> Iterator[None]:
+    """Restart Keystone with ``[token] expiration = seconds``; restore it (and restart) after."""
+    conf = cp.run_dir / "keystone" / "keystone.conf"
+    original = conf.read_text()
+    short, n = re.subn(
+        r"(?m)^(\[token\]\n(?:[^\[\n].*\n)*?)expiration = \d+$",
+        rf"\g<1>expiration = {seconds}",
+        original,
+    )
+    assert n == 1, "no [token] expiration in keystone.conf"
+    conf.write_text(short)
+    cp.stop_service("keystone")
+    cp.start_service("keystone")
+    try:
+        yield
+    finally:
+        conf.write_text(original)
+        cp.stop_service("keystone")
+        cp.start_service("keystone")
+
+
+def keystone_view(admin: Any, seen: Seen, allow_expired: bool = False) -> dict[str, Any] | None:
+    """Keystone's record of the token a request carried (GET /v3/auth/tokens), None on 404.
+
+    With ``allow_expired`` Keystone also shows a token that has expired (within its
+    ``allow_expired_window``), so that its issue and expiry times can be read afterwards.
+    The node's tokens come from an application credential with access rules: without the
+    access-rules header Keystone answers 404 for them whether they expired or not.
+    """
+    assert seen.token, f"{seen.method} {seen.path} carried no token"
+    r = admin.identity.get(
+        "/auth/tokens" + ("?allow_expired=true" if allow_expired else ""),
+        headers={"X-Subject-Token": seen.token, "OpenStack-Identity-Access-Rules": "1.0"},
+        raise_exc=False,
+    )
+    if r.status_code == 404:
+        return None
+    assert r.status_code == 200, f"keystone answered {r.status_code} about a token"
+    token: dict[str, Any] = r.json()["token"]
+    return token
+
+
+def when(stamp: str) -> float:
+    return datetime.datetime.fromisoformat(stamp).timestamp()
+
+
+def tokens_issued(cp: ControlPlane) -> int:
+    """Tokens Keystone has issued so far: POST /v3/auth/tokens lines in its access log."""
+    log = cp.run_dir / "keystone" / "access.log"
+    return sum('"POST /v3/auth/tokens' in line for line in log.read_text().splitlines())
+
+
+def downloads(proxy: FaultProxy, image_id: str, since: int = 0) -> list[Seen]:
+    path = f"/v2/images/{image_id}/file"
+    return [s for s in proxy.seen[since:] if s.method == "GET" and s.path == path]
+
+
+def converged(
+    bed: Bed, admin: Any, r: subprocess.CompletedProcess[str], pub: dict[str, Any]
+) -> None:
+    """Exit 0, no error and no token trouble in the output, the new guest runs and is reported."""
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "edgepin: error" not in out and "Traceback" not in out, out
+    trouble = re.search(r"\b401\b|unauthori[sz]ed|expired|token", out, re.IGNORECASE)
+    assert trouble is None, f"{trouble.group()!r} in the node's output:\n{out}"
+    st = status(bed.node)
+    assert (st["state"], st["image_id"], st["error"]) == ("running", pub["image_id"], None), st
+    images = bed.node.root / "var/lib/edgepin/images"
+    assert (images / f"{pub['image_id']}.qcow2").exists()  # verified and renamed
+    assert not (images / f"{pub['image_id']}.partial").exists()
+    assert guest_image(bed.node) == pub["image_id"]
+    wait_marker(bed.node, pub["marker"])
+    assert member_status(admin, pub["image_id"], bed.node) == "accepted"
+
+
+def test_token_expires_during_long_download(
+    bed: Bed, admin: Any, controlplane: ControlPlane, proxy: FaultProxy, signer: Signer
+) -> None:
+    lifetime = TOKEN_LIFETIME
+    # two images, made and assigned while tokens live an hour (with 15 s tokens openstacksdk
+    # authenticates before every request: the operator's side is not this case): v1's
+    # encrypted guest under two new ids, signed again; the guest's console log starts empty
+    # at every start, so its marker shows that the new image booted
+    data = encrypted_bytes(admin, bed.v1["image_id"])
+    props = signed_props(admin, signer, data, v1_props(admin, bed))
+    a, b = ({"image_id": upload(admin, data, props), "marker": bed.v1["marker"]} for _ in "ab")
+    size_a = size_b = len(data)
+    force_assign(admin, bed, a["image_id"])
+    figures: dict[str, Any] = {"token_lifetime_s": lifetime}
+    # the admin session keeps its token while it lives; later ones live 15 s, which only slows it
+    with token_lifetime(controlplane, lifetime), image_endpoint(admin, proxy.url):
+        case("keystone-token-expires-mid-download")
+        before = status(bed.node)["bytes_fetched_total"]
+        issued0, seen0 = tokens_issued(controlplane), len(proxy.seen)
+        proxy.fault = ("slow", size_a / (lifetime + 10))
+        r = bed.node.node("reconcile")
+        proxy.fault = None
+        converged(bed, admin, r, a)
+        [d] = downloads(proxy, a["image_id"], seen0)  # one stream: nothing was retried
+        assert (d.status, d.range, d.sent, d.cut) == (200, None, size_a, False), d
+        assert d.ended is not None
+        # the token of that GET: valid when the stream began, expired long before it ended
+        assert keystone_view(admin, d) is None, "the download's token is still valid"
+        tok = keystone_view(admin, d, allow_expired=True)
+        assert tok is not None
+        issued_at, expires_at = when(tok["issued_at"]), when(tok["expires_at"])
+        assert abs(expires_at - issued_at - lifetime) <= 1, tok["expires_at"]
+        assert issued_at - 1 <= d.started < expires_at
+        assert d.ended > expires_at + 5, "the stream did not outlive its token"
+        gone = requests.get(
+            f"{controlplane.url('glance')}/v2/images/{a['image_id']}",
+            headers={"X-Auth-Token": d.token or ""},
+            verify=str(controlplane.ca_path),
+            timeout=30,
+        )
+        assert gone.status_code == 401, "glance still takes the download's token"
+        assert status(bed.node)["bytes_fetched_total"] - before == size_a
+        figures["long"] = {
+            "size": size_a,
+            "download_s": round(d.ended - d.started, 1),
+            "streamed_after_expiry_s": round(d.ended - expires_at, 1),
+            "node_tokens_seen_by_glance": len({s.token_digest for s in proxy.seen[seen0:]}),
+            "glance_requests": len(proxy.seen) - seen0,
+            "keystone_tokens_issued": tokens_issued(controlplane) - issued0,
+        }
+
+        case("keystone-token-expired-then-cut")
+        force_assign(admin, bed, b["image_id"])  # with admin's hour-long token
+        before = status(bed.node)["bytes_fetched_total"]
+        issued0, seen0 = tokens_issued(controlplane), len(proxy.seen)
+        rate = size_b / (lifetime + 10)
+        cut_at = int(rate * (lifetime + 5))  # ~5 s after the token expired
+        proxy.fault = ("slow_reset", (rate, cut_at))
+        st = refused(bed, bed.node.node("reconcile"), 5, "resumes on the next run")
+        proxy.fault = None
+        assert st["state"] == "offline", st
+        partial = bed.node.root / "var/lib/edgepin/images" / f"{b['image_id']}.partial"
+        kept = partial.stat().st_size
+        # lost at most what was in flight: the read under way and the bytes behind the reset
+        assert cut_at - 2 * CHUNK <= kept <= cut_at, (kept, cut_at)
+        r = bed.node.node("reconcile")
+        converged(bed, admin, r, b)
+        first, resume = downloads(proxy, b["image_id"], seen0)
+        assert (first.status, first.range, first.sent, first.cut) == (200, None, cut_at, True)
+        assert first.ended is not None and resume.ended is not None
+        tok = keystone_view(admin, first, allow_expired=True)
+        assert tok is not None
+        expired_at = when(tok["expires_at"])
+        assert when(tok["issued_at"]) - 1 <= first.started < expired_at
+        assert first.ended > expired_at, "the stream was cut before its token expired"
+        assert keystone_view(admin, first) is None
+        # the resume: a Range request with another token, issued after the first expired
+        assert (resume.status, resume.range) == (206, f"bytes={kept}-"), resume
+        assert resume.sent == size_b - kept
+        assert resume.token_digest != first.token_digest
+        new = keystone_view(admin, resume, allow_expired=True)
+        assert new is not None and when(new["issued_at"]) >= expired_at - 1
+        sent = first.sent + resume.sent
+        assert sent <= size_b + 2 * CHUNK, f"{sent} bytes sent for an image of {size_b}"
+        assert status(bed.node)["bytes_fetched_total"] - before <= size_b
+        figures["cut"] = {
+            "size": size_b,
+            "cut_at": cut_at,
+            "kept": kept,
+            "first_stream_s": round(first.ended - first.started, 1),
+            "cut_after_expiry_s": round(first.ended - expired_at, 1),
+            "resumed_bytes": resume.sent,
+            "bytes_sent_over_size": round(sent / size_b, 3),
+            "keystone_tokens_issued": tokens_issued(controlplane) - issued0,
+        }
+    print(f"token-expiry figures: {json.dumps(figures)}")
 
 
 def test_tls_certificate_not_from_pinned_ca(

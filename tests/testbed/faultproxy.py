@@ -8,14 +8,18 @@ matching requests:
 - ``("status", 503)``: answer with that status;
 - ``("reset", n)``: send the headers and ``n`` body bytes, then reset the connection;
 - ``("slow", bytes_per_second)``: throttle the body;
+- ``("slow_reset", (bytes_per_second, n))``: throttle the body, reset after ``n`` bytes;
 - ``("extra", n)``: send ``n`` bytes more than the real body (with a matching length);
 - ``("drop_property", name)``: remove a property from JSON image metadata.
 
-``requests`` counts every request it saw (for request-count benchmarks).
+``requests`` counts every request it saw (for request-count benchmarks); ``seen`` keeps one
+``Seen`` per request with its timing, status, bytes sent and the token it carried. The token
+stays in memory only, out of every repr, and is compared by its digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import socket
@@ -23,12 +27,30 @@ import ssl
 import struct
 import threading
 import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
+STREAM_FAULTS = ("reset", "slow", "extra", "slow_reset")
+
+
+@dataclass
+class Seen:
+    """One request through the proxy; times are wall-clock (``time.time()``)."""
+
+    method: str
+    path: str
+    range: str | None
+    started: float
+    token_digest: str | None
+    token: str | None = field(default=None, repr=False)
+    status: int | None = None
+    sent: int = 0
+    ended: float | None = None
+    cut: bool = False
 
 
 class FaultProxy:
@@ -40,6 +62,7 @@ class FaultProxy:
         self.fault: tuple[str, Any] | None = None
         self.match = match
         self.requests: list[str] = []
+        self.seen: list[Seen] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -87,12 +110,39 @@ class FaultProxy:
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         self.requests.append(f"{h.command} {h.path}")
+        token = h.headers.get("X-Auth-Token")
+        seen = Seen(
+            h.command,
+            h.path,
+            h.headers.get("Range"),
+            time.time(),
+            hashlib.sha256(token.encode()).hexdigest()[:16] if token else None,
+            token,
+        )
+        self.seen.append(seen)
+        try:
+            self._handle(h, seen)
+        finally:
+            seen.ended = time.time()
+
+    def _handle(self, h: BaseHTTPRequestHandler, seen: Seen) -> None:
         fault = self.fault if h.path.startswith(self.match) else None
-        if fault and fault[0] in ("reset", "slow", "extra") and not h.path.endswith("/file"):
+        if fault and fault[0] in STREAM_FAULTS and not h.path.endswith("/file"):
             fault = None  # stream faults hit downloads only
+        kind = fault[0] if fault else None
+        arg: Any = fault[1] if fault else None
+        rate: float | None = None
+        cut: int | None = None
+        if kind == "slow":
+            rate = float(arg)
+        elif kind == "reset":
+            cut = int(arg)
+        elif kind == "slow_reset":
+            rate, cut = float(arg[0]), int(arg[1])
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
         if fault and fault[0] == "status":
+            seen.status = int(fault[1])
             h.send_response(int(fault[1]))
             h.send_header("Content-Length", "0")
             h.end_headers()
@@ -104,6 +154,7 @@ class FaultProxy:
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "connection")}
         conn.request(h.command, h.path, body=body, headers=headers)
         resp = conn.getresponse()
+        seen.status = resp.status
         data_iter = iter(lambda: resp.read(65536), b"")
         if fault and fault[0] == "drop_property" and "json" in resp.getheader("Content-Type", ""):
             doc = json.loads(resp.read())
@@ -124,21 +175,15 @@ class FaultProxy:
             h.send_header("Content-Length", str(total))
         h.send_header("Connection", "close")
         h.end_headers()
-        sent = 0
         try:
             for chunk in data_iter:
-                if fault and fault[0] == "reset" and sent + len(chunk) >= int(fault[1]):
-                    h.wfile.write(chunk[: max(0, int(fault[1]) - sent)])
+                if cut is not None and seen.sent + len(chunk) >= cut:
+                    self._write(h, seen, chunk[: max(0, cut - seen.sent)], rate)
                     h.wfile.flush()
+                    seen.cut = True
                     self._reset(h)
                     return
-                if fault and fault[0] == "slow":
-                    for i in range(0, len(chunk), 4096):
-                        h.wfile.write(chunk[i : i + 4096])
-                        time.sleep(4096 / float(fault[1]))
-                else:
-                    h.wfile.write(chunk)
-                sent += len(chunk)
+                self._write(h, seen, chunk, rate)
             if fault and fault[0] == "extra":
                 h.wfile.write(b"\0" * int(fault[1]))
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
@@ -146,6 +191,17 @@ class FaultProxy:
         finally:
             conn.close()
         h.close_connection = True
+
+    @staticmethod
+    def _write(h: BaseHTTPRequestHandler, seen: Seen, data: bytes, rate: float | None) -> None:
+        if rate is None:
+            h.wfile.write(data)
+            seen.sent += len(data)
+            return
+        for i in range(0, len(data), 4096):
+            h.wfile.write(data[i : i + 4096])
+            seen.sent += len(data[i : i + 4096])
+            time.sleep(len(data[i : i + 4096]) / rate)
 
     @staticmethod
     def _reset(h: BaseHTTPRequestHandler) -> None:
