@@ -273,12 +273,18 @@ def test_truncated_then_resumed(
         st = refused(bed, bed.node.node("reconcile"), 5, "resumes on the next run")
         assert st["state"] == "offline"
         assert (bed.node.root / "var/lib/edgepin/images" / f"{pub['image_id']}.partial").exists()
+        kept = (bed.node.root / "var/lib/edgepin/images" / f"{pub['image_id']}.partial").stat()
         proxy.fault = None
+        mark = len(proxy.seen)
         r = bed.node.node("reconcile")
     assert r.returncode == 0, r.stderr
     st = status(bed.node)
     assert st["image_id"] == pub["image_id"]
-    assert st["bytes_fetched_total"] - before <= size * 1.05  # resumed, not restarted
+    assert st["bytes_fetched_total"] - before <= size * 1.05
+    # resumed, not restarted: one request for the rest, from where the kept bytes end
+    files = [s for s in proxy.seen[mark:] if s.path.endswith("/file")]
+    assert [(s.range, s.status) for s in files] == [(f"bytes={kept.st_size}-", 206)]
+    assert 0 < kept.st_size and files[0].sent == size - kept.st_size
     wait_marker(bed.node, pub["marker"])
 
 
