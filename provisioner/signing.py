@@ -4,6 +4,11 @@ The signature covers the image bytes exactly as stored in Glance: a digest with
 ``img_signature_hash_method`` over the whole stream, signed with RSA-PSS (MGF1, maximum
 salt length) or ECDSA. Signing and verifying are incremental so that one pass over the
 data does the hash, the signature and the write.
+
+The verifier hashes with hashlib, which releases the GIL on large buffers (cryptography's
+``hashes.Hash`` holds it), so that a download can hash beside its socket reads. A caller that
+already computes the digest with the signature's hash method (fetch's sha512 when the method
+is SHA-512) passes it to ``verify(digest=...)`` instead of feeding the bytes a second time.
 """
 
 from __future__ import annotations
@@ -94,7 +99,11 @@ class StreamVerifier:
     ) -> None:
         _check_key_type(key_type)
         self._algorithm = _hash(hash_method)
-        self._hasher = hashes.Hash(self._algorithm)
+        # hashlib's name for the method ("sha512"): a caller that hashes the stream with the
+        # same algorithm passes its digest to verify() and skips update()
+        self.hash_name = self._algorithm.name
+        self._hasher = hashlib.new(self.hash_name)
+        self._fed = False
         self.key_type = key_type
         try:
             self._signature = base64.b64decode(signature_b64, validate=True)
@@ -113,10 +122,24 @@ class StreamVerifier:
         self._public_key = public_key
 
     def update(self, chunk: bytes) -> None:
+        self._fed = True
         self._hasher.update(chunk)
 
-    def verify(self) -> None:
-        digest = self._hasher.finalize()
+    def verify(self, digest: bytes | None = None) -> None:
+        """Check the signature over the bytes fed with update(), or over ``digest``.
+
+        ``digest`` is the caller's own digest of the whole image with the signature's hash
+        method (``hash_name``); it is refused when bytes were also fed, or when its length
+        is not the method's, since either means the caller mixed up its hashes.
+        """
+        if digest is None:
+            digest = self._hasher.digest()
+        elif self._fed:
+            raise VerificationError("image signature: both a digest and streamed bytes given")
+        elif len(digest) != self._algorithm.digest_size:
+            raise VerificationError(
+                f"image signature: a {len(digest)}-byte digest is not {self.hash_name}"
+            )
         prehashed = utils.Prehashed(self._algorithm)
         try:
             if isinstance(self._public_key, rsa.RSAPublicKey):

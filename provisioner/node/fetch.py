@@ -6,7 +6,21 @@ asked once more without a range, from byte zero; one that ignores them (200) is 
 from byte zero. The bytes kept from an earlier run are hashed again only when the store
 does resume (206). The node never loops on a 400 and never accepts a partial image. Only a
 file whose sha512 equals ``os_hash_value`` and whose signature verifies against a pinned
-certificate is renamed to ``<id>.qcow2``.
+certificate is renamed to ``<id>.qcow2``, after an fsync.
+
+Speed (docs/performance.md, "1. Fetch"), with every check above kept:
+
+- the calling thread reads the socket and writes the file; a second thread hashes the same
+  chunks (``_HashThread``). Reading from a TLS socket, writing and hashlib's hashing all
+  release the GIL, so they overlap on two cores. At most ``QUEUE_DEPTH`` chunks wait between
+  the two, so memory stays flat whatever the image size; an error in the hash thread is
+  raised in the caller, and the file is written in the caller's thread, so a cut stream and
+  a full disk are told apart and counted as before;
+- when the signature's hash method is SHA-512 the image is hashed once: the sha512 compared
+  with ``os_hash_value`` is also the digest the signature is verified against. Other methods
+  get a hasher of their own;
+- every ``WRITEBACK_EVERY`` bytes a background fdatasync makes the disk write the image
+  while the rest downloads (``_Sink``), so that the fsync before the rename finds little left.
 """
 
 from __future__ import annotations
@@ -14,11 +28,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import TracebackType
+from typing import IO, Any, Literal
 
 from cryptography import x509
 
@@ -35,6 +52,8 @@ from provisioner.signing import StreamVerifier, fingerprint, load_certificate
 
 LOG = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
+QUEUE_DEPTH = 4  # chunks read but not yet hashed, at most
+WRITEBACK_EVERY = 32 * 1024 * 1024  # bytes written between two background fdatasync calls
 MAX_PROPERTY = 4096
 
 RangeAction = Literal["append", "from_zero", "retry_from_zero", "other"]
@@ -127,15 +146,142 @@ def range_action(status: int, restarted: bool) -> RangeAction:
     return "other"
 
 
-def _rehash(path: Path, upto: int, sha: Any, verifier: StreamVerifier) -> None:
+class _Digests:
+    """The image's sha512 and the signature's digest: one hash when the method is SHA-512."""
+
+    def __init__(self, verifier: StreamVerifier) -> None:
+        self.sha = hashlib.sha512()
+        self.verifier = verifier
+        self.shared = verifier.hash_name == self.sha.name
+
+    def update(self, chunk: bytes) -> None:
+        self.sha.update(chunk)
+        if not self.shared:
+            self.verifier.update(chunk)
+
+    def verify_signature(self) -> None:
+        self.verifier.verify(self.sha.digest() if self.shared else None)
+
+
+class _HashThread:
+    """Hashes the chunks handed to put() in a thread of its own, beside the socket reads.
+
+    put() blocks while ``QUEUE_DEPTH`` chunks wait. An error in the thread is raised by the
+    next put() or by finish(); after it the thread drains the queue without hashing, so that
+    put() never blocks on a thread that has stopped. finish() waits for the last chunk;
+    abort() drops what is queued; both end the thread and may be called more than once.
+    """
+
+    def __init__(self, digests: _Digests) -> None:
+        self._digests = digests
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._dropping = False
+        self._thread = threading.Thread(target=self._run, name="edgepin-fetch-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is not None or self._dropping:
+                continue
+            try:
+                self._digests.update(chunk)
+            except BaseException as e:  # raised again in the caller's thread
+                self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, chunk: bytes) -> None:
+        self._raise()
+        self._queue.put(chunk)
+
+    def _end(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def finish(self) -> None:
+        self._end()
+        self._raise()
+
+    def abort(self) -> None:
+        self._dropping = True
+        self._end()
+
+
+class _Sink:
+    """Where the chunks read go: the file, written in the caller's thread, and the hash thread.
+
+    Every ``WRITEBACK_EVERY`` bytes a short-lived thread calls fdatasync, so that the disk
+    writes the image while the rest downloads instead of all of it in the final fsync (the
+    kernel alone would start only at its dirty-memory threshold). That final fsync still
+    happens, in commit(). An error of the hash thread or of a background fdatasync is raised
+    by the next write() or by commit(). Leaving the ``with`` block ends both threads before
+    the file is closed.
+    """
+
+    def __init__(self, file: IO[bytes], digests: _Digests) -> None:
+        self._file = file
+        self._hasher = _HashThread(digests)
+        self._unsynced = 0
+        self._syncer: threading.Thread | None = None
+        self._sync_error: OSError | None = None
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # no error from here: the one that ends the block (if any) is the one to report
+        self._hasher.abort()
+        if self._syncer is not None:
+            self._syncer.join()
+
+    def _sync(self, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            self._sync_error = e
+
+    def _join_syncer(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
+        if self._sync_error is not None:
+            raise self._sync_error
+
+    def write(self, chunk: bytes) -> None:
+        self._hasher.put(chunk)  # hashed in the other thread while this one writes
+        self._file.write(chunk)
+        self._unsynced += len(chunk)
+        if self._unsynced >= WRITEBACK_EVERY and not (self._syncer and self._syncer.is_alive()):
+            self._join_syncer()
+            self._file.flush()
+            self._syncer = threading.Thread(
+                target=self._sync, args=(self._file.fileno(),), name="edgepin-fetch-sync"
+            )
+            self._syncer.start()
+            self._unsynced = 0
+
+    def commit(self) -> None:
+        """Every byte is in: fsync the file, wait for the last hash."""
+        self._join_syncer()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._hasher.finish()
+
+
+def _rehash(path: Path, upto: int, digests: _Digests) -> None:
     with path.open("rb") as f:
         remaining = upto
         while remaining:
             chunk = f.read(min(CHUNK, remaining))
             if not chunk:
                 break
-            sha.update(chunk)
-            verifier.update(chunk)
+            digests.update(chunk)
             remaining -= len(chunk)
 
 
@@ -156,15 +302,17 @@ def fetch(
     # gives it the image file while the guest runs) and must reach the file here
     images_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
 
-    def fresh() -> tuple[Any, StreamVerifier]:
-        return hashlib.sha512(), StreamVerifier(
-            certificate,
-            image["img_signature"],
-            image["img_signature_hash_method"],
-            image["img_signature_key_type"],
+    def fresh() -> _Digests:
+        return _Digests(
+            StreamVerifier(
+                certificate,
+                image["img_signature"],
+                image["img_signature_hash_method"],
+                image["img_signature_key_type"],
+            )
         )
 
-    sha, verifier = fresh()
+    digests = fresh()
     offset = partial.stat().st_size if partial.exists() else 0
     if offset > size:
         partial.unlink()
@@ -178,7 +326,7 @@ def fetch(
 
     while True:
         if offset == size:
-            _rehash(partial, offset, sha, verifier)  # everything was already there
+            _rehash(partial, offset, digests)  # everything was already there
             break
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         with translate("glance", f"download of {image_id}"):
@@ -188,7 +336,7 @@ def fetch(
         action = range_action(r.status_code, restarted) if headers else None
         if action == "append":
             # the bytes kept from an earlier run count only now that the store resumes
-            _rehash(partial, offset, sha, verifier)
+            _rehash(partial, offset, digests)
         elif action in ("from_zero", "retry_from_zero"):
             LOG.info(
                 "fetch: store answered %s to a range request; restarting from byte 0",
@@ -196,7 +344,7 @@ def fetch(
             )
             partial.unlink(missing_ok=True)
             offset, restarted = 0, True
-            sha, verifier = fresh()
+            digests = fresh()
             if action == "retry_from_zero":
                 r.close()
                 continue
@@ -209,24 +357,20 @@ def fetch(
         if r.status_code not in (200, 206) or (offset and r.status_code != 206):
             raise ServiceUnavailableError(f"glance: unexpected status {r.status_code}")
         mode = "ab" if offset else "wb"
+        too_long = False
         try:
-            with partial.open(mode) as f:
+            with partial.open(mode) as f, _Sink(f, digests) as sink:
                 for chunk in r.iter_content(chunk_size=CHUNK):
                     if offset + len(chunk) > size:
-                        f.close()
-                        partial.unlink(missing_ok=True)
-                        raise VerificationError(
-                            f"image {image_id} sends more bytes than its declared size {size}"
-                        )
-                    f.write(chunk)
-                    sha.update(chunk)
-                    verifier.update(chunk)
+                        too_long = True
+                        break
+                    sink.write(chunk)
                     offset += len(chunk)
                     fetched += len(chunk)
                     if on_progress:
                         on_progress(len(chunk))
-                f.flush()
-                os.fsync(f.fileno())
+                else:
+                    sink.commit()
         except Exception as e:
             # requests' errors derive from OSError: tell a cut stream from a full disk
             if type(e).__module__.startswith(("requests", "urllib3", "keystoneauth1")):
@@ -241,13 +385,18 @@ def fetch(
             raise
         finally:
             r.close()
+        if too_long:
+            partial.unlink(missing_ok=True)
+            raise VerificationError(
+                f"image {image_id} sends more bytes than its declared size {size}"
+            )
         break
 
     if offset < size:
         raise ServiceUnavailableError(
             f"download of {image_id} ended at {offset} of {size} bytes; it resumes on the next run"
         )
-    got = sha.hexdigest()
+    got = digests.sha.hexdigest()
     if got != expected and resumed_from and not restarted:
         # the bytes kept from an earlier run may be what is wrong (a torn write on the
         # node's own disk): one full download decides, not the resumed one
@@ -265,7 +414,7 @@ def fetch(
             computed=got,
         )
     try:
-        verifier.verify()
+        digests.verify_signature()
     except VerificationError as e:
         partial.unlink(missing_ok=True)
         raise VerificationError(f"{e.message} (image {image_id}): refused") from None
