@@ -41,15 +41,16 @@ class SimNode:
     image_id: str
 
 
-def _retry(call: Callable[[], Any], attempts: int = 4) -> Any:
-    """Set-up calls only: SQLite under the test bed answers 500 now and then under load."""
+def _retry(call: Callable[[], Any], attempts: int = 8) -> Any:
+    """Set-up calls only: SQLite under the test bed answers 500 ("database is locked")
+    now and then under load, sometimes several times in a row; back off up to ~10 s."""
     for attempt in range(attempts):
         try:
             return call()
         except Exception:  # set-up only; the measured rounds never retry
             if attempt == attempts - 1:
                 raise
-            time.sleep(0.5 + random.random())  # noqa: S311
+            time.sleep(min(10.0, 0.5 * 2**attempt) * (0.5 + random.random()))  # noqa: S311
     raise AssertionError("unreachable")
 
 
