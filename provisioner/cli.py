@@ -55,9 +55,10 @@ def _add_publish(sub: Any) -> None:
     )
     p.add_argument(
         "--hash-method",
-        default="SHA-256",
+        default="SHA-512",
         choices=("SHA-224", "SHA-256", "SHA-384", "SHA-512"),
-        help="img_signature_hash_method (default SHA-256)",
+        help="img_signature_hash_method (default SHA-512: the same hash as os_hash_value, "
+        "so that nodes hash each image once)",
     )
     p.add_argument(
         "--health-marker",

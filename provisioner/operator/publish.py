@@ -56,7 +56,7 @@ class PublishRequest:
     memory_mb: int
     signing_cert_id: str
     signing_key_id: str
-    hash_method: str = "SHA-256"
+    hash_method: str = "SHA-512"
     health_marker: str | None = None
     key_deletion_policy: str = "on_image_deletion"
     luks_iter_time_ms: int = 1000

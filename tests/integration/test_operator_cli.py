@@ -48,7 +48,7 @@ def test_publish_properties_bytes_and_signature(
         "os_encrypt_key_id": pub["key_id"],
         "os_encrypt_key_deletion_policy": "on_image_deletion",
         "os_decrypt_container_format": "bare",
-        "img_signature_hash_method": "SHA-256",
+        "img_signature_hash_method": "SHA-512",
         "img_signature_key_type": "RSA-PSS",
         "img_signature_certificate_uuid": signer.cert_id,
         "edgepin_version": "1.2.3",
