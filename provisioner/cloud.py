@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
-import openstack
-import openstack.connection
 from keystoneauth1 import exceptions as ksa_exc
-from openstack import exceptions as sdk_exc
-from openstack.config import OpenStackConfig
 
 from provisioner.errors import (
     AuthError,
@@ -28,11 +25,19 @@ from provisioner.errors import (
 
 def register_auth_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Add ``--os-cloud`` and the other ``--os-*`` options, as the openstack client has them."""
+    # openstacksdk is the operator's (0.4-0.5 s of imports); the node talks to the
+    # services through keystoneauth alone, so nothing here imports it at module level
+    from openstack.config import OpenStackConfig
+
     OpenStackConfig().register_argparse_arguments(parser, argv)
 
 
 def connect(args: argparse.Namespace) -> Any:
     """Build the operator's connection and make sure the credential works."""
+    import openstack.connection
+    from openstack import exceptions as sdk_exc
+    from openstack.config import OpenStackConfig
+
     with translate("keystone"):
         try:
             region = OpenStackConfig().get_one(argparse=args)
@@ -58,49 +63,63 @@ def _status(exc: Exception) -> int | None:
 
 @contextlib.contextmanager
 def translate(service: str, what: str = "") -> Iterator[None]:
-    """Turn openstacksdk/keystoneauth exceptions into one-line edgepin errors."""
+    """Turn openstacksdk/keystoneauth exceptions into one-line edgepin errors.
+
+    Anything else goes through unchanged.
+    """
     subject = f"{service}{': ' + what if what else ''}"
     try:
         yield
     except EdgepinError:
         raise
-    except ksa_exc.SSLError as e:
-        raise ServiceUnavailableError(
+    except Exception as e:
+        err = _translated(subject, e)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _translated(subject: str, e: Exception) -> EdgepinError | None:
+    # openstacksdk's exceptions can only have been raised if openstacksdk was imported
+    sdk_exc = sys.modules.get("openstack.exceptions")
+    if isinstance(e, ksa_exc.SSLError):
+        return ServiceUnavailableError(
             f"{subject}: TLS verification failed ({_first_line(e)})",
             hint="check the CA bundle (cacert in clouds.yaml or --os-cacert)",
-        ) from None
-    except (ksa_exc.ConnectFailure, ksa_exc.ConnectTimeout, ksa_exc.DiscoveryFailure) as e:
-        raise ServiceUnavailableError(f"{subject}: unreachable ({_first_line(e)})") from None
-    except (ksa_exc.Unauthorized, sdk_exc.HttpException, ksa_exc.HttpError) as e:
+        )
+    if isinstance(e, (ksa_exc.ConnectFailure, ksa_exc.ConnectTimeout, ksa_exc.DiscoveryFailure)):
+        return ServiceUnavailableError(f"{subject}: unreachable ({_first_line(e)})")
+    if isinstance(e, (ksa_exc.Unauthorized, ksa_exc.HttpError)) or (
+        sdk_exc is not None and isinstance(e, sdk_exc.HttpException)
+    ):
         code = _status(e)
         if code == 401 or isinstance(e, ksa_exc.Unauthorized):
-            raise AuthError(
+            return AuthError(
                 f"{subject}: the credential was refused (401)",
                 hint="it may be expired, revoked or wrong",
-            ) from None
+            )
         if code == 403:
-            raise AuthError(f"{subject}: forbidden (403)") from None
-        if code == 404 or isinstance(e, sdk_exc.NotFoundException):
-            raise NotFoundError(f"{subject}: not found") from None
+            return AuthError(f"{subject}: forbidden (403)")
+        if code == 404 or (sdk_exc is not None and isinstance(e, sdk_exc.NotFoundException)):
+            return NotFoundError(f"{subject}: not found")
         if code is not None and code >= 500:
-            raise ServiceUnavailableError(f"{subject}: server error {code}") from None
-        raise EdgepinError(f"{subject}: {_first_line(e)}") from None
-    except ksa_exc.ClientException as e:
-        raise ServiceUnavailableError(f"{subject}: {_first_line(e)}") from None
-    except sdk_exc.SDKException as e:
+            return ServiceUnavailableError(f"{subject}: server error {code}")
+        return EdgepinError(f"{subject}: {_first_line(e)}")
+    if isinstance(e, ksa_exc.ClientException):
+        return ServiceUnavailableError(f"{subject}: {_first_line(e)}")
+    if sdk_exc is not None and isinstance(e, sdk_exc.SDKException):
         text = _first_line(e)
         if "(HTTP 401)" in text:
-            raise AuthError(
+            return AuthError(
                 f"{subject}: the credential was refused (401)",
                 hint="it may be expired, revoked or wrong",
-            ) from None
+            )
         if "does not have any supported versions" in text:
-            raise ServiceUnavailableError(
-                f"{subject}: unreachable (version discovery failed)"
-            ) from None
+            return ServiceUnavailableError(f"{subject}: unreachable (version discovery failed)")
         if "Unable to establish connection" in text or "SSL" in text:
-            raise ServiceUnavailableError(f"{subject}: unreachable ({_short(text)})") from None
-        raise EdgepinError(f"{subject}: {text}") from None
+            return ServiceUnavailableError(f"{subject}: unreachable ({_short(text)})")
+        return EdgepinError(f"{subject}: {text}")
+    return None
 
 
 def _short(text: str) -> str:

@@ -84,7 +84,7 @@ def test_publish_properties_bytes_and_signature(
     # verified the way cursive verifies it (its own verifier classes)
     cert = load_certificate(signer.pem)
     verifier = signature_utils.create_verifier_for_pss(
-        base64.b64decode(img["img_signature"]), hashes.SHA256(), cert.public_key()
+        base64.b64decode(img["img_signature"]), hashes.SHA512(), cert.public_key()
     )
     verifier.update(enc.read_bytes())
     verifier.verify()
