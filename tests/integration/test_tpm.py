@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from provisioner import tpm
+from tests.certs import self_signed
 from tests.testbed.swtpm import Swtpm
 
 pytestmark = pytest.mark.integration
@@ -80,17 +77,6 @@ def test_factory_wrap_for_ek_certificate(make_swtpm) -> None:  # type: ignore[no
 
 def test_ek_chain_refused_with_a_wrong_ca(swtpm: Swtpm) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "some other CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    ca = self_signed(key, "some other CA")
     with pytest.raises(tpm.EkCertificateError):
         tpm.verify_ek_cert_chain(swtpm.ek_cert_pem(), ca.public_bytes(serialization.Encoding.PEM))

@@ -8,7 +8,6 @@ the network (the real stores are exercised in tests/integration/test_ceph.py).
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,13 +15,12 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from provisioner.errors import ServiceUnavailableError
 from provisioner.node import fetch
 from provisioner.signing import StreamSigner
+from tests.certs import self_signed
 
 pytestmark = pytest.mark.unit
 
@@ -85,18 +83,7 @@ class Store:
 @pytest.fixture(scope="module")
 def signed() -> tuple[x509.Certificate, dict[str, Any]]:
     key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unit")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed(key)
     signer = StreamSigner(key, "SHA-256")
     signer.update(DATA)
     image = {

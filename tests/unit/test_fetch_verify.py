@@ -9,7 +9,6 @@ caller, and every refusal leaves no image behind. A fake Glance stands in for th
 
 from __future__ import annotations
 
-import datetime
 import errno
 import hashlib
 import threading
@@ -21,13 +20,12 @@ from typing import Any
 import pytest
 import requests
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 from provisioner.errors import ServiceUnavailableError, StateError, VerificationError
 from provisioner.node import fetch
 from provisioner.signing import HASH_METHODS, StreamSigner, StreamVerifier
+from tests.certs import self_signed
 
 pytestmark = pytest.mark.unit
 
@@ -36,18 +34,7 @@ SMALL = 64 * 1024  # the chunk size in these tests: 16 chunks
 
 
 def certificate(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unit")])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    return self_signed(key)
 
 
 @pytest.fixture(scope="module")
