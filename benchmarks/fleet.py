@@ -132,12 +132,9 @@ def make_fleet(
             if len(made) % 50 == 0:
                 log(f"fleet: {len(made)}/{n} nodes enrolled")
 
-    keystone_cache(bed, True)
-    try:
+    with bed.cp.reconfigured("keystone", "cache", KEYSTONE_CACHE):
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(one, range(n - len(made))))
-    finally:
-        keystone_cache(bed, False)
     return made
 
 
@@ -240,22 +237,10 @@ def _round(
     }
 
 
-def keystone_cache(bed: Bed, enabled: bool) -> None:
-    """Turn Keystone's cache on (in-process dogpile memory backend) or off; restart it.
-
-    The test bed runs Keystone with ``[cache] enabled = false``; production deployments
-    run it with a cache (memcached). The in-process backend is the closest a single
-    gunicorn worker gets to that without a memcached server.
-    """
-    conf = bed.cp.run_dir / "keystone" / "keystone.conf"
-    text = conf.read_text()
-    head, _, rest = text.partition("[cache]\n")
-    parts = rest.split("\n[", 1)
-    tail = "\n[" + parts[1] if len(parts) > 1 else ""
-    section = "enabled = true\nbackend = dogpile.cache.memory\n" if enabled else "enabled = false\n"
-    conf.write_text(f"{head}[cache]\n{section}{tail.lstrip(chr(10))}")
-    bed.cp.stop_service("keystone")
-    bed.cp.start_service("keystone")
+# Keystone's cache as production runs it (memcached), the closest a single gunicorn worker
+# gets without a memcached server: the in-process dogpile backend. The test bed runs
+# Keystone with ``[cache] enabled = false``; ``ControlPlane.reconfigured`` restores that.
+KEYSTONE_CACHE = {"enabled": "true", "backend": "dogpile.cache.memory"}
 
 
 def bench_fleet(
@@ -304,8 +289,7 @@ def bench_fleet(
         cached.close()
     if with_keystone_cache:
         log("fleet: Keystone with its cache on: no-change reconciles, then with a kept token")
-        keystone_cache(bed, True)
-        try:
+        with bed.cp.reconfigured("keystone", "cache", KEYSTONE_CACHE):
             result["keystone_cache_nochange"] = _round(
                 bed, fleet, rounds, concurrency, lambda node: _reconcile(node, False), True
             )
@@ -318,6 +302,4 @@ def bench_fleet(
                 )
             finally:
                 cached.close()
-        finally:
-            keystone_cache(bed, False)
     return result, fleet

@@ -570,28 +570,6 @@ def test_keystone_down(bed: Bed, controlplane: ControlPlane) -> None:
 TOKEN_LIFETIME = 15
 
 
-@contextmanager
-def token_lifetime(cp: ControlPlane, seconds: int) -> Iterator[None]:
-    """Restart Keystone with ``[token] expiration = seconds``; restore it (and restart) after."""
-    conf = cp.run_dir / "keystone" / "keystone.conf"
-    original = conf.read_text()
-    short, n = re.subn(
-        r"(?m)^(\[token\]\n(?:[^\[\n].*\n)*?)expiration = \d+$",
-        rf"\g<1>expiration = {seconds}",
-        original,
-    )
-    assert n == 1, "no [token] expiration in keystone.conf"
-    conf.write_text(short)
-    cp.stop_service("keystone")
-    cp.start_service("keystone")
-    try:
-        yield
-    finally:
-        conf.write_text(original)
-        cp.stop_service("keystone")
-        cp.start_service("keystone")
-
-
 def keystone_view(admin: Any, seen: Seen, allow_expired: bool = False) -> dict[str, Any] | None:
     """Keystone's record of the token a request carried (GET /v3/auth/tokens), None on 404.
 
@@ -662,7 +640,10 @@ def test_token_expires_during_long_download(
     force_assign(admin, bed, a["image_id"])
     figures: dict[str, Any] = {"token_lifetime_s": lifetime}
     # the admin session keeps its token while it lives; later ones live 15 s, which only slows it
-    with token_lifetime(controlplane, lifetime), image_endpoint(admin, proxy.url):
+    with (
+        controlplane.reconfigured("keystone", "token", {"expiration": str(lifetime)}),
+        image_endpoint(admin, proxy.url),
+    ):
         case("keystone-token-expires-mid-download")
         before = status(bed.node)["bytes_fetched_total"]
         issued0, seen0 = tokens_issued(controlplane), len(proxy.seen)

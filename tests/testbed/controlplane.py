@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import hashlib
 import ipaddress
@@ -38,6 +39,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,24 @@ def template_key() -> str:
     ):
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def set_options(text: str, section: str, options: dict[str, str]) -> str:
+    """``text``, an ini file as the test bed writes it, with ``options`` set in ``[section]``:
+    a key already there gets the new value, a missing one is added at the section's end."""
+    lines = text.splitlines()
+    try:
+        start = lines.index(f"[{section}]") + 1
+    except ValueError:
+        raise ControlPlaneError(f"no [{section}] section to set {sorted(options)} in") from None
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("[")), len(lines))
+    todo = dict(options)
+    for i in range(start, end):
+        key = lines[i].split("=", 1)[0].strip()
+        if "=" in lines[i] and key in todo:
+            lines[i] = f"{key} = {todo.pop(key)}"
+    lines[end:end] = [f"{k} = {v}" for k, v in todo.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _write_private(path: Path, data: str | bytes) -> None:
@@ -438,6 +458,25 @@ class ControlPlane:
         self._start(name)
         self._wait_ready([name])
         self._save_state()
+
+    @contextlib.contextmanager
+    def reconfigured(
+        self, service: str, section: str, options: dict[str, str], conf: str = ""
+    ) -> Iterator[None]:
+        """Restart ``service`` with ``options`` set in ``[section]`` of its configuration
+        (``<service>.conf`` unless ``conf`` names another file); afterwards the file is put
+        back as it was and the service restarted again, also when the block fails."""
+        path = self.run_dir / service / (conf or f"{service}.conf")
+        original = path.read_text()
+        try:
+            path.write_text(set_options(original, section, options))
+            self.stop_service(service)
+            self.start_service(service)
+            yield
+        finally:
+            path.write_text(original)
+            self.stop_service(service)
+            self.start_service(service)
 
     # ---------------------------------------------------------------- internals
 

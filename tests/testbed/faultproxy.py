@@ -199,9 +199,10 @@ class FaultProxy:
             seen.sent += len(data)
             return
         for i in range(0, len(data), 4096):
-            h.wfile.write(data[i : i + 4096])
-            seen.sent += len(data[i : i + 4096])
-            time.sleep(len(data[i : i + 4096]) / rate)
+            piece = data[i : i + 4096]
+            h.wfile.write(piece)
+            seen.sent += len(piece)
+            time.sleep(len(piece) / rate)
 
     @staticmethod
     def _reset(h: BaseHTTPRequestHandler) -> None:
