@@ -9,8 +9,13 @@ Blobs are JSON bytes:
   persisted); the object is fixedTPM|fixedParent.
 - ``kind: "duplicate"``: made offline by the factory for one TPM's endorsement key; it
   is imported under the EK (which needs PolicySecret(endorsement)) and unsealed once.
-Both are sealed with PolicyPCR over the PCRs they name, or, with no PCRs, bound only to
-the TPM.
+Both are sealed with PolicyPCR; there is no way to seal or unseal without one. The node
+unseals under the PCR selection it is configured with, never the one a blob names.
+
+The anchor is an ordinary NV index (``ANCHOR_NV_INDEX``, 40 bytes) that anyone may read
+and only a PolicyPCR session over the node's PCRs may write: someone who boots anything
+else on the machine cannot change it. It holds the node's generation floor and the digest
+of its ledger (``provisioner.node.ledger``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 BLOB_VERSION = 1
 TPM_CC_POLICY_PCR = 0x0000017F
+# edgepin's NV index in the owner range: the node's anchor (generation floor and the
+# digest of its ledger), defined at enrollment, written only under the PCR policy
+ANCHOR_NV_INDEX = 0x0100E9D0
+ANCHOR_NV_SIZE = 40
 BANKS = {"sha256": (0x000B, hashlib.sha256)}
 EK_CERT_RSA_NV_INDEX = 0x01C00002
 
@@ -217,12 +226,10 @@ def wrap_for_ek(
         raise TpmBlobError(f"not a usable EK public key: {e}") from None
     if ek.type != TPM2_ALG.RSA:
         raise TpmBlobError("only RSA endorsement keys are supported")
+    if not pcr_values:
+        raise TpmError("a PCR policy is required: name the PCRs and their values")
     attrs = TPMA_OBJECT.NODA
-    if pcr_values:
-        policy = pcr_policy_digest(pcr_values, bank)
-    else:
-        policy = b""
-        attrs |= TPMA_OBJECT.USERWITHAUTH
+    policy = pcr_policy_digest(pcr_values, bank)
     sensitive, public = TPM2B_SENSITIVE.keyedhash_from_secret(secret, objectAttributes=attrs)
     # tpm2-pytss versions differ in returning the TPMT_ or the TPM2B_ forms
     pub2b = public if isinstance(public, TPM2B_PUBLIC) else TPM2B_PUBLIC(publicArea=public)
@@ -333,10 +340,6 @@ class Tpm:
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
         from tpm2_pytss.types import TPML_PCR_SELECTION
 
-        if not pcrs:
-            from tpm2_pytss.constants import ESYS_TR
-
-            return bytes(self.esys.unseal(handle, session1=ESYS_TR.PASSWORD))
         session = self._policy_session()
         try:
             selection = TPML_PCR_SELECTION.unmarshal(pcr_selection_bytes(pcrs, bank))[0]
@@ -393,12 +396,10 @@ class Tpm:
         if len(secret) > 128:
             raise TpmError("a sealed secret holds at most 128 bytes")
         pcrs = sorted(set(pcrs))
+        if not pcrs:
+            raise TpmError("refusing to seal without a PCR policy (empty PCR selection)")
         attrs = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA
-        if pcrs:
-            policy = pcr_policy_digest(self.read_pcrs(pcrs, bank), bank)
-        else:
-            policy = b""
-            attrs |= TPMA_OBJECT.USERWITHAUTH
+        policy = pcr_policy_digest(self.read_pcrs(pcrs, bank), bank)
         public = TPMT_PUBLIC(
             type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256, objectAttributes=attrs
         )
@@ -424,7 +425,16 @@ class Tpm:
             sort_keys=True,
         ).encode()
 
-    def unseal(self, blob: bytes) -> bytes:
+    def unseal(self, blob: bytes, pcrs: Sequence[int], kinds: Sequence[str] = ("sealed",)) -> bytes:
+        """Unseal ``blob`` under a PolicyPCR over ``pcrs``, the selection the node expects.
+
+        The blob's own claims decide nothing: its kind must be one of ``kinds`` (only the
+        bootstrap credential may be a factory-made duplicate; anyone holding the EK public
+        key can make one), its PCR list must be ``pcrs``, and a ``sealed`` object must have
+        been created inside this TPM (fixedTPM, fixedParent), need the policy (no
+        userWithAuth) and carry exactly the policy of ``pcrs`` in their current values.
+        """
+        from tpm2_pytss.constants import TPMA_OBJECT
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
         from tpm2_pytss.types import (
             TPM2B_ENCRYPTED_SECRET,
@@ -434,9 +444,34 @@ class Tpm:
         )
 
         data = parse_blob(blob)
-        pcrs = [int(p) for p in data.get("pcrs", [])]
+        expected = sorted(set(pcrs))
+        if not expected:
+            raise TpmPolicyError("refusing to unseal without a PCR policy (empty selection)")
+        if data["kind"] not in kinds:
+            raise TpmBlobError(f"a blob of kind {data['kind']!r} is not accepted here")
+        if sorted(int(p) for p in data.get("pcrs", [])) != expected:
+            raise TpmPolicyError(
+                f"the blob names PCRs {data.get('pcrs')}, this node seals to {expected}"
+            )
+        pcrs = expected
         bank = str(data.get("bank", "sha256"))
-        public = TPM2B_PUBLIC.unmarshal(base64.b64decode(data["public"]))[0]
+        try:
+            public = TPM2B_PUBLIC.unmarshal(base64.b64decode(data["public"]))[0]
+        except Exception as e:  # the unmarshaller raises several kinds
+            raise TpmBlobError(f"the blob's public area is malformed ({e})") from None
+        area = public.publicArea
+        attrs = int(area.objectAttributes)
+        if attrs & int(TPMA_OBJECT.USERWITHAUTH):
+            raise TpmPolicyError("the sealed object can be used without its policy")
+        if data["kind"] == "sealed":
+            need = int(TPMA_OBJECT.FIXEDTPM) | int(TPMA_OBJECT.FIXEDPARENT)
+            if attrs & need != need:
+                raise TpmBlobError("the sealed object was not created inside this TPM")
+            if bytes(area.authPolicy) != pcr_policy_digest(self.read_pcrs(pcrs, bank), bank):
+                raise TpmPolicyError(
+                    f"PCR policy over {bank} PCRs {pcrs} does not match: the measured "
+                    "boot state differs from the one the object was sealed in"
+                )
         handles: list[Any] = []
         try:
             if data["kind"] == "sealed":
@@ -481,6 +516,120 @@ class Tpm:
         finally:
             for h in reversed(handles):
                 self._flush(h)
+
+    # -- the anchor (NV index) -----------------------------------------------
+    def _anchor_template(self, pcrs: Sequence[int], bank: str = "sha256") -> Any:
+        from tpm2_pytss.constants import TPM2_ALG, TPMA_NV
+        from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+
+        return TPM2B_NV_PUBLIC(
+            nvPublic=TPMS_NV_PUBLIC(
+                nvIndex=ANCHOR_NV_INDEX,
+                nameAlg=TPM2_ALG.SHA256,
+                attributes=TPMA_NV.POLICYWRITE | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA,
+                authPolicy=pcr_policy_digest(self.read_pcrs(pcrs, bank), bank),
+                dataSize=ANCHOR_NV_SIZE,
+            )
+        )
+
+    def _anchor_handle(self) -> Any | None:
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+        try:
+            return self.esys.tr_from_tpmpublic(ANCHOR_NV_INDEX)
+        except TSS2_Exception:
+            return None  # not defined
+
+    def _close(self, handle: Any) -> None:
+        with contextlib.suppress(Exception):
+            self.esys.tr_close(handle)
+
+    def _anchor_is_ours(self, public: Any, pcrs: Sequence[int]) -> bool:
+        from tpm2_pytss.constants import TPMA_NV
+
+        got, want = public.nvPublic, self._anchor_template(pcrs).nvPublic
+        return (
+            int(got.nameAlg) == int(want.nameAlg)
+            and int(got.attributes) & ~int(TPMA_NV.WRITTEN) == int(want.attributes)
+            and bytes(got.authPolicy) == bytes(want.authPolicy)
+            and int(got.dataSize) == ANCHOR_NV_SIZE
+        )
+
+    def anchor_read(self, pcrs: Sequence[int]) -> bytes | None:
+        """The anchor's bytes; None when it is not defined or was never written. A foreign
+        definition (other attributes, policy or size) is a TpmPolicyError."""
+        from tpm2_pytss.constants import ESYS_TR, TPMA_NV
+
+        handle = self._anchor_handle()
+        if handle is None:
+            return None
+        try:
+            public, _name = self.esys.nv_read_public(handle)
+            if not self._anchor_is_ours(public, pcrs):
+                raise TpmPolicyError(
+                    "the TPM's edgepin anchor is not the one this node defined (other "
+                    "attributes or policy), or the measured boot state differs"
+                )
+            if not int(public.nvPublic.attributes) & int(TPMA_NV.WRITTEN):
+                return None  # an enrollment cut short between defining and writing it
+            return bytes(
+                self.esys.nv_read(handle, ANCHOR_NV_SIZE, 0, handle, session1=ESYS_TR.PASSWORD)
+            )
+        finally:
+            self._close(handle)
+
+    def anchor_define(self, pcrs: Sequence[int]) -> None:
+        """(Re)define the anchor for these PCRs in their current values (enrollment only:
+        whatever was there before is gone)."""
+        from tpm2_pytss.constants import ESYS_TR
+
+        if not pcrs:
+            raise TpmError("refusing to define the anchor without a PCR policy")
+        self.anchor_remove()
+        handle = self.esys.nv_define_space(
+            b"", self._anchor_template(pcrs), ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD
+        )
+        self._close(handle)
+
+    def anchor_write(self, pcrs: Sequence[int], data: bytes) -> None:
+        """Write the anchor under the PCR policy; it must exist with edgepin's definition."""
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+        from tpm2_pytss.types import TPML_PCR_SELECTION
+
+        if len(data) != ANCHOR_NV_SIZE:
+            raise TpmError(f"the anchor holds {ANCHOR_NV_SIZE} bytes")
+        handle = self._anchor_handle()
+        if handle is None:
+            raise TpmPolicyError("the TPM holds no edgepin anchor")
+        session = None
+        try:
+            public, _name = self.esys.nv_read_public(handle)
+            if not self._anchor_is_ours(public, pcrs):
+                raise TpmPolicyError("the TPM's edgepin anchor is not the one this node defined")
+            session = self._policy_session()
+            selection = TPML_PCR_SELECTION.unmarshal(pcr_selection_bytes(sorted(pcrs)))[0]
+            self.esys.policy_pcr(session, b"", selection)
+            self.esys.nv_write(handle, data, 0, handle, session1=session)
+        except TSS2_Exception as e:
+            if _is_policy_failure(e):
+                raise TpmPolicyError(
+                    "the TPM refused to write the anchor: the measured boot state differs"
+                ) from None
+            raise TpmError(f"writing the anchor failed: {e}") from None
+        finally:
+            if session is not None:
+                self._flush(session)
+            self._close(handle)
+
+    def anchor_remove(self) -> bool:
+        """Undefine the anchor (owner authorization); True when there was one."""
+        from tpm2_pytss.constants import ESYS_TR
+
+        handle = self._anchor_handle()
+        if handle is None:
+            return False
+        self.esys.nv_undefine_space(handle, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD)
+        return True
 
 
 def _is_policy_failure(e: Exception) -> bool:

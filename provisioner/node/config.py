@@ -169,6 +169,10 @@ def load(
         }
     except ValueError as e:
         raise ConfigError(f"bad setting: {e}") from None
+    if not values["pcrs"]:
+        raise ConfigError(
+            "EDGEPIN_PCRS is empty: the node refuses to seal or unseal without a PCR policy"
+        )
     names = {f.name for f in fields(NodeConfig)}
     for key, value in (overrides or {}).items():
         if key not in names:

@@ -4,18 +4,23 @@ Enrollment (idempotent, resumable; the bootstrap credential stays valid until th
 credential is proven to work, so a failure half-way never leaves the node without a
 usable credential):
 
-1. read the seed bundle; unseal the bootstrap secret (imported under the EK);
+1. read the seed bundle (its PCR selection must be the node's own); unseal the bootstrap
+   secret (imported under the EK);
 2. generate the node secret, seal it locally (fixedTPM, PCR policy) and save the blob
    as ``node-credential.pending``;
 3. create the application credential ``edgepin-node`` with that secret and access rules
    that allow only what a node needs; save ``node-credential.json``;
-4. authenticate with it; delete the bootstrap credential; record the enrollment.
+4. authenticate with it; delete the bootstrap credential; define the TPM anchor and write
+   the ledger (``provisioner.node.ledger``): from then on the node's identity (Keystone
+   URL, project, user, the CA's and the sealed credential's digests) comes from the
+   anchored ledger, never again from the seed.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import logging
 import secrets
 from dataclasses import dataclass
@@ -29,7 +34,7 @@ from keystoneauth1.identity import v3
 from provisioner import seed, tpm
 from provisioner.cloud import translate
 from provisioner.errors import AuthError, ConfigError, TrustError
-from provisioner.node import state
+from provisioner.node import ledger, state
 from provisioner.node.config import NodeConfig
 
 LOG = logging.getLogger(__name__)
@@ -103,10 +108,10 @@ def make_session(ident: Identity, cred_id: str, secret: str, timeout: float) -> 
     return ksa_session.Session(auth=auth, verify=str(ident.ca_file), timeout=timeout)
 
 
-def _unseal(cfg: NodeConfig, blob: bytes, what: str) -> bytes:
+def _unseal(cfg: NodeConfig, blob: bytes, what: str, kinds: tuple[str, ...] = ("sealed",)) -> bytes:
     try:
         with tpm.Tpm.open(cfg.tcti) as t:
-            return t.unseal(blob)
+            return t.unseal(blob, cfg.pcrs, kinds)
     except tpm.TpmPolicyError as e:
         raise TrustError(
             f"TPM refused to unseal the {what}: the measured boot state differs from "
@@ -156,11 +161,22 @@ def enrolled(cfg: NodeConfig) -> bool:
 
 def enroll(cfg: NodeConfig) -> dict[str, Any]:
     """First-boot enrollment; a no-op when done, resumable when interrupted."""
-    record = state.read_json(_enrollment(cfg))
-    if record and record.get("phase") == "done":
-        LOG.info("enrollment: already done (%s), nothing to do", record.get("enrolled_at"))
+    anchor = ledger.TpmAnchor(cfg.tcti, cfg.pcrs)
+    if anchor.read() is not None:
+        # enrolled on this TPM: the anchored ledger, not a file on the disk, says so
+        done = ledger.load(cfg.state_dir, anchor)["enrollment"]
+        record = {"phase": "done", **done}
+        if state.read_json(_enrollment(cfg)) != record:
+            state.write_json(_enrollment(cfg), record)
+        LOG.info("enrollment: already done (%s), nothing to do", done["enrolled_at"])
         return record
     bundle = load_bundle(cfg)
+    pcrs = sorted(int(p) for p in bundle["pcrs"])
+    if pcrs != sorted(cfg.pcrs):
+        raise ConfigError(
+            f"the seed was made for PCRs {pcrs}; this node seals to {sorted(cfg.pcrs)}",
+            hint="enroll again with --pcrs matching the host image's EDGEPIN_PCRS",
+        )
     ident = identity(cfg, bundle)
     boot = bundle["bootstrap"]
     final = state.read_json(_final(cfg))
@@ -171,7 +187,9 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
         nonlocal boot_session
         if boot_session is None:
             wrapped = base64.b64decode(boot["wrapped"])
-            boot_secret = _unseal(cfg, wrapped, "bootstrap credential").decode()
+            boot_secret = _unseal(
+                cfg, wrapped, "bootstrap credential", kinds=("duplicate",)
+            ).decode()
             boot_session = make_session(
                 ident, boot["application_credential_id"], boot_secret, cfg.http_timeout
             )
@@ -239,33 +257,76 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
             )
     except AuthError:
         LOG.info("enrollment: the bootstrap credential is already gone")
-    record = {
-        "phase": "done",
+    done = {
         "node_id": ident.node_id,
+        "project_id": ident.project_id,
+        "user_id": ident.user_id,
+        "auth_url": ident.auth_url,
+        "region": ident.region,
+        "interface": ident.interface,
+        "ca_sha256": _sha256_file(ident.ca_file),
         "credential_id": final["id"],
+        "credential_sha256": hashlib.sha256(base64.b64decode(final["sealed"])).hexdigest(),
+        "pcrs": sorted(cfg.pcrs),
         "enrolled_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "pcrs": final["pcrs"],
     }
+    anchor.define()
+    ledger.save(cfg.state_dir, anchor, ledger.empty(done, 0))
+    record = {"phase": "done", **done}
     state.write_json(_enrollment(cfg), record)
     LOG.info("enrollment passed")
     return record
 
 
-def node_session(cfg: NodeConfig) -> tuple[Identity, Any]:
-    """The node's authenticated session; unsealing fails closed on a changed boot state."""
-    final = state.read_json(_final(cfg))
-    if final is None or not enrolled(cfg):
-        raise ConfigError("the node is not enrolled", hint="run `edgepin node enroll` first")
-    ident = identity(cfg, load_bundle(cfg))
-    node_secret = _unseal(cfg, base64.b64decode(final["sealed"]), "node credential").decode()
-    sess = make_session(ident, final["id"], node_secret, cfg.http_timeout)
-    del node_secret
-    return ident, sess
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def unseal_check(cfg: NodeConfig) -> None:
-    """Unseal the node credential without using it (the offline path's trust check)."""
+def enrolled_identity(cfg: NodeConfig, record: dict[str, Any]) -> Identity:
+    """The identity fixed at enrollment (from the anchored ledger), with its CA checked."""
+    ca_file = cfg.ca_path if cfg.ca_path.exists() else cfg.state_dir / "seed" / "ca.pem"
+    try:
+        ca_sha256 = _sha256_file(ca_file)
+    except FileNotFoundError:
+        ca_sha256 = ""
+    if ca_sha256 != record["ca_sha256"]:
+        raise TrustError(
+            f"the control-plane CA {ca_file} is not the one the node enrolled with",
+            hint="the CA is fixed at enrollment; enroll the node again to change it",
+        )
+    return Identity(
+        node_id=record["node_id"],
+        project_id=record["project_id"],
+        user_id=record["user_id"],
+        auth_url=record["auth_url"],
+        region=record["region"],
+        interface=record["interface"],
+        ca_file=ca_file,
+    )
+
+
+def node_session(cfg: NodeConfig, record: dict[str, Any]) -> tuple[Identity, Any]:
+    """The node's authenticated session, from the ledger's enrollment record; unsealing
+    fails closed on a changed boot state or on a credential blob that is not the one
+    sealed at enrollment."""
+    ident = enrolled_identity(cfg, record)
     final = state.read_json(_final(cfg))
     if final is None:
-        raise ConfigError("the node is not enrolled", hint="run `edgepin node enroll` first")
-    _unseal(cfg, base64.b64decode(final["sealed"]), "node credential")
+        raise TrustError(f"{_final(cfg)} is gone", hint="enroll the node again")
+    try:
+        blob = base64.b64decode(final["sealed"], validate=True)
+        cred_id = str(final["id"])
+    except (KeyError, TypeError, ValueError):
+        raise TrustError(f"{_final(cfg)} is malformed") from None
+    if (
+        cred_id != record["credential_id"]
+        or hashlib.sha256(blob).hexdigest() != record["credential_sha256"]
+    ):
+        raise TrustError(
+            f"{_final(cfg)} is not the credential the node sealed at enrollment",
+            hint="enroll the node again",
+        )
+    node_secret = _unseal(cfg, blob, "node credential").decode()
+    sess = make_session(ident, cred_id, node_secret, cfg.http_timeout)
+    del node_secret
+    return ident, sess

@@ -8,6 +8,7 @@ secret.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,25 @@ def barbican_payload(sess: Any, interface: str, secret_id: str, text: bool) -> b
     return bytes(r.content)
 
 
-def ensure_sealed(cfg: NodeConfig, sess: Any, interface: str, image: dict[str, Any]) -> bool:
-    """Make sure the image's key is sealed on the node; True when it was fetched now."""
-    path = sealed_path(cfg, image["id"])
-    if path.exists():
-        return False
+def blob_sha256(cfg: NodeConfig, image_id: str) -> str | None:
+    try:
+        return hashlib.sha256(sealed_path(cfg, image_id).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def ensure_sealed(
+    cfg: NodeConfig, sess: Any, interface: str, image: dict[str, Any], known: str | None
+) -> str:
+    """Make sure the image's key is sealed on the node; the sealed blob's SHA-256.
+
+    ``known`` is the digest the ledger recorded when the key was sealed: a blob on disk
+    that does not have it (swapped, or sealed by someone else) is replaced by a fresh
+    seal of the key from Barbican.
+    """
+    current = blob_sha256(cfg, image["id"])
+    if current is not None and current == known:
+        return current
     passphrase = barbican_payload(sess, interface, image["os_encrypt_key_id"], text=True)
     if not passphrase:
         raise NotFoundError("barbican returned an empty key")
@@ -59,20 +74,31 @@ def ensure_sealed(cfg: NodeConfig, sess: Any, interface: str, image: dict[str, A
     except tpm.TpmError as e:
         raise TrustError(f"TPM cannot seal the image key: {e}") from None
     del passphrase
-    state.atomic_write(path, base64.b64encode(blob))
+    data = base64.b64encode(blob)
+    state.atomic_write(sealed_path(cfg, image["id"]), data)
     LOG.info("keys: key of image %s sealed to PCRs %s", image["id"], list(cfg.pcrs))
-    return True
+    return hashlib.sha256(data).hexdigest()
 
 
-def unseal(cfg: NodeConfig, image_id: str) -> bytes:
+def unseal(cfg: NodeConfig, image_id: str, expected_sha256: str | None) -> bytes:
+    """The image's passphrase, from the blob the ledger recorded and from nothing else."""
     path = sealed_path(cfg, image_id)
     try:
-        blob = base64.b64decode(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise NotFoundError(f"no sealed key for image {image_id} on this node") from None
+    if expected_sha256 is None or hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise TrustError(
+            f"the sealed key of image {image_id} is not the one this node sealed",
+            image_id=image_id,
+        )
+    try:
+        blob = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise TrustError(f"the sealed key of image {image_id} is not base64") from None
     try:
         with tpm.Tpm.open(cfg.tcti) as t:
-            return t.unseal(blob)
+            return t.unseal(blob, cfg.pcrs)
     except tpm.TpmPolicyError as e:
         raise TrustError(
             f"TPM refused to unseal the image key: the measured boot state differs ({e})"

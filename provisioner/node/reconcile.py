@@ -8,6 +8,8 @@ cannot be reached. Every decision lands in the state file (atomically) and the s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from provisioner.errors import (
     TrustError,
     VerificationError,
 )
-from provisioner.node import credentials, domain, fetch, keys, report, state
+from provisioner.node import credentials, domain, fetch, keys, ledger, report, state
 from provisioner.node.config import NodeConfig
 
 LOG = logging.getLogger(__name__)
@@ -40,22 +42,48 @@ class Outcome:
     error: EdgepinError | None = None
 
 
-def _state_path(cfg: NodeConfig) -> Any:
-    return cfg.state_dir / "node.json"
+COUNTERS_NAME = "counters.json"
+LEDGER_KEYS = (
+    "format",
+    "enrollment",
+    "highest_generation",
+    "current",
+    "previous",
+    "images",
+    "rejected",
+)
+IMAGE_ID = ledger.IMAGE_ID
+HASH_CHUNK = 1 << 20
 
 
-def load_state(cfg: NodeConfig) -> dict[str, Any]:
-    st = state.read_json(_state_path(cfg)) or {}
-    st.setdefault("highest_generation", 0)
-    st.setdefault("current", None)
-    st.setdefault("previous", None)
-    st.setdefault("images", {})
-    st.setdefault("bytes_fetched_total", 0)
-    st.setdefault("failures", {})
-    st.setdefault("reported", {})
-    st.setdefault("last_success", None)
-    st.setdefault("rejected", {})
-    return st
+def load_counters(cfg: NodeConfig) -> dict[str, Any]:
+    """What changes at every run and decides nothing; a damaged file starts afresh."""
+    try:
+        raw = state.read_json(cfg.state_dir / COUNTERS_NAME) or {}
+    except StateError:
+        raw = {}
+    counters: dict[str, Any] = {
+        "bytes_fetched_total": 0,
+        "failures": {},
+        "reported": {},
+        "last_success": None,
+    }
+    for key, default in list(counters.items()):
+        value = raw.get(key)
+        if isinstance(value, type(default)) or (default is None and isinstance(value, float)):
+            counters[key] = value
+    fetching = raw.get("fetching")
+    if isinstance(fetching, str):
+        counters["fetching"] = fetching
+    return counters
+
+
+def save(cfg: NodeConfig, anchor: ledger.Anchor, st: dict[str, Any]) -> None:
+    """The ledger part through the TPM anchor (only when it changed), the rest plainly."""
+    ledger.save(cfg.state_dir, anchor, {k: st[k] for k in LEDGER_KEYS})
+    state.write_json(
+        cfg.state_dir / COUNTERS_NAME, {k: v for k, v in st.items() if k not in LEDGER_KEYS}
+    )
 
 
 def _spec(cfg: NodeConfig, entry: dict[str, Any]) -> domain.GuestSpec:
@@ -68,12 +96,79 @@ def _spec(cfg: NodeConfig, entry: dict[str, Any]) -> domain.GuestSpec:
     )
 
 
-def _start(cfg: NodeConfig, conn: Any, entry: dict[str, Any]) -> None:
-    passphrase = keys.unseal(cfg, entry["image_id"])
+def check_local_copy(cfg: NodeConfig, st: dict[str, Any], image_id: str) -> None:
+    """The image on disk is byte for byte what was verified when it was fetched.
+
+    Run before every start: the state partition can be written by whoever holds the disk,
+    and what the ledger (anchored in the TPM) recorded is the only thing trusted.
+    """
+    known = st["images"].get(image_id)
+    if known is None:
+        raise VerificationError(f"image {image_id} has no verified record on this node")
+    path = cfg.images_dir / f"{image_id}.qcow2"
+    started = time.monotonic()
+    digest = hashlib.sha512()
+    size = 0
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        raise VerificationError(f"image {image_id} is missing from {cfg.images_dir}") from None
+    if size != known["size"] or digest.hexdigest() != known["sha512"]:
+        raise VerificationError(
+            f"image {image_id} on disk differs from what was verified at fetch time",
+            image_id=image_id,
+            expected=known["sha512"],
+            got=digest.hexdigest(),
+        )
+    LOG.info(
+        "reconcile: local copy of %s matches its verified sha512 (%d bytes, %.1f s)",
+        image_id,
+        size,
+        time.monotonic() - started,
+    )
+
+
+def _forget_image(cfg: NodeConfig, st: dict[str, Any], image_id: str) -> None:
+    """Drop a local copy that failed its check, so that the next run fetches it again."""
+    (cfg.images_dir / f"{image_id}.qcow2").unlink(missing_ok=True)
+    keys.forget(cfg, image_id)
+    st["images"].pop(image_id, None)
+
+
+def _start(cfg: NodeConfig, conn: Any, entry: dict[str, Any], st: dict[str, Any]) -> None:
+    image_id = entry["image_id"]
+    try:
+        check_local_copy(cfg, st, image_id)
+        passphrase = keys.unseal(cfg, image_id, st["images"][image_id].get("key_sha256"))
+    except (VerificationError, TrustError, NotFoundError) as e:
+        LOG.error("reconcile: refusing to start %s: %s", image_id, e.message)
+        _forget_image(cfg, st, image_id)
+        raise
     try:
         domain.start(cfg, conn, _spec(cfg, entry), passphrase)
     finally:
         del passphrase
+
+
+def parse_assignment(raw: Any) -> dict[str, Any] | None:
+    """The assignment record from Keystone: None, or a checked image id and generation."""
+    if raw is None or raw == "":
+        return None
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+    except (ValueError, RecursionError):
+        raise ImageError("the assignment record is not JSON") from None
+    if not isinstance(data, dict):
+        raise ImageError("the assignment record is not an object")
+    image_id, gen = data.get("image_id"), data.get("generation")
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
+        raise ImageError("the assignment names no valid image id")
+    if type(gen) is not int or not 0 <= gen <= ledger.MAX_GENERATION:
+        raise ImageError("the assignment's generation is not a whole number in range")
+    return {"image_id": image_id, "generation": gen}
 
 
 def _read_assignment(sess: Any, ident: credentials.Identity) -> dict[str, Any] | None:
@@ -91,19 +186,9 @@ def _read_assignment(sess: Any, ident: credentials.Identity) -> dict[str, Any] |
     r.raise_for_status()
     try:
         raw = r.json()["project"].get("edgepin_assignment")
-    except (ValueError, KeyError, AttributeError):
+    except (ValueError, KeyError, AttributeError, TypeError):
         raise ServiceUnavailableError("keystone sent a malformed project record") from None
-    if not raw:
-        return None
-    import json
-
-    try:
-        data: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else raw
-        int(data["generation"])
-        str(data["image_id"])
-    except (ValueError, KeyError, TypeError):
-        raise ImageError("the assignment record is malformed") from None
-    return data
+    return parse_assignment(raw)
 
 
 def _get_image(sess: Any, ident: credentials.Identity, image_id: str) -> dict[str, Any]:
@@ -172,14 +257,22 @@ def reconcile(cfg: NodeConfig) -> Outcome:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with state.node_lock(cfg.lock_path):
         state.remove_stale_temp_files(cfg.state_dir)
-        st = load_state(cfg)
-        outcome = _reconcile(cfg, st)
+        st = load_counters(cfg)
+        anchor = ledger.TpmAnchor(cfg.tcti, cfg.pcrs)
+        outcome = _reconcile(cfg, anchor, st)
         if outcome.state in ("running", "offline"):
             st["last_success"] = time.time()
         if outcome.error is not None:
             _fail(st, outcome.error.reason)
-        state.write_json(_state_path(cfg), st)
-        current = st["current"] or {}
+        if "enrollment" in st:  # the ledger was loaded and vouched for
+            try:
+                save(cfg, anchor, st)
+            except EdgepinError as e:
+                LOG.error("reconcile: cannot record the state: %s", e.message)
+                outcome = Outcome("failed", e.message, e)
+        else:
+            state.write_json(cfg.state_dir / COUNTERS_NAME, st)
+        current = st.get("current") or {}
         report.write_status(
             cfg,
             {
@@ -188,8 +281,8 @@ def reconcile(cfg: NodeConfig) -> Outcome:
                 "image_id": current.get("image_id"),
                 "generation": current.get("generation"),
                 "version": current.get("version"),
-                "highest_generation": st["highest_generation"],
-                "previous_image_id": (st["previous"] or {}).get("image_id"),
+                "highest_generation": st.get("highest_generation"),
+                "previous_image_id": (st.get("previous") or {}).get("image_id"),
                 "last_success": st["last_success"],
                 "bytes_fetched_total": st["bytes_fetched_total"],
                 "failures": st["failures"],
@@ -199,27 +292,33 @@ def reconcile(cfg: NodeConfig) -> Outcome:
         return outcome
 
 
-def _reconcile(cfg: NodeConfig, st: dict[str, Any]) -> Outcome:
+def _reconcile(cfg: NodeConfig, anchor: ledger.Anchor, st: dict[str, Any]) -> Outcome:
     if cfg.disabled_path.exists():
         return Outcome("disabled", f"{cfg.disabled_path} exists")
     if not credentials.enrolled(cfg):
         err = StateError("the node is not enrolled", hint="run `edgepin node enroll`")
         return Outcome("unenrolled", err.message, err)
     try:
-        ident, sess = credentials.node_session(cfg)
+        st.update(ledger.load(cfg.state_dir, anchor))
+        ident, sess = credentials.node_session(cfg, st["enrollment"])
     except TrustError as e:
         LOG.error("reconcile: %s", e.message)
         return Outcome("refused", e.message, e)
     conn = domain.connect(cfg)
     try:
         domain.remove_others(cfg, conn)
-        return _converge(cfg, st, ident, sess, conn)
+        return _converge(cfg, anchor, st, ident, sess, conn)
     finally:
         conn.close()
 
 
 def _converge(
-    cfg: NodeConfig, st: dict[str, Any], ident: credentials.Identity, sess: Any, conn: Any
+    cfg: NodeConfig,
+    anchor: ledger.Anchor,
+    st: dict[str, Any],
+    ident: credentials.Identity,
+    sess: Any,
+    conn: Any,
 ) -> Outcome:
     offline_reason = None
     offline_error: EdgepinError | None = None
@@ -248,9 +347,13 @@ def _converge(
                 "waiting for a new assignment"
             )
             refusal = Outcome("refused", err.message, err)
-        elif current is None or current["image_id"] != assignment["image_id"]:
+        elif (
+            current is None
+            or current["image_id"] != assignment["image_id"]
+            or assignment["image_id"] not in st["images"]  # its local copy failed a check
+        ):
             st["highest_generation"] = gen
-            refusal = _update(cfg, st, ident, sess, conn, assignment)
+            refusal = _update(cfg, anchor, st, ident, sess, conn, assignment)
             if refusal and refusal.state in ("refused", "rolled-back"):
                 st["rejected"][assignment["image_id"]] = gen
             if refusal and refusal.state == "rolled-back":
@@ -270,7 +373,7 @@ def _converge(
         return Outcome("waiting", "no assignment yet")
     if not domain.running(cfg, conn, current["image_id"]):
         try:
-            _start(cfg, conn, current)
+            _start(cfg, conn, current, st)
             ok, why = domain.healthy(cfg, conn, current["image_id"], None, 10.0)
         except EdgepinError as e:
             return Outcome("failed", e.message, e)
@@ -293,6 +396,7 @@ def _converge(
 
 def _update(
     cfg: NodeConfig,
+    anchor: ledger.Anchor,
     st: dict[str, Any],
     ident: credentials.Identity,
     sess: Any,
@@ -316,27 +420,37 @@ def _update(
                 lambda sid: keys.barbican_payload(sess, ident.interface, sid, text=False),
             )
             st["fetching"] = f"{image_id}.partial"
-            state.write_json(_state_path(cfg), st)
+            save(cfg, anchor, st)
             try:
                 result = fetch.fetch(sess, ident.interface, image, cert, cfg.images_dir)
             finally:
                 st.pop("fetching", None)
             st["bytes_fetched_total"] += result.bytes_fetched
-            st["images"][image_id] = {"sha512": result.sha512, "size": result.size}
-            state.write_json(_state_path(cfg), st)
-        keys.ensure_sealed(cfg, sess, ident.interface, image)
+            st["images"][image_id] = {
+                "sha512": result.sha512,
+                "size": result.size,
+                "key_sha256": None,
+            }
+            save(cfg, anchor, st)
+        known = st["images"][image_id]
+        known["key_sha256"] = keys.ensure_sealed(
+            cfg, sess, ident.interface, image, known.get("key_sha256")
+        )
+        save(cfg, anchor, st)
     except (VerificationError, ImageError, NotFoundError, GuestError) as e:
         LOG.error("reconcile: image %s refused: %s", image_id, e.message)
         if report.member_status(sess, ident.interface, image_id, ident.project_id, "rejected"):
             st["reported"][image_id] = "rejected"
         return Outcome("refused", e.message, e)
-    except (ServiceUnavailableError, AuthError, StateError) as e:
+    except (ServiceUnavailableError, AuthError, StateError, TrustError) as e:
         LOG.error("reconcile: update to %s not possible now: %s", image_id, e.message)
         return Outcome("offline" if st["current"] else "failed", e.message, e)
 
     old = st["current"]
+    if old is not None and old["image_id"] == image_id:  # the same image, fetched again
+        old = st["previous"]
     try:
-        _start(cfg, conn, entry)
+        _start(cfg, conn, entry, st)
         ok, why = domain.healthy(cfg, conn, image_id, entry["health_marker"], cfg.health_timeout)
     except EdgepinError as e:
         ok, why = False, e.message
@@ -356,7 +470,7 @@ def _update(
     err = GuestError(f"new guest {image_id} not healthy: {why}; rolled back")
     if old is not None:
         try:
-            _start(cfg, conn, old)
+            _start(cfg, conn, old, st)
         except EdgepinError as e:
             return Outcome("failed", f"{err.message}; rollback failed: {e.message}", e)
         return Outcome("rolled-back", err.message, err)

@@ -92,7 +92,7 @@ def secrets_of(node: VirtualNode, passphrases: list[bytes]) -> list[bytes]:
     """The actual secret bytes to scan for: the node credential, the image keys."""
     cred = json.loads((node.root / "var/lib/edgepin/node-credential.json").read_text())
     with tpm.Tpm.open(node.tpm.tcti) as t:
-        node_secret = t.unseal(base64.b64decode(cred["sealed"]))
+        node_secret = t.unseal(base64.b64decode(cred["sealed"]), [7])
     found = [node_secret, *passphrases]
     forms = []
     for s in found:
@@ -177,7 +177,9 @@ def test_seed_to_running_guest_then_nothing_to_do(
     # the bootstrap credential no longer works
     bundle = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())
     with tpm.Tpm.open(node.tpm.tcti) as t:
-        boot_secret = t.unseal(base64.b64decode(bundle["bootstrap"]["wrapped"])).decode()
+        boot_secret = t.unseal(
+            base64.b64decode(bundle["bootstrap"]["wrapped"]), [7], ("duplicate",)
+        ).decode()
     from keystoneauth1 import exceptions, session
     from keystoneauth1.identity import v3
 
@@ -386,3 +388,88 @@ def test_interrupted_download_resumes_with_range(
     assert st["bytes_fetched_total"] - before == size2 - size2 // 2 + size2
     r = node.node("status")
     assert r.returncode == 0 and "running" in r.stdout and v2["image_id"] in r.stdout
+
+
+def test_edits_to_the_state_partition_give_an_attacker_nothing(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+) -> None:
+    """Someone who can write the node's disk offline: an older node.json, an image and key
+    blob swapped for others that this TPM unseals, a planted CA, credential or seed."""
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    node.configure(pcrs="0,7")  # a host image that seals to other PCRs than the seed's
+    r = node.node("enroll")
+    assert r.returncode == 3 and "the seed was made for PCRs [7]" in r.stderr, r.stderr
+    node.configure(pcrs="7")
+    ok(node.node("enroll"))
+    var = node.root / "var/lib/edgepin"
+    first, second = publish(version="1"), publish(version="2")
+    assign(cli_env, node, first["image_id"])
+    ok(node.node("reconcile"))
+    old_ledger = (var / "node.json").read_bytes()
+    assign(cli_env, node, second["image_id"])
+    ok(node.node("reconcile"))
+    wait_marker(node, second["marker"])
+    good_ledger = (var / "node.json").read_bytes()
+
+    def guest() -> tuple[bool, str]:
+        conn = libvirt.open(node.libvirtd.uri)
+        try:
+            dom = conn.lookupByName("edgepin-guest")
+            return bool(dom.isActive()), dom.XMLDesc(0)
+        finally:
+            conn.close()
+
+    def refused(code: int, words: str) -> None:
+        r = node.node("reconcile")
+        assert r.returncode == code and words in r.stderr, f"{r.returncode}: {r.stderr}"
+        assert status(node)["state"] in ("refused", "failed"), status(node)
+
+    # an older, genuine copy of node.json (generation 1): refused, the running guest kept
+    (var / "node.json").write_bytes(old_ledger)
+    refused(9, "older copy")
+    active, xml = guest()
+    assert active and second["image_id"] in xml
+    (var / "node.json").write_bytes(good_ledger)
+    ok(node.node("reconcile"))
+
+    # a planted CA (the seed's CA is used when the image has none), credential or seed
+    ca = var / "seed" / "ca.pem"
+    genuine_ca = ca.read_bytes()
+    ca.write_bytes(signer.pem)
+    refused(9, "not the one the node enrolled with")
+    ca.write_bytes(genuine_ca)
+    cred = var / "node-credential.json"
+    genuine_cred = cred.read_bytes()
+    planted = json.loads(genuine_cred)
+    planted["sealed"] = (var / "keys" / f"{second['image_id']}.sealed").read_text()
+    cred.write_text(json.dumps(planted))
+    refused(9, "not the credential the node sealed")
+    cred.write_bytes(genuine_cred)
+    bundle_path = var / "seed" / "bundle.json"
+    bundle = json.loads(bundle_path.read_text())
+    bundle["auth_url"] = "https://127.0.0.1:1/v3"  # nothing listens: a use would fail
+    bundle_path.write_text(json.dumps(bundle))
+    ok(node.node("reconcile"))  # the seed is not read after enrollment
+
+    # the current image and its key blob swapped for the previous ones (an image this
+    # TPM unseals the key of), then a reboot: nothing starts, the copy is fetched again
+    images, keys_dir = var / "images", var / "keys"
+    for d, suffix in ((images, ".qcow2"), (keys_dir, ".sealed")):
+        (d / f"{first['image_id']}{suffix}").replace(d / f"{second['image_id']}{suffix}")
+    conn = libvirt.open(node.libvirtd.uri)
+    conn.lookupByName("edgepin-guest").destroy()
+    conn.close()
+    fetched = status(node)["bytes_fetched_total"]
+    refused(8, "differs from what was verified")
+    assert not guest()[0], "a swapped image was started"
+    assert not (images / f"{second['image_id']}.qcow2").exists()
+    ok(node.node("reconcile"))
+    wait_marker(node, second["marker"])
+    st = status(node)
+    assert st["state"] == "running" and st["image_id"] == second["image_id"]
+    assert st["bytes_fetched_total"] > fetched

@@ -169,7 +169,7 @@ def test_enroll_wraps_for_that_tpm_only(
     wrapped = base64.b64decode(bundle["bootstrap"]["wrapped"])
     # the node's TPM unseals it and Keystone accepts it
     with tpm.Tpm.open(node_tpm.tcti) as t:
-        secret = t.unseal(wrapped).decode()
+        secret = t.unseal(wrapped, [7], ("duplicate",)).decode()
     assert secret not in out.read_bytes().decode(errors="replace")
     from keystoneauth1 import session
     from keystoneauth1.identity import v3
@@ -182,11 +182,11 @@ def test_enroll_wraps_for_that_tpm_only(
     assert session.Session(auth=auth, verify=str(controlplane.ca_path)).get_token()
     # another TPM cannot; a changed PCR cannot
     with tpm.Tpm.open(other_tpm.tcti) as t, pytest.raises(tpm.TpmBlobError):
-        t.unseal(wrapped)
+        t.unseal(wrapped, [7], ("duplicate",))
     with tpm.Tpm.open(node_tpm.tcti) as t:
         t.extend_pcr(7, b"another bootloader")
         with pytest.raises(tpm.TpmPolicyError):
-            t.unseal(wrapped)
+            t.unseal(wrapped, [7], ("duplicate",))
     # enrolling again rotates: the old bootstrap credential is gone
     again = enroll(cli_env, node_id, node_tpm, run_dir / f"{node_id}.seed2.img")
     assert again["rotated"] == [result["bootstrap_credential_id"]]

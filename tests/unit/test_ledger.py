@@ -1,0 +1,285 @@
+"""The anchored ledger: what a person holding the disk can do to node.json, and power cuts.
+
+The anchor here is a stand-in with the NV index's rules (a value, or none when undefined);
+tests/integration/test_tpm.py and test_node.py run the same code against a real swtpm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from provisioner.errors import (
+    ConfigError,
+    ImageError,
+    StateError,
+    TrustError,
+    VerificationError,
+)
+from provisioner.node import config, ledger, reconcile
+
+pytestmark = pytest.mark.unit
+
+IMAGE_A = "0b6c2f0e-5d1a-4c4e-9a51-1f0e2d3c4b5a"
+IMAGE_B = "7f3e9a1c-2b4d-4e6f-8a0b-c1d2e3f4a5b6"
+
+
+class FakeAnchor:
+    """The NV index: undefined until written; a write failure models a changed boot state."""
+
+    def __init__(self) -> None:
+        self.value: ledger.AnchorValue | None = None
+        self.writes = 0
+        self.fail_writes = False
+
+    def read(self) -> ledger.AnchorValue | None:
+        return self.value
+
+    def write(self, value: ledger.AnchorValue) -> None:
+        if self.fail_writes:
+            raise TrustError("the TPM refused to write the anchor")
+        self.value = ledger.AnchorValue.from_bytes(value.to_bytes())
+        self.writes += 1
+
+
+def enrollment() -> dict[str, Any]:
+    return {
+        "node_id": "node-0042",
+        "project_id": "p" * 32,
+        "user_id": "u" * 32,
+        "auth_url": "https://keystone.example.test:5000/v3",
+        "region": None,
+        "interface": "public",
+        "ca_sha256": "a" * 64,
+        "credential_id": "c" * 32,
+        "credential_sha256": "b" * 64,
+        "pcrs": [7],
+        "enrolled_at": "2026-12-01T23:00:00Z",
+    }
+
+
+def entry(image_id: str, generation: int) -> dict[str, Any]:
+    return {
+        "image_id": image_id,
+        "generation": generation,
+        "vcpus": 1,
+        "memory_mb": 64,
+        "health_marker": None,
+        "version": "1",
+    }
+
+
+def enrolled(tmp_path: Path) -> tuple[FakeAnchor, dict[str, Any]]:
+    anchor = FakeAnchor()
+    book = ledger.empty(enrollment(), 0)
+    assert ledger.save(tmp_path, anchor, book)
+    return anchor, book
+
+
+def test_a_saved_ledger_loads_and_an_unchanged_one_writes_nothing(tmp_path: Path) -> None:
+    anchor, book = enrolled(tmp_path)
+    assert ledger.load(tmp_path, anchor) == book
+    assert not ledger.save(tmp_path, anchor, book)
+    assert anchor.writes == 1
+    book["highest_generation"] = 3
+    book["current"] = entry(IMAGE_A, 3)
+    book["images"][IMAGE_A] = {"sha512": "d" * 128, "size": 10, "key_sha256": "e" * 64}
+    assert ledger.save(tmp_path, anchor, book)
+    assert anchor.value is not None and anchor.value.floor == 3
+    assert ledger.load(tmp_path, anchor) == book
+
+
+def test_an_edited_ledger_is_refused(tmp_path: Path) -> None:
+    anchor, _ = enrolled(tmp_path)
+    path = tmp_path / ledger.LEDGER_NAME
+    data = json.loads(path.read_text())
+    data["images"][IMAGE_B] = {"sha512": "f" * 128, "size": 1, "key_sha256": "0" * 64}
+    data["current"] = entry(IMAGE_B, 9)
+    path.write_bytes(ledger.encode(data))
+    with pytest.raises(TrustError, match="does not match the record in the TPM"):
+        ledger.load(tmp_path, anchor)
+
+
+def test_an_older_copy_is_refused_and_the_floor_survives(tmp_path: Path) -> None:
+    anchor, book = enrolled(tmp_path)
+    book["highest_generation"] = 1
+    book["current"] = entry(IMAGE_A, 1)
+    ledger.save(tmp_path, anchor, book)
+    old = tmp_path / "old-copy"
+    shutil.copy(tmp_path / ledger.LEDGER_NAME, old)
+    book["highest_generation"] = 2
+    book["previous"], book["current"] = book["current"], entry(IMAGE_B, 2)
+    ledger.save(tmp_path, anchor, book)
+    shutil.copy(old, tmp_path / ledger.LEDGER_NAME)  # the attacker restores the old one
+    with pytest.raises(TrustError, match="older copy"):
+        ledger.load(tmp_path, anchor)
+    assert anchor.value is not None and anchor.value.floor == 2
+    book["highest_generation"] = 1
+    with pytest.raises(StateError, match="lower the generation floor"):
+        ledger.save(tmp_path, anchor, book)
+
+
+def test_a_removed_ledger_is_refused_and_no_anchor_means_not_enrolled(tmp_path: Path) -> None:
+    anchor, _ = enrolled(tmp_path)
+    (tmp_path / ledger.LEDGER_NAME).unlink()
+    with pytest.raises(TrustError, match="removed"):
+        ledger.load(tmp_path, anchor)
+    with pytest.raises(TrustError, match="never enrolled"):
+        ledger.load(tmp_path, FakeAnchor())
+
+
+@pytest.mark.parametrize("cut", ["before-anchor", "after-anchor", "after-rename"])
+def test_a_power_cut_at_any_step_of_a_save_loses_nothing(
+    tmp_path: Path, cut: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    anchor, book = enrolled(tmp_path)
+    new = json.loads(json.dumps(book))
+    new["highest_generation"] = 5
+    new["current"] = entry(IMAGE_A, 5)
+
+    class Cut(BaseException):
+        pass
+
+    real_write, real_replace = anchor.write, ledger.os.replace
+
+    def write(value: ledger.AnchorValue) -> None:
+        if cut == "before-anchor":
+            raise Cut
+        real_write(value)
+
+    def replace(src: Any, dst: Any) -> None:
+        final = Path(dst).name == ledger.LEDGER_NAME  # not the temp file of the .next write
+        if final and cut == "after-anchor":
+            raise Cut
+        real_replace(src, dst)
+        if final and cut == "after-rename":
+            raise Cut
+
+    monkeypatch.setattr(anchor, "write", write)
+    monkeypatch.setattr(ledger.os, "replace", replace)
+    with pytest.raises(Cut):
+        ledger.save(tmp_path, anchor, new)
+    monkeypatch.undo()
+    loaded = ledger.load(tmp_path, anchor)
+    assert loaded == (book if cut == "before-anchor" else new)
+    assert not (tmp_path / ledger.NEXT_NAME).exists()
+
+
+def test_a_planted_next_file_is_not_taken(tmp_path: Path) -> None:
+    anchor, book = enrolled(tmp_path)
+    forged = dict(book, highest_generation=0, current=entry(IMAGE_B, 0))
+    (tmp_path / ledger.NEXT_NAME).write_bytes(ledger.encode(forged))
+    assert ledger.load(tmp_path, anchor) == book
+    assert not (tmp_path / ledger.NEXT_NAME).exists()
+
+
+def test_the_anchor_value_round_trips_and_refuses_other_sizes() -> None:
+    value = ledger.AnchorValue(7, hashlib.sha256(b"x").digest())
+    assert ledger.AnchorValue.from_bytes(value.to_bytes()) == value
+    with pytest.raises(TrustError):
+        ledger.AnchorValue.from_bytes(b"\x00" * 39)
+    with pytest.raises(TrustError):
+        ledger.AnchorValue.from_bytes(b"\xff" * 40)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_the_ledger_parser_returns_a_ledger_or_its_own_error(data: bytes) -> None:
+    try:
+        parsed = ledger.parse(data)
+    except TrustError:
+        return
+    assert ledger.parse(ledger.encode(parsed)) == parsed
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(
+        st.sampled_from(list(ledger.empty(enrollment(), 0))),
+        json_values,
+        max_size=7,
+    )
+)
+def test_a_ledger_with_any_field_replaced_parses_or_is_refused(fields: dict[str, Any]) -> None:
+    raw = {**ledger.empty(enrollment(), 0), **fields}
+    try:
+        data = ledger.encode(raw)
+    except ValueError:  # NaN and the like cannot even be written
+        return
+    try:
+        ledger.parse(data)
+    except TrustError:
+        pass
+
+
+@settings(max_examples=300)
+@given(json_values | st.text(max_size=80))
+def test_the_assignment_parser_returns_an_assignment_or_its_own_error(raw: Any) -> None:
+    try:
+        got = reconcile.parse_assignment(raw)
+    except ImageError:
+        return
+    assert got is None or (
+        ledger.IMAGE_ID.fullmatch(got["image_id"]) and 0 <= got["generation"] < 2**63
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        f'{{"image_id": "{IMAGE_A}", "generation": Infinity}}',
+        '{"image_id": {}, "generation": 1}',
+        '{"image_id": "../../etc/passwd", "generation": 1}',
+        f'{{"image_id": "{IMAGE_A}", "generation": true}}',
+        f'{{"image_id": "{IMAGE_A}", "generation": 1.0}}',
+        f'{{"image_id": "{IMAGE_A}", "generation": -1}}',
+        "[1, 2]",
+    ],
+)
+def test_hostile_assignments_are_refused(raw: str) -> None:
+    with pytest.raises(ImageError):
+        reconcile.parse_assignment(raw)
+
+
+def test_an_empty_pcr_selection_is_refused(tmp_path: Path) -> None:
+    etc = tmp_path / "etc" / "edgepin"
+    etc.mkdir(parents=True)
+    (etc / "edgepin.conf").write_text("EDGEPIN_PCRS=\n")
+    with pytest.raises(ConfigError, match="without a PCR policy"):
+        config.load(tmp_path, environ={})
+
+
+def test_a_local_copy_is_started_only_if_it_is_what_was_verified(tmp_path: Path) -> None:
+    cfg = config.NodeConfig(root=tmp_path)
+    cfg.images_dir.mkdir(parents=True)
+    disk = cfg.images_dir / f"{IMAGE_A}.qcow2"
+    disk.write_bytes(b"verified bytes" * 1000)
+    data = disk.read_bytes()
+    known = {"sha512": hashlib.sha512(data).hexdigest(), "size": len(data), "key_sha256": None}
+    book = {"images": {IMAGE_A: known}}
+    reconcile.check_local_copy(cfg, book, IMAGE_A)
+    disk.write_bytes(b"attacker's bytes" * 1000)
+    with pytest.raises(VerificationError, match="differs from what was verified") as e:
+        reconcile.check_local_copy(cfg, book, IMAGE_A)
+    assert e.value.fields["expected"] == known["sha512"]
+    disk.unlink()
+    with pytest.raises(VerificationError, match="missing"):
+        reconcile.check_local_copy(cfg, book, IMAGE_A)
+    with pytest.raises(VerificationError, match="no verified record"):
+        reconcile.check_local_copy(cfg, book, IMAGE_B)
