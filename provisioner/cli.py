@@ -119,7 +119,10 @@ def _add_nodes(sub: Any) -> None:
     ek.add_argument("--ek-cert", type=Path, help="the node's EK certificate, PEM or DER")
     e.add_argument("--ek-ca", type=Path, help="CA bundle to verify --ek-cert against")
     e.add_argument(
-        "--pcrs", default="", help="PCRs the credential is bound to, e.g. 7 or 0,7 (default none)"
+        "--pcrs",
+        required=True,
+        help="PCRs the bootstrap credential is bound to, e.g. 7 or 0,7: the host image's "
+        "EDGEPIN_PCRS (the node refuses a seed made for other PCRs)",
     )
     e.add_argument(
         "--pcr-values",

@@ -39,8 +39,10 @@ def user_data(bundle: dict[str, Any]) -> str:
     )
 
 
-def meta_data(node_id: str) -> str:
-    return f"instance-id: edgepin-{node_id}\nlocal-hostname: {node_id}\n"
+def meta_data(node_id: str, bootstrap_id: str) -> str:
+    """Each seed is its own cloud-init instance: a node given a new seed (its bootstrap
+    credential rotated before it enrolled) takes the new bundle at its next boot."""
+    return f"instance-id: edgepin-{node_id}-{bootstrap_id[:12]}\nlocal-hostname: {node_id}\n"
 
 
 def write_seed(path: Path, node_id: str, bundle: dict[str, Any]) -> None:
@@ -48,7 +50,7 @@ def write_seed(path: Path, node_id: str, bundle: dict[str, Any]) -> None:
     write_nocloud(
         path,
         {
-            "meta-data": meta_data(node_id),
+            "meta-data": meta_data(node_id, str(bundle["bootstrap"]["application_credential_id"])),
             "user-data": user_data(bundle),
             "edgepin-bundle.json": json.dumps(bundle, indent=2, sort_keys=True) + "\n",
         },

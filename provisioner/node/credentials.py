@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import json
 import logging
 import secrets
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ def _unseal(cfg: NodeConfig, blob: bytes, what: str, kinds: tuple[str, ...] = ("
             f"TPM refused to unseal the {what}: the measured boot state differs from "
             f"enrollment ({e})",
             hint="the host OS or its boot chain changed; re-enroll the node if intended",
+            policy=True,
         ) from None
     except tpm.TpmUnavailableError as e:
         raise TrustError(f"no TPM: {e}", hint=f"check {cfg.tcti}") from None
@@ -187,9 +189,22 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
         nonlocal boot_session
         if boot_session is None:
             wrapped = base64.b64decode(boot["wrapped"])
-            boot_secret = _unseal(
-                cfg, wrapped, "bootstrap credential", kinds=("duplicate",)
-            ).decode()
+            try:
+                boot_secret = _unseal(
+                    cfg, wrapped, "bootstrap credential", kinds=("duplicate",)
+                ).decode()
+            except TrustError as e:
+                if not e.fields.get("policy"):
+                    raise
+                # the factory's way to learn them without a login: PCR values are
+                # measurements, not secrets
+                raise TrustError(
+                    "the seed's bootstrap credential is bound to other PCR values than "
+                    "this node measures",
+                    hint="enroll the node again with --pcrs "
+                    f"{','.join(map(str, cfg.pcrs))} and --pcr-values set to this node's "
+                    f"PCR values: {json.dumps(_pcr_values(cfg), sort_keys=True)}",
+                ) from None
             boot_session = make_session(
                 ident, boot["application_credential_id"], boot_secret, cfg.http_timeout
             )
@@ -276,6 +291,11 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
     state.write_json(_enrollment(cfg), record)
     LOG.info("enrollment passed")
     return record
+
+
+def _pcr_values(cfg: NodeConfig) -> dict[str, str]:
+    with tpm.Tpm.open(cfg.tcti) as t:
+        return {str(p): v.hex() for p, v in sorted(t.read_pcrs(cfg.pcrs).items())}
 
 
 def _sha256_file(path: Path) -> str:

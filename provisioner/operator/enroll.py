@@ -67,16 +67,20 @@ def parse_pcrs(text: str) -> tuple[int, ...]:
     return pcrs
 
 
-def load_pcr_values(req: EnrollRequest) -> dict[int, bytes] | None:
+def load_pcr_values(req: EnrollRequest) -> dict[int, bytes]:
     if not req.pcrs:
-        return None
+        raise UsageError(
+            "--pcrs is required: the bootstrap credential is always bound to PCRs",
+            hint="use the host image's EDGEPIN_PCRS (DIB_EDGEPIN_PCRS, default 7)",
+        )
     if req.pcr_values_zero:
         return {p: bytes(32) for p in req.pcrs}
     if req.pcr_values is None:
         raise UsageError(
             "--pcrs needs --pcr-values FILE (the node's expected sha256 PCR values)",
-            hint="read them on a reference node with `edgepin node pcrs --json`, "
-            "or --pcr-values zero for a TPM that has measured nothing (virtual nodes)",
+            hint="boot a reference node of the same model and host image with any seed: "
+            "when its bootstrap is bound to other values, its console prints the JSON "
+            "to give here; --pcr-values zero is for a TPM that has measured nothing",
         )
     try:
         raw = json.loads(req.pcr_values.read_text())

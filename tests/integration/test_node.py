@@ -473,3 +473,58 @@ def test_edits_to_the_state_partition_give_an_attacker_nothing(
     st = status(node)
     assert st["state"] == "running" and st["image_id"] == second["image_id"]
     assert st["bytes_fetched_total"] > fetched
+
+
+def test_a_node_seeded_for_other_pcr_values_says_its_own_and_takes_a_new_seed(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    admin: Any,
+) -> None:
+    """The factory's path without a login, and re-seeding a node that has not enrolled."""
+    import re
+    import subprocess
+
+    node = virtual_node
+    ek, ekca = run_dir / f"{node.name}.ek.pem", run_dir / f"{node.name}.ekca.pem"
+    ek.write_bytes(node.tpm.ek_cert_pem())
+    ekca.write_bytes(node.tpm.ca_cert_pem())
+
+    def enroll(values: Path, seed: Path) -> None:
+        args = ["enroll", node.name, "--ek-cert", str(ek), "--ek-ca", str(ekca)]
+        r = run_edgepin(
+            [*args, "--pcrs", "7", "--pcr-values", str(values), "--seed-out", str(seed)], cli_env
+        )
+        assert r.returncode == 0, r.stderr
+
+    def instance(seed: Path) -> str:
+        meta = subprocess.run(
+            ["mcopy", "-i", str(seed), "::meta-data", "-"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return meta.splitlines()[0]
+
+    guessed = run_dir / f"{node.name}.guessed.json"
+    guessed.write_text(json.dumps({"7": "ff" * 32}))
+    first = run_dir / f"{node.name}.seed1.img"
+    enroll(guessed, first)
+    node.configure(pcrs="7")
+    node.pin_certificate(signer.pem)
+    node.install_seed(first)
+    r = node.node("enroll")
+    assert r.returncode == 9, r.stderr
+    said = re.search(r"PCR values: (\{[^}]*\})", r.stderr)
+    assert said, r.stderr
+    measured = node.root / "measured.json"
+    measured.write_text(said.group(1))
+    assert json.loads(said.group(1)) == {"7": "00" * 32}  # what this swtpm measured
+
+    second = run_dir / f"{node.name}.seed2.img"
+    enroll(measured, second)
+    assert instance(first) != instance(second), "cloud-init would ignore the new seed"
+    node.install_seed(second)  # what cloud-init's write_files does for a new instance
+    ok(node.node("enroll"))
+    assert [c["name"] for c in app_credentials(admin, node)] == ["edgepin-node"]

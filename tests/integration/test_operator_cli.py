@@ -136,7 +136,7 @@ def enroll(cli_env: dict[str, str], node_id: str, node_tpm: Swtpm, out: Path, *e
             "--seed-out",
             str(out),
             "--json",
-            *extra,
+            *(extra or ("--pcrs", "7", "--pcr-values", "zero")),
         ],
         cli_env,
     )
@@ -209,6 +209,10 @@ def test_enroll_refuses_an_ek_cert_from_another_ca(
             str(controlplane.ca_path),
             "--seed-out",
             str(run_dir / "never.img"),
+            "--pcrs",
+            "7",
+            "--pcr-values",
+            "zero",
         ],
         cli_env,
     )

@@ -58,7 +58,7 @@ def up() -> int:
         is_current,
     )
     from tests.testbed.guest import build_tiny_guest
-    from tests.testbed.qemuvm import HostVm
+    from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
     from tests.testbed.swtpm import SwtpmFactory
 
     if (RUN / "vm.json").exists():
@@ -123,23 +123,41 @@ def up() -> int:
     ek, ekca, seed = RUN / "ek.pem", RUN / "ek-ca.pem", RUN / "seed.img"
     ek.write_bytes(tpm.ek_cert_pem())
     ekca.write_bytes(tpm.ca_cert_pem())
-    edgepin(
-        [
-            "enroll",
-            NODE,
-            "--ek-cert",
-            str(ek),
-            "--ek-ca",
-            str(ekca),
-            "--node-interface",
-            "internal",
-            "--seed-out",
-            str(seed),
-        ],
-        cp,
-    )
+    guessed, measured = RUN / "guessed-pcrs.json", RUN / "measured-pcrs.json"
+    guessed.write_text(json.dumps({"0": "00" * 32, "7": "00" * 32}))
+
+    def enroll(values: Path) -> None:
+        edgepin(
+            [
+                "enroll",
+                NODE,
+                "--ek-cert",
+                str(ek),
+                "--ek-ca",
+                str(ekca),
+                "--node-interface",
+                "internal",
+                "--pcrs",
+                "0,7",  # the test image's DIB_EDGEPIN_PCRS
+                "--pcr-values",
+                str(values),
+                "--seed-out",
+                str(seed),
+            ],
+            cp,
+        )
+
+    enroll(guessed)
     edgepin(["assign", NODE, pub["image_id"]], cp)
-    step(f"assigned; seed {seed}")
+    step(f"assigned; seed {seed} (bound to guessed PCR values)")
+    probe = HostVm(NODE, image, RUN / "vm", firmware="uefi", tpm=tpm, seed=seed)
+    probe.start()
+    step("first boot: the node prints the PCR values it measures on its console")
+    said = probe.wait_for(PCR_VALUES_SAID, 900)
+    probe.stop()
+    measured.write_text(said.group(1))
+    enroll(measured)
+    step(f"enrolled again with the node's own PCR 0 and 7 values; new seed {seed}")
 
     milestones = {
         "kernel booted": r"Linux version \d",
