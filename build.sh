@@ -181,6 +181,8 @@ Options:
   --pins FILE              rebuild with exactly the package versions of a pin file
                            (out/edgepin-host.pins.json of an earlier build)
   --raw                    also write a raw image, for writing to disks
+  --qa-check               QA images only: add the unit that runs the image test's
+                           check script (DIB_EDGEPIN_QA_CHECK=1); never for nodes
   --out DIR                output folder (default out/)
   -h, --help               show this help
 
@@ -228,7 +230,7 @@ needs_host_shims() {
 
 cmd_image() {
     local release="${DIB_RELEASE:-trixie}" ca="" certs=() pcrs=7 reserved=0 interval=5min
-    local virt=kvm health=120 pins="" raw=0 out="$ROOT/out"
+    local virt=kvm health=120 pins="" raw=0 qa=0 out="$ROOT/out"
     while (($#)); do
         case "$1" in
             --release) release="$2"; shift 2 ;;
@@ -241,6 +243,7 @@ cmd_image() {
             --health-timeout) health="$2"; shift 2 ;;
             --pins) pins="$(realpath "$2")"; shift 2 ;;
             --raw) raw=1; shift ;;
+            --qa-check) qa=1; shift ;;
             --out) out="$(realpath -m "$2")"; shift 2 ;;
             -h | --help) image_usage; return 0 ;;
             *) image_usage >&2; die "image: unknown option $1" ;;
@@ -305,6 +308,7 @@ cmd_image() {
         export DIB_EDGEPIN_RECONCILE_INTERVAL="$interval"
         export DIB_EDGEPIN_VIRT_TYPE="$virt"
         export DIB_EDGEPIN_HEALTH_TIMEOUT="$health"
+        export DIB_EDGEPIN_QA_CHECK="$qa"
         if [[ -n "$pins" ]]; then export DIB_DPKG_MANIFEST="$pins"; fi
         mkdir -p "$TMP_DIR"
         exec disk-image-create -a amd64 -t "$types" --image-size 2 --no-tmpfs \
@@ -339,7 +343,7 @@ cmd_image() {
         --setting "source_date_epoch=$SOURCE_DATE_EPOCH" \
         --setting "pcrs=$pcrs" --setting "reserved_cpus=$reserved" \
         --setting "reconcile_interval=$interval" --setting "virt_type=$virt" \
-        --setting "health_timeout=$health" \
+        --setting "health_timeout=$health" --setting "qa_check=$qa" \
         --setting "ca_sha256=$ca_sum" --setting "signing_certs_sha256=${cert_sums%,}" \
         --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims"
 }

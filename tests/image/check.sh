@@ -1,14 +1,37 @@
 #!/bin/sh
 # Waits for systemd to finish starting, then reports on the console in one write.
-# /dev/console, not /dev/ttyS0: serial-getty's vhangup of ttyS0 as it starts would cut a
-# writer that holds ttyS0 open (a race seen on a fast boot); the console survives it.
+# The test's seed writes this file (cloud-init write_files, the only module the image
+# runs); the QA image's edgepin-qa-check.service runs it.
+TPM=device:/dev/tpmrm0
+ENROLLED_INDEX=0x0100E9D0
 systemctl is-system-running --wait >/dev/null 2>&1
+cloud_cfg=$(python3 -c '
+from cloudinit import util
+c = util.read_conf_with_confd("/etc/cloud/cloud.cfg")
+keys = ("cloud_init_modules", "cloud_config_modules", "cloud_final_modules")
+print(" ".join(",".join(map(str, c.get(k) or [])) or "-" for k in keys))
+print(",".join(c.get("datasource_list") or []))
+' 2>&1)
+# what the package made under the tmpfs mounts, seen through a bind mount of /var
+mkdir -p /run/edgepin-qa/var && mount --bind /var /run/edgepin-qa/var
+disk_modes="$(stat -c '%a %U:%G' /run/edgepin-qa/var/lib/libvirt/qemu),$(stat -c '%a %U:%G' /run/edgepin-qa/var/log/libvirt)"
+umount /run/edgepin-qa/var
+# cloud-init's services that lack the gate (an empty list is the answer wanted)
+ungated=""
+units=""
+for u in $(systemctl list-unit-files --type=service --no-legend 'cloud-*' | awk '{print $1}'); do
+    case "$u" in *@.service) continue ;; esac
+    units="$units,$u"
+    systemctl show -p ExecCondition --value "$u" | grep -q /usr/lib/edgepin-host/cloud-init-gate \
+        || ungated="$ungated,$u"
+done
 report=$(
 echo "EDGEPIN-CHECK system=$(systemctl is-system-running)"
 echo "EDGEPIN-CHECK failed=$(systemctl list-units --failed --plain --no-legend | awk '{print $1}' | paste -sd, -)"
 echo "EDGEPIN-CHECK root=$(findmnt -no OPTIONS / | cut -d, -f1)"
 echo "EDGEPIN-CHECK var=$(findmnt -no FSTYPE /var) $(df -BM --output=size /var | tail -1 | tr -d ' ')"
 echo "EDGEPIN-CHECK etc=$(findmnt -no FSTYPE /etc)"
+echo "EDGEPIN-CHECK etc-upper=$(findmnt -no OPTIONS /etc | tr , '\n' | sed -n 's/^upperdir=//p') $(stat -f -c %T /run/edgepin-host/etc)"
 echo "EDGEPIN-CHECK listen22=$(awk '$4 == "0A" && $2 ~ /:0016$/' /proc/net/tcp /proc/net/tcp6 | wc -l)"
 echo "EDGEPIN-CHECK tpm0=$(test -c /dev/tpm0 && echo yes || echo no)"
 echo "EDGEPIN-CHECK libvirtd=$(systemctl is-active libvirtd)"
@@ -16,6 +39,29 @@ echo "EDGEPIN-CHECK edgepin=$(edgepin --version 2>&1 | head -1)"
 echo "EDGEPIN-CHECK root-login=$(passwd -S root | awk '{print $2}')"
 echo "EDGEPIN-CHECK compilers=$(for t in gcc cc make; do command -v $t; done | wc -l)"
 echo "EDGEPIN-CHECK machine-id=$(cat /etc/machine-id)"
+echo "EDGEPIN-CHECK machine-id-kept=$(cat /var/lib/edgepin-host/machine-id 2>&1)"
+echo "EDGEPIN-CHECK cloud-modules=$(echo "$cloud_cfg" | sed -n 1p)"
+echo "EDGEPIN-CHECK cloud-datasources=$(echo "$cloud_cfg" | sed -n 2p)"
+echo "EDGEPIN-CHECK cloud-units=${units#,}"
+echo "EDGEPIN-CHECK cloud-ungated=${ungated#,}"
+echo "EDGEPIN-CHECK cloud-gate=$(cat /run/edgepin-host/cloud-init 2>&1)"
+# the seed also asks for bootcmd and runcmd: each would leave a file
+echo "EDGEPIN-CHECK seed-commands=$(ls /run/edgepin-qa/ | grep -c ran)"
+echo "EDGEPIN-CHECK gettys=$(systemctl list-units --type=service --state=active --plain --no-legend '*getty*' | awk '{print $1}' | paste -sd, -)"
+echo "EDGEPIN-CHECK getty-ttyS0=$(systemctl is-enabled serial-getty@ttyS0.service 2>&1)"
+echo "EDGEPIN-CHECK setuid=$(find / /var -xdev -type f -user root -perm -4000 2>/dev/null | sort -u | paste -sd, -)"
+echo "EDGEPIN-CHECK libvirt-qemu=$(findmnt -no FSTYPE /var/lib/libvirt/qemu) $(stat -c '%a %U:%G' /var/lib/libvirt/qemu)"
+echo "EDGEPIN-CHECK libvirt-log=$(findmnt -no FSTYPE /var/log/libvirt) $(stat -c '%a %U:%G' /var/log/libvirt)"
+echo "EDGEPIN-CHECK libvirt-on-disk=$disk_modes"
+# last, as the node at enrollment: with the enrollment NV index in the TPM, the gate says
+# no and a cloud-init unit started again is skipped
+rm -f /run/edgepin-host/cloud-init
+tpm2_nvdefine -T "$TPM" -C o -s 8 -a "ownerread|ownerwrite" "$ENROLLED_INDEX" >/dev/null 2>&1
+/usr/lib/edgepin-host/cloud-init-gate >/dev/null 2>&1
+echo "EDGEPIN-CHECK enrolled-gate=$? $(cat /run/edgepin-host/cloud-init 2>&1)"
+timeout 60 systemctl restart cloud-final.service >/dev/null 2>&1
+echo "EDGEPIN-CHECK enrolled-cloud-final=$(systemctl show -p Result --value cloud-final.service)"
+tpm2_nvundefine -T "$TPM" -C o "$ENROLLED_INDEX" >/dev/null 2>&1
 echo "EDGEPIN-CHECK-END"
 )
 printf '\n%s\n' "$report" >/dev/console

@@ -123,6 +123,8 @@ def image_args(material: ImageSigner) -> list[str]:
         # kernel takes minutes to reach the marker
         "--health-timeout",
         "900",
+        # the unit that runs test_host_image's check script (never in a node's image)
+        "--qa-check",
     ]
 
 

@@ -1,8 +1,10 @@
 """The host image boots on UEFI (OVMF) and BIOS (SeaBIOS) with a TPM, and is what it claims.
 
-Each boot gets a NoCloud seed whose only job is to run a check once the system has
-finished starting, and to print the answers on the serial console, where the test reads
-them. The seed is the test's; the image under test is exactly what ./build.sh makes.
+Each boot gets a NoCloud seed that writes a check script (write_files, the one cloud-init
+module the image runs); the QA image's edgepin-qa-check.service runs it once the system
+has finished starting, and it prints the answers on the serial console, where the test
+reads them. The seed also asks for bootcmd and runcmd, which the image must ignore. The
+image under test is what ./build.sh makes, plus that one unit (./build.sh image --qa-check).
 """
 
 from __future__ import annotations
@@ -29,18 +31,11 @@ def check_seed(path: Path) -> Path:
         + json.dumps(
             {
                 "write_files": [
-                    {"path": "/run/edgepin-check.sh", "permissions": "0755", "content": CHECK}
+                    {"path": "/run/edgepin-qa/check.sh", "permissions": "0755", "content": CHECK}
                 ],
-                "runcmd": [
-                    [
-                        "systemd-run",
-                        "--no-block",
-                        "--unit=edgepin-image-check",
-                        # /run is mounted noexec
-                        "/bin/sh",
-                        "/run/edgepin-check.sh",
-                    ]
-                ],
+                # modules the image does not run: each would leave a file that the check counts
+                "bootcmd": [["touch", "/run/edgepin-qa/bootcmd-ran"]],
+                "runcmd": [["touch", "/run/edgepin-qa/runcmd-ran"]],
             }
         )
         + "\n"
@@ -112,7 +107,9 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     assert fstype == "ext4", got
     # the 4 GiB disk minus ESP, BIOS boot and root: the state partition grew on first boot
     assert int(size.rstrip("M")) > 2000, f"the state partition did not grow: {got['var']}"
+    # /etc: the read-only root under an overlay whose writable half is in memory
     assert got["etc"] == "overlay", got
+    assert got["etc-upper"] == "/run/edgepin-host/etc tmpfs", got
     assert got["listen22"] == "0", "something listens on port 22"
     assert got["tpm0"] == "yes", got
     assert got["libvirtd"] == "active", got
@@ -120,3 +117,24 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     assert got["root-login"] == "L", "root can log in"
     assert got["compilers"] == "0", "a compiler or make is in the image"
     assert re.fullmatch(r"[0-9a-f]{32}", got["machine-id"]), got
+    assert got["machine-id-kept"] == got["machine-id"], "the machine-id is not kept on /var"
+    # cloud-init: the enrollment bundle only, and never once the node is enrolled
+    assert got["cloud-modules"] == "write_files - -", got["cloud-modules"]
+    assert got["cloud-datasources"] == "NoCloud,None", got
+    assert "cloud-init-main.service" in got["cloud-units"].split(","), got["cloud-units"]
+    assert got["cloud-ungated"] == "", f"cloud-init units without the gate: {got['cloud-ungated']}"
+    assert got["cloud-gate"] == "not-enrolled", got
+    assert got["seed-commands"] == "0", "cloud-init ran bootcmd or runcmd from the seed"
+    assert got["enrolled-gate"] == "1 enrolled", got
+    assert got["enrolled-cloud-final"] == "exec-condition", got
+    # no login on any console, no setuid-root program for a user who is not root
+    assert got["gettys"] == "", f"getty running: {got['gettys']}"
+    assert got["getty-ttyS0"] == "masked", got
+    allowed_setuid = {"/usr/lib/dbus-1.0/dbus-daemon-launch-helper"}
+    setuid = set(filter(None, got["setuid"].split(",")))
+    assert setuid <= allowed_setuid, f"setuid-root: {sorted(setuid - allowed_setuid)}"
+    # libvirt's per-domain keys and logged QEMU command lines never reach the disk
+    # (in memory, with the mode and owner the package gave the folders on disk)
+    qemu_on_disk, log_on_disk = got["libvirt-on-disk"].split(",")
+    assert got["libvirt-qemu"] == f"tmpfs {qemu_on_disk}", got
+    assert got["libvirt-log"] == f"tmpfs {log_on_disk}", got

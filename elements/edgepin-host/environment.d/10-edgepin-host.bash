@@ -10,3 +10,6 @@ export DIB_BOOTLOADER_SERIAL_CONSOLE=${DIB_BOOTLOADER_SERIAL_CONSOLE:-ttyS0,1152
 export DIB_BOOTLOADER_DEFAULT_CMDLINE=${DIB_BOOTLOADER_DEFAULT_CMDLINE:-"nofb nomodeset gfxpayload=text ro"}
 # set by ./build.sh on a build host without device-mapper or kernel vfat
 export DIB_EDGEPIN_HOST_SHIMS=${DIB_EDGEPIN_HOST_SHIMS:-0}
+# QA images only (./build.sh image --qa-check): a unit that runs the image test's check
+# script, which the test's seed writes; production images have no such unit
+export DIB_EDGEPIN_QA_CHECK=${DIB_EDGEPIN_QA_CHECK:-0}
