@@ -7,15 +7,20 @@ The scenarios run in order on one node, as a field node would live them:
    it measures on its console, and takes the seed made with them at its next boot;
 1. first boot: enroll, fetch, verify, define, and the nested guest's marker;
 2. a reboot with the control plane out of reach: the guest starts from the cache;
-3. bad assignments (an unpinned signer, bytes changed in Glance's store): refused,
-   reported as rejected, and the running guest keeps running;
-4. a boot with other firmware (PCR 0 differs from enrollment): the node refuses to
+3. someone with the disk and a USB stick (a certificate and an empty PCR selection planted
+   on the state partition, a seed with commands), then bad assignments (an unpinned
+   signer, bytes changed in Glance's store): nothing planted takes effect, the images are
+   refused and reported as rejected, and the running guest keeps running;
+4. a power cut: the state partition holds no image passphrase in any form and none of
+   libvirt's key material;
+5. a boot with other firmware (PCR 0 differs from enrollment): the node refuses to
    unseal and says why on the console.
 Each boot leaves its serial log and a timeline in out/results/node-image/.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import secrets
@@ -28,10 +33,13 @@ from typing import Any
 import pytest
 
 from provisioner import barbican
+from provisioner.seed import write_nocloud
 from provisioner.signing import fingerprint, load_certificate
 from tests.image.conftest import ImageSigner
 from tests.integration.conftest import Signer
+from tests.testbed import disk
 from tests.testbed.controlplane import ControlPlane
+from tests.testbed.disk import write_state_files
 from tests.testbed.node import run_edgepin
 from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
 from tests.testbed.swtpm import SwtpmFactory
@@ -245,7 +253,34 @@ def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
     controlplane: ControlPlane,
 ) -> None:
     node.vm.stop()
-    node.boot("bad-assignments", netdev="user,id=n0")
+    # someone with the disk and a USB stick, before this boot: the unpinned signer's
+    # certificate and an empty PCR selection planted where /etc's writable half lived on
+    # the state partition, and a new NoCloud seed whose commands would show on the console
+    write_state_files(
+        node.vm.disk,
+        {
+            "lib/edgepin-host/etc/edgepin/signing-certs/planted.pem": signer.pem,
+            "lib/edgepin-host/etc/edgepin/edgepin.conf": b"EDGEPIN_PCRS=\n",
+        },
+        node.vm.workdir,
+    )
+    hostile = node.vm.workdir / "hostile-seed.img"
+    attack = "echo EDGEPIN-ATTACK-RAN >/dev/console"
+    write_nocloud(
+        hostile,
+        {
+            "meta-data": "instance-id: attacker-1\n",
+            "user-data": "#cloud-config\n"
+            + json.dumps(
+                {
+                    "bootcmd": [["sh", "-c", attack]],
+                    "runcmd": [["sh", "-c", attack]],
+                    "write_files": [{"path": "/var/lib/edgepin/planted", "content": "x"}],
+                }
+            ),
+        },
+    )
+    node.boot("bad-assignments", netdev="user,id=n0", seed=hostile)
     node.wait(rf"running: guest {v1['image_id']} running")
     # signed by a certificate Barbican offers but the image does not pin
     unpinned = publish_signed(cli_env, tiny_guest, signer, "unpinned")
@@ -268,9 +303,39 @@ def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
     )
     assert member_status(admin, tampered["image_id"], node.project_id) == "rejected"
     assert f"switched to image {tampered['image_id']}" not in node.vm.console()
+    # the planted certificate did not make the unpinned image acceptable (above), the empty
+    # PCR selection was never read, the stick's commands never ran
+    assert "EDGEPIN_PCRS is empty" not in node.vm.console()
+    assert "EDGEPIN-ATTACK-RAN" not in node.vm.console()
 
 
-def test_4_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:
+def test_4_the_disk_of_a_node_that_lost_power_holds_no_key(
+    node: Node, v1: dict[str, Any], admin: Any
+) -> None:
+    node.vm.stop()  # QEMU killed with the guest running: a power cut, no shutdown
+    passphrase = admin.key_manager.get(
+        f"/secrets/{v1['key_id']}/payload", headers={"Accept": "text/plain"}
+    ).content
+    assert len(passphrase) >= 16
+    needles = {
+        "the image passphrase": passphrase,
+        "the image passphrase (base64)": base64.b64encode(passphrase),
+        "the image passphrase (hex)": passphrase.hex().encode(),
+        # libvirt's per-domain AES key file and the secret it encrypts, on QEMU's command
+        # line as libvirt logs it: together they give the passphrase back
+        "libvirt's master-key.aes": b"master-key.aes",
+        "libvirt's encrypted secret": b"masterKey0",
+    }
+    found = disk.scan(node.vm.disk, needles, node.vm.workdir)
+    assert found == [], f"on the state partition of a powered-off node: {found}"
+    planted = disk.read_state_file(node.vm.disk, "lib/edgepin/planted", node.vm.workdir)
+    assert planted is None, "the USB stick's write_files ran on an enrolled node"
+    # and the ledger the node runs by is on the disk, anchored (not a secret)
+    ledger = disk.read_state_file(node.vm.disk, "lib/edgepin/node.json", node.vm.workdir)
+    assert ledger is not None and v1["image_id"].encode() in ledger
+
+
+def test_5_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:
     node.vm.stop()
     # another firmware build: PCR 0 differs from what the node sealed to on first boot
     node.boot("other-firmware", firmware="uefi-other")

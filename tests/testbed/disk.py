@@ -1,0 +1,109 @@
+"""A node's disk as someone who took it out of the machine sees it: read and write its state
+partition offline, without booting it and without mounting anything (debugfs on a loop
+device over a raw copy), and scan every byte of it.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+STATE_PARTITION = "state"  # its GPT name in elements/edgepin-readonly/block-device-default.yaml
+
+
+def _run(args: list[str]) -> str:
+    r = subprocess.run(args, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout
+
+
+def to_raw(disk: Path, raw: Path) -> None:
+    _run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)])
+
+
+def partition(raw: Path, name: str = STATE_PARTITION) -> tuple[int, int]:
+    """Byte offset and size of the GPT partition called ``name``."""
+    table = json.loads(_run(["sfdisk", "--json", str(raw)]))["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    for part in table["partitions"]:
+        if part.get("name") == name:
+            return int(part["start"]) * sector, int(part["size"]) * sector
+    raise RuntimeError(f"no partition named {name!r} in {raw}")
+
+
+@contextmanager
+def loop(raw: Path, offset: int, size: int) -> Iterator[str]:
+    dev = _run(
+        ["losetup", "--find", "--show", "-o", str(offset), "--sizelimit", str(size), str(raw)]
+    ).strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def write_state_files(disk: Path, files: Mapping[str, bytes], work: Path) -> None:
+    """Write ``files`` (paths inside the state partition, e.g. ``lib/edgepin/node.json``)
+    into the powered-off node's disk, replacing what is there."""
+    raw = work / "offline-edit.raw"
+    to_raw(disk, raw)
+    try:
+        with loop(raw, *partition(raw)) as dev, tempfile.TemporaryDirectory() as tmp:
+            for n, (path, data) in enumerate(files.items()):
+                local = Path(tmp) / str(n)
+                local.write_bytes(data)
+                target = "/" + path.strip("/")
+                parent = ""
+                for part in target.strip("/").split("/")[:-1]:
+                    parent += "/" + part
+                    subprocess.run(["debugfs", "-w", "-R", f"mkdir {parent}", dev], check=False)
+                subprocess.run(["debugfs", "-w", "-R", f"rm {target}", dev], check=False)
+                out = _run(["debugfs", "-w", "-R", f"write {local} {target}", dev])
+                got = subprocess.run(
+                    ["debugfs", "-R", f"cat {target}", dev], capture_output=True, check=False
+                ).stdout
+                if got != data:
+                    raise RuntimeError(f"debugfs did not write {target}: {out}")
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)])
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def read_state_file(disk: Path, path: str, work: Path) -> bytes | None:
+    raw = work / "offline-read.raw"
+    to_raw(disk, raw)
+    try:
+        with loop(raw, *partition(raw)) as dev:
+            r = subprocess.run(
+                ["debugfs", "-R", f"cat /{path.strip('/')}", dev], capture_output=True, check=False
+            )
+            return r.stdout if r.returncode == 0 and r.stdout else None
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def scan(
+    disk: Path, needles: Mapping[str, bytes], work: Path, name: str = STATE_PARTITION
+) -> list[str]:
+    """The names of the needles found anywhere in the bytes of partition ``name``: files,
+    free space, deleted files and the journal of its filesystem."""
+    raw = work / "scan.raw"
+    to_raw(disk, raw)
+    try:
+        offset, size = partition(raw, name)
+        rx = re.compile(b"|".join(re.escape(n) for n in needles.values()))
+        by_value = {v: k for k, v in needles.items()}
+        found: set[str] = set()
+        with raw.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            for hit in rx.finditer(m, offset, offset + size):
+                found.add(by_value[hit.group(0)])
+        return sorted(found)
+    finally:
+        raw.unlink(missing_ok=True)
