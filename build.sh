@@ -150,6 +150,20 @@ ensure_dib_venv() {
     ensure_venv "$ROOT/.venv-dib" "$ROOT/elements/build-requirements.txt"
 }
 
+# the node's libraries at Debian trixie's versions, importable over the project venv with
+# PYTHONPATH (tests/integration/test_debian_libs.py)
+ensure_trixie_libs() {
+    local dir="$ROOT/.venv-trixie-libs" req="$ROOT/tests/requirements/debian-trixie.txt" want
+    want="$(sha256sum <"$req" | cut -d' ' -f1)"
+    if [[ -f "$dir/.edgepin-stamp" && "$(cat "$dir/.edgepin-stamp")" == "$want" ]]; then
+        return 0
+    fi
+    log "installing Debian trixie's node libraries into $dir"
+    rm -rf "$dir"
+    pip_q "$VENV/bin/python" install --no-deps --target "$dir" -r "$req"
+    echo "$want" >"$dir/.edgepin-stamp"
+}
+
 # everything: the tests build and boot the host image too
 setup() {
     ensure_apt "${IMAGE_APT_PACKAGES[@]}"
@@ -157,6 +171,7 @@ setup() {
     ensure_services_venv
     ensure_ceph_venv
     ensure_dib_venv
+    ensure_trixie_libs
 }
 
 # ------------------------------------------------------------------ commands
