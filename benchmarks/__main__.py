@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fetchbench, fleet, footprint, nodebench, report, stats
+from benchmarks import fetchbench, fleet, footprint, nodebench, report, startcheck, stats
 from benchmarks.bed import MIB, Bed, BenchError
 from benchmarks.report import Row
 from tests.testbed import ceph
 
-SECTIONS = ("fetch", "resume", "reconcile", "fleet", "footprint")
+SECTIONS = ("fetch", "resume", "reconcile", "fleet", "startcheck", "footprint")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -440,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
             bed.down()
             bed = None
             rows += ceph_sections(args, only, run_dir / "ceph", raw)
+        if "startcheck" in only:
+            res = startcheck.bench(run_dir / "startcheck", args.size_mib, args.runs, log)
+            raw["startcheck"] = res
+            rows += startcheck.rows(res)
         if "footprint" in only:
             fp = footprint.measure(Path(__file__).resolve().parent.parent / "out")
             raw["footprint"] = fp
