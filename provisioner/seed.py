@@ -91,10 +91,14 @@ def read_seed_bundle(image: Path) -> dict[str, Any]:
 
 
 def parse_bundle(data: bytes) -> dict[str, Any]:
+    """The enrollment bundle from untrusted bytes (a seed medium): a checked dict, or
+    ConfigError; never anything else."""
     try:
-        bundle: dict[str, Any] = json.loads(data)
-    except ValueError:
+        bundle = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ConfigError("seed bundle is not JSON") from None
+    if not isinstance(bundle, dict):
+        raise ConfigError("seed bundle is not a JSON object")
     if bundle.get("version") != BUNDLE_VERSION:
         raise ConfigError(f"seed bundle version {bundle.get('version')!r} is not supported")
     missing = [
@@ -104,7 +108,40 @@ def parse_bundle(data: bytes) -> dict[str, Any]:
     ]
     if missing:
         raise ConfigError(f"seed bundle lacks {', '.join(missing)}")
+    for key in ("node_id", "project_id", "user_id", "auth_url"):
+        _text(bundle[key], key)
+    if not bundle["auth_url"].startswith("https://"):
+        raise ConfigError("seed bundle: the Keystone URL must be https://")
+    for key in ("region", "ca_pem"):
+        if bundle.get(key) is not None:
+            _text(bundle[key], key, size=1 << 16, printable=False)
+    if bundle.get("interface", "public") not in ("public", "internal", "admin"):
+        raise ConfigError("seed bundle: interface must be public, internal or admin")
+    pcrs = bundle["pcrs"]
+    if (
+        not isinstance(pcrs, list)
+        or not pcrs
+        or not all(type(p) is int and 0 <= p <= 23 for p in pcrs)
+    ):
+        raise ConfigError("seed bundle: pcrs must be a non-empty list of PCR numbers 0..23")
+    boot = bundle["bootstrap"]
+    if not isinstance(boot, dict):
+        raise ConfigError("seed bundle: bootstrap is not an object")
+    _text(boot.get("application_credential_id"), "bootstrap.application_credential_id")
+    wrapped = _text(boot.get("wrapped"), "bootstrap.wrapped", size=1 << 16)
+    try:
+        base64.b64decode(wrapped, validate=True)
+    except ValueError:
+        raise ConfigError("seed bundle: bootstrap.wrapped is not base64") from None
     return bundle
+
+
+def _text(value: Any, what: str, size: int = 1024, printable: bool = True) -> str:
+    if not isinstance(value, str) or not value or len(value) > size:
+        raise ConfigError(f"seed bundle: {what} is not a non-empty string")
+    if printable and not value.isprintable():
+        raise ConfigError(f"seed bundle: {what} is not printable text")
+    return value
 
 
 def _run(args: list[str]) -> None:

@@ -232,14 +232,9 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
             ).decode()
         sess = bootstrap_session()
         with translate("keystone", "create the node credential"):
-            # a credential left by an attempt that died before saving its id goes first
-            r = sess.get(f"{ident.auth_url}/users/{ident.user_id}/application_credentials")
-            for old in r.json()["application_credentials"]:
-                if old["name"] == NODE_CREDENTIAL_NAME:
-                    sess.delete(
-                        f"{ident.auth_url}/users/{ident.user_id}/application_credentials/"
-                        f"{old['id']}"
-                    )
+            # every other credential of the node's user goes first: one left by an attempt
+            # that died before saving its id, or one minted by whoever held the bootstrap
+            _delete_all_but(sess, ident, {boot["application_credential_id"]})
             r = sess.post(
                 f"{ident.auth_url}/users/{ident.user_id}/application_credentials",
                 json={
@@ -261,16 +256,22 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
         del node_secret
         LOG.info("enrollment: node credential %s created and sealed to PCRs %s", cred_id, cfg.pcrs)
 
-    # delete the bootstrap credential (unless a previous attempt already did)
+    # the node credential is the only one left: others are deleted (checked, not assumed),
+    # the bootstrap last (unless a previous attempt already did)
     try:
         sess = bootstrap_session()
         with translate("keystone", "delete the bootstrap credential"):
-            sess.delete(
+            _delete_all_but(sess, ident, {final["id"], boot["application_credential_id"]})
+            r = sess.delete(
                 f"{ident.auth_url}/users/{ident.user_id}/application_credentials/"
                 f"{boot['application_credential_id']}",
                 raise_exc=False,
             )
-    except AuthError:
+        if r.status_code not in (204, 404):
+            raise AuthError(f"keystone did not delete the bootstrap credential ({r.status_code})")
+    except AuthError as e:
+        if "refused the bootstrap credential" not in e.message:
+            raise
         LOG.info("enrollment: the bootstrap credential is already gone")
     done = {
         "node_id": ident.node_id,
@@ -291,6 +292,16 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
     state.write_json(_enrollment(cfg), record)
     LOG.info("enrollment passed")
     return record
+
+
+def _delete_all_but(sess: Any, ident: Identity, keep: set[str]) -> None:
+    """Delete every application credential of the node's user not in ``keep``; a delete
+    that fails raises (keystoneauth raises on an error status)."""
+    base = f"{ident.auth_url}/users/{ident.user_id}/application_credentials"
+    for cred in sess.get(base).json()["application_credentials"]:
+        if cred["id"] not in keep:
+            sess.delete(f"{base}/{cred['id']}")
+            LOG.info("enrollment: deleted application credential %s (%s)", cred["id"], cred["name"])
 
 
 def _pcr_values(cfg: NodeConfig) -> dict[str, str]:

@@ -126,6 +126,11 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
     nodes.check_node_id(req.node_id)
     if req.window_days < 1:
         raise UsageError("--expires-in must be at least 1 day")
+    if not auth_url.startswith("https://"):
+        raise UsageError(
+            f"the node's Keystone URL {auth_url} is not https://: nodes refuse it",
+            hint="give --node-auth-url https://... or register Keystone's endpoints with TLS",
+        )
     ek_pem, _ = ek_public(req)
     pcr_values = load_pcr_values(req)
     ca_pem = _read(req.ca_bundle, "--ca").decode() if req.ca_bundle else None

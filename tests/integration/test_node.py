@@ -481,6 +481,7 @@ def test_a_node_seeded_for_other_pcr_values_says_its_own_and_takes_a_new_seed(
     signer: Signer,
     run_dir: Path,
     admin: Any,
+    controlplane: ControlPlane,
 ) -> None:
     """The factory's path without a login, and re-seeding a node that has not enrolled."""
     import re
@@ -526,5 +527,28 @@ def test_a_node_seeded_for_other_pcr_values_says_its_own_and_takes_a_new_seed(
     enroll(measured, second)
     assert instance(first) != instance(second), "cloud-init would ignore the new seed"
     node.install_seed(second)  # what cloud-init's write_files does for a new instance
+    # whoever held the bootstrap credential minted one of their own: enrollment removes it
+    bundle = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        boot_secret = t.unseal(
+            base64.b64decode(bundle["bootstrap"]["wrapped"]), [7], ("duplicate",)
+        ).decode()
+    from keystoneauth1 import session
+    from keystoneauth1.identity import v3
+
+    boot = session.Session(
+        auth=v3.ApplicationCredential(
+            auth_url=bundle["auth_url"],
+            application_credential_id=bundle["bootstrap"]["application_credential_id"],
+            application_credential_secret=boot_secret,
+        ),
+        verify=str(controlplane.ca_path),
+    )
+    boot.post(
+        f"{bundle['auth_url']}/users/{bundle['user_id']}/application_credentials",
+        json={"application_credential": {"name": "stray", "roles": [{"name": "member"}]}},
+    )
+    names_before = sorted(c["name"] for c in app_credentials(admin, node))
+    assert "stray" in names_before, names_before
     ok(node.node("enroll"))
     assert [c["name"] for c in app_credentials(admin, node)] == ["edgepin-node"]

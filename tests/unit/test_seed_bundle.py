@@ -1,0 +1,85 @@
+"""The seed bundle parser: untrusted bytes from a removable medium."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provisioner import seed
+from provisioner.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def good() -> dict[str, Any]:
+    return {
+        "version": seed.BUNDLE_VERSION,
+        "node_id": "node-0042",
+        "project_id": "p" * 32,
+        "user_id": "u" * 32,
+        "auth_url": "https://keystone.example.test:5000/v3",
+        "region": None,
+        "interface": "public",
+        "ca_pem": "-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n",
+        "pcrs": [7],
+        "bootstrap": {
+            "application_credential_id": "b" * 32,
+            "wrapped": base64.b64encode(b'{"kind": "duplicate"}').decode(),
+        },
+    }
+
+
+def test_a_good_bundle_parses() -> None:
+    assert seed.parse_bundle(json.dumps(good()).encode()) == good()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"auth_url": "http://keystone.example.test:5000/v3"},
+        {"pcrs": []},
+        {"pcrs": [7, 24]},
+        {"pcrs": [True]},
+        {"interface": "anything"},
+        {"node_id": {}},
+        {"bootstrap": {"application_credential_id": "x", "wrapped": "not base64!"}},
+        {"bootstrap": []},
+        {"version": 2},
+    ],
+)
+def test_bad_bundles_are_refused_with_a_config_error(change: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        seed.parse_bundle(json.dumps({**good(), **change}).encode())
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_bytes_give_a_bundle_or_a_config_error(data: bytes) -> None:
+    try:
+        seed.parse_bundle(data)
+    except ConfigError:
+        pass
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.sampled_from(list(good())), json_values, max_size=6))
+def test_any_field_replaced_gives_a_bundle_or_a_config_error(fields: dict[str, Any]) -> None:
+    try:
+        parsed = seed.parse_bundle(json.dumps({**good(), **fields}).encode())
+    except ConfigError:
+        return
+    assert parsed["auth_url"].startswith("https://") and parsed["pcrs"]
