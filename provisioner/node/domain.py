@@ -137,7 +137,9 @@ def remove_others(cfg: NodeConfig, conn: Any) -> list[str]:
                 dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         except libvirt.libvirtError as e:
-            raise GuestError(f"cannot remove foreign domain {name!r}: {e}") from None
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise GuestError(f"cannot remove foreign domain {name!r}: {e}") from None
+            # it went away by itself between the listing and here: what was wanted
         LOG.warning("domain: removed foreign domain %r", name)
         removed.append(name)
     return removed

@@ -304,10 +304,17 @@ def _reconcile(cfg: NodeConfig, anchor: ledger.Anchor, st: dict[str, Any]) -> Ou
     except TrustError as e:
         LOG.error("reconcile: %s", e.message)
         return Outcome("refused", e.message, e)
-    conn = domain.connect(cfg)
+    try:
+        conn = domain.connect(cfg)
+    except GuestError as e:  # libvirtd down: nothing to start the guest with
+        LOG.error("reconcile: %s", e.message)
+        return Outcome("failed", e.message, e)
     try:
         domain.remove_others(cfg, conn)
         return _converge(cfg, anchor, st, ident, sess, conn)
+    except GuestError as e:  # a foreign domain libvirt cannot remove
+        LOG.error("reconcile: %s", e.message)
+        return Outcome("failed", e.message, e)
     finally:
         conn.close()
 

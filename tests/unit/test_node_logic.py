@@ -70,3 +70,43 @@ def test_units_ship_with_the_package() -> None:
         assert "ConditionPathExists=!/etc/edgepin/disabled" in text
         assert "StandardOutput=journal+console" in text
         assert "Type=oneshot" in text
+
+
+class _Vanishing:
+    """A foreign domain that another process removes between the listing and the undefine."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def name(self) -> str:
+        return "intruder"
+
+    def isActive(self) -> bool:
+        return True
+
+    def destroy(self) -> None:
+        pass
+
+    def undefineFlags(self, _flags: int) -> None:
+        import libvirt
+
+        err = libvirt.libvirtError("gone")
+        err.err = (self.code, 0, "gone", 0, "", None, None, 0, 0)
+        raise err
+
+
+class _Conn:
+    def __init__(self, dom: _Vanishing) -> None:
+        self.dom = dom
+
+    def listAllDomains(self) -> list[_Vanishing]:
+        return [self.dom]
+
+
+def test_a_foreign_domain_that_vanishes_is_removed_and_one_that_cannot_be_is_an_error() -> None:
+    import libvirt
+
+    cfg = config.NodeConfig()
+    assert domain.remove_others(cfg, _Conn(_Vanishing(libvirt.VIR_ERR_NO_DOMAIN))) == ["intruder"]
+    with pytest.raises(GuestError, match="cannot remove foreign domain"):
+        domain.remove_others(cfg, _Conn(_Vanishing(libvirt.VIR_ERR_OPERATION_FAILED)))
