@@ -198,6 +198,14 @@ def _entry(value: Any, what: str) -> dict[str, Any] | None:
     }
 
 
+def check_entry(value: dict[str, Any]) -> dict[str, Any]:
+    """A guest entry as the ledger stores it, or TrustError."""
+    entry = _entry(value, "entry")
+    if entry is None:
+        raise _fail("entry is empty")
+    return entry
+
+
 def _image(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _fail(f"{what} is not an object")
@@ -286,6 +294,8 @@ class TpmAnchor:
                 f"{what}: {e}",
                 hint="the host OS, its boot chain or the TPM changed since enrollment",
             ) from None
+        except tpm.TpmUnavailableError as e:
+            raise TrustError(f"no TPM: {e}", hint=f"check {self.tcti}") from None
         except tpm.TpmError as e:
             raise TrustError(f"{what}: {e}") from None
 

@@ -218,21 +218,28 @@ def _entry(image: dict[str, Any], generation: int) -> dict[str, Any]:
     try:
         vcpus = int(image.get("edgepin_vcpus", "1"))
         memory = int(image.get("edgepin_memory_mb", "256"))
-    except ValueError:
+    except (ValueError, TypeError):
         raise ImageError("edgepin_vcpus / edgepin_memory_mb are not numbers") from None
     if not (1 <= vcpus <= 512) or not (16 <= memory <= 4 * 1024 * 1024):
         raise ImageError(f"vCPUs {vcpus} or memory {memory} MiB out of range")
     marker = image.get("edgepin_health_marker")
     if marker is not None and (not isinstance(marker, str) or not marker.isprintable()):
         raise ImageError("edgepin_health_marker is not printable text")
-    return {
+    entry = {
         "image_id": image["id"],
         "generation": generation,
         "vcpus": vcpus,
         "memory_mb": memory,
         "health_marker": marker,
-        "version": str(image.get("edgepin_version", ""))[:64],
+        # shown on consoles and in status: no control characters (terminal escapes)
+        "version": "".join(c for c in str(image.get("edgepin_version", "")) if c.isprintable())[
+            :64
+        ],
     }
+    try:  # what the ledger will accept when it is saved after the switch, checked before
+        return ledger.check_entry(entry)
+    except TrustError as e:
+        raise ImageError(f"image {image['id']}: {e.message}") from None
 
 
 def _prune(cfg: NodeConfig, st: dict[str, Any]) -> None:

@@ -49,13 +49,15 @@ def loop(raw: Path, offset: int, size: int) -> Iterator[str]:
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
-def write_state_files(disk: Path, files: Mapping[str, bytes], work: Path) -> None:
-    """Write ``files`` (paths inside the state partition, e.g. ``lib/edgepin/node.json``)
-    into the powered-off node's disk, replacing what is there."""
+def write_state_files(
+    disk: Path, files: Mapping[str, bytes], work: Path, name: str = STATE_PARTITION
+) -> None:
+    """Write ``files`` (paths inside partition ``name``, e.g. ``lib/edgepin/node.json`` in
+    the state partition) into the powered-off node's disk, replacing what is there."""
     raw = work / "offline-edit.raw"
     to_raw(disk, raw)
     try:
-        with loop(raw, *partition(raw)) as dev, tempfile.TemporaryDirectory() as tmp:
+        with loop(raw, *partition(raw, name)) as dev, tempfile.TemporaryDirectory() as tmp:
             for n, (path, data) in enumerate(files.items()):
                 local = Path(tmp) / str(n)
                 local.write_bytes(data)
@@ -76,11 +78,11 @@ def write_state_files(disk: Path, files: Mapping[str, bytes], work: Path) -> Non
         raw.unlink(missing_ok=True)
 
 
-def read_state_file(disk: Path, path: str, work: Path) -> bytes | None:
+def read_state_file(disk: Path, path: str, work: Path, name: str = STATE_PARTITION) -> bytes | None:
     raw = work / "offline-read.raw"
     to_raw(disk, raw)
     try:
-        with loop(raw, *partition(raw)) as dev:
+        with loop(raw, *partition(raw, name)) as dev:
             r = subprocess.run(
                 ["debugfs", "-R", f"cat /{path.strip('/')}", dev], capture_output=True, check=False
             )
