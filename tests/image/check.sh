@@ -53,6 +53,17 @@ echo "EDGEPIN-CHECK setuid=$(find / /var -xdev -type f -user root -perm -4000 2>
 echo "EDGEPIN-CHECK libvirt-qemu=$(findmnt -no FSTYPE /var/lib/libvirt/qemu) $(stat -c '%a %U:%G' /var/lib/libvirt/qemu)"
 echo "EDGEPIN-CHECK libvirt-log=$(findmnt -no FSTYPE /var/log/libvirt) $(stat -c '%a %U:%G' /var/log/libvirt)"
 echo "EDGEPIN-CHECK libvirt-on-disk=$disk_modes"
+# what the firmware and GRUB measured (GRUB: commands and kernel command line into 8,
+# files into 9), as 4=hex,7=hex,8=hex,9=hex
+echo "EDGEPIN-CHECK pcrs=$(tpm2_pcrread -T "$TPM" sha256:4,7,8,9 2>&1 | awk '$2 == ":" && $3 ~ /^0x/ {printf "%s%s=%s", sep, $1, tolower(substr($3, 3)); sep = ","}')"
+# GRUB's menu: a superuser, no password command, Linux entries unrestricted
+cfg=/boot/grub/grub.cfg
+echo "EDGEPIN-CHECK grub-superusers=$(sed -n 's/^set superusers=//p' "$cfg" | paste -sd, -)"
+echo "EDGEPIN-CHECK grub-passwords=$(grep -cE '^\s*password(_pbkdf2)?\s' "$cfg")"
+echo "EDGEPIN-CHECK grub-linux-entries=$(grep -cE '^\s*menuentry .*--class gnu-linux' "$cfg")"
+echo "EDGEPIN-CHECK grub-restricted-linux-entries=$(grep -E '^\s*menuentry .*--class gnu-linux' "$cfg" | grep -cv -- --unrestricted)"
+echo "EDGEPIN-CHECK grub-recovery-entries=$(grep -c 'recovery mode' "$cfg")"
+echo "EDGEPIN-CHECK cmdline=$(cat /proc/cmdline)"
 # last, as the node at enrollment: with the enrollment NV index in the TPM, the gate says
 # no and a cloud-init unit started again is skipped
 rm -f /run/edgepin-host/cloud-init

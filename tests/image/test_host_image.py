@@ -25,7 +25,7 @@ pytestmark = pytest.mark.image
 CHECK = (Path(__file__).parent / "check.sh").read_text()
 
 
-def check_seed(path: Path) -> Path:
+def check_seed(path: Path, instance_id: str = "image-check") -> Path:
     user_data = (
         "#cloud-config\n"
         + json.dumps(
@@ -40,7 +40,7 @@ def check_seed(path: Path) -> Path:
         )
         + "\n"
     )
-    write_nocloud(path, {"meta-data": "instance-id: image-check\n", "user-data": user_data})
+    write_nocloud(path, {"meta-data": f"instance-id: {instance_id}\n", "user-data": user_data})
     return path
 
 
@@ -48,6 +48,16 @@ def checks(vm: HostVm, timeout: float) -> dict[str, str]:
     vm.wait_for(r"EDGEPIN-CHECK-END", timeout)
     found = re.findall(r"EDGEPIN-CHECK (\S+?)=(.*)", vm.console())
     return {k: v.strip() for k, v in found}
+
+
+def pcrs(got: dict[str, str]) -> dict[int, str]:
+    """check.sh's ``pcrs=4=hex,7=hex,...`` (sha256 bank) as {4: hex, ...}."""
+    values = dict(item.split("=", 1) for item in got["pcrs"].split(",") if "=" in item)
+    assert set(values) == {"4", "7", "8", "9"}, f"tpm2_pcrread: {got['pcrs']}"
+    return {int(k): v for k, v in values.items()}
+
+
+ZERO = "0" * 64
 
 
 # power-on -> kernel -> state partition -> systemd -> cloud-init -> multi-user -> check
@@ -96,10 +106,41 @@ def test_boots_read_only_with_tpm_and_no_way_in(
         "firmware": firmware,
         "seconds_to_check": round(seconds, 1),
         "timeline": vm.timeline(),
+        "pcrs": got.get("pcrs"),
     }
-    (out / "checks.json").write_text(json.dumps({**report, "checks": got}, indent=2) + "\n")
+    again: dict[str, str] = {}
+    if firmware == "uefi":
+        # the same disk, firmware variables and TPM once more: what the firmware and GRUB
+        # measure must not change from boot to boot, or nothing sealed to it unseals
+        # (a new instance-id, so that cloud-init writes the check script again)
+        check_seed(work / "seed.img", "image-check-2")
+        vm.start()
+        try:
+            try:
+                again = checks(vm, timeout=900)
+            finally:
+                shutil.copy(vm.serial_log, out / "serial-boot2.log")
+        finally:
+            vm.stop()
+        report["pcrs_boot2"] = again.get("pcrs")
+    (out / "checks.json").write_text(
+        json.dumps({**report, "checks": got, "checks_boot2": again}, indent=2) + "\n"
+    )
     print(json.dumps(report))
     tail = vm.tail(40)
+    # GRUB's menu is locked: a superuser and no password command (no one can log in, so no
+    # entry can be edited and no command line opens); the Linux entries boot unattended
+    assert got["grub-superusers"] == '"edgepin"', got
+    assert got["grub-passwords"] == "0", got
+    assert int(got["grub-linux-entries"]) >= 1, got
+    assert got["grub-restricted-linux-entries"] == "0", got
+    assert got["grub-recovery-entries"] == "0", got
+    assert "console=ttyS0,115200" in got["cmdline"].split(), got["cmdline"]
+    measured = pcrs(got)
+    if firmware == "uefi":
+        # GRUB's tpm module: commands and the kernel command line in PCR 8, files in PCR 9
+        assert measured[8] != ZERO and measured[9] != ZERO, f"GRUB measured nothing: {measured}"
+        assert pcrs(again) == measured, f"PCRs changed between boots: {measured} {pcrs(again)}"
     assert got["system"] == "running", f"{got}\n{tail}"
     assert got["failed"] == "", f"failed units: {got['failed']}\n{tail}"
     assert got["root"] == "ro", got
