@@ -188,7 +188,7 @@ Options:
   --release NAME           Debian release (default trixie; bookworm works too)
   --ca FILE                control plane CA bundle the node pins (/etc/edgepin/ca.pem)
   --signing-cert FILE      image-signing certificate the node pins; repeat for several
-  --pcrs LIST              PCRs to seal to (default 7)
+  --pcrs LIST              PCRs to seal to (default 4,7,8,9)
   --reserved-cpus LIST     host CPUs kept for the host (default 0)
   --reconcile-interval T   systemd time span between reconciles (default 5min)
   --virt-type kvm|qemu     libvirt domain type on the node (default kvm)
@@ -244,7 +244,7 @@ needs_host_shims() {
 }
 
 cmd_image() {
-    local release="${DIB_RELEASE:-trixie}" ca="" certs=() pcrs=7 reserved=0 interval=5min
+    local release="${DIB_RELEASE:-trixie}" ca="" certs=() pcrs=4,7,8,9 reserved=0 interval=5min
     local virt=kvm health=120 pins="" raw=0 qa=0 out="$ROOT/out"
     while (($#)); do
         case "$1" in

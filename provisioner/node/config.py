@@ -28,7 +28,11 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "EDGEPIN_TCTI": ("device:/dev/tpmrm0", "TPM to use (tpm2-tss TCTI string)"),
     "EDGEPIN_LIBVIRT_URI": ("qemu:///system", "libvirt connection URI"),
     "EDGEPIN_VIRT_TYPE": ("kvm", "libvirt domain type: kvm, or qemu for software emulation"),
-    "EDGEPIN_PCRS": ("7", "PCRs the node credential and image keys are sealed to"),
+    "EDGEPIN_PCRS": (
+        "4,7,8,9",
+        "PCRs the node credential, image keys and TPM anchor are sealed to: boot loader, "
+        "Secure Boot state, GRUB's commands and kernel command line, kernel/initrd/grub.cfg",
+    ),
     "EDGEPIN_RESERVED_CPUS": ("0", "host CPUs kept for the host; the guest gets the others"),
     "EDGEPIN_HEALTH_TIMEOUT": ("120", "seconds a new guest has to become healthy"),
     "EDGEPIN_NETWORK": ("none", "guest network: none, or 'network:NAME' / 'bridge:NAME'"),
@@ -48,7 +52,7 @@ class NodeConfig:
     tcti: str = SETTINGS["EDGEPIN_TCTI"][0]
     libvirt_uri: str = SETTINGS["EDGEPIN_LIBVIRT_URI"][0]
     virt_type: str = SETTINGS["EDGEPIN_VIRT_TYPE"][0]
-    pcrs: tuple[int, ...] = (7,)
+    pcrs: tuple[int, ...] = (4, 7, 8, 9)
     reserved_cpus: frozenset[int] = frozenset({0})
     health_timeout: float = 120.0
     network: str = "none"

@@ -15,7 +15,13 @@ from typing import Any
 
 from provisioner import tpm
 from provisioner.cloud import translate
-from provisioner.errors import AuthError, NotFoundError, ServiceUnavailableError, TrustError
+from provisioner.errors import (
+    AuthError,
+    NotFoundError,
+    ServiceUnavailableError,
+    TrustError,
+    VerificationError,
+)
 from provisioner.node import state
 from provisioner.node.config import NodeConfig
 
@@ -86,16 +92,21 @@ def unseal(cfg: NodeConfig, image_id: str, expected_sha256: str | None) -> bytes
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise NotFoundError(f"no sealed key for image {image_id} on this node") from None
-    if expected_sha256 is None or hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise TrustError(
+        raise VerificationError(
+            f"no sealed key for image {image_id} on this node", image_id=image_id
+        ) from None
+    got = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is None or got != expected_sha256:
+        raise VerificationError(
             f"the sealed key of image {image_id} is not the one this node sealed",
             image_id=image_id,
+            expected=expected_sha256,
+            got=got,
         )
     try:
         blob = base64.b64decode(data, validate=True)
-    except ValueError:
-        raise TrustError(f"the sealed key of image {image_id} is not base64") from None
+    except ValueError:  # cannot happen for a blob with the recorded digest
+        raise VerificationError(f"the sealed key of image {image_id} is not base64") from None
     try:
         with tpm.Tpm.open(cfg.tcti) as t:
             return t.unseal(blob, cfg.pcrs)

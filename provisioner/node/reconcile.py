@@ -143,7 +143,7 @@ def _start(cfg: NodeConfig, conn: Any, entry: dict[str, Any], st: dict[str, Any]
     try:
         check_local_copy(cfg, st, image_id)
         passphrase = keys.unseal(cfg, image_id, st["images"][image_id].get("key_sha256"))
-    except (VerificationError, TrustError, NotFoundError) as e:
+    except VerificationError as e:  # the local copy, not the TPM: fetch it again
         LOG.error("reconcile: refusing to start %s: %s", image_id, e.message)
         _forget_image(cfg, st, image_id)
         raise

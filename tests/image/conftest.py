@@ -108,6 +108,11 @@ def image_signer_material(cache: Path) -> ImageSigner:
     return ImageSigner(key_path.read_bytes(), cert_path.read_bytes(), cert_path)
 
 
+# the test image seals to the default selection plus PCR 0 (the firmware), so that a boot
+# with other firmware shows a refusal too
+IMAGE_PCRS = "0,4,7,8,9"
+
+
 # the test image: the real build, with settings a QEMU-booted node under test needs
 def image_args(material: ImageSigner) -> list[str]:
     return [
@@ -116,7 +121,7 @@ def image_args(material: ImageSigner) -> list[str]:
         "--virt-type",
         "qemu",
         "--pcrs",
-        "0,7",
+        IMAGE_PCRS,
         "--reconcile-interval",
         "20s",
         # the nested guest runs in software emulation inside software emulation: its

@@ -35,7 +35,7 @@ import pytest
 from provisioner import barbican
 from provisioner.seed import write_nocloud
 from provisioner.signing import fingerprint, load_certificate
-from tests.image.conftest import ImageSigner
+from tests.image.conftest import IMAGE_PCRS, ImageSigner
 from tests.integration.conftest import Signer
 from tests.testbed import disk
 from tests.testbed.controlplane import ControlPlane
@@ -116,7 +116,7 @@ def node(
     ekca.write_bytes(tpm.ca_cert_pem())
     seed = work / "seed.img"
     guessed, measured = work / "guessed-pcrs.json", work / "measured-pcrs.json"
-    guessed.write_text(json.dumps({"0": "00" * 32, "7": "00" * 32}))
+    guessed.write_text(json.dumps({p: "00" * 32 for p in IMAGE_PCRS.split(",")}))
 
     def enroll(values: Path) -> dict[str, Any]:
         # the node reaches the test bed as QEMU's user networking shows the host: 10.0.2.2,
@@ -132,7 +132,7 @@ def node(
                 "--node-interface",
                 "internal",
                 "--pcrs",
-                "0,7",
+                IMAGE_PCRS,
                 "--pcr-values",
                 str(values),
                 "--seed-out",
@@ -153,7 +153,7 @@ def node(
         name, host_image, work / "vm", firmware="uefi", tpm=tpm, seed=seed, milestones=TIMELINE
     )
     n = Node(name, vm, project_id, results, {})
-    # the factory does not know what this model measures into PCRs 0 and 7: a first boot
+    # the factory does not know what this model measures into its PCRs: a first boot
     # with a seed bound to guessed values prints the node's own on the console (there is
     # no login), and the node takes the new seed made with them at its next boot
     n.boot("pcr-probe")
@@ -343,5 +343,24 @@ def test_5_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:
         r"(TPM refused to unseal the \S+|TPM's anchor).*measured boot state differs", BOOT_TIMEOUT
     )
     console = node.vm.console()
+    assert "started from the local copy" not in console
+    assert "switched to image" not in console
+
+
+def test_6_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> None:
+    node.vm.stop()
+    # someone with the disk adds a kernel parameter in grub.cfg on the root partition (the
+    # same change as typing init=/bin/sh at a GRUB prompt, which the locked menu refuses)
+    grub_cfg = disk.read_state_file(node.vm.disk, "boot/grub/grub.cfg", node.vm.workdir, "root")
+    assert grub_cfg is not None, "no /boot/grub/grub.cfg on the root partition"
+    edited, n = re.subn(rb"(\n\s*linux\s+[^\n]*)", rb"\1 edgepin.edited=1", grub_cfg)
+    assert n > 0, "no linux line in grub.cfg"
+    write_state_files(node.vm.disk, {"boot/grub/grub.cfg": edited}, node.vm.workdir, "root")
+    node.boot("boot-loader-edited", firmware="uefi")
+    node.wait(
+        r"(TPM refused to unseal the \S+|TPM's anchor).*measured boot state differs", BOOT_TIMEOUT
+    )
+    console = node.vm.console()
+    assert "edgepin.edited=1" in console, "the edited command line was not booted"
     assert "started from the local copy" not in console
     assert "switched to image" not in console

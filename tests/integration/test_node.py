@@ -474,6 +474,19 @@ def test_edits_to_the_state_partition_give_an_attacker_nothing(
     assert st["state"] == "running" and st["image_id"] == second["image_id"]
     assert st["bytes_fetched_total"] > fetched
 
+    # only the key blob replaced, by one this TPM made in the node's measured state (the
+    # worst case: fixedTPM, the node's exact policy, the attacker's passphrase): not started
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        planted = t.seal(b"the attacker's passphrase", [7])
+    (keys_dir / f"{second['image_id']}.sealed").write_bytes(base64.b64encode(planted))
+    conn = libvirt.open(node.libvirtd.uri)
+    conn.lookupByName("edgepin-guest").destroy()
+    conn.close()
+    refused(8, "is not the one this node sealed")
+    assert not guest()[0], "a guest was started with a swapped key blob"
+    ok(node.node("reconcile"))
+    assert status(node)["state"] == "running"
+
 
 def test_a_node_seeded_for_other_pcr_values_says_its_own_and_takes_a_new_seed(
     virtual_node: VirtualNode,

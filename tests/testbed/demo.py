@@ -52,6 +52,7 @@ def edgepin(args: list[str], cp: ControlPlane) -> subprocess.CompletedProcess[st
 def up() -> int:
     from provisioner import barbican
     from tests.image.conftest import (
+        IMAGE_PCRS,
         build_image,
         image_args,
         image_signer_material,
@@ -124,7 +125,7 @@ def up() -> int:
     ek.write_bytes(tpm.ek_cert_pem())
     ekca.write_bytes(tpm.ca_cert_pem())
     guessed, measured = RUN / "guessed-pcrs.json", RUN / "measured-pcrs.json"
-    guessed.write_text(json.dumps({"0": "00" * 32, "7": "00" * 32}))
+    guessed.write_text(json.dumps({p: "00" * 32 for p in IMAGE_PCRS.split(",")}))
 
     def enroll(values: Path) -> None:
         edgepin(
@@ -138,7 +139,7 @@ def up() -> int:
                 "--node-interface",
                 "internal",
                 "--pcrs",
-                "0,7",  # the test image's DIB_EDGEPIN_PCRS
+                IMAGE_PCRS,  # the test image's DIB_EDGEPIN_PCRS
                 "--pcr-values",
                 str(values),
                 "--seed-out",
@@ -157,7 +158,7 @@ def up() -> int:
     probe.stop()
     measured.write_text(said.group(1))
     enroll(measured)
-    step(f"enrolled again with the node's own PCR 0 and 7 values; new seed {seed}")
+    step(f"enrolled again with the node's own values of PCRs {IMAGE_PCRS}; new seed {seed}")
 
     milestones = {
         "kernel booted": r"Linux version \d",

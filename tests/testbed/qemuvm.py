@@ -28,7 +28,7 @@ FIRMWARE = {"uefi": (OVMF_CODE, OVMF_VARS), "uefi-other": (OTHER_OVMF_CODE, OTHE
 
 # The whole image tier's wall-clock budget, counted from the first boot: software
 # emulation is slow and a hung boot must not eat CI's limit. Every wait is cut to it.
-BUDGET_SECONDS = float(os.environ.get("EDGEPIN_IMAGE_TIER_BUDGET", "3000"))
+BUDGET_SECONDS = float(os.environ.get("EDGEPIN_IMAGE_TIER_BUDGET", "3600"))
 # what a node prints on its console when its seed is bound to other PCR values than it
 # measures: the factory reads them there (the node has no login) and enrolls it again
 PCR_VALUES_SAID = r"PCR values: (\{[^}\r\n]*\})"
