@@ -185,6 +185,16 @@ def _add_nodes(sub: Any) -> None:
     r.set_defaults(handler=cmd_revoke, needs_cloud=True)
 
 
+def node_command(argv: list[str]) -> bool:
+    """True for ``edgepin [--debug|--no-progress] node ...``: a node-side process."""
+    for arg in argv:
+        if arg == "node":
+            return True
+        if not arg.startswith("-") or arg.startswith("--os-") or arg == "--edge-domain":
+            return False
+    return False
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgepin",
@@ -197,14 +207,17 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (also when not a TTY)"
     )
-    from provisioner.cloud import register_auth_arguments
-
     parser.add_argument(
         "--edge-domain",
         default=os.environ.get("EDGEPIN_EDGE_DOMAIN", "edge"),
         help="Keystone domain of the nodes (env EDGEPIN_EDGE_DOMAIN, default edge)",
     )
-    register_auth_arguments(parser, argv)
+    if not node_command(argv):
+        # the --os-* options come from openstacksdk's config loader (its import is most of
+        # an operator command's start); `edgepin node ...` never talks to the cloud that way
+        from provisioner.cloud import register_auth_arguments
+
+        register_auth_arguments(parser, argv)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_publish(sub)
     _add_signing_cert(sub)

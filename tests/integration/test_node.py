@@ -565,3 +565,25 @@ def test_a_node_seeded_for_other_pcr_values_says_its_own_and_takes_a_new_seed(
     assert "stray" in names_before, names_before
     ok(node.node("enroll"))
     assert [c["name"] for c in app_credentials(admin, node)] == ["edgepin-node"]
+
+
+def test_the_installed_node_command_imports_no_openstacksdk(tmp_path: Path) -> None:
+    """The console script as the units run it: `edgepin node reconcile` loads keystoneauth,
+    libvirt, tpm2-pytss and cryptography, never openstacksdk (the operator's library)."""
+    import subprocess
+    import sys
+
+    script = str(Path(sys.executable).parent / "edgepin")
+    for args in (["status"], ["--tcti", "swtpm:port=1", "reconcile"]):
+        r = subprocess.run(
+            [sys.executable, "-X", "importtime", script, "node", "--root", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        imported = [ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if "|" in ln]
+        assert "provisioner.node.cli" in imported, r.stderr[-500:]
+        assert not [m for m in imported if m.split(".")[0] == "openstack"], args
+        if args[-1] == "reconcile":
+            assert {"keystoneauth1", "libvirt", "provisioner.node.reconcile"} <= set(imported)
