@@ -113,6 +113,28 @@ def image_signer_material(cache: Path) -> ImageSigner:
 IMAGE_PCRS = "0,4,7,8,9"
 
 
+def qemu_node_enroll_args(name: str, tpm: Path, values: Path, seed: Path) -> list[str]:
+    """`edgepin enroll` for a QEMU-booted node of the test image: its EK certificate and CA
+    (``tpm`` is the folder holding ek.pem and ek-ca.pem), the image's PCRs with ``values``,
+    and the catalog's internal interface (how QEMU's user networking shows the host)."""
+    return [
+        "enroll",
+        name,
+        "--ek-cert",
+        str(tpm / "ek.pem"),
+        "--ek-ca",
+        str(tpm / "ek-ca.pem"),
+        "--node-interface",
+        "internal",
+        "--pcrs",
+        IMAGE_PCRS,
+        "--pcr-values",
+        str(values),
+        "--seed-out",
+        str(seed),
+    ]
+
+
 # the test image: the real build, with settings a QEMU-booted node under test needs
 def image_args(material: ImageSigner) -> list[str]:
     return [

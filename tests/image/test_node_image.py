@@ -35,7 +35,7 @@ import pytest
 from provisioner import barbican
 from provisioner.seed import write_nocloud
 from provisioner.signing import fingerprint, load_certificate
-from tests.image.conftest import IMAGE_PCRS, ImageSigner
+from tests.image.conftest import IMAGE_PCRS, ImageSigner, qemu_node_enroll_args
 from tests.integration.conftest import Signer
 from tests.testbed import disk
 from tests.testbed.controlplane import ControlPlane
@@ -119,28 +119,7 @@ def node(
     guessed.write_text(json.dumps({p: "00" * 32 for p in IMAGE_PCRS.split(",")}))
 
     def enroll(values: Path) -> dict[str, Any]:
-        # the node reaches the test bed as QEMU's user networking shows the host: 10.0.2.2,
-        # the catalog's internal interface
-        r = run_edgepin(
-            [
-                "enroll",
-                name,
-                "--ek-cert",
-                str(ek),
-                "--ek-ca",
-                str(ekca),
-                "--node-interface",
-                "internal",
-                "--pcrs",
-                IMAGE_PCRS,
-                "--pcr-values",
-                str(values),
-                "--seed-out",
-                str(seed),
-                "--json",
-            ],
-            cli_env,
-        )
+        r = run_edgepin([*qemu_node_enroll_args(name, work, values, seed), "--json"], cli_env)
         assert r.returncode == 0, r.stderr
         result: dict[str, Any] = json.loads(r.stdout)
         return result

@@ -175,21 +175,10 @@ def test_seed_to_running_guest_then_nothing_to_do(
     assert hits == []
 
     # the bootstrap credential no longer works
-    bundle = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())
-    with tpm.Tpm.open(node.tpm.tcti) as t:
-        boot_secret = t.unseal(
-            base64.b64decode(bundle["bootstrap"]["wrapped"]), [7], ("duplicate",)
-        ).decode()
-    from keystoneauth1 import exceptions, session
-    from keystoneauth1.identity import v3
+    from keystoneauth1 import exceptions
 
-    auth = v3.ApplicationCredential(
-        auth_url=bundle["auth_url"],
-        application_credential_id=bundle["bootstrap"]["application_credential_id"],
-        application_credential_secret=boot_secret,
-    )
     with pytest.raises((exceptions.Unauthorized, exceptions.NotFound)):
-        session.Session(auth=auth, verify=str(controlplane.ca_path)).get_token()
+        node.bootstrap_session(controlplane.ca_path).get_token()
 
 
 def test_offline_reboot_update_rollback_and_rollback_attack(
@@ -542,22 +531,7 @@ def test_a_node_seeded_for_other_pcr_values_says_its_own_and_takes_a_new_seed(
     node.install_seed(second)  # what cloud-init's write_files does for a new instance
     # whoever held the bootstrap credential minted one of their own: enrollment removes it
     bundle = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())
-    with tpm.Tpm.open(node.tpm.tcti) as t:
-        boot_secret = t.unseal(
-            base64.b64decode(bundle["bootstrap"]["wrapped"]), [7], ("duplicate",)
-        ).decode()
-    from keystoneauth1 import session
-    from keystoneauth1.identity import v3
-
-    boot = session.Session(
-        auth=v3.ApplicationCredential(
-            auth_url=bundle["auth_url"],
-            application_credential_id=bundle["bootstrap"]["application_credential_id"],
-            application_credential_secret=boot_secret,
-        ),
-        verify=str(controlplane.ca_path),
-    )
-    boot.post(
+    node.bootstrap_session(controlplane.ca_path).post(
         f"{bundle['auth_url']}/users/{bundle['user_id']}/application_credentials",
         json={"application_credential": {"name": "stray", "roles": [{"name": "member"}]}},
     )

@@ -57,6 +57,7 @@ def up() -> int:
         image_args,
         image_signer_material,
         is_current,
+        qemu_node_enroll_args,
     )
     from tests.testbed.guest import build_tiny_guest
     from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
@@ -128,25 +129,7 @@ def up() -> int:
     guessed.write_text(json.dumps({p: "00" * 32 for p in IMAGE_PCRS.split(",")}))
 
     def enroll(values: Path) -> None:
-        edgepin(
-            [
-                "enroll",
-                NODE,
-                "--ek-cert",
-                str(ek),
-                "--ek-ca",
-                str(ekca),
-                "--node-interface",
-                "internal",
-                "--pcrs",
-                IMAGE_PCRS,  # the test image's DIB_EDGEPIN_PCRS
-                "--pcr-values",
-                str(values),
-                "--seed-out",
-                str(seed),
-            ],
-            cp,
-        )
+        edgepin(qemu_node_enroll_args(NODE, RUN, values, seed), cp)
 
     enroll(guessed)
     edgepin(["assign", NODE, pub["image_id"]], cp)

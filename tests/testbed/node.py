@@ -7,11 +7,13 @@ image's units do; only the paths differ (``--root``).
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from provisioner.seed import BUNDLE_PATH
 from tests.testbed.libvirtd import Libvirtd
@@ -88,6 +90,27 @@ class VirtualNode:
         log.write_text(f"$ edgepin node {' '.join(args)}\n{r.stdout}\n--- stderr\n{r.stderr}")
         self.logs.append(log)
         return r
+
+    def bootstrap_session(self, ca_path: Path) -> Any:
+        """A keystoneauth session with the bootstrap credential of the node's seed, unsealed
+        from its TPM as the node does (for tests that act as whoever holds it)."""
+        from keystoneauth1 import session
+        from keystoneauth1.identity import v3
+
+        from provisioner import tpm
+
+        bundle = json.loads((self.root / BUNDLE_PATH.lstrip("/")).read_text())
+        boot = bundle["bootstrap"]
+        with tpm.Tpm.open(self.tpm.tcti) as t:
+            secret = t.unseal(base64.b64decode(boot["wrapped"]), bundle["pcrs"], ("duplicate",))
+        return session.Session(
+            auth=v3.ApplicationCredential(
+                auth_url=bundle["auth_url"],
+                application_credential_id=boot["application_credential_id"],
+                application_credential_secret=secret.decode(),
+            ),
+            verify=str(ca_path),
+        )
 
     @property
     def serial_log(self) -> Path:
