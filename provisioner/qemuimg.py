@@ -9,7 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    RetryError,
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from provisioner.errors import ImageError
 
@@ -62,14 +69,30 @@ def _err(r: subprocess.CompletedProcess[bytes]) -> str:
     return text[-1] if text else f"exit {r.returncode}"
 
 
+def encrypt(src: Path, src_format: str, dst: Path, passphrase: bytes, iter_time_ms: int) -> None:
+    """Convert src into a qcow2 with LUKS inside, keyed by passphrase.
+
+    qemu-img times PBKDF2 to choose the LUKS iteration count, with the thread's CPU time,
+    which the kernel may account in whole scheduler ticks: on a loaded machine a timing
+    run can see no CPU time at all, and qemu-img gives up ("Unable to get accurate CPU
+    usage"). That is tried again, with random back-off, for up to two minutes.
+    """
+    try:
+        _encrypt(src, src_format, dst, passphrase, iter_time_ms)
+    except RetryError as e:
+        raise ImageError(
+            f"qemu-img could not time the LUKS key derivation: {e.last_attempt.exception()}",
+            hint="the machine was too busy for qemu-img's CPU-time measurement for two "
+            "minutes; run the command again when it is less loaded",
+        ) from None
+
+
 @retry(
     retry=retry_if_exception_type(_Transient),
-    stop=stop_after_attempt(4),
-    wait=wait_random_exponential(multiplier=0.2, max=2),
-    reraise=True,
+    stop=stop_after_delay(120) | stop_after_attempt(30),
+    wait=wait_random_exponential(multiplier=0.5, max=10),
 )
-def encrypt(src: Path, src_format: str, dst: Path, passphrase: bytes, iter_time_ms: int) -> None:
-    """Convert src into a qcow2 with LUKS inside, keyed by passphrase."""
+def _encrypt(src: Path, src_format: str, dst: Path, passphrase: bytes, iter_time_ms: int) -> None:
     r = _run(
         [
             "convert",
@@ -86,8 +109,7 @@ def encrypt(src: Path, src_format: str, dst: Path, passphrase: bytes, iter_time_
     )
     if r.returncode != 0:
         message = _err(r)
-        # qemu's key-derivation benchmark fails now and then on coarse CPU accounting
-        if "accurate CPU usage" in message:
+        if "accurate CPU usage" in message:  # see encrypt()
             raise _Transient(message)
         raise ImageError(f"encryption with qemu-img failed: {message}")
 
