@@ -289,7 +289,7 @@ def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
 
 
 def test_4_the_disk_of_a_node_that_lost_power_holds_no_key(
-    node: Node, v1: dict[str, Any], admin: Any
+    node: Node, v1: dict[str, Any], admin: Any, signer: Signer
 ) -> None:
     node.vm.stop()  # QEMU killed with the guest running: a power cut, no shutdown
     passphrase = admin.key_manager.get(
@@ -309,6 +309,11 @@ def test_4_the_disk_of_a_node_that_lost_power_holds_no_key(
     assert found == [], f"on the state partition of a powered-off node: {found}"
     planted = disk.read_state_file(node.vm.disk, "lib/edgepin/planted", node.vm.workdir)
     assert planted is None, "the USB stick's write_files ran on an enrolled node"
+    # what was planted before the last boot was there all along, and ignored
+    cert = disk.read_state_file(
+        node.vm.disk, "lib/edgepin-host/etc/edgepin/signing-certs/planted.pem", node.vm.workdir
+    )
+    assert cert == signer.pem
     # and the ledger the node runs by is on the disk, anchored (not a secret)
     ledger = disk.read_state_file(node.vm.disk, "lib/edgepin/node.json", node.vm.workdir)
     assert ledger is not None and v1["image_id"].encode() in ledger

@@ -40,10 +40,16 @@ def partition(raw: Path, name: str = STATE_PARTITION) -> tuple[int, int]:
 
 @contextmanager
 def loop(raw: Path, offset: int, size: int) -> Iterator[str]:
+    """A loop device over the partition of a raw copy, its ext4 journal replayed first: a
+    node that lost power leaves recent changes in the journal only, where debugfs would not
+    see them (and a later replay at boot would undo an edit made beside them)."""
     dev = _run(
         ["losetup", "--find", "--show", "-o", str(offset), "--sizelimit", str(size), str(raw)]
     ).strip()
     try:
+        fsck = subprocess.run(["e2fsck", "-f", "-y", dev], capture_output=True, text=True)
+        if fsck.returncode > 2:  # 1 and 2: errors corrected (a replayed journal among them)
+            raise RuntimeError(f"e2fsck {dev} ({fsck.returncode}): {fsck.stdout[-500:]}")
         yield dev
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
@@ -65,8 +71,14 @@ def write_state_files(
                 parent = ""
                 for part in target.strip("/").split("/")[:-1]:
                     parent += "/" + part
-                    subprocess.run(["debugfs", "-w", "-R", f"mkdir {parent}", dev], check=False)
-                subprocess.run(["debugfs", "-w", "-R", f"rm {target}", dev], check=False)
+                    subprocess.run(
+                        ["debugfs", "-w", "-R", f"mkdir {parent}", dev],
+                        capture_output=True,
+                        check=False,
+                    )
+                subprocess.run(
+                    ["debugfs", "-w", "-R", f"rm {target}", dev], capture_output=True, check=False
+                )
                 out = _run(["debugfs", "-w", "-R", f"write {local} {target}", dev])
                 got = subprocess.run(
                     ["debugfs", "-R", f"cat {target}", dev], capture_output=True, check=False
