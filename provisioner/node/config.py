@@ -38,7 +38,6 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "EDGEPIN_NETWORK": ("none", "guest network: none, or 'network:NAME' / 'bridge:NAME'"),
     "EDGEPIN_DOMAIN_NAME": ("edgepin-guest", "name of the one libvirt domain"),
     "EDGEPIN_HTTP_TIMEOUT": ("30", "seconds before an unanswered request fails"),
-    "EDGEPIN_KEEP_IMAGES": ("2", "images kept on disk: the current one and the previous"),
 }
 
 
@@ -58,7 +57,6 @@ class NodeConfig:
     network: str = "none"
     domain_name: str = "edgepin-guest"
     http_timeout: float = 30.0
-    keep_images: int = 2
 
     # ----------------------------------------------------------------- paths
     @property
@@ -169,7 +167,6 @@ def load(
             "network": raw["EDGEPIN_NETWORK"],
             "domain_name": raw["EDGEPIN_DOMAIN_NAME"],
             "http_timeout": float(raw["EDGEPIN_HTTP_TIMEOUT"]),
-            "keep_images": int(raw["EDGEPIN_KEEP_IMAGES"]),
         }
     except ValueError as e:
         raise ConfigError(f"bad setting: {e}") from None
