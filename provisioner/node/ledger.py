@@ -33,11 +33,12 @@ from typing import Any, Protocol
 
 from provisioner.errors import StateError, TrustError
 from provisioner.node import state
+from provisioner.tpm import ANCHOR_NV_SIZE
 
 LEDGER_FORMAT = 2
 LEDGER_NAME = "node.json"
 NEXT_NAME = "node.json.next"
-ANCHOR_SIZE = 40  # 8 bytes generation floor, 32 bytes SHA-256 of the ledger
+ANCHOR_SIZE = ANCHOR_NV_SIZE  # 8 bytes generation floor, 32 bytes SHA-256 of the ledger
 MAX_GENERATION = 2**63 - 1
 IMAGE_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 HEX = re.compile(r"^[0-9a-f]*$")
@@ -78,6 +79,10 @@ class Anchor(Protocol):
 def encode(ledger: dict[str, Any]) -> bytes:
     """The canonical bytes of a ledger: the same ledger, the same bytes, the same digest."""
     return (json.dumps(ledger, indent=2, sort_keys=True) + "\n").encode()
+
+
+# the ledger's top-level keys: what node.json holds (everything else is a counter)
+KEYS = ("format", "enrollment", "highest_generation", "current", "previous", "images", "rejected")
 
 
 def empty(enrollment: dict[str, Any], floor: int) -> dict[str, Any]:
@@ -282,6 +287,11 @@ class TpmAnchor:
     def __init__(self, tcti: str, pcrs: tuple[int, ...]) -> None:
         self.tcti = tcti
         self.pcrs = pcrs
+        # what this process last read or wrote: one TPM read per run, not one per save
+        # (the node lock keeps other edgepin processes out; anyone else who can write the
+        # index from the running system is root in the measured state already)
+        self._known = False
+        self._value: AnchorValue | None = None
 
     def _call(self, what: str, fn: Any) -> Any:
         from provisioner import tpm
@@ -300,12 +310,18 @@ class TpmAnchor:
             raise TrustError(f"{what}: {e}") from None
 
     def read(self) -> AnchorValue | None:
-        raw = self._call("reading the TPM's anchor", lambda t: t.anchor_read(self.pcrs))
-        return None if raw is None else AnchorValue.from_bytes(raw)
+        if not self._known:
+            raw = self._call("reading the TPM's anchor", lambda t: t.anchor_read(self.pcrs))
+            self._value = None if raw is None else AnchorValue.from_bytes(raw)
+            self._known = True
+        return self._value
 
     def write(self, value: AnchorValue) -> None:
         data = value.to_bytes()
+        self._known = False
         self._call("writing the TPM's anchor", lambda t: t.anchor_write(self.pcrs, data))
+        self._value, self._known = value, True
 
     def define(self) -> None:
+        self._known = False
         self._call("defining the TPM's anchor", lambda t: t.anchor_define(self.pcrs))

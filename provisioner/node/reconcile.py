@@ -43,16 +43,6 @@ class Outcome:
 
 
 COUNTERS_NAME = "counters.json"
-LEDGER_KEYS = (
-    "format",
-    "enrollment",
-    "highest_generation",
-    "current",
-    "previous",
-    "images",
-    "rejected",
-)
-IMAGE_ID = ledger.IMAGE_ID
 HASH_CHUNK = 1 << 20
 
 
@@ -80,9 +70,9 @@ def load_counters(cfg: NodeConfig) -> dict[str, Any]:
 
 def save(cfg: NodeConfig, anchor: ledger.Anchor, st: dict[str, Any]) -> None:
     """The ledger part through the TPM anchor (only when it changed), the rest plainly."""
-    ledger.save(cfg.state_dir, anchor, {k: st[k] for k in LEDGER_KEYS})
+    ledger.save(cfg.state_dir, anchor, {k: st[k] for k in ledger.KEYS})
     state.write_json(
-        cfg.state_dir / COUNTERS_NAME, {k: v for k, v in st.items() if k not in LEDGER_KEYS}
+        cfg.state_dir / COUNTERS_NAME, {k: v for k, v in st.items() if k not in ledger.KEYS}
     )
 
 
@@ -164,7 +154,7 @@ def parse_assignment(raw: Any) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise ImageError("the assignment record is not an object")
     image_id, gen = data.get("image_id"), data.get("generation")
-    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
+    if not isinstance(image_id, str) or not ledger.IMAGE_ID.fullmatch(image_id):
         raise ImageError("the assignment names no valid image id")
     if type(gen) is not int or not 0 <= gen <= ledger.MAX_GENERATION:
         raise ImageError("the assignment's generation is not a whole number in range")

@@ -283,3 +283,22 @@ def test_a_local_copy_is_started_only_if_it_is_what_was_verified(tmp_path: Path)
         reconcile.check_local_copy(cfg, book, IMAGE_A)
     with pytest.raises(VerificationError, match="no verified record"):
         reconcile.check_local_copy(cfg, book, IMAGE_B)
+
+
+def test_the_ledger_keys_are_one_list() -> None:
+    assert tuple(ledger.empty(enrollment(), 0)) == ledger.KEYS
+    assert tuple(ledger.parse(ledger.encode(ledger.empty(enrollment(), 0)))) == ledger.KEYS
+
+
+def test_the_host_image_gates_cloud_init_on_the_provisioners_anchor_index() -> None:
+    """The cloud-init gate (shell, on the image) and the image test name the index that
+    provisioner.tpm defines at enrollment; the three must not drift apart."""
+    from provisioner import tpm
+
+    root = Path(__file__).resolve().parents[2]
+    for script in (
+        root / "elements/edgepin-hardening/static/usr/lib/edgepin-host/cloud-init-gate",
+        root / "tests/image/check.sh",
+    ):
+        line = next(ln for ln in script.read_text().splitlines() if "ENROLLED_INDEX=" in ln)
+        assert int(line.split("=", 1)[1], 16) == tpm.ANCHOR_NV_INDEX, script
