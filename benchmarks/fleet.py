@@ -3,8 +3,8 @@
 Each node has its own Keystone project, user and application credential (with the
 node's least-privilege access rules) and its own assignment; the image is shared with
 its project. No TPM, no libvirt: a simulated node runs the provisioner's own protocol
-code (``credentials.make_session`` + ``reconcile._read_assignment``, and in the
-"metadata" round ``reconcile._get_image`` + ``fetch.check_properties``), with a new
+code (``credentials.make_session`` + ``NodeClient.assignment``, and in the
+"metadata" round ``NodeClient.image`` + ``fetch.check_properties``), with a new
 session per reconcile, as the node's timer-started process has.
 
 Baseline: the same nodes each make one unauthenticated HTTPS GET of Keystone's
@@ -27,7 +27,8 @@ from keystoneauth1.identity import v3
 
 from benchmarks import procstat, servicelog, stats
 from benchmarks.bed import Bed, BenchError
-from provisioner.node import credentials, fetch, reconcile
+from provisioner.node import credentials, fetch
+from provisioner.node.client import NodeClient
 from provisioner.operator import assign, nodes
 from tests.testbed.controlplane import EDGE_DOMAIN, REGION
 
@@ -149,11 +150,12 @@ def _baseline(node: SimNode) -> None:
 def _reconcile(node: SimNode, metadata: bool) -> None:
     sess = credentials.make_session(node.ident, node.cred_id, node.secret, 30.0)
     try:
-        a = reconcile._read_assignment(sess, node.ident)
-        if not a or int(a["generation"]) != node.generation:
+        client = NodeClient(sess, node.ident)
+        a = client.assignment()
+        if not a or a.generation != node.generation:
             raise BenchError(f"node {node.ident.node_id} read a wrong assignment")
         if metadata:
-            image = reconcile._get_image(sess, node.ident, str(a["image_id"]))
+            image = client.image(a.image_id)
             fetch.check_properties(image)
     finally:
         sess.session.close()
@@ -173,8 +175,8 @@ class _CachedSessions:
 
     def reconcile(self, node: SimNode) -> None:
         sess = self.sessions[node.ident.node_id]
-        a = reconcile._read_assignment(sess, node.ident)
-        if not a or int(a["generation"]) != node.generation:
+        a = NodeClient(sess, node.ident).assignment()
+        if not a or a.generation != node.generation:
             raise BenchError(f"node {node.ident.node_id} read a wrong assignment")
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from benchmarks import stats
 from benchmarks.bed import MIB
 from benchmarks.report import Row
 from provisioner.node import config, ledger, reconcile, state
+from provisioner.node.model import ImageRecord, Ledger
 from tests.testbed.swtpm import SwtpmFactory
 
 IMAGE_ID = "5e1f0c2a-7b3d-4c8e-9f10-2a3b4c5d6e7f"
@@ -41,12 +42,12 @@ def bench(run_dir: Path, size_mib: int, runs: int, log: Callable[[str], None]) -
             chunk = os.urandom(MIB)
             digest.update(chunk)
             f.write(chunk)
-    book = {"images": {IMAGE_ID: {"sha512": digest.hexdigest(), "size": size_mib * MIB}}}
+    record = ImageRecord(digest.hexdigest(), size_mib * MIB)
     sha512sum = [
         _timed(lambda: subprocess.run(["sha512sum", str(disk)], capture_output=True, check=True))
         for _ in range(runs)
     ]
-    check = [_timed(lambda: reconcile.check_local_copy(cfg, book, IMAGE_ID)) for _ in range(runs)]
+    check = [_timed(lambda: reconcile.check_local_copy(cfg, record, IMAGE_ID)) for _ in range(runs)]
 
     log("start check: anchored ledger saves on a swtpm")
     tpms = SwtpmFactory(run_dir / "swtpm")
@@ -54,25 +55,31 @@ def bench(run_dir: Path, size_mib: int, runs: int, log: Callable[[str], None]) -
     try:
         anchor = ledger.TpmAnchor(tpm.tcti, (7,))
         anchor.define()
-        enrollment = {
-            "node_id": "bench",
-            "project_id": "p",
-            "user_id": "u",
-            "auth_url": "https://keystone.invalid/v3",
-            "region": None,
-            "interface": "public",
-            "ca_sha256": "0" * 64,
-            "credential_id": "c",
-            "credential_sha256": "0" * 64,
-            "pcrs": [7],
-            "enrolled_at": "2026-12-01T00:00:00Z",
-        }
+        enrollment = ledger.enrollment(
+            {
+                "node_id": "bench",
+                "project_id": "p",
+                "user_id": "u",
+                "auth_url": "https://keystone.invalid/v3",
+                "region": None,
+                "interface": "public",
+                "ca_sha256": "0" * 64,
+                "credential_id": "c",
+                "credential_sha256": "0" * 64,
+                "pcrs": [7],
+                "enrolled_at": "2026-12-01T00:00:00Z",
+            }
+        )
         saves, plain = [], []
         for gen in range(1, 4 * runs + 1):
-            book2 = ledger.empty(enrollment, gen)
+            book2 = Ledger(enrollment, highest_generation=gen)
             saves.append(_timed(lambda b=book2: ledger.save(cfg.state_dir, anchor, b)))  # type: ignore[misc]
             plain.append(
-                _timed(lambda b=book2: state.write_json(cfg.state_dir / "plain.json", b))  # type: ignore[misc]
+                _timed(
+                    lambda b=book2: state.write_json(
+                        cfg.state_dir / "plain.json", ledger.as_dict(b)
+                    )
+                )  # type: ignore[misc]
             )
     finally:
         tpms.stop_all()

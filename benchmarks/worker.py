@@ -22,6 +22,8 @@ def edgepin_fetch(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from provisioner.errors import EdgepinError
     from provisioner.node import fetch
+    from provisioner.node.client import NodeClient
+    from provisioner.node.credentials import Identity
     from provisioner.signing import load_certificate
 
     sess = session.Session(
@@ -30,7 +32,9 @@ def edgepin_fetch(cfg: dict[str, Any]) -> dict[str, Any]:
     cert = load_certificate(Path(cfg["cert_pem"]).read_bytes())
     t0 = time.monotonic()
     try:
-        r = fetch.fetch(sess, "public", cfg["image"], cert, Path(cfg["images_dir"]))
+        ident = Identity("bench", "", "", cfg["endpoint"], None, "public", Path(cfg["ca"]))
+        client = NodeClient(sess, ident)
+        r = fetch.fetch(client, cfg["image"], cert, Path(cfg["images_dir"]))
     except EdgepinError as e:
         return {"ok": False, "error": e.message}
     return {

@@ -38,6 +38,12 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "EDGEPIN_NETWORK": ("none", "guest network: none, or 'network:NAME' / 'bridge:NAME'"),
     "EDGEPIN_DOMAIN_NAME": ("edgepin-guest", "name of the one libvirt domain"),
     "EDGEPIN_HTTP_TIMEOUT": ("30", "seconds before an unanswered request fails"),
+    "EDGEPIN_REVOKE_GRACE": (
+        "3600",
+        "seconds Keystone must keep refusing the node's credential before the node stops "
+        "its guest and destroys its keys and images (an unreachable control plane never "
+        "counts)",
+    ),
 }
 
 
@@ -57,6 +63,7 @@ class NodeConfig:
     network: str = "none"
     domain_name: str = "edgepin-guest"
     http_timeout: float = 30.0
+    revoke_grace: float = 3600.0
 
     # ----------------------------------------------------------------- paths
     @property
@@ -167,6 +174,7 @@ def load(
             "network": raw["EDGEPIN_NETWORK"],
             "domain_name": raw["EDGEPIN_DOMAIN_NAME"],
             "http_timeout": float(raw["EDGEPIN_HTTP_TIMEOUT"]),
+            "revoke_grace": float(raw["EDGEPIN_REVOKE_GRACE"]),
         }
     except ValueError as e:
         raise ConfigError(f"bad setting: {e}") from None

@@ -37,6 +37,7 @@ from provisioner.cloud import translate
 from provisioner.errors import AuthError, ConfigError, TrustError
 from provisioner.node import ledger, state
 from provisioner.node.config import NodeConfig
+from provisioner.node.model import Enrollment, Ledger
 
 LOG = logging.getLogger(__name__)
 NODE_CREDENTIAL_NAME = "edgepin-node"
@@ -166,11 +167,11 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
     anchor = ledger.TpmAnchor(cfg.tcti, cfg.pcrs)
     if anchor.read() is not None:
         # enrolled on this TPM: the anchored ledger, not a file on the disk, says so
-        done = ledger.load(cfg.state_dir, anchor)["enrollment"]
-        record = {"phase": "done", **done}
+        done = ledger.load(cfg.state_dir, anchor).enrollment
+        record = {"phase": "done", **done.as_dict()}
         if state.read_json(_enrollment(cfg)) != record:
             state.write_json(_enrollment(cfg), record)
-        LOG.info("enrollment: already done (%s), nothing to do", done["enrolled_at"])
+        LOG.info("enrollment: already done (%s), nothing to do", done.enrolled_at)
         return record
     bundle = load_bundle(cfg)
     pcrs = sorted(int(p) for p in bundle["pcrs"])
@@ -273,22 +274,24 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
         if "refused the bootstrap credential" not in e.message:
             raise
         LOG.info("enrollment: the bootstrap credential is already gone")
-    done = {
-        "node_id": ident.node_id,
-        "project_id": ident.project_id,
-        "user_id": ident.user_id,
-        "auth_url": ident.auth_url,
-        "region": ident.region,
-        "interface": ident.interface,
-        "ca_sha256": _sha256_file(ident.ca_file),
-        "credential_id": final["id"],
-        "credential_sha256": hashlib.sha256(base64.b64decode(final["sealed"])).hexdigest(),
-        "pcrs": sorted(cfg.pcrs),
-        "enrolled_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    done = ledger.enrollment(
+        {
+            "node_id": ident.node_id,
+            "project_id": ident.project_id,
+            "user_id": ident.user_id,
+            "auth_url": ident.auth_url,
+            "region": ident.region,
+            "interface": ident.interface,
+            "ca_sha256": _sha256_file(ident.ca_file),
+            "credential_id": final["id"],
+            "credential_sha256": hashlib.sha256(base64.b64decode(final["sealed"])).hexdigest(),
+            "pcrs": sorted(cfg.pcrs),
+            "enrolled_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    )
     anchor.define()
-    ledger.save(cfg.state_dir, anchor, ledger.empty(done, 0))
-    record = {"phase": "done", **done}
+    ledger.save(cfg.state_dir, anchor, Ledger(enrollment=done))
+    record = {"phase": "done", **done.as_dict()}
     state.write_json(_enrollment(cfg), record)
     LOG.info("enrollment passed")
     return record
@@ -313,30 +316,30 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def enrolled_identity(cfg: NodeConfig, record: dict[str, Any]) -> Identity:
+def enrolled_identity(cfg: NodeConfig, record: Enrollment) -> Identity:
     """The identity fixed at enrollment (from the anchored ledger), with its CA checked."""
     ca_file = cfg.ca_path if cfg.ca_path.exists() else cfg.state_dir / "seed" / "ca.pem"
     try:
         ca_sha256 = _sha256_file(ca_file)
     except FileNotFoundError:
         ca_sha256 = ""
-    if ca_sha256 != record["ca_sha256"]:
+    if ca_sha256 != record.ca_sha256:
         raise TrustError(
             f"the control-plane CA {ca_file} is not the one the node enrolled with",
             hint="the CA is fixed at enrollment; enroll the node again to change it",
         )
     return Identity(
-        node_id=record["node_id"],
-        project_id=record["project_id"],
-        user_id=record["user_id"],
-        auth_url=record["auth_url"],
-        region=record["region"],
-        interface=record["interface"],
+        node_id=record.node_id,
+        project_id=record.project_id,
+        user_id=record.user_id,
+        auth_url=record.auth_url,
+        region=record.region,
+        interface=record.interface,
         ca_file=ca_file,
     )
 
 
-def node_session(cfg: NodeConfig, record: dict[str, Any]) -> tuple[Identity, Any]:
+def node_session(cfg: NodeConfig, record: Enrollment) -> tuple[Identity, Any]:
     """The node's authenticated session, from the ledger's enrollment record; unsealing
     fails closed on a changed boot state or on a credential blob that is not the one
     sealed at enrollment."""
@@ -350,8 +353,8 @@ def node_session(cfg: NodeConfig, record: dict[str, Any]) -> tuple[Identity, Any
     except (KeyError, TypeError, ValueError):
         raise TrustError(f"{_final(cfg)} is malformed") from None
     if (
-        cred_id != record["credential_id"]
-        or hashlib.sha256(blob).hexdigest() != record["credential_sha256"]
+        cred_id != record.credential_id
+        or hashlib.sha256(blob).hexdigest() != record.credential_sha256
     ):
         raise TrustError(
             f"{_final(cfg)} is not the credential the node sealed at enrollment",

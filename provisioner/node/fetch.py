@@ -40,14 +40,16 @@ from typing import IO, Any, Literal
 from cryptography import x509
 
 from provisioner import qemuimg
-from provisioner.cloud import translate
 from provisioner.errors import (
+    EdgepinError,
     ImageError,
+    NotFoundError,
     ServiceUnavailableError,
     StateError,
     VerificationError,
 )
 from provisioner.node import state
+from provisioner.node.client import NodeClient, check
 from provisioner.signing import StreamVerifier, fingerprint, load_certificate
 
 LOG = logging.getLogger(__name__)
@@ -286,8 +288,7 @@ def _rehash(path: Path, upto: int, digests: _Digests) -> None:
 
 
 def fetch(
-    sess: Any,
-    interface: str,
+    client: NodeClient,
     image: dict[str, Any],
     certificate: x509.Certificate,
     images_dir: Path,
@@ -320,20 +321,15 @@ def fetch(
     resumed_from = offset
     restarted = False
     fetched = 0
-    url_filter = {"service_type": "image", "interface": interface}
-    path = f"/v2/images/{image_id}/file"
     started = time.monotonic()
 
     while True:
         if offset == size:
             _rehash(partial, offset, digests)  # everything was already there
             break
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        with translate("glance", f"download of {image_id}"):
-            r = sess.get(
-                path, endpoint_filter=url_filter, stream=True, headers=headers, raise_exc=False
-            )
-        action = range_action(r.status_code, restarted) if headers else None
+        asked_range = bool(offset)
+        r = client.download(image_id, offset)
+        action = range_action(r.status_code, restarted) if asked_range else None
         if action == "append":
             # the bytes kept from an earlier run count only now that the store resumes
             _rehash(partial, offset, digests)
@@ -348,14 +344,17 @@ def fetch(
             if action == "retry_from_zero":
                 r.close()
                 continue
-        if r.status_code == 404:
-            raise ImageError(f"image {image_id} is gone from glance")
-        if r.status_code in (401, 403):
-            raise VerificationError(f"not allowed to download image {image_id}")
-        if r.status_code >= 500:
-            raise ServiceUnavailableError(f"glance: server error {r.status_code} on download")
-        if r.status_code not in (200, 206) or (offset and r.status_code != 206):
-            raise ServiceUnavailableError(f"glance: unexpected status {r.status_code}")
+        try:
+            # a 401/403 is access refused for now (AuthError), not a verdict on the image
+            check(
+                r.status_code, "glance", f"download of {image_id}", (206,) if offset else (200, 206)
+            )
+        except NotFoundError:
+            r.close()
+            raise ImageError(f"image {image_id} is gone from glance", image_id=image_id) from None
+        except EdgepinError:
+            r.close()
+            raise
         mode = "ab" if offset else "wb"
         too_long = False
         try:
@@ -402,7 +401,7 @@ def fetch(
         # node's own disk): one full download decides, not the resumed one
         LOG.warning("fetch: resumed image %s failed its hash; downloading from zero", image_id)
         partial.unlink(missing_ok=True)
-        again = fetch(sess, interface, image, certificate, images_dir, on_progress)
+        again = fetch(client, image, certificate, images_dir, on_progress)
         again.bytes_fetched += fetched
         return again
     if got != expected:

@@ -14,15 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import tpm
-from provisioner.cloud import translate
-from provisioner.errors import (
-    AuthError,
-    NotFoundError,
-    ServiceUnavailableError,
-    TrustError,
-    VerificationError,
-)
+from provisioner.errors import DigestMismatch, NotFoundError, TrustError, VerificationError
 from provisioner.node import state
+from provisioner.node.client import NodeClient
 from provisioner.node.config import NodeConfig
 
 LOG = logging.getLogger(__name__)
@@ -30,26 +24,6 @@ LOG = logging.getLogger(__name__)
 
 def sealed_path(cfg: NodeConfig, image_id: str) -> Path:
     return cfg.state_dir / "keys" / f"{image_id}.sealed"
-
-
-def barbican_payload(sess: Any, interface: str, secret_id: str, text: bool) -> bytes:
-    """GET a secret's payload; a 403 or 404 is an error, never an empty key."""
-    ep = {"service_type": "key-manager", "interface": interface}
-    accept = "text/plain" if text else "application/octet-stream"
-    with translate("barbican", f"secret {secret_id}"):
-        r = sess.get(
-            f"/v1/secrets/{secret_id}/payload",
-            endpoint_filter=ep,
-            headers={"Accept": accept},
-            raise_exc=False,
-        )
-    if r.status_code == 404:
-        raise NotFoundError(f"barbican: secret {secret_id} does not exist")
-    if r.status_code in (401, 403):
-        raise AuthError(f"barbican: this node may not read secret {secret_id}")
-    if r.status_code != 200:
-        raise ServiceUnavailableError(f"barbican: status {r.status_code} for {secret_id}")
-    return bytes(r.content)
 
 
 def blob_sha256(cfg: NodeConfig, image_id: str) -> str | None:
@@ -60,7 +34,7 @@ def blob_sha256(cfg: NodeConfig, image_id: str) -> str | None:
 
 
 def ensure_sealed(
-    cfg: NodeConfig, sess: Any, interface: str, image: dict[str, Any], known: str | None
+    cfg: NodeConfig, client: NodeClient, image: dict[str, Any], known: str | None
 ) -> str:
     """Make sure the image's key is sealed on the node; the sealed blob's SHA-256.
 
@@ -71,7 +45,7 @@ def ensure_sealed(
     current = blob_sha256(cfg, image["id"])
     if current is not None and current == known:
         return current
-    passphrase = barbican_payload(sess, interface, image["os_encrypt_key_id"], text=True)
+    passphrase = client.secret(image["os_encrypt_key_id"], text=True)
     if not passphrase:
         raise NotFoundError("barbican returned an empty key")
     try:
@@ -88,21 +62,13 @@ def ensure_sealed(
 
 def unseal(cfg: NodeConfig, image_id: str, expected_sha256: str | None) -> bytes:
     """The image's passphrase, from the blob the ledger recorded and from nothing else."""
-    path = sealed_path(cfg, image_id)
     try:
-        data = path.read_bytes()
+        data = sealed_path(cfg, image_id).read_bytes()
     except FileNotFoundError:
-        raise VerificationError(
-            f"no sealed key for image {image_id} on this node", image_id=image_id
-        ) from None
+        raise DigestMismatch("the sealed key", image_id, expected_sha256, None) from None
     got = hashlib.sha256(data).hexdigest()
     if expected_sha256 is None or got != expected_sha256:
-        raise VerificationError(
-            f"the sealed key of image {image_id} is not the one this node sealed",
-            image_id=image_id,
-            expected=expected_sha256,
-            got=got,
-        )
+        raise DigestMismatch("the sealed key", image_id, expected_sha256, got)
     try:
         blob = base64.b64decode(data, validate=True)
     except ValueError:  # cannot happen for a blob with the recorded digest

@@ -32,15 +32,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from provisioner.errors import StateError, TrustError
-from provisioner.node import state
+from provisioner.node import model, state
+from provisioner.node.model import Enrollment, Guest, ImageRecord, Ledger
 from provisioner.tpm import ANCHOR_NV_SIZE
 
-LEDGER_FORMAT = 2
+LEDGER_FORMAT = 3  # 2: before floor_image_id (read and migrated by parse)
 LEDGER_NAME = "node.json"
 NEXT_NAME = "node.json.next"
 ANCHOR_SIZE = ANCHOR_NV_SIZE  # 8 bytes generation floor, 32 bytes SHA-256 of the ledger
-MAX_GENERATION = 2**63 - 1
-IMAGE_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+MAX_GENERATION = model.MAX_GENERATION
+IMAGE_ID = model.IMAGE_ID
 HEX = re.compile(r"^[0-9a-f]*$")
 
 
@@ -76,28 +77,25 @@ class Anchor(Protocol):
     def write(self, value: AnchorValue) -> None: ...
 
 
-def encode(ledger: dict[str, Any]) -> bytes:
-    """The canonical bytes of a ledger: the same ledger, the same bytes, the same digest."""
-    return (json.dumps(ledger, indent=2, sort_keys=True) + "\n").encode()
-
-
-# the ledger's top-level keys: what node.json holds (everything else is a counter)
-KEYS = ("format", "enrollment", "highest_generation", "current", "previous", "images", "rejected")
-
-
-def empty(enrollment: dict[str, Any], floor: int) -> dict[str, Any]:
+def as_dict(ledger: Ledger) -> dict[str, Any]:
     return {
         "format": LEDGER_FORMAT,
-        "enrollment": enrollment,
-        "highest_generation": floor,
-        "current": None,
-        "previous": None,
-        "images": {},
-        "rejected": {},
+        "enrollment": ledger.enrollment.as_dict(),
+        "highest_generation": ledger.highest_generation,
+        "floor_image_id": ledger.floor_image_id,
+        "current": ledger.current.as_dict() if ledger.current else None,
+        "previous": ledger.previous.as_dict() if ledger.previous else None,
+        "images": {k: v.as_dict() for k, v in ledger.images.items()},
+        "rejected": dict(ledger.rejected),
     }
 
 
-def load(state_dir: Path, anchor: Anchor) -> dict[str, Any]:
+def encode(ledger: Ledger) -> bytes:
+    """The canonical bytes of a ledger: the same ledger, the same bytes, the same digest."""
+    return (json.dumps(as_dict(ledger), indent=2, sort_keys=True) + "\n").encode()
+
+
+def load(state_dir: Path, anchor: Anchor) -> Ledger:
     """The ledger, if and only if the TPM vouches for it."""
     value = anchor.read()
     if value is None:
@@ -124,20 +122,20 @@ def load(state_dir: Path, anchor: Anchor) -> dict[str, Any]:
     with contextlib.suppress(FileNotFoundError):
         nxt.unlink()
     ledger = parse(data)
-    if ledger["highest_generation"] != value.floor:
+    if ledger.highest_generation != value.floor:
         raise TrustError(
-            f"the ledger's generation floor {ledger['highest_generation']} differs from "
+            f"the ledger's generation floor {ledger.highest_generation} differs from "
             f"the TPM's {value.floor}"
         )
     return ledger
 
 
-def save(state_dir: Path, anchor: Anchor, ledger: dict[str, Any]) -> bool:
+def save(state_dir: Path, anchor: Anchor, ledger: Ledger) -> bool:
     """Anchor and write the ledger; False (and no TPM write) when nothing changed."""
     data = encode(parse(encode(ledger)))  # what is saved is what load accepts
     digest = hashlib.sha256(data).digest()
     current = anchor.read()
-    floor = int(ledger["highest_generation"])
+    floor = ledger.highest_generation
     if current is not None:
         if current.digest == digest:
             return False
@@ -187,60 +185,56 @@ def _hexdigest(value: Any, what: str, length: int) -> str:
     return text
 
 
-def _entry(value: Any, what: str) -> dict[str, Any] | None:
+def _guest(value: Any, what: str) -> Guest | None:
     if value is None:
         return None
     if not isinstance(value, dict):
         raise _fail(f"{what} is not an object")
     marker = value.get("health_marker")
-    return {
-        "image_id": _str(value.get("image_id"), f"{what}.image_id", IMAGE_ID),
-        "generation": _int(value.get("generation"), f"{what}.generation"),
-        "vcpus": _int(value.get("vcpus"), f"{what}.vcpus", 1, 512),
-        "memory_mb": _int(value.get("memory_mb"), f"{what}.memory_mb", 16, 4 * 1024 * 1024),
-        "health_marker": None if marker is None else _str(marker, f"{what}.health_marker"),
-        "version": _str(value.get("version", ""), f"{what}.version", size=64),
-    }
+    return Guest(
+        image_id=_str(value.get("image_id"), f"{what}.image_id", IMAGE_ID),
+        generation=_int(value.get("generation"), f"{what}.generation"),
+        vcpus=_int(value.get("vcpus"), f"{what}.vcpus", 1, model.MAX_VCPUS),
+        memory_mb=_int(value.get("memory_mb"), f"{what}.memory_mb", *model.MEMORY_MB),
+        health_marker=None if marker is None else _str(marker, f"{what}.health_marker", size=256),
+        version=_str(value.get("version", ""), f"{what}.version", size=model.VERSION_SIZE),
+    )
 
 
-def check_entry(value: dict[str, Any]) -> dict[str, Any]:
-    """A guest entry as the ledger stores it, or TrustError."""
-    entry = _entry(value, "entry")
-    if entry is None:
-        raise _fail("entry is empty")
-    return entry
-
-
-def _image(value: Any, what: str) -> dict[str, Any]:
+def _image(value: Any, what: str) -> ImageRecord:
     if not isinstance(value, dict):
         raise _fail(f"{what} is not an object")
     key = value.get("key_sha256")
-    return {
-        "sha512": _hexdigest(value.get("sha512"), f"{what}.sha512", 128),
-        "size": _int(value.get("size"), f"{what}.size"),
-        "key_sha256": None if key is None else _hexdigest(key, f"{what}.key_sha256", 64),
-    }
+    return ImageRecord(
+        sha512=_hexdigest(value.get("sha512"), f"{what}.sha512", 128),
+        size=_int(value.get("size"), f"{what}.size"),
+        key_sha256=None if key is None else _hexdigest(key, f"{what}.key_sha256", 64),
+    )
 
 
-def _enrollment(value: Any) -> dict[str, Any]:
+def enrollment(value: Any) -> Enrollment:
+    """The enrollment record, checked; TrustError otherwise."""
     if not isinstance(value, dict):
         raise _fail("enrollment is not an object")
     region = value.get("region")
-    return {
-        "node_id": _str(value.get("node_id"), "enrollment.node_id", size=255),
-        "project_id": _str(value.get("project_id"), "enrollment.project_id", size=64),
-        "user_id": _str(value.get("user_id"), "enrollment.user_id", size=64),
-        "auth_url": _str(value.get("auth_url"), "enrollment.auth_url", size=1024),
-        "region": None if region is None else _str(region, "enrollment.region", size=255),
-        "interface": _str(value.get("interface"), "enrollment.interface", size=16),
-        "ca_sha256": _hexdigest(value.get("ca_sha256"), "enrollment.ca_sha256", 64),
-        "credential_id": _str(value.get("credential_id"), "enrollment.credential_id", size=64),
-        "credential_sha256": _hexdigest(
+    pcrs = tuple(_int(p, "enrollment.pcrs[]", 0, 23) for p in _list(value.get("pcrs")))
+    if not pcrs:
+        raise _fail("enrollment.pcrs is empty")
+    return Enrollment(
+        node_id=_str(value.get("node_id"), "enrollment.node_id", size=255),
+        project_id=_str(value.get("project_id"), "enrollment.project_id", size=64),
+        user_id=_str(value.get("user_id"), "enrollment.user_id", size=64),
+        auth_url=_str(value.get("auth_url"), "enrollment.auth_url", size=1024),
+        region=None if region is None else _str(region, "enrollment.region", size=255),
+        interface=_str(value.get("interface"), "enrollment.interface", size=16),
+        ca_sha256=_hexdigest(value.get("ca_sha256"), "enrollment.ca_sha256", 64),
+        credential_id=_str(value.get("credential_id"), "enrollment.credential_id", size=64),
+        credential_sha256=_hexdigest(
             value.get("credential_sha256"), "enrollment.credential_sha256", 64
         ),
-        "pcrs": [_int(p, "enrollment.pcrs[]", 0, 23) for p in _list(value.get("pcrs"))],
-        "enrolled_at": _str(value.get("enrolled_at"), "enrollment.enrolled_at", size=32),
-    }
+        pcrs=pcrs,
+        enrolled_at=_str(value.get("enrolled_at"), "enrollment.enrolled_at", size=32),
+    )
 
 
 def _list(value: Any) -> list[Any]:
@@ -249,33 +243,50 @@ def _list(value: Any) -> list[Any]:
     return value
 
 
-def parse(data: bytes) -> dict[str, Any]:
+def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Older formats to the current one (the only place that knows them)."""
+    if raw.get("format") == 2:
+        # format 2 had no floor_image_id: the current guest's image, when it is at the floor
+        current = raw.get("current")
+        floor_image = None
+        if isinstance(current, dict) and current.get("generation") == raw.get("highest_generation"):
+            floor_image = current.get("image_id")
+        raw = {**raw, "format": LEDGER_FORMAT, "floor_image_id": floor_image}
+    return raw
+
+
+def parse(data: bytes) -> Ledger:
     """A ledger from bytes: a checked value, or TrustError; never anything else."""
     try:
         raw = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise _fail("not JSON") from None
-    if not isinstance(raw, dict) or raw.get("format") != LEDGER_FORMAT:
+    if not isinstance(raw, dict):
+        raise _fail("not an object")
+    raw = _migrate(raw)
+    if raw.get("format") != LEDGER_FORMAT:
         raise _fail(f"format is not {LEDGER_FORMAT}")
     images = raw.get("images")
     rejected = raw.get("rejected")
     if not isinstance(images, dict) or not isinstance(rejected, dict):
         raise _fail("images and rejected must be objects")
-    ledger = {
-        "format": LEDGER_FORMAT,
-        "enrollment": _enrollment(raw.get("enrollment")),
-        "highest_generation": _int(raw.get("highest_generation"), "highest_generation"),
-        "current": _entry(raw.get("current"), "current"),
-        "previous": _entry(raw.get("previous"), "previous"),
-        "images": {
+    floor_image = raw.get("floor_image_id")
+    return Ledger(
+        enrollment=enrollment(raw.get("enrollment")),
+        highest_generation=_int(raw.get("highest_generation"), "highest_generation"),
+        floor_image_id=(
+            None if floor_image is None else _str(floor_image, "floor_image_id", IMAGE_ID)
+        ),
+        current=_guest(raw.get("current"), "current"),
+        previous=_guest(raw.get("previous"), "previous"),
+        images={
             _str(k, "images key", IMAGE_ID): _image(v, f"images[{k}]") for k, v in images.items()
         },
-        "rejected": {
+        rejected={
             _str(k, "rejected key", IMAGE_ID): _int(v, f"rejected[{k}]")
             for k, v in rejected.items()
         },
-    }
-    return ledger
+    )
 
 
 # ------------------------------------------------------------------ the TPM's side

@@ -21,6 +21,7 @@ from provisioner.errors import ServiceUnavailableError
 from provisioner.node import fetch
 from provisioner.signing import StreamSigner
 from tests.certs import self_signed
+from tests.unit.fakes import node_client
 
 pytestmark = pytest.mark.unit
 
@@ -127,7 +128,7 @@ def test_cut_download_converges(
     cert, image = signed
     cut_download(tmp_path, 300000)
     store = Store(DATA, ranges)
-    result = fetch.fetch(store, "public", image, cert, tmp_path)
+    result = fetch.fetch(node_client(store), image, cert, tmp_path)
     assert store.requests == requests
     assert result.bytes_fetched == fetched and result.restarted is restarted
     assert result.path.read_bytes() == DATA
@@ -141,7 +142,7 @@ def test_a_store_that_always_answers_400_fails_after_one_retry(
     cut_download(tmp_path, 300000)
     store = Store(DATA, "always-400")
     with pytest.raises(ServiceUnavailableError, match="unexpected status 400"):
-        fetch.fetch(store, "public", image, cert, tmp_path)
+        fetch.fetch(node_client(store), image, cert, tmp_path)
     assert store.requests == ["bytes=300000-", "full"]
     assert not (tmp_path / "img.qcow2").exists()
 
@@ -153,10 +154,10 @@ def test_a_partial_image_is_never_accepted(
     cert, image = signed
     store = Store(DATA[:500000], "400")
     with pytest.raises(ServiceUnavailableError, match="ended at 500000"):
-        fetch.fetch(store, "public", image, cert, tmp_path)
+        fetch.fetch(node_client(store), image, cert, tmp_path)
     assert not (tmp_path / "img.qcow2").exists()
     # the next run: Range refused with 400, from zero once, and now the whole image
     store.data = DATA
-    result = fetch.fetch(store, "public", image, cert, tmp_path)
+    result = fetch.fetch(node_client(store), image, cert, tmp_path)
     assert store.requests == ["full", "bytes=500000-", "full"]
     assert result.restarted and result.path.read_bytes() == DATA

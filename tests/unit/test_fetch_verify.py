@@ -26,6 +26,7 @@ from provisioner.errors import ServiceUnavailableError, StateError, Verification
 from provisioner.node import fetch
 from provisioner.signing import HASH_METHODS, StreamSigner, StreamVerifier
 from tests.certs import self_signed
+from tests.unit.fakes import node_client
 
 pytestmark = pytest.mark.unit
 
@@ -200,7 +201,7 @@ def test_sha512_method_hashes_once(
 ) -> None:
     spy = Spy(monkeypatch)
     result = fetch.fetch(
-        serving(DATA), "public", image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
+        node_client(serving(DATA)), image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
     )
     assert result.path.read_bytes() == DATA and result.sha512 == hashlib.sha512(DATA).hexdigest()
     assert spy.fed == 0  # the verifier hashed nothing itself
@@ -215,7 +216,7 @@ def test_sha512_method_and_a_resume_hash_once(
     (tmp_path / "img.partial").write_bytes(DATA[:300000])
     store = serving(DATA)
     result = fetch.fetch(
-        store, "public", image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
+        node_client(store), image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
     )
     assert store.requests == ["bytes=300000-"] and result.bytes_fetched == len(DATA) - 300000
     assert result.path.read_bytes() == DATA
@@ -229,7 +230,7 @@ def test_sha512_method_with_a_wrong_signature_is_refused(
     image = image_for(ec_key, "SHA-512")
     image["img_signature"] = sign(ec_key, "SHA-512", DATA[:-1] + b"\x00")
     with pytest.raises(VerificationError, match="does not verify"):
-        fetch.fetch(serving(DATA), "public", image, certificate(ec_key), tmp_path)
+        fetch.fetch(node_client(serving(DATA)), image, certificate(ec_key), tmp_path)
     assert nothing_left(tmp_path)
 
 
@@ -239,7 +240,7 @@ def test_sha512_method_signed_by_another_key_is_refused(
     other = ec.generate_private_key(ec.SECP384R1())
     image = image_for(other, "SHA-512")
     with pytest.raises(VerificationError, match="does not verify"):
-        fetch.fetch(serving(DATA), "public", image, certificate(ec_key), tmp_path)
+        fetch.fetch(node_client(serving(DATA)), image, certificate(ec_key), tmp_path)
     assert nothing_left(tmp_path)
 
 
@@ -252,14 +253,14 @@ def test_other_methods_use_their_own_hasher(
 ) -> None:
     spy = Spy(monkeypatch)
     image = image_for(rsa_key, method)
-    result = fetch.fetch(serving(DATA), "public", image, certificate(rsa_key), tmp_path)
+    result = fetch.fetch(node_client(serving(DATA)), image, certificate(rsa_key), tmp_path)
     assert result.path.read_bytes() == DATA
     assert spy.fed == len(DATA) and spy.digests == [None]
     # and a signature over other bytes is refused with these methods too
     (tmp_path / "img.qcow2").unlink()
     image["img_signature"] = sign(rsa_key, method, DATA[:-1])
     with pytest.raises(VerificationError, match="does not verify"):
-        fetch.fetch(serving(DATA), "public", image, certificate(rsa_key), tmp_path)
+        fetch.fetch(node_client(serving(DATA)), image, certificate(rsa_key), tmp_path)
     assert nothing_left(tmp_path)
 
 
@@ -269,7 +270,7 @@ def test_a_wrong_sha512_is_refused_before_the_signature(
     image = image_for(ec_key, "SHA-512")
     image["os_hash_value"] = hashlib.sha512(b"other").hexdigest()
     with pytest.raises(VerificationError, match="does not match os_hash_value"):
-        fetch.fetch(serving(DATA), "public", image, certificate(ec_key), tmp_path)
+        fetch.fetch(node_client(serving(DATA)), image, certificate(ec_key), tmp_path)
     assert nothing_left(tmp_path)
 
 
@@ -288,7 +289,7 @@ def test_an_error_in_the_hash_thread_reaches_the_caller(
     monkeypatch.setattr(fetch._Digests, "update", failing)
     with pytest.raises(RuntimeError, match="hasher broke"):
         fetch.fetch(
-            serving(DATA), "public", image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
+            node_client(serving(DATA)), image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
         )
     assert not (tmp_path / "img.qcow2").exists()
     assert len(calls) == 3  # nothing hashed after the error
@@ -300,7 +301,7 @@ def test_more_bytes_than_declared_are_refused(
     image = image_for(ec_key, "SHA-512")
     store = serving(DATA + b"more")
     with pytest.raises(VerificationError, match="more bytes than its declared size"):
-        fetch.fetch(store, "public", image, certificate(ec_key), tmp_path)
+        fetch.fetch(node_client(store), image, certificate(ec_key), tmp_path)
     assert nothing_left(tmp_path)
 
 
@@ -313,11 +314,11 @@ def test_a_cut_stream_keeps_what_was_written_and_resumes(
 
     image, cert = image_for(ec_key, "SHA-512"), certificate(ec_key)
     with pytest.raises(ServiceUnavailableError, match=f"cut at {5 * SMALL} of"):
-        fetch.fetch(Store(cut), "public", image, cert, tmp_path)
+        fetch.fetch(node_client(Store(cut)), image, cert, tmp_path)
     assert (tmp_path / "img.partial").read_bytes() == DATA[: 5 * SMALL]
     assert not (tmp_path / "img.qcow2").exists()
     store = serving(DATA)
-    result = fetch.fetch(store, "public", image, cert, tmp_path)
+    result = fetch.fetch(node_client(store), image, cert, tmp_path)
     assert store.requests == [f"bytes={5 * SMALL}-"] and result.path.read_bytes() == DATA
 
 
@@ -334,7 +335,7 @@ def test_disk_full_is_a_state_error(
     monkeypatch.setattr(fetch._Sink, "write", full)
     with pytest.raises(StateError, match=f"disk full .*\\({3 * SMALL} of"):
         fetch.fetch(
-            serving(DATA), "public", image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
+            node_client(serving(DATA)), image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
         )
     assert (tmp_path / "img.partial").stat().st_size == 3 * SMALL
     assert not (tmp_path / "img.qcow2").exists()
@@ -347,7 +348,7 @@ def test_the_image_is_written_out_while_it_downloads(
     monkeypatch.setattr(fetch, "WRITEBACK_EVERY", 4 * SMALL)
     monkeypatch.setattr(fetch.os, "fdatasync", lambda fd: synced.append(fd))
     result = fetch.fetch(
-        serving(DATA), "public", image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
+        node_client(serving(DATA)), image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
     )
     assert result.path.read_bytes() == DATA
     assert synced  # several times before the final fsync
@@ -363,7 +364,7 @@ def test_a_background_fdatasync_error_reaches_the_caller(
     monkeypatch.setattr(fetch.os, "fdatasync", fails)
     with pytest.raises(StateError, match="disk full"):
         fetch.fetch(
-            serving(DATA), "public", image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
+            node_client(serving(DATA)), image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
         )
     assert not (tmp_path / "img.qcow2").exists()
 
@@ -390,7 +391,7 @@ def test_the_reader_is_never_more_than_a_few_chunks_ahead_of_the_hash(
 
     monkeypatch.setattr(fetch._Digests, "update", slow)
     result = fetch.fetch(
-        Store(counting), "public", image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
+        node_client(Store(counting)), image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path
     )
     assert result.path.read_bytes() == DATA
     # one chunk being hashed, QUEUE_DEPTH queued, one waiting in put(), one being read

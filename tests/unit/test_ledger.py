@@ -6,6 +6,7 @@ tests/integration/test_tpm.py and test_node.py run the same code against a real 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -23,7 +24,8 @@ from provisioner.errors import (
     TrustError,
     VerificationError,
 )
-from provisioner.node import config, ledger, reconcile
+from provisioner.node import config, ledger, model, reconcile
+from provisioner.node.model import Guest, ImageRecord, Ledger
 
 pytestmark = pytest.mark.unit
 
@@ -49,7 +51,7 @@ class FakeAnchor:
         self.writes += 1
 
 
-def enrollment() -> dict[str, Any]:
+def enrollment_record() -> dict[str, Any]:
     return {
         "node_id": "node-0042",
         "project_id": "p" * 32,
@@ -65,20 +67,17 @@ def enrollment() -> dict[str, Any]:
     }
 
 
-def entry(image_id: str, generation: int) -> dict[str, Any]:
-    return {
-        "image_id": image_id,
-        "generation": generation,
-        "vcpus": 1,
-        "memory_mb": 64,
-        "health_marker": None,
-        "version": "1",
-    }
+def enrollment() -> model.Enrollment:
+    return ledger.enrollment(enrollment_record())
 
 
-def enrolled(tmp_path: Path) -> tuple[FakeAnchor, dict[str, Any]]:
+def entry(image_id: str, generation: int) -> Guest:
+    return Guest(image_id, generation, vcpus=1, memory_mb=64, version="1")
+
+
+def enrolled(tmp_path: Path) -> tuple[FakeAnchor, Ledger]:
     anchor = FakeAnchor()
-    book = ledger.empty(enrollment(), 0)
+    book = Ledger(enrollment())
     assert ledger.save(tmp_path, anchor, book)
     return anchor, book
 
@@ -88,9 +87,13 @@ def test_a_saved_ledger_loads_and_an_unchanged_one_writes_nothing(tmp_path: Path
     assert ledger.load(tmp_path, anchor) == book
     assert not ledger.save(tmp_path, anchor, book)
     assert anchor.writes == 1
-    book["highest_generation"] = 3
-    book["current"] = entry(IMAGE_A, 3)
-    book["images"][IMAGE_A] = {"sha512": "d" * 128, "size": 10, "key_sha256": "e" * 64}
+    book = dataclasses.replace(
+        book,
+        highest_generation=3,
+        floor_image_id=IMAGE_A,
+        current=entry(IMAGE_A, 3),
+        images={IMAGE_A: ImageRecord("d" * 128, 10, "e" * 64)},
+    )
     assert ledger.save(tmp_path, anchor, book)
     assert anchor.value is not None and anchor.value.floor == 3
     assert ledger.load(tmp_path, anchor) == book
@@ -101,27 +104,27 @@ def test_an_edited_ledger_is_refused(tmp_path: Path) -> None:
     path = tmp_path / ledger.LEDGER_NAME
     data = json.loads(path.read_text())
     data["images"][IMAGE_B] = {"sha512": "f" * 128, "size": 1, "key_sha256": "0" * 64}
-    data["current"] = entry(IMAGE_B, 9)
-    path.write_bytes(ledger.encode(data))
+    data["current"] = entry(IMAGE_B, 9).as_dict()
+    path.write_bytes(ledger.encode(ledger.parse(json.dumps(data).encode())))
     with pytest.raises(TrustError, match="does not match the record in the TPM"):
         ledger.load(tmp_path, anchor)
 
 
 def test_an_older_copy_is_refused_and_the_floor_survives(tmp_path: Path) -> None:
     anchor, book = enrolled(tmp_path)
-    book["highest_generation"] = 1
-    book["current"] = entry(IMAGE_A, 1)
+    book = dataclasses.replace(book, highest_generation=1, current=entry(IMAGE_A, 1))
     ledger.save(tmp_path, anchor, book)
     old = tmp_path / "old-copy"
     shutil.copy(tmp_path / ledger.LEDGER_NAME, old)
-    book["highest_generation"] = 2
-    book["previous"], book["current"] = book["current"], entry(IMAGE_B, 2)
+    book = dataclasses.replace(
+        book, highest_generation=2, previous=book.current, current=entry(IMAGE_B, 2)
+    )
     ledger.save(tmp_path, anchor, book)
     shutil.copy(old, tmp_path / ledger.LEDGER_NAME)  # the attacker restores the old one
     with pytest.raises(TrustError, match="older copy"):
         ledger.load(tmp_path, anchor)
     assert anchor.value is not None and anchor.value.floor == 2
-    book["highest_generation"] = 1
+    book = dataclasses.replace(book, highest_generation=1)
     with pytest.raises(StateError, match="lower the generation floor"):
         ledger.save(tmp_path, anchor, book)
 
@@ -140,9 +143,7 @@ def test_a_power_cut_at_any_step_of_a_save_loses_nothing(
     tmp_path: Path, cut: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     anchor, book = enrolled(tmp_path)
-    new = json.loads(json.dumps(book))
-    new["highest_generation"] = 5
-    new["current"] = entry(IMAGE_A, 5)
+    new = dataclasses.replace(book, highest_generation=5, current=entry(IMAGE_A, 5))
 
     class Cut(BaseException):
         pass
@@ -174,7 +175,7 @@ def test_a_power_cut_at_any_step_of_a_save_loses_nothing(
 
 def test_a_planted_next_file_is_not_taken(tmp_path: Path) -> None:
     anchor, book = enrolled(tmp_path)
-    forged = dict(book, highest_generation=0, current=entry(IMAGE_B, 0))
+    forged = dataclasses.replace(book, highest_generation=0, current=entry(IMAGE_B, 0))
     (tmp_path / ledger.NEXT_NAME).write_bytes(ledger.encode(forged))
     assert ledger.load(tmp_path, anchor) == book
     assert not (tmp_path / ledger.NEXT_NAME).exists()
@@ -211,15 +212,15 @@ def test_the_ledger_parser_returns_a_ledger_or_its_own_error(data: bytes) -> Non
 @settings(max_examples=300)
 @given(
     st.dictionaries(
-        st.sampled_from(list(ledger.empty(enrollment(), 0))),
+        st.sampled_from(list(ledger.as_dict(Ledger(enrollment())))),
         json_values,
-        max_size=7,
+        max_size=8,
     )
 )
 def test_a_ledger_with_any_field_replaced_parses_or_is_refused(fields: dict[str, Any]) -> None:
-    raw = {**ledger.empty(enrollment(), 0), **fields}
+    raw = {**ledger.as_dict(Ledger(enrollment())), **fields}
     try:
-        data = ledger.encode(raw)
+        data = json.dumps(raw, allow_nan=False).encode()
     except ValueError:  # NaN and the like cannot even be written
         return
     try:
@@ -232,12 +233,10 @@ def test_a_ledger_with_any_field_replaced_parses_or_is_refused(fields: dict[str,
 @given(json_values | st.text(max_size=80))
 def test_the_assignment_parser_returns_an_assignment_or_its_own_error(raw: Any) -> None:
     try:
-        got = reconcile.parse_assignment(raw)
+        got = model.parse_assignment(raw)
     except ImageError:
         return
-    assert got is None or (
-        ledger.IMAGE_ID.fullmatch(got["image_id"]) and 0 <= got["generation"] < 2**63
-    )
+    assert got is None or (model.IMAGE_ID.fullmatch(got.image_id) and 0 <= got.generation < 2**63)
 
 
 @pytest.mark.parametrize(
@@ -254,7 +253,7 @@ def test_the_assignment_parser_returns_an_assignment_or_its_own_error(raw: Any) 
 )
 def test_hostile_assignments_are_refused(raw: str) -> None:
     with pytest.raises(ImageError):
-        reconcile.parse_assignment(raw)
+        model.parse_assignment(raw)
 
 
 def test_an_empty_pcr_selection_is_refused(tmp_path: Path) -> None:
@@ -271,23 +270,42 @@ def test_a_local_copy_is_started_only_if_it_is_what_was_verified(tmp_path: Path)
     disk = cfg.images_dir / f"{IMAGE_A}.qcow2"
     disk.write_bytes(b"verified bytes" * 1000)
     data = disk.read_bytes()
-    known = {"sha512": hashlib.sha512(data).hexdigest(), "size": len(data), "key_sha256": None}
-    book = {"images": {IMAGE_A: known}}
-    reconcile.check_local_copy(cfg, book, IMAGE_A)
+    known = ImageRecord(hashlib.sha512(data).hexdigest(), len(data))
+    reconcile.check_local_copy(cfg, known, IMAGE_A)
     disk.write_bytes(b"attacker's bytes" * 1000)
-    with pytest.raises(VerificationError, match="differs from what was verified") as e:
-        reconcile.check_local_copy(cfg, book, IMAGE_A)
-    assert e.value.fields["expected"] == known["sha512"]
+    with pytest.raises(VerificationError, match="is not what this node verified") as e:
+        reconcile.check_local_copy(cfg, known, IMAGE_A)
+    assert e.value.fields["expected"] == known.sha512
+    assert e.value.fields["got"] == hashlib.sha512(disk.read_bytes()).hexdigest()
     disk.unlink()
     with pytest.raises(VerificationError, match="missing"):
-        reconcile.check_local_copy(cfg, book, IMAGE_A)
-    with pytest.raises(VerificationError, match="no verified record"):
-        reconcile.check_local_copy(cfg, book, IMAGE_B)
+        reconcile.check_local_copy(cfg, known, IMAGE_A)
+    with pytest.raises(VerificationError, match="no record"):
+        reconcile.check_local_copy(cfg, None, IMAGE_B)
 
 
-def test_the_ledger_keys_are_one_list() -> None:
-    assert tuple(ledger.empty(enrollment(), 0)) == ledger.KEYS
-    assert tuple(ledger.parse(ledger.encode(ledger.empty(enrollment(), 0)))) == ledger.KEYS
+def test_a_ledger_of_the_previous_format_is_migrated(tmp_path: Path) -> None:
+    """node.json as the previous release wrote it (no floor_image_id) loads, and the
+    generation that the current guest runs at keeps naming its image."""
+    old = ledger.as_dict(
+        Ledger(
+            enrollment(),
+            highest_generation=4,
+            current=entry(IMAGE_A, 4),
+            images={IMAGE_A: ImageRecord("d" * 128, 10, "e" * 64)},
+        )
+    )
+    old["format"] = 2
+    del old["floor_image_id"]
+    data = (json.dumps(old, indent=2, sort_keys=True) + "\n").encode()
+    anchor = FakeAnchor()
+    anchor.value = ledger.AnchorValue(4, hashlib.sha256(data).digest())
+    (tmp_path / ledger.LEDGER_NAME).write_bytes(data)
+    book = ledger.load(tmp_path, anchor)
+    assert book.floor_image_id == IMAGE_A and book.current == entry(IMAGE_A, 4)
+    assert ledger.save(tmp_path, anchor, book)  # saved in the current format
+    assert json.loads((tmp_path / ledger.LEDGER_NAME).read_text())["format"] == 3
+    assert ledger.load(tmp_path, anchor) == book
 
 
 def test_the_host_image_gates_cloud_init_on_the_provisioners_anchor_index() -> None:

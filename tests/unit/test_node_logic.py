@@ -8,6 +8,7 @@ import pytest
 
 from provisioner.errors import ConfigError, GuestError
 from provisioner.node import config, domain, report
+from provisioner.node.model import State, Status
 
 pytestmark = pytest.mark.unit
 
@@ -55,10 +56,13 @@ def test_too_many_vcpus_refused() -> None:
 
 def test_metrics_format() -> None:
     text = report.metrics(
-        {"state": "running", "generation": 4, "failures": {"verification": 2}, "last_success": 5}
+        Status(State.RUNNING, "ok", generation=4, failures={"verification": 2}, last_success=5)
     )
     assert 'edgepin_state{state="running"} 1' in text
+    assert 'edgepin_state{state="revoked"} 0' in text
     assert 'edgepin_failures_total{kind="verification"} 2' in text
+    # every kind is there from the start, so that rate() sees the first failure
+    assert 'edgepin_failures_total{kind="trust"} 0' in text
     assert "edgepin_generation 4" in text
 
 

@@ -1,0 +1,147 @@
+"""The node's calls to the control plane, and the one mapping of their answers to errors.
+
+Every request the node makes after enrollment goes through :class:`NodeClient`: its
+assignment (Keystone), an image's metadata and its bytes (Glance), an image key (Barbican)
+and the node's member status on an image (Glance). Transport failures become edgepin
+errors through :func:`provisioner.cloud.translate`; HTTP answers through :func:`check`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from keystoneauth1 import exceptions as ksa_exc
+
+from provisioner.cloud import translate
+from provisioner.errors import (
+    AuthError,
+    CredentialRefused,
+    EdgepinError,
+    ImageError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from provisioner.node import model
+from provisioner.node.credentials import Identity
+
+LOG = logging.getLogger(__name__)
+
+
+def check(status: int, service: str, what: str, ok: tuple[int, ...] = (200,)) -> None:
+    """The one mapping from an HTTP status to an edgepin error (nothing for ``ok``).
+
+    401 and 403 are refusals of access, never a verdict on an image: access can come back
+    (an ACL being rewritten, a token renewed), so they are :class:`AuthError`. 404 is
+    :class:`NotFoundError`; 5xx and anything unexpected mean the service is not usable now.
+    """
+    if status in ok:
+        return
+    subject = f"{service}: {what}"
+    if status == 401:
+        raise AuthError(f"{subject}: the credential was refused (401)", status=status)
+    if status == 403:
+        raise AuthError(f"{subject}: forbidden (403)", status=status)
+    if status == 404:
+        raise NotFoundError(f"{subject}: not found", status=status)
+    if status >= 500:
+        raise ServiceUnavailableError(f"{subject}: server error {status}", status=status)
+    raise ServiceUnavailableError(f"{subject}: unexpected status {status}", status=status)
+
+
+class NodeClient:
+    """The node's authenticated session and identity, and what it asks of each service."""
+
+    def __init__(self, sess: Any, ident: Identity) -> None:
+        self.sess = sess
+        self.ident = ident
+
+    def _endpoint(self, service_type: str) -> dict[str, str]:
+        return {"service_type": service_type, "interface": self.ident.interface}
+
+    def assignment(self) -> model.Assignment | None:
+        """The node's assignment; :class:`CredentialRefused` when Keystone refuses the node."""
+        url = f"{self.ident.auth_url}/projects/{self.ident.project_id}"
+        try:
+            r = self.sess.get(url, raise_exc=False)
+        except (ksa_exc.Unauthorized, ksa_exc.NotFound):
+            # raised while authenticating: the application credential is gone or disabled
+            raise CredentialRefused("authentication") from None
+        except ksa_exc.ClientException as e:
+            raise ServiceUnavailableError(
+                f"control plane unreachable ({type(e).__name__})"
+            ) from None
+        if r.status_code in (401, 403):
+            raise CredentialRefused(r.status_code)
+        check(r.status_code, "keystone", "the node's project")
+        try:
+            raw = r.json()["project"].get(model.ASSIGNMENT_ATTR)
+        except (ValueError, KeyError, AttributeError, TypeError):
+            raise ServiceUnavailableError("keystone sent a malformed project record") from None
+        return model.parse_assignment(raw)
+
+    def image(self, image_id: str) -> dict[str, Any]:
+        """An image's metadata; ImageError when it does not exist or is not ours to see."""
+        with translate("glance", f"image {image_id}"):
+            r = self.sess.get(
+                f"/v2/images/{image_id}", endpoint_filter=self._endpoint("image"), raise_exc=False
+            )
+        if r.status_code == 404:
+            raise ImageError(
+                f"assigned image {image_id} does not exist or is not shared with us",
+                image_id=image_id,
+            )
+        check(r.status_code, "glance", f"image {image_id}")
+        try:
+            image = r.json()
+        except ValueError:
+            raise ImageError(
+                f"glance sent malformed metadata for image {image_id}", image_id=image_id
+            ) from None
+        if not isinstance(image, dict) or image.get("id") != image_id:
+            raise ImageError(
+                f"glance sent metadata of another image than {image_id}", image_id=image_id
+            )
+        return image
+
+    def download(self, image_id: str, offset: int) -> Any:
+        """The response to a GET of the image's bytes from ``offset``; its status is the
+        caller's to judge (a range answer decides how to go on; then :func:`check`)."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        with translate("glance", f"download of {image_id}"):
+            return self.sess.get(
+                f"/v2/images/{image_id}/file",
+                endpoint_filter=self._endpoint("image"),
+                stream=True,
+                headers=headers,
+                raise_exc=False,
+            )
+
+    def secret(self, secret_id: str, *, text: bool) -> bytes:
+        """A secret's payload; a 403 or 404 is an error, never an empty key."""
+        accept = "text/plain" if text else "application/octet-stream"
+        with translate("barbican", f"secret {secret_id}"):
+            r = self.sess.get(
+                f"/v1/secrets/{secret_id}/payload",
+                endpoint_filter=self._endpoint("key-manager"),
+                headers={"Accept": accept},
+                raise_exc=False,
+            )
+        check(r.status_code, "barbican", f"secret {secret_id}")
+        return bytes(r.content)
+
+    def set_member_status(self, image_id: str, status: model.MemberStatus) -> bool:
+        """Tell Glance what the node made of an image; False (logged) when it cannot."""
+        try:
+            with translate("glance", f"member status of {image_id}"):
+                r = self.sess.put(
+                    f"/v2/images/{image_id}/members/{self.ident.project_id}",
+                    endpoint_filter=self._endpoint("image"),
+                    json={"status": str(status)},
+                    raise_exc=False,
+                )
+            check(r.status_code, "glance", f"member status of {image_id}")
+        except EdgepinError as e:  # reporting never breaks the node; the local status has it
+            LOG.warning("report: member status %s for %s not set: %s", status, image_id, e.message)
+            return False
+        return True

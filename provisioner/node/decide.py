@@ -1,0 +1,89 @@
+"""The reconcile's decision: from what the node keeps and what it observed, what to do.
+
+A pure function, tested without a TPM, libvirt or a control plane (and driven with
+arbitrary input by hypothesis). :mod:`provisioner.node.reconcile` observes, asks
+:func:`decide`, and carries the plan out.
+
+Whatever the plan, the executor then makes sure the current guest runs, except after a
+revocation: at boot, offline, after a refused assignment, after a failed update.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from provisioner.errors import (
+    AlreadyRefused,
+    CredentialRefused,
+    EdgepinError,
+    GenerationConflict,
+    GenerationRollback,
+    ImageError,
+)
+from provisioner.node.model import Assignment, Ledger
+
+# how long Keystone must have refused the node's credential before the node destroys its
+# keys (EDGEPIN_REVOKE_GRACE); an unreachable control plane never counts
+DEFAULT_REVOKE_GRACE = 3600.0
+
+
+class Step(enum.StrEnum):
+    KEEP = "keep"  # nothing new: keep the current guest running
+    UPDATE = "update"  # fetch, verify and switch to the assignment's image
+    REFUSE = "refuse"  # the assignment is refused; keep the current guest running
+    REVOKE = "revoke"  # stop the guest, destroy its keys and images
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What this run learnt from the control plane."""
+
+    now: float
+    assignment: Assignment | None = None
+    # why the assignment could not be read: CredentialRefused (an authenticated Keystone
+    # refused the node), any other EdgepinError (unreachable, malformed): None when it was
+    problem: EdgepinError | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    step: Step
+    ledger: Ledger  # the ledger to keep (the floor and the refusals updated)
+    refused_since: float | None  # Keystone's refusal clock, for the counters
+    refusal: EdgepinError | None = None  # why the assignment is refused (REFUSE)
+    offline: EdgepinError | None = None  # why the control plane could not be asked
+    assignment: Assignment | None = None  # what to fetch and switch to (UPDATE)
+
+
+def decide(ledger: Ledger, refused_since: float | None, seen: Observed, grace: float) -> Plan:
+    if isinstance(seen.problem, CredentialRefused):
+        since = seen.now if refused_since is None or refused_since > seen.now else refused_since
+        if seen.now - since >= grace:
+            return Plan(Step.REVOKE, ledger, since, offline=seen.problem)
+        return Plan(Step.KEEP, ledger, since, offline=seen.problem)
+    if isinstance(seen.problem, ImageError):  # Keystone answered with a record that is none
+        return Plan(Step.REFUSE, ledger, None, seen.problem)
+    if seen.problem is not None:  # unreachable: the refusal clock neither runs nor resets
+        return Plan(Step.KEEP, ledger, refused_since, offline=seen.problem)
+    a = seen.assignment
+    if a is None:
+        return Plan(Step.KEEP, ledger, None)
+    floor = ledger.highest_generation
+    if a.generation < floor:
+        return Plan(Step.REFUSE, ledger, None, GenerationRollback(a.image_id, a.generation, floor))
+    if (
+        a.generation == floor
+        and ledger.floor_image_id is not None
+        and ledger.floor_image_id != a.image_id
+    ):
+        conflict = GenerationConflict(a.image_id, a.generation, ledger.floor_image_id)
+        return Plan(Step.REFUSE, ledger, None, conflict)
+    seen_now = replace(ledger, highest_generation=a.generation, floor_image_id=a.image_id)
+    if ledger.rejected.get(a.image_id) == a.generation:
+        return Plan(Step.REFUSE, seen_now, None, AlreadyRefused(a.image_id, a.generation))
+    current = ledger.current
+    if current is None or current.image_id != a.image_id or a.image_id not in ledger.images:
+        # a new image, or the current one whose local copy failed a check
+        return Plan(Step.UPDATE, seen_now, None, assignment=a)
+    return Plan(Step.KEEP, replace(seen_now, current=current.at(a.generation)), None)

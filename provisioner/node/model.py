@@ -1,0 +1,247 @@
+"""The node's model: what it keeps, what it is told, what it reports.
+
+Closed sets are enums, records are frozen dataclasses. What comes from outside (the
+control plane's assignment and image properties) is read by a strict parser here, which
+returns a typed value or raises edgepin's own error; the ledger's own parser (what comes
+from the node's disk) is in :mod:`provisioner.node.ledger`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from provisioner.errors import ImageError
+
+MAX_GENERATION = 2**63 - 1
+IMAGE_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+MAX_VCPUS = 512
+MEMORY_MB = (16, 4 * 1024 * 1024)
+VERSION_SIZE = 64
+ASSIGNMENT_ATTR = "edgepin_assignment"  # the node project's attribute the operator writes
+
+
+class State(enum.StrEnum):
+    """What a reconcile ends in: exactly one, in the status and in ``edgepin_state``."""
+
+    RUNNING = "running"  # the assigned guest runs
+    OFFLINE = "offline"  # the control plane cannot be asked; the local copy runs
+    REFUSED = "refused"  # the assignment was refused; the current guest (if any) runs
+    FAILED = "failed"  # no guest runs although one should
+    ROLLED_BACK = "rolled-back"  # the new guest was not healthy; the previous one runs
+    WAITING = "waiting"  # enrolled, nothing assigned yet
+    DISABLED = "disabled"  # /etc/edgepin/disabled exists
+    UNENROLLED = "unenrolled"
+    REVOKED = "revoked"  # keystone has refused the node past the grace period: keys destroyed
+
+
+class MemberStatus(enum.StrEnum):
+    """What the node tells Glance about an image shared with it."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The operator's choice for this node: one image, at a generation that only goes up."""
+
+    image_id: str
+    generation: int
+
+
+def parse_assignment(raw: Any) -> Assignment | None:
+    """The assignment record from Keystone: None, or a checked one; ImageError otherwise."""
+    if raw is None or raw == "":
+        return None
+    try:
+        data = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    except (ValueError, RecursionError):
+        raise ImageError("the assignment record is not JSON") from None
+    if not isinstance(data, dict):
+        raise ImageError("the assignment record is not an object")
+    image_id, gen = data.get("image_id"), data.get("generation")
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
+        raise ImageError("the assignment names no valid image id")
+    if type(gen) is not int or not 0 <= gen <= MAX_GENERATION:
+        raise ImageError("the assignment's generation is not a whole number in range")
+    return Assignment(image_id, gen)
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A guest the node runs or ran: its image and what the image asked for."""
+
+    image_id: str
+    generation: int
+    vcpus: int
+    memory_mb: int
+    health_marker: str | None = None
+    version: str = ""
+
+    def disk(self, images_dir: Path) -> Path:
+        return images_dir / f"{self.image_id}.qcow2"
+
+    def at(self, generation: int) -> Guest:
+        return replace(self, generation=generation)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _printable(value: str) -> str:
+    # shown on consoles and in status: no control characters (terminal escapes)
+    return "".join(c for c in value if c.isprintable())
+
+
+def guest_from_image(image: dict[str, Any], generation: int) -> Guest:
+    """What an image's (signed-for) properties ask of the node, checked; ImageError."""
+    image_id = image.get("id")
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
+        raise ImageError("the image has no valid id")
+    try:
+        vcpus = int(image.get("edgepin_vcpus", "1"))
+        memory = int(image.get("edgepin_memory_mb", "256"))
+    except (ValueError, TypeError, OverflowError):
+        raise ImageError(
+            "edgepin_vcpus / edgepin_memory_mb are not numbers", image_id=image_id
+        ) from None
+    if not (1 <= vcpus <= MAX_VCPUS) or not (MEMORY_MB[0] <= memory <= MEMORY_MB[1]):
+        raise ImageError(
+            f"vCPUs {vcpus} or memory {memory} MiB out of range",
+            image_id=image_id,
+            vcpus=vcpus,
+            memory_mb=memory,
+        )
+    marker = image.get("edgepin_health_marker")
+    if marker is not None and (
+        not isinstance(marker, str) or not marker or not marker.isprintable() or len(marker) > 256
+    ):
+        raise ImageError("edgepin_health_marker is not printable text", image_id=image_id)
+    version = image.get("edgepin_version", "")
+    return Guest(
+        image_id=image_id,
+        generation=generation,
+        vcpus=vcpus,
+        memory_mb=memory,
+        health_marker=marker,
+        version=_printable(version if isinstance(version, str) else str(version))[:VERSION_SIZE],
+    )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What a local image and its sealed key hashed to when they were verified."""
+
+    sha512: str
+    size: int
+    key_sha256: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """Who the node is, fixed at enrollment."""
+
+    node_id: str
+    project_id: str
+    user_id: str
+    auth_url: str
+    region: str | None
+    interface: str
+    ca_sha256: str
+    credential_id: str
+    credential_sha256: str
+    pcrs: tuple[int, ...]
+    enrolled_at: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "pcrs": list(self.pcrs)}
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Everything the node decides trust by; anchored in the TPM (see ledger.py)."""
+
+    enrollment: Enrollment
+    highest_generation: int = 0
+    # the image the floor's assignment named: the same generation never names another
+    floor_image_id: str | None = None
+    current: Guest | None = None
+    previous: Guest | None = None
+    images: dict[str, ImageRecord] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Counters:
+    """What changes at every run and decides nothing (``counters.json``, not anchored)."""
+
+    bytes_fetched_total: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    reported: dict[str, str] = field(default_factory=dict)
+    last_success: float | None = None
+    fetching: str | None = None  # the partial download in progress
+    # since when Keystone has refused the node's credential, without a success since
+    refused_since: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Counters:
+        """Whatever is usable of a counters file; a damaged one starts afresh, field by field."""
+        counters = cls()
+        if not isinstance(raw, dict):
+            return counters
+
+        def count(value: Any) -> bool:
+            return type(value) is int and 0 <= value <= MAX_GENERATION
+
+        def moment(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+        if count(raw.get("bytes_fetched_total")):
+            counters.bytes_fetched_total = raw["bytes_fetched_total"]
+        for name, valid in (("failures", count), ("reported", lambda v: v in set(MemberStatus))):
+            value = raw.get(name)
+            if isinstance(value, dict):
+                setattr(
+                    counters,
+                    name,
+                    {k: v for k, v in value.items() if isinstance(k, str) and valid(v)},
+                )
+        for name in ("last_success", "refused_since"):
+            if moment(raw.get(name)):
+                setattr(counters, name, float(raw[name]))
+        if isinstance(raw.get("fetching"), str):
+            counters.fetching = raw["fetching"]
+        return counters
+
+
+@dataclass(frozen=True)
+class Status:
+    """``/run/edgepin/status.json``: what the last reconcile ended in."""
+
+    state: State
+    reason: str
+    image_id: str | None = None
+    generation: int | None = None
+    version: str | None = None
+    highest_generation: int | None = None
+    previous_image_id: str | None = None
+    last_success: float | None = None
+    bytes_fetched_total: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    # the failing error's facts (image id, expected, got, ...): never a secret
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
