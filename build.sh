@@ -317,6 +317,7 @@ cmd_image() {
         export DIB_IMAGE_CACHE="$ROOT/.cache/dib"
         export DIB_EDGEPIN_WHEEL="$wheel"
         export DIB_EDGEPIN_CA_BUNDLE="$ca"
+        export DIB_EDGEPIN_NODE_DOC="$ROOT/docs/node.md"
         export DIB_EDGEPIN_SIGNING_CERTS="${certs[*]}"
         export DIB_EDGEPIN_PCRS="$pcrs"
         export DIB_EDGEPIN_RESERVED_CPUS="$reserved"

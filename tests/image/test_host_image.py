@@ -170,6 +170,7 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     assert got["enrolled-cloud-final"] == "exec-condition", got
     # no login on any console, no setuid-root program for a user who is not root
     assert got["gettys"] == "", f"getty running: {got['gettys']}"
+    assert got["unit-docs-missing"] == "", got["unit-docs-missing"]
     assert got["getty-ttyS0"] == "masked", got
     allowed_setuid = {"/usr/lib/dbus-1.0/dbus-daemon-launch-helper"}
     setuid = set(filter(None, got["setuid"].split(",")))

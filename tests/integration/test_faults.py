@@ -400,7 +400,7 @@ def test_key_missing_or_not_readable_or_wrong(bed: Bed, admin: Any, signer: Sign
     props = signed_props(admin, signer, data, base)
     props["os_encrypt_key_id"] = str(uuid.uuid4())
     force_assign(admin, bed, upload(admin, data, props))
-    refused(bed, bed.node.node("reconcile"), 6, "does not exist")
+    refused(bed, bed.node.node("reconcile"), 6, "not found")
 
     case("image-key-not-readable")
     other = admin.key_manager.create_secret(
@@ -411,7 +411,7 @@ def test_key_missing_or_not_readable_or_wrong(bed: Bed, admin: Any, signer: Sign
     )
     props["os_encrypt_key_id"] = other.secret_id
     force_assign(admin, bed, upload(admin, data, props), readable=False)
-    st = refused(bed, bed.node.node("reconcile"), 4, "may not read secret")
+    st = refused(bed, bed.node.node("reconcile"), 4, "forbidden (403)")
     assert st["error"] == "auth"
 
     case("image-wrong-passphrase")
@@ -887,7 +887,7 @@ def test_node_cannot_read_another_nodes_things(
         from provisioner.node import config, credentials, ledger
 
         cfg = config.load(bed.node.root, environ={})
-        record = ledger.load(cfg.state_dir, ledger.TpmAnchor(cfg.tcti, cfg.pcrs))["enrollment"]
+        record = ledger.load(cfg.state_dir, ledger.TpmAnchor(cfg.tcti, cfg.pcrs)).enrollment
         ident, sess = credentials.node_session(cfg, record)
         other_project = json.loads((other.root / "var/lib/edgepin/seed/bundle.json").read_text())[
             "project_id"
@@ -915,14 +915,23 @@ def test_node_cannot_read_another_nodes_things(
         other.tpm.stop()
 
 
-def test_revoked_node_fetches_nothing(
+REVOKE_GRACE = 4  # seconds, for this test's node (the default is an hour)
+
+
+def test_revoked_node_stops_its_guest_and_destroys_its_keys_after_the_grace_period(
     swtpm_factory: SwtpmFactory,
     libvirtd_factory: Callable[[str], Libvirtd],
     run_dir: Path,
     cli_env: dict[str, str],
     signer: Signer,
     publish: Callable[..., dict[str, Any]],
+    controlplane: ControlPlane,
 ) -> None:
+    """`edgepin revoke` on a node that runs a guest: Keystone (over TLS against the CA
+    fixed at enrollment) refuses the node's credential. The node keeps its guest for the
+    grace period, an unreachable Keystone never counts towards it, and once Keystone has
+    refused it for the whole period the guest is stopped and the sealed keys and images
+    are destroyed."""
     case("security-revoked")
     from tests.testbed.node import run_edgepin
 
@@ -931,16 +940,55 @@ def test_revoked_node_fetches_nothing(
         name, run_dir / "nodes" / name, swtpm_factory.create(name), libvirtd_factory(name)
     )
     node.root.mkdir(parents=True)
+    var = node.root / "var/lib/edgepin"
     try:
         enroll_node(node, cli_env, signer, run_dir)
+        node.configure(pcrs="7", health_timeout=30, EDGEPIN_REVOKE_GRACE=str(REVOKE_GRACE))
         assert node.node("enroll").returncode == 0
         pub = publish(version="revoked")
         assign(cli_env, node, pub["image_id"])
+        r = node.node("reconcile")
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_marker(node, pub["marker"])
+        assert list((var / "keys").glob("*.sealed")) and list((var / "images").glob("*.qcow2"))
+
         assert run_edgepin(["revoke", name], cli_env).returncode == 0
         r = node.node("reconcile")
         assert r.returncode == 4, r.stdout + r.stderr
         assert "refused the node credential" in r.stderr
-        assert not list((node.root / "var/lib/edgepin/images").glob("*"))
+        first = status(node)
+        assert first["state"] == "offline" and first["error"] == "auth", first
+        assert guest_image(node) == pub["image_id"], "the guest was stopped within the grace"
+
+        # Keystone unreachable for longer than the grace period: that never revokes
+        controlplane.stop_service("keystone")
+        try:
+            time.sleep(REVOKE_GRACE + 1)
+            r = node.node("reconcile")
+        finally:
+            controlplane.start_service("keystone")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert status(node)["state"] == "offline"
+        assert guest_image(node) == pub["image_id"]
+        assert list((var / "keys").glob("*.sealed"))
+
+        # refused again, and for longer than the grace period since the first refusal
+        r = node.node("reconcile")
+        assert r.returncode == 4, r.stdout + r.stderr
+        revoked = status(node)
+        assert revoked["state"] == "revoked" and revoked["image_id"] is None, revoked
+        assert "keys and images destroyed" in revoked["reason"]
+        assert guest_image(node) is None
+        assert not list((var / "keys").glob("*.sealed"))
+        assert not list((var / "images").glob("*"))
+        assert (
+            'edgepin_state{state="revoked"} 1'
+            in (node.root / "run/edgepin/edgepin.prom").read_text()
+        )
+        # and it stays so: nothing to start, nothing fetched
+        r = node.node("reconcile")
+        assert r.returncode == 4 and status(node)["state"] == "revoked"
+        assert not list((var / "images").glob("*"))
     finally:
         node.tpm.stop()
 

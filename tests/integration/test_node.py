@@ -257,6 +257,30 @@ def test_offline_reboot_update_rollback_and_rollback_attack(
     assert "rollback attack" in r.stderr
     assert status(node)["image_id"] == v2["image_id"]
 
+    def record(text: str) -> Any:
+        admin.identity.patch(f"/projects/{project}", json={"project": {"edgepin_assignment": text}})
+        return node.node("reconcile")
+
+    # the highest generation seen (3, the image that was rolled back) names one image only
+    r = record(json.dumps({"image_id": v1["image_id"], "generation": 3}))
+    assert r.returncode == 10, r.stdout + r.stderr
+    assert f"named image {bad['image_id']} before" in r.stderr
+    # records that are none: refused, the guest untouched, a status written
+    for hostile in (
+        f'{{"image_id": "{v1["image_id"]}", "generation": Infinity}}',
+        '{"image_id": {}, "generation": 4}',
+        '{"image_id": "../../../etc/edgepin/ca", "generation": 4}',
+    ):
+        r = record(hostile)
+        assert r.returncode == 7 and "Traceback" not in r.stderr, r.stdout + r.stderr
+        st = status(node)
+        assert st["state"] == "refused" and st["image_id"] == v2["image_id"], st
+    conn = libvirt.open(node.libvirtd.uri)
+    try:
+        assert conn.lookupByName("edgepin-guest").isActive()
+    finally:
+        conn.close()
+
 
 def test_pcr_change_refuses_and_foreign_domain_removed(
     virtual_node: VirtualNode,

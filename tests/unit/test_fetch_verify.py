@@ -22,7 +22,12 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from provisioner.errors import ServiceUnavailableError, StateError, VerificationError
+from provisioner.errors import (
+    AuthError,
+    ServiceUnavailableError,
+    StateError,
+    VerificationError,
+)
 from provisioner.node import fetch
 from provisioner.signing import HASH_METHODS, StreamSigner, StreamVerifier
 from tests.certs import self_signed
@@ -396,3 +401,28 @@ def test_the_reader_is_never_more_than_a_few_chunks_ahead_of_the_hash(
     assert result.path.read_bytes() == DATA
     # one chunk being hashed, QUEUE_DEPTH queued, one waiting in put(), one being read
     assert ahead[0] <= fetch.QUEUE_DEPTH + 3 < len(DATA) // SMALL
+
+
+class _Refusing:
+    """A Glance that refuses the download (an ACL or token being rewritten)."""
+
+    def __init__(self, status: int) -> None:
+        self.status_code = status
+        self.closed = False
+
+    def get(self, *args: Any, **kwargs: Any) -> _Refusing:
+        return self
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_download_is_access_denied_for_now_not_a_bad_image(
+    status: int, tmp_path: Path, ec_key: ec.EllipticCurvePrivateKey
+) -> None:
+    store = _Refusing(status)
+    with pytest.raises(AuthError) as e:
+        fetch.fetch(node_client(store), image_for(ec_key, "SHA-512"), certificate(ec_key), tmp_path)
+    assert not isinstance(e.value, VerificationError) and store.closed
+    assert nothing_left(tmp_path)

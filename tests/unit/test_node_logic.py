@@ -74,6 +74,15 @@ def test_units_ship_with_the_package() -> None:
         assert "ConditionPathExists=!/etc/edgepin/disabled" in text
         assert "StandardOutput=journal+console" in text
         assert "Type=oneshot" in text
+    # Documentation= names the guide the provisioner element installs (the image's
+    # /usr/share/doc is stripped; tests/image checks the file on the booted image)
+    install = (
+        UNITS.parents[1] / "elements/edgepin-provisioner/install.d/50-edgepin-provisioner"
+    ).read_text()
+    for unit in ("edgepin-enroll.service", "edgepin-reconcile.service", "edgepin-reconcile.timer"):
+        docs = [ln for ln in (UNITS / unit).read_text().splitlines() if ln.startswith("Doc")]
+        assert docs == ["Documentation=file:///usr/share/edgepin/node.md"], unit
+    assert '"$src/node.md" /usr/share/edgepin/node.md' in install
 
 
 class _Vanishing:
