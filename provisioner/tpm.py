@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import enum
 import hashlib
 import json
 import os
@@ -101,20 +102,33 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+class BlobKind(enum.StrEnum):
+    SEALED = "sealed"  # made on this TPM, under its storage key
+    DUPLICATE = "duplicate"  # made offline for this TPM's EK (the bootstrap credential)
+
+
 def parse_blob(blob: bytes) -> dict[str, Any]:
+    """A blob's fields, checked for form (what they are worth is the TPM's to say);
+    TpmBlobError for anything else."""
     try:
         data = json.loads(blob)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise TpmBlobError("TPM blob is not JSON") from None
     if not isinstance(data, dict) or data.get("version") != BLOB_VERSION:
         raise TpmBlobError("TPM blob has an unknown version")
-    if data.get("kind") not in ("sealed", "duplicate"):
-        raise TpmBlobError(f"TPM blob has an unknown kind {data.get('kind')!r}")
-    need = ("public", "private") if data["kind"] == "sealed" else ("public", "duplicate", "seed")
+    kind = data.get("kind")
+    if not isinstance(kind, str) or kind not in set(BlobKind):
+        raise TpmBlobError(f"TPM blob has an unknown kind {str(kind)[:20]!r}")
+    if kind == BlobKind.SEALED:
+        need: tuple[str, ...] = ("public", "private")
+    else:
+        need = ("public", "duplicate", "seed")
     try:
         for key in need:
             base64.b64decode(data[key], validate=True)
-        [int(p) for p in data.get("pcrs", [])]
+        pcrs = data.get("pcrs", [])
+        if not isinstance(pcrs, list) or any(type(p) is not int for p in pcrs):
+            raise ValueError
     except (KeyError, ValueError, TypeError):
         raise TpmBlobError("TPM blob is malformed") from None
     return data
@@ -243,7 +257,7 @@ def wrap_for_ek(
     return json.dumps(
         {
             "version": BLOB_VERSION,
-            "kind": "duplicate",
+            "kind": BlobKind.DUPLICATE,
             "public": _b64(pub2b.marshal()),
             "duplicate": _b64(duplicate.marshal()),
             "seed": _b64(seed.marshal()),
@@ -416,7 +430,7 @@ class Tpm:
         return json.dumps(
             {
                 "version": BLOB_VERSION,
-                "kind": "sealed",
+                "kind": BlobKind.SEALED,
                 "public": _b64(out_public.marshal()),
                 "private": _b64(private.marshal()),
                 "pcrs": pcrs,
@@ -425,7 +439,9 @@ class Tpm:
             sort_keys=True,
         ).encode()
 
-    def unseal(self, blob: bytes, pcrs: Sequence[int], kinds: Sequence[str] = ("sealed",)) -> bytes:
+    def unseal(
+        self, blob: bytes, pcrs: Sequence[int], kinds: Sequence[BlobKind] = (BlobKind.SEALED,)
+    ) -> bytes:
         """Unseal ``blob`` under a PolicyPCR over ``pcrs``, the selection the node expects.
 
         The blob's own claims decide nothing: its kind must be one of ``kinds`` (only the
@@ -463,7 +479,7 @@ class Tpm:
         attrs = int(area.objectAttributes)
         if attrs & int(TPMA_OBJECT.USERWITHAUTH):
             raise TpmPolicyError("the sealed object can be used without its policy")
-        if data["kind"] == "sealed":
+        if data["kind"] == BlobKind.SEALED:
             need = int(TPMA_OBJECT.FIXEDTPM) | int(TPMA_OBJECT.FIXEDPARENT)
             if attrs & need != need:
                 raise TpmBlobError("the sealed object was not created inside this TPM")
@@ -474,7 +490,7 @@ class Tpm:
                 )
         handles: list[Any] = []
         try:
-            if data["kind"] == "sealed":
+            if data["kind"] == BlobKind.SEALED:
                 parent = self._storage_primary()
                 handles.append(parent)
                 private = TPM2B_PRIVATE.unmarshal(base64.b64decode(data["private"]))[0]

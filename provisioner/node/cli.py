@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from provisioner.errors import StateError
 from provisioner.node import config
 
 
@@ -95,10 +96,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         print(f"no status yet ({cfg.status_path})")
         return 3
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise StateError(f"{cfg.status_path} is not a status file (not JSON)") from None
+    if not isinstance(status, dict) or not isinstance(status.get("state"), str):
+        raise StateError(f"{cfg.status_path} is not a status file (no state)")
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
-    print(f"state       {status['state']}: {status['reason']}")
+    print(f"state       {status['state']}: {status.get('reason')}")
     print(f"image       {status.get('image_id') or '-'} (version {status.get('version') or '-'})")
     print(
         f"generation  {status.get('generation') or '-'}, highest seen "
@@ -106,7 +111,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     print(f"previous    {status.get('previous_image_id') or '-'}")
     print(f"fetched     {status.get('bytes_fetched_total', 0)} bytes")
-    failures = status.get("failures") or {}
+    failures = status.get("failures")
+    failures = failures if isinstance(failures, dict) else {}
     print("failures    " + (", ".join(f"{k}={v}" for k, v in sorted(failures.items())) or "none"))
     print(f"updated     {status.get('updated_at')}")
     return 0

@@ -110,7 +110,12 @@ def make_session(ident: Identity, cred_id: str, secret: str, timeout: float) -> 
     return ksa_session.Session(auth=auth, verify=str(ident.ca_file), timeout=timeout)
 
 
-def _unseal(cfg: NodeConfig, blob: bytes, what: str, kinds: tuple[str, ...] = ("sealed",)) -> bytes:
+def _unseal(
+    cfg: NodeConfig,
+    blob: bytes,
+    what: str,
+    kinds: tuple[tpm.BlobKind, ...] = (tpm.BlobKind.SEALED,),
+) -> bytes:
     try:
         with tpm.Tpm.open(cfg.tcti) as t:
             return t.unseal(blob, cfg.pcrs, kinds)
@@ -192,7 +197,7 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
             wrapped = base64.b64decode(boot["wrapped"])
             try:
                 boot_secret = _unseal(
-                    cfg, wrapped, "bootstrap credential", kinds=("duplicate",)
+                    cfg, wrapped, "bootstrap credential", kinds=(tpm.BlobKind.DUPLICATE,)
                 ).decode()
             except TrustError as e:
                 if not e.fields.get("policy"):

@@ -131,7 +131,16 @@ def reconcile(cfg: NodeConfig) -> Outcome:
     with state.node_lock(cfg.lock_path):
         state.remove_stale_temp_files(cfg.state_dir)
         run = Run(cfg, ledger.TpmAnchor(cfg.tcti, cfg.pcrs), load_counters(cfg))
-        outcome = run.go()
+        try:
+            outcome = run.go()
+        except Exception as e:
+            # a bug, not an input (inputs end in an EdgepinError): leave a status that says
+            # so, then fail loudly with the traceback in the journal
+            bug = EdgepinError(f"internal error: {type(e).__name__}", where="reconcile")
+            report.write_status(
+                cfg, _status(Outcome(State.FAILED, bug.message, bug), None, run.counters)
+            )
+            raise
         counters = run.counters
         if outcome.state in (State.RUNNING, State.OFFLINE):
             counters.last_success = time.time()

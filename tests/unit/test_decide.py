@@ -22,12 +22,12 @@ from provisioner.errors import (
     ImageError,
     NotFoundError,
     ServiceUnavailableError,
+    VerificationError,
 )
-from provisioner.node import client, model
+from provisioner.node import client, ledger, model
 from provisioner.node.decide import Observed, Step, decide
 from provisioner.node.model import Assignment, Counters, Guest, ImageRecord, Ledger
-from tests.unit.fakes import node_client
-from tests.unit.test_ledger import IMAGE_A, IMAGE_B, enrollment, json_values
+from tests.unit.fakes import IMAGE_A, IMAGE_B, enrollment_record, json_values, node_client
 
 pytestmark = pytest.mark.unit
 
@@ -35,6 +35,10 @@ GRACE = 600.0
 NOW = 1_800_000_000.0
 IMAGE_C = "5e4d3c2b-1a09-4f8e-8d7c-6b5a49382716"
 RECORD = ImageRecord("d" * 128, 10, "e" * 64)
+
+
+def enrollment() -> model.Enrollment:
+    return ledger.enrollment(enrollment_record())
 
 
 def guest(image_id: str, gen: int) -> Guest:
@@ -292,3 +296,34 @@ def test_keystone_refusing_the_node_is_a_credential_refusal() -> None:
     assert node_client(_Session(200, {"project": {}})).assignment() is None
     with pytest.raises(ServiceUnavailableError, match="malformed"):
         node_client(_Session(200, ["x"])).assignment()
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "id",
+                "os_hash_algo",
+                "os_hash_value",
+                "img_signature",
+                "img_signature_hash_method",
+                "img_signature_key_type",
+                "img_signature_certificate_uuid",
+                "os_encrypt_key_id",
+                "os_encrypt_format",
+                "disk_format",
+                "size",
+            ]
+        )
+        | st.text(max_size=10),
+        json_values | st.text(max_size=5000),
+    )
+)
+def test_image_metadata_is_accepted_or_refused_with_edgepins_error(image: dict[str, Any]) -> None:
+    from provisioner.node import fetch
+
+    try:
+        fetch.check_properties(image)
+    except (ImageError, VerificationError):
+        pass

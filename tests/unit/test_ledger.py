@@ -26,11 +26,9 @@ from provisioner.errors import (
 )
 from provisioner.node import config, ledger, model, reconcile
 from provisioner.node.model import Guest, ImageRecord, Ledger
+from tests.unit.fakes import IMAGE_A, IMAGE_B, enrollment_record, json_values
 
 pytestmark = pytest.mark.unit
-
-IMAGE_A = "0b6c2f0e-5d1a-4c4e-9a51-1f0e2d3c4b5a"
-IMAGE_B = "7f3e9a1c-2b4d-4e6f-8a0b-c1d2e3f4a5b6"
 
 
 class FakeAnchor:
@@ -49,22 +47,6 @@ class FakeAnchor:
             raise TrustError("the TPM refused to write the anchor")
         self.value = ledger.AnchorValue.from_bytes(value.to_bytes())
         self.writes += 1
-
-
-def enrollment_record() -> dict[str, Any]:
-    return {
-        "node_id": "node-0042",
-        "project_id": "p" * 32,
-        "user_id": "u" * 32,
-        "auth_url": "https://keystone.example.test:5000/v3",
-        "region": None,
-        "interface": "public",
-        "ca_sha256": "a" * 64,
-        "credential_id": "c" * 32,
-        "credential_sha256": "b" * 64,
-        "pcrs": [7],
-        "enrolled_at": "2026-12-01T23:00:00Z",
-    }
 
 
 def enrollment() -> model.Enrollment:
@@ -188,15 +170,6 @@ def test_the_anchor_value_round_trips_and_refuses_other_sizes() -> None:
         ledger.AnchorValue.from_bytes(b"\x00" * 39)
     with pytest.raises(TrustError):
         ledger.AnchorValue.from_bytes(b"\xff" * 40)
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=6)
-    ),
-    max_leaves=30,
-)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])

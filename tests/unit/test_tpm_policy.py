@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from provisioner import tpm
+from tests.unit.fakes import json_values
 
 pytestmark = pytest.mark.unit
 
@@ -52,3 +56,24 @@ def test_garbage_blobs_are_refused(blob: bytes) -> None:
 def test_out_of_range_pcr_refused() -> None:
     with pytest.raises(tpm.TpmBlobError):
         tpm.pcr_selection_bytes([24])
+
+
+@settings(max_examples=300)
+@given(
+    st.binary(max_size=200)
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | st.fixed_dictionaries(
+        {
+            "version": st.just(tpm.BLOB_VERSION),
+            "kind": st.sampled_from(["sealed", "duplicate", "other"]),
+        },
+        optional={k: json_values for k in ("public", "private", "duplicate", "seed", "pcrs")},
+    ).map(lambda v: json.dumps(v).encode())
+)
+def test_the_blob_parser_returns_fields_or_its_own_error(blob: bytes) -> None:
+    try:
+        data = tpm.parse_blob(blob)
+    except tpm.TpmBlobError:
+        return
+    assert data["kind"] in set(tpm.BlobKind)
+    assert all(type(p) is int for p in data.get("pcrs", []))
