@@ -7,6 +7,9 @@ payloads are read with a direct GET whose status is checked.
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 from provisioner.cloud import translate
@@ -61,25 +64,74 @@ def delete(conn: Any, sid: str) -> None:
         conn.key_manager.delete_secret(sid, ignore_missing=True)
 
 
-def acl_users(conn: Any, sid: str) -> list[str]:
-    with translate("barbican", f"ACL of {sid}"):
-        r = conn.key_manager.get(f"/secrets/{sid}/acl", raise_exc=False)
-    if r.status_code == 404:
+def secret_meta(conn: Any, sid: str) -> dict[str, Any]:
+    """A secret's metadata (name, type, content types, status), never its payload."""
+    with translate("barbican", f"secret {sid}"):
+        r = conn.key_manager.get(f"/secrets/{sid}", raise_exc=False)
+    _check(r.status_code, sid, "reading")
+    meta: dict[str, Any] = r.json()
+    return meta
+
+
+def _check(status: int, sid: str, doing: str) -> None:
+    if status == 404:
         raise NotFoundError(f"barbican: secret {sid} does not exist", secret_id=sid)
-    r.raise_for_status()
-    users: list[str] = r.json().get("read", {}).get("users", [])
-    return users
-
-
-def set_acl_users(conn: Any, sid: str, users: list[str]) -> None:
-    """Replace the read ACL's user list; the owning project keeps its access."""
-    with translate("barbican", f"ACL of {sid}"):
-        r = conn.key_manager.put(
-            f"/secrets/{sid}/acl",
-            json={"read": {"users": sorted(set(users)), "project-access": True}},
-            raise_exc=False,
+    if status in (401, 403):
+        raise AuthError(f"barbican: {doing} secret {sid} is not allowed", secret_id=sid)
+    if status >= 300:
+        raise ServiceUnavailableError(
+            f"barbican: {doing} secret {sid} failed ({status})", secret_id=sid
         )
-    if r.status_code == 404:
-        raise NotFoundError(f"barbican: secret {sid} does not exist", secret_id=sid)
-    if r.status_code not in (200, 201):
-        raise ServiceUnavailableError(f"barbican: setting the ACL failed ({r.status_code})")
+
+
+# ACLs go through python-barbicanclient's ACL API. Barbican has no "add one user" call:
+# PUT and PATCH on /v1/secrets/{id}/acl both replace the whole user list of the operations
+# they name (barbican's SecretACLRepo._create_or_replace_acl_users), and barbicanclient's
+# ``SecretACL.submit()`` is that PUT. Callers that must not lose a concurrent writer's entry
+# derive the list instead of editing it (provisioner/operator/access.py).
+
+
+def acl_client(conn: Any) -> Any:
+    """A python-barbicanclient client on the operator's authenticated session."""
+    from barbicanclient import client
+
+    # its own error logs repeat what the edgepin error says, response text included
+    logging.getLogger("barbicanclient.client").setLevel(logging.CRITICAL)
+    with translate("barbican", "connect"):
+        return client.Client(
+            session=conn.session,
+            endpoint=conn.config.get_endpoint("key-manager"),
+            interface=conn.config.get_interface(),
+            region_name=conn.config.get_region_name(),
+        )
+
+
+@contextlib.contextmanager
+def _acl_errors(sid: str, doing: str) -> Iterator[None]:
+    from barbicanclient import exceptions as bc_exc
+
+    with translate("barbican", f"ACL of {sid}"):
+        try:
+            yield
+        except bc_exc.HTTPError as e:
+            _check(e.status_code or 500, sid, doing)
+            raise
+        except ValueError:  # barbicanclient's answer to a malformed id
+            raise NotFoundError(f"barbican: {sid!r} is not a secret id", secret_id=sid) from None
+
+
+def acl_users(client: Any, sid: str) -> list[str]:
+    """The users on a secret's read ACL (the owning project's access is separate)."""
+    with _acl_errors(sid, "reading the ACL of"):
+        acl = client.acls.get(sid, ref_type="secret")
+    read = acl.get("read")
+    return sorted(read.users) if read is not None and read.users else []
+
+
+def set_acl_users(client: Any, sid: str, users: list[str]) -> None:
+    """Replace the read ACL's user list; the owning project keeps its access."""
+    acl = client.acls.create(
+        entity_ref=sid, ref_type="secret", users=sorted(set(users)), project_access=True
+    )
+    with _acl_errors(sid, "setting the ACL of"):
+        acl.submit()

@@ -47,8 +47,34 @@ def connect(args: argparse.Namespace) -> Any:
                 f"cannot load cloud configuration: {e}",
                 hint="set --os-cloud or OS_CLOUD (clouds.yaml), or the OS_* variables",
             ) from None
+        check_operator_urls(conn, before_auth=True)
         conn.authorize()
+        check_operator_urls(conn, before_auth=False)
     return conn
+
+
+def check_operator_urls(conn: Any, *, before_auth: bool) -> None:
+    """The operator's Keystone URL (before the password goes to it), then every catalog
+    endpoint and endpoint override the operator's commands use: https:// only."""
+    from provisioner.operator import urls
+
+    config = conn.config
+    overridden = [s for s in urls.SERVICES if config.get_endpoint(s)]
+    if before_auth:
+        auth_url = config.get_auth_args().get("auth_url")
+        urls.require_https(
+            auth_url, "the Keystone URL (auth_url)", hint="use the https:// URL of Keystone"
+        )
+        for service in overridden:
+            urls.require_https(config.get_endpoint(service), f"the {service} endpoint override")
+        return
+    urls.check_catalog(
+        conn,
+        config.get_interface() or "public",
+        config.get_region_name(),
+        "edgepin",
+        services=[s for s in urls.SERVICES if s not in overridden],
+    )
 
 
 def _status(exc: Exception) -> int | None:

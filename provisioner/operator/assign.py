@@ -1,8 +1,11 @@
 """``edgepin assign``: point a node at one image.
 
-Shares the image with the node's project, grants the node's user read access (Barbican
-ACL) to exactly that image's key and signing certificate, withdraws what earlier
-assignments granted, and writes the assignment record with a generation that only goes up.
+Checks that the image's passphrase and certificate secrets are the ones ``edgepin publish``
+recorded for it (provisioner/operator/imagesecrets.py), shares the image with the node's
+project, records in the node's project that the node needs exactly those two secrets,
+derives the secrets' read ACLs from every node's record (provisioner/operator/access.py:
+concurrent assigns lose no entry), withdraws what earlier assignments granted, and writes
+the assignment record with a generation that only goes up.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 from provisioner import barbican
 from provisioner.cloud import translate
 from provisioner.errors import ImageError, NotFoundError
-from provisioner.operator import nodes
+from provisioner.operator import access, imagesecrets, nodes
 from provisioner.operator.publish import REQUIRED_PROPERTIES
 
 
@@ -50,10 +53,20 @@ def check_image(image: dict[str, Any]) -> None:
 
 
 def share(conn: Any, image_id: str, project_id: str) -> None:
-    with translate("glance", f"share {image_id}"):
-        r = conn.image.post(
-            f"/images/{image_id}/members", json={"member": project_id}, raise_exc=False
-        )
+    @nodes.server_retry
+    def post() -> Any:
+        with translate("glance", f"share {image_id}"):
+            r = conn.image.post(
+                f"/images/{image_id}/members", json={"member": project_id}, raise_exc=False
+            )
+        if r.status_code >= 500:  # e.g. two members added at once on a busy database
+            raise nodes.ServerError(r.status_code)
+        return r
+
+    try:
+        r = post()
+    except nodes.ServerError as e:
+        raise ImageError(f"glance refused to share {image_id} ({e.status})") from None
     if r.status_code == 409:  # already a member
         return
     if r.status_code == 413:
@@ -74,37 +87,38 @@ def unshare(conn: Any, image_id: str, project_id: str) -> None:
 
 
 def grant(conn: Any, secret_id: str, user_id: str) -> None:
-    users = barbican.acl_users(conn, secret_id)
+    """Add one user to one secret's read ACL, outside any node's record.
+
+    A repair and test tool: it reads the list and writes it back, so a concurrent writer
+    can undo it, and the next :func:`access.sync` of that secret removes a node user whose
+    record does not name it. ``assign`` and ``revoke`` never use it.
+    """
+    client = barbican.acl_client(conn)
+    users = barbican.acl_users(client, secret_id)
     if user_id not in users:
-        barbican.set_acl_users(conn, secret_id, [*users, user_id])
-
-
-def withdraw(conn: Any, secret_id: str, user_id: str) -> None:
-    try:
-        users = barbican.acl_users(conn, secret_id)
-    except NotFoundError:
-        return
-    if user_id in users:
-        barbican.set_acl_users(conn, secret_id, [u for u in users if u != user_id])
+        barbican.set_acl_users(client, secret_id, [*users, user_id])
 
 
 def assign(conn: Any, edge_domain: str, node_id: str, image_id: str) -> Assigned:
     domain_id = nodes.edge_domain_id(conn, edge_domain)
     node = nodes.get_node(conn, domain_id, node_id)
+    if node.user is None:
+        raise NotFoundError(
+            f"node {node_id} has no user", hint="enroll it again with `edgepin enroll`"
+        )
     image = get_image(conn, image_id)
     check_image(image)
+    needed = imagesecrets.image_secrets(conn, image)
     previous = node.assignment
     generation = int(previous["generation"]) + 1 if previous else 1
-    secrets_now = [image["os_encrypt_key_id"], image["img_signature_certificate_uuid"]]
+    old = node.grants
 
     share(conn, image_id, node.project_id)
-    for sid in secrets_now:
-        grant(conn, sid, node.user_id)
-    # withdraw everything earlier assignments granted that this one does not need
-    old = node.grants
-    for sid in old.get("secrets", []):
-        if sid not in secrets_now:
-            withdraw(conn, sid, node.user_id)
+    # the record first: the ACLs are derived from it
+    nodes.update_project(
+        conn, node.project_id, {nodes.GRANTS_ATTR: {"images": [image_id], "secrets": needed.ids}}
+    )
+    access.sync(conn, domain_id, [*needed.ids, *old.get("secrets", [])])
     for old_image in old.get("images", []):
         if old_image != image_id:
             unshare(conn, old_image, node.project_id)
@@ -114,12 +128,5 @@ def assign(conn: Any, edge_domain: str, node_id: str, image_id: str) -> Assigned
         "generation": generation,
         "assigned_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    nodes.update_project(
-        conn,
-        node.project_id,
-        {
-            nodes.ASSIGNMENT_ATTR: record,
-            nodes.GRANTS_ATTR: {"images": [image_id], "secrets": secrets_now},
-        },
-    )
+    nodes.update_project(conn, node.project_id, {nodes.ASSIGNMENT_ATTR: record})
     return Assigned(node_id, image_id, generation, previous)

@@ -23,7 +23,7 @@ from keystoneauth1.identity import v3
 from provisioner import seed, tpm
 from provisioner.cloud import translate
 from provisioner.errors import AuthError, TrustError, UsageError
-from provisioner.operator import nodes
+from provisioner.operator import nodes, urls
 
 DEFAULT_WINDOW_DAYS = 14
 
@@ -126,14 +126,16 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
     nodes.check_node_id(req.node_id)
     if req.window_days < 1:
         raise UsageError("--expires-in must be at least 1 day")
-    if not auth_url.startswith("https://"):
-        raise UsageError(
-            f"the node's Keystone URL {auth_url} is not https://: nodes refuse it",
-            hint="give --node-auth-url https://... or register Keystone's endpoints with TLS",
-        )
+    urls.require_https(
+        auth_url,
+        "the node's Keystone URL",
+        hint="give --node-auth-url https://... or register Keystone's endpoints with TLS",
+    )
     ek_pem, _ = ek_public(req)
     pcr_values = load_pcr_values(req)
     ca_pem = _read(req.ca_bundle, "--ca").decode() if req.ca_bundle else None
+    # the node finds Glance and Barbican (and Keystone, once enrolled) in the catalog
+    urls.check_catalog(conn, req.interface, region, f"node {req.node_id}")
     domain_id = nodes.edge_domain_id(conn, req.edge_domain)
 
     node = nodes.find_node(conn, domain_id, req.node_id)
@@ -171,6 +173,8 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
     # a token issued within the same second would be born revoked.
     time.sleep(1.1)
     identity_url = conn.session.get_endpoint(service_type="identity", interface="public")
+    # the node user's one-time password goes there
+    identity_url = urls.require_https(identity_url, "the catalog's public identity endpoint")
     identity_url = identity_url.rstrip("/")
     if not identity_url.endswith("/v3"):
         identity_url += "/v3"

@@ -12,8 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
 from provisioner.cloud import translate
-from provisioner.errors import NotFoundError, UsageError
+from provisioner.errors import EdgepinError, NotFoundError, ServiceUnavailableError, UsageError
 
 NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 NODE_TAG = "edgepin-node"
@@ -101,14 +103,44 @@ def get_node(conn: Any, domain_id: str, node_id: str) -> Node:
 
 
 def list_nodes(conn: Any, domain_id: str) -> list[Node]:
-    with translate("keystone", "list nodes"):
-        r = conn.identity.get("/projects", params={"domain_id": domain_id, "tags": NODE_TAG})
-        r.raise_for_status()
-        u = conn.identity.get("/users", params={"domain_id": domain_id})
-        u.raise_for_status()
-    users = {x["name"]: x for x in u.json()["users"]}
-    nodes = [Node(p["name"], p, users.get(p["name"])) for p in r.json()["projects"]]
+    projects = _listing(conn, "/projects", {"domain_id": domain_id, "tags": NODE_TAG}, "projects")
+    users = {x["name"]: x for x in _listing(conn, "/users", {"domain_id": domain_id}, "users")}
+    nodes = [Node(p["name"], p, users.get(p["name"])) for p in projects]
     return sorted(nodes, key=lambda n: n.node_id)
+
+
+def _listing(conn: Any, path: str, params: dict[str, str], key: str) -> list[dict[str, Any]]:
+    """A whole Keystone listing; a truncated one (``[DEFAULT] list_limit``) is an error, not
+    a shorter fleet: decisions made from it (who may read a secret) would be wrong."""
+    with translate("keystone", f"list {key}"):
+        r = conn.identity.get(path, params=params)
+        r.raise_for_status()
+    data = r.json()
+    if data.get("truncated"):
+        raise ServiceUnavailableError(
+            f"keystone: the list of {key} in the edge domain is truncated",
+            hint="raise or unset Keystone's list_limit ([DEFAULT] and [resource]/[identity])",
+        )
+    found: list[dict[str, Any]] = data[key]
+    return found
+
+
+class ServerError(Exception):
+    """A 5xx answer to an idempotent request: worth sending again."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+# Keystone on SQLite (and a busy database elsewhere) answers 500 to one of two concurrent
+# writes; a project update is idempotent, so it is sent again, for a bounded time
+server_retry = retry(
+    retry=retry_if_exception_type(ServerError),
+    wait=wait_random_exponential(multiplier=0.1, max=2),
+    stop=stop_after_delay(30),
+    reraise=True,
+)
 
 
 def update_project(conn: Any, project_id: str, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -116,9 +148,27 @@ def update_project(conn: Any, project_id: str, attrs: dict[str, Any]) -> dict[st
         k: json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
         for k, v in attrs.items()
     }
-    with translate("keystone", f"update project {project_id}"):
-        r = conn.identity.patch(f"/projects/{project_id}", json={"project": body})
-        r.raise_for_status()
+
+    @server_retry
+    def patch() -> Any:
+        with translate("keystone", f"update project {project_id}"):
+            r = conn.identity.patch(
+                f"/projects/{project_id}", json={"project": body}, raise_exc=False
+            )
+        if r.status_code >= 500:
+            raise ServerError(r.status_code)
+        if r.status_code == 404:
+            raise NotFoundError(f"keystone: project {project_id} does not exist")
+        if r.status_code >= 300:
+            raise EdgepinError(f"keystone: update project {project_id} refused ({r.status_code})")
+        return r
+
+    try:
+        r = patch()
+    except ServerError as e:
+        raise ServiceUnavailableError(
+            f"keystone: update project {project_id}: server error {e.status}"
+        ) from None
     data: dict[str, Any] = r.json()["project"]
     return data
 

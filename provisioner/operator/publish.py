@@ -6,9 +6,11 @@ Steps, each undone if a later one fails (nothing half-created is left behind):
 2. encrypt it into a qcow2 with LUKS inside under a fresh random passphrase, which
    reaches qemu-img through a pipe and never touches the disk;
 3. hash (sha512) and sign (``img_signature*``) the encrypted bytes in one pass;
-4. store the passphrase in Barbican (type ``passphrase``);
-5. create the Glance image with every property set before upload, so that Glance
-   verifies the signature itself, then upload with progress;
+4. store the passphrase in Barbican (type ``passphrase``), named after the image id chosen
+   here and the signing certificate: the binding ``assign`` checks before it grants a node
+   read access (provisioner/operator/imagesecrets.py);
+5. create the Glance image with that id and every property set before upload, so that
+   Glance verifies the signature itself, then upload with progress;
 6. check that Glance's ``os_hash_value`` equals the sha512 computed while uploading.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,8 @@ from cryptography.hazmat.primitives import serialization
 from provisioner import barbican, qemuimg
 from provisioner.cloud import translate
 from provisioner.errors import EdgepinError, ImageError, UsageError, VerificationError
-from provisioner.operator.signingcert import load_cert, load_key
+from provisioner.operator.imagesecrets import passphrase_name, signing_certificate
+from provisioner.operator.signingcert import load_key
 from provisioner.progress import step, transfer
 from provisioner.signing import StreamSigner, fingerprint
 
@@ -110,7 +114,7 @@ def publish(conn: Any, req: PublishRequest) -> Published:
     virtual_size = int(qemuimg.info(req.guest)["virtual-size"])
     step("reading the signing key and certificate from Barbican")
     key = load_key(conn, req.signing_key_id)
-    cert = load_cert(conn, req.signing_cert_id)
+    cert = signing_certificate(conn, req.signing_cert_id)
     if _spki(cert.public_key()) != _spki(key.public_key()):
         raise VerificationError(
             "the signing key does not belong to the signing certificate",
@@ -134,9 +138,16 @@ def publish(conn: Any, req: PublishRequest) -> Published:
                     digest.update(chunk)
             sha512 = digest.hexdigest()
 
+            # the image's id is chosen here so that the passphrase's (immutable) name can
+            # bind it to this image and this certificate before either exists
+            image_id = str(uuid.uuid4())
             step("storing the passphrase in Barbican")
             key_id = barbican.store(
-                conn, f"edgepin:{req.name}:{req.version}", "passphrase", passphrase, text=True
+                conn,
+                passphrase_name(image_id, req.signing_cert_id),
+                "passphrase",
+                passphrase,
+                text=True,
             )
             del passphrase
             undo.append(lambda: barbican.delete(conn, key_id))
@@ -162,6 +173,7 @@ def publish(conn: Any, req: PublishRequest) -> Published:
                 r = conn.image.post(
                     "/images",
                     json={
+                        "id": image_id,
                         "name": req.name,
                         "disk_format": "qcow2",
                         "container_format": "bare",
@@ -170,7 +182,8 @@ def publish(conn: Any, req: PublishRequest) -> Published:
                     },
                 )
                 r.raise_for_status()
-            image_id: str = r.json()["id"]
+            if r.json()["id"] != image_id:
+                raise ImageError(f"glance created image {r.json()['id']}, not {image_id}")
             undo.append(lambda: _delete_image(conn, image_id))
 
             sent = hashlib.sha512()

@@ -8,8 +8,8 @@ import datetime
 from typing import Any
 
 from provisioner.cloud import translate
-from provisioner.operator import nodes
-from provisioner.operator.assign import unshare, withdraw
+from provisioner.operator import access, nodes
+from provisioner.operator.assign import unshare
 
 
 def revoke(conn: Any, edge_domain: str, node_id: str) -> dict[str, Any]:
@@ -23,17 +23,16 @@ def revoke(conn: Any, edge_domain: str, node_id: str) -> dict[str, Any]:
             nodes.delete_app_credential(conn, node.user_id, cred["id"])
             deleted.append(cred["id"])
     grants = node.grants
-    for sid in grants.get("secrets", []):
-        if node.user:
-            withdraw(conn, sid, node.user_id)
-    for image_id in grants.get("images", []):
-        unshare(conn, image_id, node.project_id)
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # the record first: the secrets' ACLs are derived from every node's record
     nodes.update_project(
         conn,
         node.project_id,
         {nodes.GRANTS_ATTR: {"images": [], "secrets": []}, "edgepin_revoked_at": now},
     )
+    access.sync(conn, domain_id, grants.get("secrets", []))
+    for image_id in grants.get("images", []):
+        unshare(conn, image_id, node.project_id)
     return {
         "node_id": node_id,
         "credentials_deleted": deleted,

@@ -6,6 +6,7 @@ import base64
 import json
 import secrets
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from cursive import signature_utils
 
 from provisioner import seed, tpm
 from provisioner.signing import load_certificate
-from tests.integration.conftest import Signer
+from tests.integration.conftest import Signer, make_signer
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.node import bundle_from_user_data, run_edgepin
 from tests.testbed.swtpm import Swtpm
@@ -345,3 +346,170 @@ def test_failed_publish_leaves_nothing(
     finally:
         controlplane.start_service("barbican")
     assert "barbican" in one_line_error(r)
+
+
+def edit_image(admin: Any, image_id: str, props: dict[str, str]) -> None:
+    """What anyone who can edit an image can do: its properties are not signed."""
+    r = admin.image.patch(
+        f"/images/{image_id}",
+        json=[{"op": "replace", "path": f"/{k}", "value": v} for k, v in props.items()],
+        headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+        raise_exc=False,
+    )
+    assert r.status_code == 200, r.text
+
+
+def acl_users(admin: Any, secret_id: str) -> list[str]:
+    users: list[str] = (
+        admin.key_manager.get(f"/secrets/{secret_id}/acl").json().get("read", {}).get("users", [])
+    )
+    return users
+
+
+def test_assign_grants_only_what_publish_recorded(
+    cli_env: dict[str, str],
+    publish: Callable[..., dict[str, Any]],
+    signer: Signer,
+    swtpm: Swtpm,
+    run_dir: Path,
+    admin: Any,
+) -> None:
+    node_id = f"node-{secrets.token_hex(3)}"
+    enrolled = enroll(cli_env, node_id, swtpm, run_dir / f"{node_id}.img")
+    user = enrolled["user_id"]
+    # the passphrase's name binds it to its image and certificate; its type is passphrase
+    good = publish(version="1")
+    meta = admin.key_manager.get(f"/secrets/{good['key_id']}").json()
+    assert meta["name"] == f"edgepin-image:{good['image_id']}:cert:{signer.cert_id}"
+    assert meta["secret_type"] == "passphrase"
+
+    # an edited image pointing at the private signing key: refused, the key's ACL untouched
+    bad = publish(version="2")
+    edit_image(admin, bad["image_id"], {"os_encrypt_key_id": signer.key_id})
+    r = run_edgepin(["assign", node_id, bad["image_id"]], cli_env)
+    line = one_line_error(r)
+    assert signer.key_id in line and "not a passphrase" in line and r.returncode == 7
+    assert user not in acl_users(admin, signer.key_id)
+    # ... at the private key behind the certificate property: refused as well
+    edit_image(
+        admin,
+        bad["image_id"],
+        {"os_encrypt_key_id": bad["key_id"], "img_signature_certificate_uuid": signer.key_id},
+    )
+    r = run_edgepin(["assign", node_id, bad["image_id"]], cli_env)
+    assert signer.key_id in one_line_error(r) and r.returncode == 7
+    assert user not in acl_users(admin, signer.key_id)
+    # ... at another image's passphrase: refused
+    edit_image(
+        admin,
+        bad["image_id"],
+        {"os_encrypt_key_id": good["key_id"], "img_signature_certificate_uuid": signer.cert_id},
+    )
+    r = run_edgepin(["assign", node_id, bad["image_id"]], cli_env)
+    line = one_line_error(r)
+    assert good["key_id"] in line and "not this image's passphrase" in line
+    assert user not in acl_users(admin, good["key_id"])
+    # ... at a certificate whose fingerprint is not the one the image pins: refused
+    other = make_signer(cli_env, run_dir)
+    edit_image(admin, good["image_id"], {"img_signature_certificate_uuid": other.cert_id})
+    r = run_edgepin(["assign", node_id, good["image_id"]], cli_env)
+    assert other.cert_id in one_line_error(r)
+    assert user not in acl_users(admin, other.cert_id)
+    edit_image(admin, good["image_id"], {"img_signature_certificate_uuid": signer.cert_id})
+
+    # a passphrase stored by a publish that did not bind it: the error says what to do
+    legacy = admin.key_manager.create_secret(
+        name="edgepin:web:1",
+        secret_type="passphrase",
+        payload="legacy-passphrase",
+        payload_content_type="text/plain",
+    )
+    legacy_id = legacy.secret_ref.rsplit("/", 1)[-1]
+    edit_image(admin, bad["image_id"], {"os_encrypt_key_id": legacy_id})
+    r = run_edgepin(["assign", node_id, bad["image_id"]], cli_env)
+    assert legacy_id in one_line_error(r)
+    assert "hint: publish the guest again with `edgepin publish`" in r.stderr
+
+    # the image as published: granted, and nothing else
+    r = run_edgepin(["assign", node_id, good["image_id"], "--json"], cli_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["generation"] == 1  # the refusals changed nothing
+    assert user in acl_users(admin, good["key_id"]) and user in acl_users(admin, signer.cert_id)
+    for sid in (signer.key_id, bad["key_id"], legacy_id, other.cert_id):
+        assert user not in acl_users(admin, sid)
+
+
+def test_status_flags_unexpected_application_credentials(
+    cli_env: dict[str, str],
+    swtpm: Swtpm,
+    run_dir: Path,
+    admin: Any,
+    controlplane: ControlPlane,
+) -> None:
+    node_id = f"node-{secrets.token_hex(3)}"
+    enrolled = enroll(cli_env, node_id, swtpm, run_dir / f"{node_id}.img")
+    rows = json.loads(run_edgepin(["status", node_id, "--json"], cli_env).stdout)
+    assert rows[0]["unexpected_credentials"] == [] and rows[0]["warnings"] == []
+    # someone who held the node user's password (or its bootstrap credential) minted one
+    from keystoneauth1 import session
+    from keystoneauth1.identity import v3
+
+    password = secrets.token_urlsafe(24)
+    admin.identity.update_user(enrolled["user_id"], password=password)
+    time.sleep(1.1)  # Keystone revokes tokens issued in the second of a password change
+    user = session.Session(
+        auth=v3.Password(
+            auth_url=controlplane.auth_url,
+            user_id=enrolled["user_id"],
+            password=password,
+            project_id=enrolled["project_id"],
+        ),
+        verify=str(controlplane.ca_path),
+    )
+    stray = user.post(
+        f"{controlplane.auth_url}/users/{enrolled['user_id']}/application_credentials",
+        json={"application_credential": {"name": "stray"}},
+    ).json()["application_credential"]
+    rows = json.loads(run_edgepin(["status", node_id, "--json"], cli_env).stdout)
+    assert rows[0]["unexpected_credentials"] == [{"id": stray["id"], "name": "stray"}]
+    assert rows[0]["warnings"] == [f"unexpected application credential stray ({stray['id']})"]
+    table = run_edgepin(["status", node_id], cli_env)
+    assert table.returncode == 0 and "UNEXPECTED: stray" in table.stdout
+
+
+def test_only_https_urls(
+    cli_env: dict[str, str],
+    swtpm: Swtpm,
+    run_dir: Path,
+    admin: Any,
+    controlplane: ControlPlane,
+) -> None:
+    node_id = f"node-{secrets.token_hex(3)}"
+    ek = run_dir / f"{node_id}.ek.pem"
+    ek.write_bytes(swtpm.ek_cert_pem())
+    base = ["enroll", node_id, "--ek-cert", str(ek), "--pcrs", "7", "--pcr-values", "zero"]
+    out = run_dir / f"{node_id}.img"
+    # the node's Keystone URL
+    plain_keystone = controlplane.auth_url.replace("https://", "http://")
+    r = run_edgepin([*base, "--seed-out", str(out), "--node-auth-url", plain_keystone], cli_env)
+    assert plain_keystone in one_line_error(r) and r.returncode == 2
+    # a catalog endpoint of the interface the node follows
+    service = next(s for s in admin.identity.services() if s.type == "key-manager")
+    endpoint = next(iter(admin.identity.endpoints(service_id=service.id, interface="admin")))
+    plain = endpoint.url.replace("https://", "http://")
+    admin.identity.update_endpoint(endpoint, url=plain)
+    try:
+        r = run_edgepin([*base, "--seed-out", str(out), "--node-interface", "admin"], cli_env)
+    finally:
+        admin.identity.update_endpoint(endpoint, url=endpoint.url)
+    line = one_line_error(r)
+    assert "key-manager endpoint" in line and plain in line and r.returncode == 2
+    assert not out.exists()
+    assert not admin.identity.find_project(node_id, ignore_missing=True)
+    # the operator's own Keystone URL: refused before the password is sent to it
+    plain_cloud = run_dir / "plain-clouds.yaml"
+    plain_cloud.write_text(
+        controlplane.clouds_yaml.read_text().replace(controlplane.auth_url, plain_keystone)
+    )
+    r = run_edgepin(["status"], {**cli_env, "OS_CLIENT_CONFIG_FILE": str(plain_cloud)})
+    assert "auth_url" in one_line_error(r) and r.returncode == 2
