@@ -8,8 +8,10 @@ with read-modify-write, every time, and shows that ``access.sync`` still ends ri
 from __future__ import annotations
 
 import json
+import random
 import threading
 from dataclasses import dataclass, field
+from time import sleep as real_sleep
 
 import pytest
 
@@ -159,3 +161,39 @@ def test_a_refused_write_is_written_again_then_reported(
     with pytest.raises(ServiceUnavailableError) as e:
         access.sync(None, "edge", [KEY], client=Client("X"), deadline_s=0.0)
     assert KEY in e.value.message and "run the command again" in (e.value.hint or "")
+
+
+def test_many_writers_with_random_delays_end_right(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sixteen writers, each moving its node between two secrets, with every ACL write
+    landing after a random delay (so stale lists land late, out of order)."""
+    other = "22222222-2222-2222-2222-222222222222"
+    cloud.acls = {KEY: [], other: []}
+    cloud.records = {f"u{i:02d}": [KEY] for i in range(16)}
+    real = barbican.set_acl_users
+    rnd = random.Random(7)
+
+    def late(client: Client, sid: str, users: list[str]) -> None:
+        real_sleep(rnd.random() / 200)  # access.time.sleep is patched out
+        real(client, sid, users)
+
+    monkeypatch.setattr(barbican, "set_acl_users", late)
+    start = threading.Barrier(16)
+
+    def writer(uid: str, to: str) -> None:
+        start.wait()
+        with cloud.lock:
+            cloud.records[uid] = [to]
+        access.sync(None, "edge", [KEY, other], client=Client(uid))
+
+    threads = [
+        threading.Thread(target=writer, args=(uid, other if i % 2 else KEY))
+        for i, uid in enumerate(sorted(cloud.records))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert cloud.acls[KEY] == [f"u{i:02d}" for i in range(0, 16, 2)]
+    assert cloud.acls[other] == [f"u{i:02d}" for i in range(1, 16, 2)]
