@@ -274,8 +274,12 @@ class Run:
         if refusal:
             return refusal
         if offline is not None:
+            # an unreachable control plane is weather (exit 0); a refused credential needs
+            # an operator (exit 4, counted as a failure)
             return Outcome(
-                State.OFFLINE, f"guest running from the local copy; {offline.message}", offline
+                State.OFFLINE,
+                f"guest running from the local copy; {offline.message}",
+                offline if isinstance(offline, AuthError) else None,
             )
         if self.counters.reported.get(current.image_id) != MemberStatus.ACCEPTED:
             self._report(current.image_id, MemberStatus.ACCEPTED)

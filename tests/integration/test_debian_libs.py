@@ -1,10 +1,12 @@
-"""The node's TPM code against the library versions the host image ships (Debian trixie's
-python3-tpm2-pytss and python3-cryptography), older than the dev venv's pins: the same
-tests as tests/integration/test_tpm.py, run in a child pytest with those versions first
-on the path. Three bugs reached the booted image before this ran in the integration tier."""
+"""The node's code against the library versions the host image ships (Debian trixie's
+python3-* packages: tpm2-pytss, cryptography, keystoneauth1, requests, libvirt, ...),
+older than the dev venv's pins: tests/integration/test_tpm.py, and the node commands of
+the main node tests, run in a child pytest with those versions first on the path. Three
+bugs reached the booted image before this ran in the integration tier."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,26 +26,25 @@ def pinned() -> dict[str, str]:
     return dict(ln.split("==") for ln in lines if ln)
 
 
-def test_tpm_code_on_debian_trixies_libraries(tmp_path: Path) -> None:
-    assert LIBS.is_dir(), f"{LIBS} is missing: ./build.sh setup installs it"
-    env = {**os.environ, "PYTHONPATH": str(LIBS)}
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import tpm2_pytss, cryptography; "
-            "from importlib.metadata import version; "
-            "print(tpm2_pytss.__file__); print(version('tpm2-pytss'), version('cryptography'))",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+def probe(env: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Where the venv's interpreter (the one the edgepin console script runs) finds each
+    pinned library under ``env``, and at which version."""
+    code = (
+        "import importlib, json, sys\n"
+        "from importlib.metadata import version\n"
+        "mods = {'tpm2-pytss': 'tpm2_pytss', 'cryptography': 'cryptography',\n"
+        "        'keystoneauth1': 'keystoneauth1', 'requests': 'requests',\n"
+        "        'urllib3': 'urllib3', 'tenacity': 'tenacity', 'libvirt-python': 'libvirt'}\n"
+        "print(json.dumps({d: [importlib.import_module(m).__file__, version(d)]\n"
+        "                  for d, m in mods.items()}))\n"
     )
-    where, versions = probe.stdout.splitlines()
-    assert where.startswith(str(LIBS)), where
-    pins = pinned()
-    assert versions.split() == [pins["tpm2-pytss"], pins["cryptography"]], versions
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return {k: (v[0], v[1]) for k, v in json.loads(r.stdout).items()}
+
+
+def child_pytest(tmp_path: Path, env: dict[str, str], *targets: str) -> str:
     r = subprocess.run(
         [
             sys.executable,
@@ -55,14 +56,43 @@ def test_tpm_code_on_debian_trixies_libraries(tmp_path: Path) -> None:
             "-W",
             "ignore::DeprecationWarning",
             f"--basetemp={tmp_path / 'child'}",
-            str(ROOT / "tests" / "integration" / "test_tpm.py"),
+            *targets,
         ],
         env=env,
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=900,
+        timeout=1800,
         check=False,
     )
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-500:]
+    return r.stdout
+
+
+def test_the_node_libraries_are_debians_versions() -> None:
+    assert LIBS.is_dir(), f"{LIBS} is missing: ./build.sh setup installs it"
+    found = probe({**os.environ, "PYTHONPATH": str(LIBS)})
+    pins = pinned()
+    for dist, (where, version) in found.items():
+        assert where.startswith(str(LIBS)), (dist, where)
+        assert version == pins[dist], (dist, version)
+
+
+def test_tpm_code_on_debian_trixies_libraries(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(LIBS)}
+    child_pytest(tmp_path, env, str(ROOT / "tests" / "integration" / "test_tpm.py"))
+
+
+def test_node_commands_on_debian_trixies_libraries(tmp_path: Path) -> None:
+    """Enrollment, a first guest, nothing to do, an offline reboot, an update, a rollback,
+    hostile assignments and a rollback attack, with every `edgepin node ...` process on
+    Debian's library versions (the test bed around them on the venv's)."""
+    env = {**os.environ, "EDGEPIN_TEST_NODE_PYTHONPATH": str(LIBS)}
+    node_tests = ROOT / "tests" / "integration" / "test_node.py"
+    child_pytest(
+        tmp_path,
+        env,
+        f"{node_tests}::test_seed_to_running_guest_then_nothing_to_do",
+        f"{node_tests}::test_offline_reboot_update_rollback_and_rollback_attack",
+    )

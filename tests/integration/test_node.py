@@ -478,7 +478,7 @@ def test_edits_to_the_state_partition_give_an_attacker_nothing(
     conn.lookupByName("edgepin-guest").destroy()
     conn.close()
     fetched = status(node)["bytes_fetched_total"]
-    refused(8, "differs from what was verified")
+    refused(8, "the local copy of image")
     assert not guest()[0], "a swapped image was started"
     assert not (images / f"{second['image_id']}.qcow2").exists()
     ok(node.node("reconcile"))
@@ -495,7 +495,7 @@ def test_edits_to_the_state_partition_give_an_attacker_nothing(
     conn = libvirt.open(node.libvirtd.uri)
     conn.lookupByName("edgepin-guest").destroy()
     conn.close()
-    refused(8, "is not the one this node sealed")
+    refused(8, "the sealed key of image")
     assert not guest()[0], "a guest was started with a swapped key blob"
     ok(node.node("reconcile"))
     assert status(node)["state"] == "running"

@@ -84,7 +84,11 @@ class VirtualNode:
         target.chmod(0o600)
 
     def node(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        r = run_edgepin(["node", "--root", str(self.root), *args], timeout=timeout)
+        # EDGEPIN_TEST_NODE_PYTHONPATH: the node's commands (only they) run with these
+        # libraries first, e.g. Debian's versions (tests/integration/test_debian_libs.py)
+        libs = os.environ.get("EDGEPIN_TEST_NODE_PYTHONPATH")
+        env = {"PYTHONPATH": libs} if libs else None
+        r = run_edgepin(["node", "--root", str(self.root), *args], env, timeout=timeout)
         log = self.root / "test-logs" / f"{len(self.logs):03d}-{'-'.join(args)}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(f"$ edgepin node {' '.join(args)}\n{r.stdout}\n--- stderr\n{r.stderr}")
