@@ -45,8 +45,9 @@ Commands:
   controlplane up|down|status [--http] [--run-dir DIR] [--store file|ceph]
                            run the test bed's Keystone, Glance and Barbican by hand
                            (on loopback, HTTPS with a CA made for the run)
-  bench [ARGS...]          run the benchmarks (benchmarks/, issue 8): prints a table of
-                           ratios against baselines measured in the same run, writes JSON
+  bench [ARGS...]          run the benchmarks (benchmarks/): prints a table of ratios
+                           against baselines measured in the same run, writes JSON;
+                           ./build.sh bench --help for its options
   demo [--down]            edgepin end to end here: control plane, host image, a
                            published guest, an enrolled node booted in QEMU; --down
                            stops and removes it all

@@ -205,7 +205,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgepin {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (also when not a TTY)"
+        "--no-progress",
+        action="store_true",
+        help="no progress bar while publish uploads (there is none when stderr is not a TTY)",
     )
     parser.add_argument(
         "--edge-domain",
