@@ -15,7 +15,7 @@ from provisioner.node import config
 def add_parser(sub: Any) -> None:
     node = sub.add_parser(
         "node",
-        help="node side: enroll, reconcile, status (run by the host image's units)",
+        help="node side: enroll, reconcile, status, pcrs (run by the host image's units)",
         description="Commands that run on the edge node. Paths derive from --root "
         "(default /): <root>/etc/edgepin, <root>/var/lib/edgepin, <root>/run/edgepin. "
         "Settings come from <root>/etc/edgepin/edgepin.conf and EDGEPIN_* variables.",
