@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,16 @@ def probe(env: dict[str, str]) -> dict[str, tuple[str, str]]:
     return {k: (v[0], v[1]) for k, v in json.loads(r.stdout).items()}
 
 
-def child_pytest(tmp_path: Path, env: dict[str, str], *targets: str) -> str:
+def child_pytest(env: dict[str, str], *targets: str) -> str:
+    # a short base: libvirtd's socket path under it must fit a unix socket (108 bytes)
+    base = Path(tempfile.mkdtemp(prefix="edgepin-deb-"))
+    try:
+        return _child_pytest(base, env, *targets)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _child_pytest(base: Path, env: dict[str, str], *targets: str) -> str:
     r = subprocess.run(
         [
             sys.executable,
@@ -55,7 +66,7 @@ def child_pytest(tmp_path: Path, env: dict[str, str], *targets: str) -> str:
             "no:cacheprovider",
             "-W",
             "ignore::DeprecationWarning",
-            f"--basetemp={tmp_path / 'child'}",
+            f"--basetemp={base}",
             *targets,
         ],
         env=env,
@@ -79,19 +90,18 @@ def test_the_node_libraries_are_debians_versions() -> None:
         assert version == pins[dist], (dist, version)
 
 
-def test_tpm_code_on_debian_trixies_libraries(tmp_path: Path) -> None:
+def test_tpm_code_on_debian_trixies_libraries() -> None:
     env = {**os.environ, "PYTHONPATH": str(LIBS)}
-    child_pytest(tmp_path, env, str(ROOT / "tests" / "integration" / "test_tpm.py"))
+    child_pytest(env, str(ROOT / "tests" / "integration" / "test_tpm.py"))
 
 
-def test_node_commands_on_debian_trixies_libraries(tmp_path: Path) -> None:
+def test_node_commands_on_debian_trixies_libraries() -> None:
     """Enrollment, a first guest, nothing to do, an offline reboot, an update, a rollback,
     hostile assignments and a rollback attack, with every `edgepin node ...` process on
     Debian's library versions (the test bed around them on the venv's)."""
     env = {**os.environ, "EDGEPIN_TEST_NODE_PYTHONPATH": str(LIBS)}
     node_tests = ROOT / "tests" / "integration" / "test_node.py"
     child_pytest(
-        tmp_path,
         env,
         f"{node_tests}::test_seed_to_running_guest_then_nothing_to_do",
         f"{node_tests}::test_offline_reboot_update_rollback_and_rollback_attack",
