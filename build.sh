@@ -361,7 +361,8 @@ cmd_image() {
         || die "sealing the root with dm-verity failed"
     log "root sealed with dm-verity: root hash $roothash"
     rm -f "$out/$name.qcow2"
-    qemu-img convert -f raw -O qcow2 "$out/$name.raw" "$out/$name.qcow2"
+    # compressed, as diskimage-builder makes its qcow2
+    qemu-img convert -c -f raw -O qcow2 "$out/$name.raw" "$out/$name.qcow2"
     ((raw)) || rm -f "$out/$name.raw"
     local ca_sum="" pins_sum="" cert_sums=""
     [[ -n "$ca" ]] && ca_sum="$(sha256sum "$ca" | cut -d' ' -f1)"
