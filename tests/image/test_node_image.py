@@ -15,7 +15,8 @@ The scenarios run in order on one node, as a field node would live them:
    libvirt's key material;
 5. someone with the disk edits the root filesystem offline (a unit, in place, on a copy of
    the disk): dm-verity refuses the edited block and the kernel stops; nothing of the
-   node runs;
+   node runs. Without the root hash on the ESP, or with another one, the initramfs stops
+   before mounting any root;
 6. a boot with other firmware (PCR 0 differs from enrollment): the node refuses to
    unseal and says why on the console (and the unedited disk boots through verity);
 7. GRUB's config edited on the disk: PCR 8 and 9 differ, the keys are refused.
@@ -352,6 +353,37 @@ def test_5_a_root_filesystem_edited_offline_is_refused_by_verity(node: Node) -> 
     # nothing of the node ran: no enrollment, no reconcile, no key unsealed, no guest
     for said in ("enrollment:", "reconcile:", "unseal", "started from the local copy"):
         assert said not in console, f"{said!r} on the console of the edited root"
+
+    # the root hash on the ESP removed, then replaced by another one (what goes with a root
+    # of the attacker's): the initramfs stops before any root is mounted, with no shell
+    cfg = disk.esp_file_of(genuine, "EFI/edgepin/verity.cfg", node.vm.workdir)
+    genuine_hash = re.search(rb"set edgepin_roothash=([0-9a-f]{64})", cfg)
+    assert genuine_hash is not None, cfg
+    other = genuine_hash.group(1)[:-1] + (b"0" if genuine_hash.group(1)[-1:] != b"0" else b"1")
+    for label, data, stopped in (
+        ("no-root-hash", None, r"edgepin: verity: no root hash on the kernel command line"),
+        (
+            "other-root-hash",
+            cfg.replace(genuine_hash.group(1), other),
+            r"edgepin: verity: veritysetup could not open|"
+            r"Kernel panic - not syncing: dm-verity device corrupted",
+        ),
+    ):
+        copy = node.vm.workdir / f"{label}.qcow2"
+        shutil.copyfile(genuine, copy)
+        disk.write_esp_file(copy, "EFI/edgepin/verity.cfg", data, node.vm.workdir)
+        try:
+            node.boot(label, disk=copy)
+            node.wait(stopped, BOOT_TIMEOUT)
+            if data is None:
+                node.wait(r"the root filesystem is not opened: the node stops here", 60)
+        finally:
+            node.vm.stop()
+            node.vm.disk = genuine
+            copy.unlink(missing_ok=True)
+        console = node.vm.console()
+        assert re.search(r"EXT4-fs \(dm-\d+\): mounted", console) is None, "a root was mounted"
+        assert "systemd[1]" not in console and "(initramfs)" not in console, node.vm.tail()
 
 
 def test_6_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:

@@ -187,3 +187,40 @@ def esp_file(raw: Path, path: str) -> bytes:
     if r.returncode != 0:
         raise RuntimeError(f"mtype {path} on the ESP: {r.stderr.decode(errors='replace')}")
     return r.stdout
+
+
+def write_esp_file(disk: Path, path: str, data: bytes | None, work: Path) -> None:
+    """Replace (or, with ``data`` None, remove) a file on the ESP of a powered-off disk,
+    with mtools: the FAT filesystem is never mounted."""
+    raw = work / "offline-esp.raw"
+    to_raw(disk, raw)
+    try:
+        offset, _ = partition(raw, "ESP")
+        env = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}
+        target = f"::/{path.strip('/')}"
+        image = f"{raw}@@{offset}"
+        if data is None:
+            subprocess.run(["mdel", "-i", image, target], env=env, check=True, capture_output=True)
+        else:
+            with tempfile.NamedTemporaryFile() as f:
+                f.write(data)
+                f.flush()
+                subprocess.run(
+                    ["mcopy", "-o", "-i", image, f.name, target],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)])
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def esp_file_of(disk: Path, path: str, work: Path) -> bytes:
+    """A file on the ESP of a powered-off disk (qcow2 or raw)."""
+    raw = work / "offline-esp-read.raw"
+    to_raw(disk, raw)
+    try:
+        return esp_file(raw, path)
+    finally:
+        raw.unlink(missing_ok=True)
