@@ -30,6 +30,8 @@ APT_PACKAGES=(
 IMAGE_APT_PACKAGES=(
     debootstrap sudo uuid-runtime parted gdisk dosfstools mtools kpartx
     squashfs-tools qemu-utils jq
+    # sealing the root with dm-verity (veritysetup on loop devices, no device-mapper)
+    cryptsetup-bin
 )
 
 usage() {
@@ -202,9 +204,10 @@ Options:
   --out DIR                output folder (default out/)
   -h, --help               show this help
 
-Outputs: DIR/edgepin-host.qcow2 (+ .raw), edgepin-host.manifest.json,
-edgepin-host.pins.json, edgepin-host.log. SOURCE_DATE_EPOCH (default: the
-time of the last commit) clamps file times for reproducible builds.
+Outputs: DIR/edgepin-host.qcow2 (+ .raw), edgepin-host.manifest.json (with the
+root filesystem's dm-verity root hash), edgepin-host.pins.json, edgepin-host.log.
+SOURCE_DATE_EPOCH (default: the time of the last commit) clamps file times for
+reproducible builds.
 EOF
 }
 
@@ -303,8 +306,9 @@ cmd_image() {
         shims=yes
     fi
 
-    local types=qcow2
-    ((raw)) && types=qcow2,raw
+    # raw first: the root is sealed with dm-verity on the finished disk, then the qcow2
+    # is made from it (and the raw kept only with --raw)
+    local types=raw
     local logfile="$out/$name.log"
     log "diskimage-builder: Debian $release from $mirror; log in $logfile"
     local start=$SECONDS rc=0
@@ -350,6 +354,18 @@ cmd_image() {
         die "diskimage-builder failed (exit $rc) after $((SECONDS - start)) s; full log: $logfile"
     fi
     log "image built in $((SECONDS - start)) s"
+    # dm-verity: hash the root partition into the verity partition, the root hash onto
+    # the ESP (GRUB puts it on the measured kernel command line)
+    local roothash sudo=()
+    # loop devices over the partitions: root, as diskimage-builder's own steps are
+    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    roothash="$(PATH="$path" "${sudo[@]}" "$ROOT/elements/edgepin-readonly/seal-verity" "$out/$name.raw" | tail -1)" \
+        || die "sealing the root with dm-verity failed"
+    log "root sealed with dm-verity: root hash $roothash"
+    rm -f "$out/$name.qcow2"
+    # compressed, as diskimage-builder makes its qcow2
+    qemu-img convert -c -f raw -O qcow2 "$out/$name.raw" "$out/$name.qcow2"
+    ((raw)) || rm -f "$out/$name.raw"
     local ca_sum="" pins_sum="" cert_sums=""
     [[ -n "$ca" ]] && ca_sum="$(sha256sum "$ca" | cut -d' ' -f1)"
     [[ -n "$pins" ]] && pins_sum="$(sha256sum "$pins" | cut -d' ' -f1)"
@@ -362,7 +378,8 @@ cmd_image() {
         --setting "reconcile_interval=$interval" --setting "virt_type=$virt" \
         --setting "health_timeout=$health" --setting "qa_check=$qa" \
         --setting "ca_sha256=$ca_sum" --setting "signing_certs_sha256=${cert_sums%,}" \
-        --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims"
+        --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims" \
+        --verity-root-hash "$roothash"
 }
 
 cmd_test() {

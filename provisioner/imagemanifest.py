@@ -122,6 +122,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "build_requirements_sha256": sha256(reqs) if reqs.exists() else None,
         },
         "elements": elements_used(log),
+        # on the ESP and the kernel command line: GRUB measures it into PCR 8
+        "verity_root_hash": args.verity_root_hash,
     }
 
 
@@ -132,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--elements-dir", type=Path, required=True)
     p.add_argument("--wheel", type=Path, required=True, help="the edgepin wheel in the image")
     p.add_argument("--setting", action="append", default=[], help="KEY=VALUE build input")
+    p.add_argument(
+        "--verity-root-hash", default=None, help="the root filesystem's dm-verity root hash"
+    )
     args = p.parse_args(argv)
     manifest = build(args)
     (args.out / f"{args.name}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

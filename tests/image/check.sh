@@ -29,6 +29,10 @@ report=$(
 echo "EDGEPIN-CHECK system=$(systemctl is-system-running)"
 echo "EDGEPIN-CHECK failed=$(systemctl list-units --failed --plain --no-legend | awk '{print $1}' | paste -sd, -)"
 echo "EDGEPIN-CHECK root=$(findmnt -no OPTIONS / | cut -d, -f1)"
+# the root is the dm-verity device the initramfs opened: its status (V: verified so far,
+# C: a corrupted block was seen) and what it does on corruption
+echo "EDGEPIN-CHECK root-source=$(findmnt -no SOURCE /)"
+echo "EDGEPIN-CHECK verity=$(dmsetup status edgepin-root 2>&1 | awk '{print $3, $4}') $(dmsetup table edgepin-root 2>&1 | grep -o panic_on_corruption)"
 echo "EDGEPIN-CHECK var=$(findmnt -no FSTYPE /var) $(df -BM --output=size /var | tail -1 | tr -d ' ')"
 echo "EDGEPIN-CHECK etc=$(findmnt -no FSTYPE /etc)"
 echo "EDGEPIN-CHECK etc-upper=$(findmnt -no OPTIONS /etc | tr , '\n' | sed -n 's/^upperdir=//p') $(stat -f -c %T /run/edgepin-host/etc)"

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from provisioner.imagemanifest import sha256
 
-PARTS = {3: "root", 4: "state"}  # ext4 partitions of the layout; 1 is the ESP
+# ext4 partitions of the layout; 1 is the ESP, 4 the root's dm-verity hash tree
+PARTS = {3: "root", 5: "state"}
+VERITY_CFG = Path("EFI/edgepin/verity.cfg")  # on the ESP: the root hash
 
 
 def run(args: list[str]) -> str:
@@ -81,6 +83,15 @@ def attached(image: Path, work: Path) -> Iterator[dict[str, dict[str, tuple[obje
         subprocess.run(["losetup", "-d", loop], check=False)
 
 
+def root_hash(cfg: Path) -> str | None:
+    if not cfg.is_file():
+        return None
+    for line in cfg.read_text().splitlines():
+        if line.startswith("set edgepin_roothash="):
+            return line.split("=", 1)[1]
+    return None
+
+
 def compare(a: Path, b: Path) -> dict[str, object]:
     report: dict[str, object] = {"qcow2_identical": sha256(a) == sha256(b)}
     with tempfile.TemporaryDirectory(prefix="edgepin-cmp-") as tmp:
@@ -90,6 +101,10 @@ def compare(a: Path, b: Path) -> dict[str, object]:
             report["raw_identical"] = sha256(Path(tmp) / "a" / "disk.raw") == sha256(
                 Path(tmp) / "b" / "disk.raw"
             )
+            # the root hash covers every byte of the root partition, metadata included
+            report["verity_root_hash"] = [
+                root_hash(Path(tmp) / side / "esp" / VERITY_CFG) for side in ("a", "b")
+            ]
             for part in ta:
                 fa, fb = ta[part], tb[part]
                 differ = sorted(k for k in fa.keys() & fb.keys() if fa[k] != fb[k])
@@ -115,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"qcow2 identical: {report['qcow2_identical']}; raw identical: {report['raw_identical']}")
+    hashes = report["verity_root_hash"]
+    assert isinstance(hashes, list)
+    print(f"verity root hash: {'equal' if hashes[0] == hashes[1] else 'differs'}: {hashes}")
     for part in ("root", "state", "esp"):
         r = report[part]
         assert isinstance(r, dict)

@@ -65,6 +65,7 @@ TIMELINE = {
     # OVMF prints on the serial port; SeaBIOS does not, so BIOS boots start at GRUB
     "firmware": r"BdsDxe|UEFI|SeaBIOS|GRUB|Booting `",
     "kernel": r"Linux version \d",
+    "verity root": r"edgepin: verity: root \S+ opened",
     "state partition": r"edgepin: state partition on /var",
     "systemd": r"systemd\[1\]: .*(Detected|running in system mode)|Welcome to ",
     "cloud-init": r"cloud-init\[\d+\]",
@@ -144,6 +145,13 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     assert got["system"] == "running", f"{got}\n{tail}"
     assert got["failed"] == "", f"failed units: {got['failed']}\n{tail}"
     assert got["root"] == "ro", got
+    # through dm-verity, with the root hash GRUB read from the ESP, and a corrupted block
+    # panics the kernel, which then stays stopped
+    assert got["root-source"] == "/dev/mapper/edgepin-root", got
+    assert got["verity"] == "verity V panic_on_corruption", got
+    cmdline = got["cmdline"].split()
+    assert any(re.fullmatch(r"edgepin\.roothash=[0-9a-f]{64}", a) for a in cmdline), cmdline
+    assert "panic=0" in cmdline, cmdline
     fstype, size = got["var"].split()
     assert fstype == "ext4", got
     # the 4 GiB disk minus ESP, BIOS boot and root: the state partition grew on first boot

@@ -13,8 +13,13 @@ The scenarios run in order on one node, as a field node would live them:
    refused and reported as rejected, and the running guest keeps running;
 4. a power cut: the state partition holds no image passphrase in any form and none of
    libvirt's key material;
-5. a boot with other firmware (PCR 0 differs from enrollment): the node refuses to
-   unseal and says why on the console.
+5. someone with the disk edits the root filesystem offline (a unit, in place, on a copy of
+   the disk): dm-verity refuses the edited block and the kernel stops; nothing of the
+   node runs. Without the root hash on the ESP, or with another one, the initramfs stops
+   before mounting any root;
+6. a boot with other firmware (PCR 0 differs from enrollment): the node refuses to
+   unseal and says why on the console (and the unedited disk boots through verity);
+7. GRUB's config edited on the disk: PCR 8 and 9 differ, the keys are refused.
 Each boot leaves its serial log and a timeline in out/results/node-image/.
 """
 
@@ -51,6 +56,7 @@ INCREMENTAL = True  # one node lives the scenarios in order (see conftest)
 TIMELINE = {
     "firmware": r"BdsDxe|UEFI|SeaBIOS",
     "kernel": r"Linux version \d",
+    "verity root": r"edgepin: verity: root \S+ opened",
     "first-boot unit": r"Start(ing|ed) \S*edgepin-enroll\.service",
     "enrolled": r"enrolled: node ",
     "image verified": r"fetch: image \S+ verified",
@@ -319,7 +325,68 @@ def test_4_the_disk_of_a_node_that_lost_power_holds_no_key(
     assert ledger is not None and v1["image_id"].encode() in ledger
 
 
-def test_5_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:
+def test_5_a_root_filesystem_edited_offline_is_refused_by_verity(node: Node) -> None:
+    node.vm.stop()
+    # someone with the disk (here a copy of it) changes what the reconcile unit runs, in
+    # place: only that file's data block differs, no filesystem metadata, as with dd
+    genuine = node.vm.disk
+    edited = node.vm.workdir / "root-edited.qcow2"
+    shutil.copyfile(genuine, edited)
+    old = b"ExecStartPre=-/usr/bin/edgepin node enroll\nExecStart=/usr/bin/edgepin node reconcile"
+    attack = b'ExecStart=/bin/sh -c "echo EDGEPIN-ATTACK-RAN"\n#'
+    new = attack + b"x" * (len(old) - len(attack))
+    unit = "usr/lib/systemd/system/edgepin-reconcile.service"
+    assert disk.edit_in_place(edited, unit, old, new, node.vm.workdir, "root") == 1
+    try:
+        node.boot("root-edited", disk=edited)
+        # the initramfs opens the root with the genuine root hash from the measured command
+        # line; the first read of the edited block fails its hash and panics the kernel
+        node.wait(r"edgepin: verity: root \S+ opened", BOOT_TIMEOUT)
+        node.wait(r"verity: \S+: data block \d+ is corrupted", BOOT_TIMEOUT)
+        node.wait(r"Kernel panic - not syncing: dm-verity device corrupted", 120)
+    finally:
+        node.vm.stop()
+        node.vm.disk = genuine
+        edited.unlink(missing_ok=True)
+    console = node.vm.console()
+    assert "EDGEPIN-ATTACK-RAN" not in console, "the edited unit ran"
+    # nothing of the node ran: no enrollment, no reconcile, no key unsealed, no guest
+    for said in ("enrollment:", "reconcile:", "unseal", "started from the local copy"):
+        assert said not in console, f"{said!r} on the console of the edited root"
+
+    # the root hash on the ESP removed, then replaced by another one (what goes with a root
+    # of the attacker's): the initramfs stops before any root is mounted, with no shell
+    cfg = disk.esp_file_of(genuine, "EFI/edgepin/verity.cfg", node.vm.workdir)
+    genuine_hash = re.search(rb"set edgepin_roothash=([0-9a-f]{64})", cfg)
+    assert genuine_hash is not None, cfg
+    other = genuine_hash.group(1)[:-1] + (b"0" if genuine_hash.group(1)[-1:] != b"0" else b"1")
+    for label, data, stopped in (
+        ("no-root-hash", None, r"edgepin: verity: no root hash on the kernel command line"),
+        (
+            "other-root-hash",
+            cfg.replace(genuine_hash.group(1), other),
+            r"edgepin: verity: veritysetup could not open|"
+            r"Kernel panic - not syncing: dm-verity device corrupted",
+        ),
+    ):
+        copy = node.vm.workdir / f"{label}.qcow2"
+        shutil.copyfile(genuine, copy)
+        disk.write_esp_file(copy, "EFI/edgepin/verity.cfg", data, node.vm.workdir)
+        try:
+            node.boot(label, disk=copy)
+            node.wait(stopped, BOOT_TIMEOUT)
+            if data is None:
+                node.wait(r"the root filesystem is not opened: the node stops here", 60)
+        finally:
+            node.vm.stop()
+            node.vm.disk = genuine
+            copy.unlink(missing_ok=True)
+        console = node.vm.console()
+        assert re.search(r"EXT4-fs \(dm-\d+\): mounted", console) is None, "a root was mounted"
+        assert "systemd[1]" not in console and "(initramfs)" not in console, node.vm.tail()
+
+
+def test_6_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:
     node.vm.stop()
     # another firmware build: PCR 0 differs from what the node sealed to on first boot
     node.boot("other-firmware", firmware="uefi-other")
@@ -329,22 +396,30 @@ def test_5_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:
     console = node.vm.console()
     assert "started from the local copy" not in console
     assert "switched to image" not in console
+    # the genuine disk, after the edited copy's boot, opens through verity as before
+    assert re.search(r"edgepin: verity: root \S+ opened", console), node.vm.tail()
 
 
-def test_6_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> None:
+def test_7_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> None:
     node.vm.stop()
-    # someone with the disk adds a kernel parameter in grub.cfg on the root partition (the
-    # same change as typing init=/bin/sh at a GRUB prompt, which the locked menu refuses)
-    grub_cfg = disk.read_state_file(node.vm.disk, "boot/grub/grub.cfg", node.vm.workdir, "root")
-    assert grub_cfg is not None, "no /boot/grub/grub.cfg on the root partition"
-    edited, n = re.subn(rb"(\n\s*linux\s+[^\n]*)", rb"\1 edgepin.edited=1", grub_cfg)
-    assert n > 0, "no linux line in grub.cfg"
-    write_state_files(node.vm.disk, {"boot/grub/grub.cfg": edited}, node.vm.workdir, "root")
+    # someone with the disk changes a kernel parameter in grub.cfg on the root partition
+    # (the same change as typing init=/bin/sh at a GRUB prompt, which the locked menu
+    # refuses), in place: GRUB reads the filesystem without verity, and the booted system
+    # never reads grub.cfg, so only the measurement sees it
+    n = disk.edit_in_place(
+        node.vm.disk,
+        "boot/grub/grub.cfg",
+        b" no_timer_check ",
+        b" edgepin.edited ",
+        node.vm.workdir,
+        "root",
+    )
+    assert n > 0, "no no_timer_check on a linux line of grub.cfg"
     node.boot("boot-loader-edited", firmware="uefi")
     node.wait(
         r"(TPM refused to unseal the \S+|TPM's anchor).*measured boot state differs", BOOT_TIMEOUT
     )
     console = node.vm.console()
-    assert "edgepin.edited=1" in console, "the edited command line was not booted"
+    assert "edgepin.edited" in console, "the edited command line was not booted"
     assert "started from the local copy" not in console
     assert "switched to image" not in console

@@ -121,3 +121,106 @@ def scan(
         return sorted(found)
     finally:
         raw.unlink(missing_ok=True)
+
+
+def edit_in_place(
+    disk: Path, path: str, old: bytes, new: bytes, work: Path, name: str = "root"
+) -> int:
+    """Replace ``old`` by ``new`` (the same length) in the data blocks of file ``path`` on
+    partition ``name``, as someone who writes the powered-off disk with dd would: no inode,
+    bitmap, journal or superblock is touched and the filesystem is never opened for
+    writing, so only that file's blocks differ. Returns how many were replaced."""
+    if len(old) != len(new):
+        raise ValueError("an in-place edit keeps the length")
+    raw = work / "offline-inplace.raw"
+    to_raw(disk, raw)
+    try:
+        offset, size = partition(raw, name)
+        dev = _run(
+            [
+                "losetup",
+                "--find",
+                "--show",
+                "--read-only",
+                "-o",
+                str(offset),
+                "--sizelimit",
+                str(size),
+                str(raw),
+            ]
+        ).strip()
+        try:
+            target = "/" + path.strip("/")
+            content = subprocess.run(
+                ["debugfs", "-R", f"cat {target}", dev], capture_output=True, check=True
+            ).stdout
+            blocks = [int(b) for b in _run(["debugfs", "-R", f"blocks {target}", dev]).split()]
+            super_stats = _run(["debugfs", "-R", "stats -h", dev])
+        finally:
+            subprocess.run(["losetup", "-d", dev], check=False)
+        m = re.search(r"Block size:\s+(\d+)", super_stats)
+        if not content or not blocks or m is None:
+            raise RuntimeError(f"debugfs found no {target} on partition {name}")
+        block_size = int(m.group(1))
+        hits = [h.start() for h in re.finditer(re.escape(old), content)]
+        with raw.open("r+b") as f:
+            for start in hits:
+                for i in range(len(old)):
+                    pos = start + i
+                    f.seek(offset + blocks[pos // block_size] * block_size + pos % block_size)
+                    f.write(new[i : i + 1])
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)])
+        return len(hits)
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def esp_file(raw: Path, path: str) -> bytes:
+    """A file on the ESP (partition ``ESP``, vfat) of a raw disk, read with mtools."""
+    offset, _ = partition(raw, "ESP")
+    r = subprocess.run(
+        ["mtype", "-i", f"{raw}@@{offset}", f"::/{path.strip('/')}"],
+        capture_output=True,
+        env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"mtype {path} on the ESP: {r.stderr.decode(errors='replace')}")
+    return r.stdout
+
+
+def write_esp_file(disk: Path, path: str, data: bytes | None, work: Path) -> None:
+    """Replace (or, with ``data`` None, remove) a file on the ESP of a powered-off disk,
+    with mtools: the FAT filesystem is never mounted."""
+    raw = work / "offline-esp.raw"
+    to_raw(disk, raw)
+    try:
+        offset, _ = partition(raw, "ESP")
+        env = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}
+        target = f"::/{path.strip('/')}"
+        image = f"{raw}@@{offset}"
+        if data is None:
+            subprocess.run(["mdel", "-i", image, target], env=env, check=True, capture_output=True)
+        else:
+            with tempfile.NamedTemporaryFile() as f:
+                f.write(data)
+                f.flush()
+                subprocess.run(
+                    ["mcopy", "-o", "-i", image, f.name, target],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)])
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def esp_file_of(disk: Path, path: str, work: Path) -> bytes:
+    """A file on the ESP of a powered-off disk (qcow2 or raw)."""
+    raw = work / "offline-esp-read.raw"
+    to_raw(disk, raw)
+    try:
+        return esp_file(raw, path)
+    finally:
+        raw.unlink(missing_ok=True)

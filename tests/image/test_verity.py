@@ -1,0 +1,144 @@
+"""The built disk's root filesystem is sealed with dm-verity, checked without booting it.
+
+What the boot relies on, read from the disk as it leaves the build: the root hash is on the
+ESP (EFI/edgepin/verity.cfg), GRUB's config on the root sources it and puts it on every
+Linux entry's kernel command line, and the root partition verifies against it with the
+hash tree in the verity partition. One changed byte fails that verification, and sealing
+the same root partition again gives the same root hash (fixed salt). The boot itself:
+tests/image/test_host_image.py (root on /dev/mapper/edgepin-root) and
+tests/image/test_node_image.py (an edited root is refused).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.testbed import disk
+
+pytestmark = pytest.mark.image
+
+REPO = Path(__file__).resolve().parents[2]
+SEAL = REPO / "elements" / "edgepin-readonly" / "seal-verity"
+ESP_FILE = "EFI/edgepin/verity.cfg"
+SALT = "6564676570696e2d726f6f742d7665726974792d73616c742d30303030303031"
+UUID = "6a0e3c5d-8b1f-4e27-9d40-3f5b7c2a1e90"
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=False)
+
+
+def loop(raw: Path, name: str, read_only: bool = True) -> str:
+    offset, size = disk.partition(raw, name)
+    args = ["losetup", "--find", "--show", "-o", str(offset), "--sizelimit", str(size)]
+    r = run([*args, *(["--read-only"] if read_only else []), str(raw)])
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def raw(host_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("verity") / "disk.raw"
+    disk.to_raw(host_image, path)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def root_hash_on_esp(raw: Path) -> str:
+    cfg = disk.esp_file(raw, ESP_FILE).decode()
+    found = re.findall(r"^set edgepin_roothash=([0-9a-f]{64})$", cfg, re.M)
+    assert len(found) == 1, f"{ESP_FILE} on the ESP:\n{cfg}"
+    return found[0]
+
+
+def verify(raw: Path, root_hash: str) -> subprocess.CompletedProcess[str]:
+    data, hashes = loop(raw, "root"), loop(raw, "verity")
+    try:
+        return run(["veritysetup", "verify", data, hashes, root_hash])
+    finally:
+        run(["losetup", "-d", data])
+        run(["losetup", "-d", hashes])
+
+
+def test_the_root_verifies_against_the_root_hash_on_the_esp(raw: Path, host_image: Path) -> None:
+    root_hash = root_hash_on_esp(raw)
+    r = verify(raw, root_hash)
+    assert r.returncode == 0, f"veritysetup verify: {r.stdout}{r.stderr}"
+    # the hash tree's superblock: the fixed salt and uuid, sha256, 4 KiB blocks
+    hashes = loop(raw, "verity")
+    try:
+        dump = run(["veritysetup", "dump", hashes]).stdout
+    finally:
+        run(["losetup", "-d", hashes])
+    assert re.search(rf"^Salt:\s+{SALT}$", dump, re.M), dump
+    assert re.search(rf"^UUID:\s+{UUID}$", dump, re.M), dump
+    assert re.search(r"^Hash algorithm:\s+sha256$", dump, re.M), dump
+    assert re.search(r"^Data block size:\s+4096$", dump, re.M), dump
+    # the data blocks cover the whole root partition
+    _, size = disk.partition(raw, "root")
+    assert re.search(rf"^Data blocks:\s+{size // 4096}$", dump, re.M), dump
+    # and the build's manifest records the same hash
+    manifest = host_image.with_name("edgepin-host.manifest.json")
+    if manifest.exists():
+        assert json.loads(manifest.read_text())["verity_root_hash"] == root_hash
+
+
+def test_grub_puts_the_root_hash_on_every_linux_command_line(raw: Path) -> None:
+    dev = loop(raw, "root")
+    try:
+        r = subprocess.run(
+            ["debugfs", "-R", "cat /boot/grub/grub.cfg", dev], capture_output=True, check=False
+        )
+    finally:
+        run(["losetup", "-d", dev])
+    cfg = r.stdout.decode()
+    assert 'source "(${edgepin_disk},gpt1)/EFI/edgepin/verity.cfg"' in cfg, cfg[:3000]
+    # the hash is empty unless the ESP's file sets it: no file, no root (the initramfs stops)
+    assert (
+        cfg.index("set edgepin_roothash=\n")
+        < cfg.index("source ")
+        < cfg.index("export edgepin_roothash")
+    )
+    linux = re.findall(r"^\s*linux\s.*$", cfg, re.M)
+    assert linux, "no linux line in grub.cfg"
+    for line in linux:
+        assert "edgepin.roothash=${edgepin_roothash}" in line.split(), line
+        assert "panic=0" in line.split(), line
+    # the ESP is partition 1 of the same disk
+    table = json.loads(run(["sfdisk", "--json", str(raw)]).stdout)["partitiontable"]
+    assert table["partitions"][0]["name"] == "ESP"
+
+
+def test_one_changed_byte_of_the_root_fails_verification(raw: Path, tmp_path: Path) -> None:
+    root_hash = root_hash_on_esp(raw)
+    copy = tmp_path / "edited.raw"
+    subprocess.run(["cp", "--sparse=always", str(raw), str(copy)], check=True)
+    offset, size = disk.partition(copy, "root")
+    with copy.open("r+b") as f:
+        # a byte in the middle of the partition, whatever is there (free space included)
+        f.seek(offset + size // 2 + 123)
+        byte = f.read(1)
+        f.seek(offset + size // 2 + 123)
+        f.write(bytes([byte[0] ^ 0x01]))
+    r = verify(copy, root_hash)
+    said = (r.stdout + r.stderr).lower()
+    assert r.returncode != 0, "veritysetup verify accepted a changed root partition"
+    assert "verification failed" in said or "corrupted" in said, said
+
+
+def test_sealing_the_same_root_again_gives_the_same_root_hash(raw: Path, tmp_path: Path) -> None:
+    """The sealing step is deterministic: fixed salt and uuid. Two whole builds do not
+    give the same root partition yet (docs/host-image.md#reproducibility), so their root
+    hashes differ; this is the part of the chain that does not add a difference."""
+    copy = tmp_path / "again.raw"
+    subprocess.run(["cp", "--sparse=always", str(raw), str(copy)], check=True)
+    r = run([str(SEAL), str(copy)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == root_hash_on_esp(raw)
+    assert disk.esp_file(copy, ESP_FILE) == disk.esp_file(raw, ESP_FILE)
