@@ -67,6 +67,8 @@ FOREIGN_OPTIONS = {
     "--mount": "unshare",
     "--object": "qemu-img",
     "--offset": "mkfs.vfat and syslinux",
+    "--hash-offset": "veritysetup",
+    "--panic-on-corruption": "veritysetup",
     "--removable": "grub-install",
     "--system-site-packages": "python3 -m venv",
     "--unrestricted": "GRUB's menuentry",
