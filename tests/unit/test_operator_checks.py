@@ -3,15 +3,12 @@ unexpected application credentials."""
 
 from __future__ import annotations
 
-import datetime
 import uuid
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,6 +17,7 @@ from provisioner.errors import ImageError, UsageError
 from provisioner.operator import imagesecrets, status, urls
 from provisioner.operator.imagesecrets import SecretBindingError
 from provisioner.signing import fingerprint
+from tests.certs import self_signed
 
 pytestmark = pytest.mark.unit
 
@@ -29,23 +27,7 @@ CERT = str(uuid.uuid4())
 PRIVATE = str(uuid.uuid4())
 
 
-def _cert() -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-
-
-CERTIFICATE = _cert()
+CERTIFICATE = self_signed(ec.generate_private_key(ec.SECP256R1()), "t")
 PEM = CERTIFICATE.public_bytes(serialization.Encoding.PEM)
 
 
