@@ -423,3 +423,25 @@ def test_7_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> N
     assert "edgepin.edited" in console, "the edited command line was not booted"
     assert "started from the local copy" not in console
     assert "switched to image" not in console
+
+
+def test_8_the_disk_booted_with_another_tpm_gives_nothing(
+    node: Node, vm_tpms: SwtpmFactory
+) -> None:
+    """The node's disk in another machine: a TPM that holds none of the node's keys and no
+    anchor. Nothing unseals, the ledger is not trusted, the seed on the disk cannot enroll
+    it (its bootstrap credential is wrapped for the node's own EK), no guest starts."""
+    node.vm.stop()
+    genuine = node.vm.tpm
+    try:
+        node.boot("another-tpm", firmware="uefi", tpm=vm_tpms.create(f"{node.name}-other"))
+        # printed by the reconcile (the enrollment retried before it cannot enroll here)
+        node.wait(r"the TPM holds no edgepin anchor", BOOT_TIMEOUT)
+    finally:
+        node.vm.stop()
+        node.vm.tpm = genuine
+    console = node.vm.console()
+    assert "enrollment passed" not in console, "the node enrolled on another TPM"
+    assert "started from the local copy" not in console
+    assert "switched to image" not in console
+    assert "fetch: image" not in console
