@@ -23,10 +23,6 @@ from provisioner.errors import (
 )
 from provisioner.node.model import Assignment, Ledger
 
-# how long Keystone must have refused the node's credential before the node destroys its
-# keys (EDGEPIN_REVOKE_GRACE); an unreachable control plane never counts
-DEFAULT_REVOKE_GRACE = 3600.0
-
 
 class Step(enum.StrEnum):
     KEEP = "keep"  # nothing new: keep the current guest running

@@ -23,7 +23,16 @@ LOG = logging.getLogger(__name__)
 
 
 def sealed_path(cfg: NodeConfig, image_id: str) -> Path:
-    return cfg.state_dir / "keys" / f"{image_id}.sealed"
+    return keys_dir(cfg) / f"{image_id}.sealed"
+
+
+def keys_dir(cfg: NodeConfig) -> Path:
+    return cfg.state_dir / "keys"
+
+
+def sealed_ids(cfg: NodeConfig) -> set[str]:
+    """The image ids that have a sealed key blob on the disk."""
+    return {p.stem for p in keys_dir(cfg).glob("*.sealed")}
 
 
 def blob_sha256(cfg: NodeConfig, image_id: str) -> str | None:

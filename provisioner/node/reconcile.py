@@ -48,7 +48,6 @@ from provisioner.node.model import (
 LOG = logging.getLogger(__name__)
 
 COUNTERS_NAME = "counters.json"
-HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def check_local_copy(cfg: NodeConfig, known: ImageRecord | None, image_id: str) 
     size = 0
     try:
         with path.open("rb") as f:
-            while chunk := f.read(HASH_CHUNK):
+            while chunk := f.read(fetch.CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
     except FileNotFoundError:
@@ -424,9 +423,7 @@ class Run:
         Keystone refuses it, and only a new enrollment makes the node useful again."""
         led = self._ledger()
         domain.stop(self.cfg, self.conn)
-        destroyed = sorted(
-            {*led.images, *(p.stem for p in (self.cfg.state_dir / "keys").glob("*.sealed"))}
-        )
+        destroyed = sorted({*led.images, *keys.sealed_ids(self.cfg)})
         for image_id in destroyed:
             self.forget(image_id)
         for path in self.cfg.images_dir.glob("*.partial"):
