@@ -14,6 +14,7 @@ from typing import Any
 
 from keystoneauth1 import exceptions as ksa_exc
 
+from provisioner import transport
 from provisioner.errors import (
     AuthError,
     EdgepinError,
@@ -42,6 +43,7 @@ def connect(args: argparse.Namespace) -> Any:
         try:
             region = OpenStackConfig().get_one(argparse=args)
             conn = openstack.connection.Connection(config=region, app_name="edgepin")
+            transport.install(conn.session.session)
         except (sdk_exc.ConfigException, ksa_exc.MissingRequiredOptions) as e:
             raise UsageError(
                 f"cannot load cloud configuration: {e}",
@@ -108,10 +110,21 @@ def translate(service: str, what: str = "") -> Iterator[None]:
 def _translated(subject: str, e: Exception) -> EdgepinError | None:
     # openstacksdk's exceptions can only have been raised if openstacksdk was imported
     sdk_exc = sys.modules.get("openstack.exceptions")
+    if transport.verification_failed(e):
+        return ServiceUnavailableError(
+            f"{subject}: TLS verification failed ({transport.describe(e)})",
+            hint="check the CA bundle (cacert in clouds.yaml or --os-cacert)",
+        )
+    if transport.connection_broke(e):
+        return ServiceUnavailableError(
+            f"{subject}: unreachable (the connection broke: {transport.describe(e)})",
+            hint="the service closed the connection before it answered; "
+            "if it keeps happening, look at its load and its logs",
+        )
     if isinstance(e, ksa_exc.SSLError):
         return ServiceUnavailableError(
-            f"{subject}: TLS verification failed ({_first_line(e)})",
-            hint="check the CA bundle (cacert in clouds.yaml or --os-cacert)",
+            f"{subject}: TLS failed ({transport.describe(e)})",
+            hint="is the URL the service's https:// endpoint?",
         )
     if isinstance(e, (ksa_exc.ConnectFailure, ksa_exc.ConnectTimeout, ksa_exc.DiscoveryFailure)):
         return ServiceUnavailableError(f"{subject}: unreachable ({_first_line(e)})")

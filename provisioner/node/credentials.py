@@ -32,7 +32,7 @@ from keystoneauth1 import exceptions as ksa_exc
 from keystoneauth1 import session as ksa_session
 from keystoneauth1.identity import v3
 
-from provisioner import seed, tpm
+from provisioner import seed, tpm, transport
 from provisioner.cloud import translate
 from provisioner.errors import AuthError, ConfigError, TrustError
 from provisioner.node import ledger, state
@@ -107,7 +107,9 @@ def make_session(ident: Identity, cred_id: str, secret: str, timeout: float) -> 
         application_credential_id=cred_id,
         application_credential_secret=secret,
     )
-    return ksa_session.Session(auth=auth, verify=str(ident.ca_file), timeout=timeout)
+    sess = ksa_session.Session(auth=auth, verify=str(ident.ca_file), timeout=timeout)
+    transport.install(sess.session)
+    return sess
 
 
 def _unseal(
