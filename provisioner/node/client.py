@@ -64,6 +64,11 @@ class NodeClient:
         url = f"{self.ident.auth_url}/projects/{self.ident.project_id}"
         try:
             r = self.sess.get(url, raise_exc=False)
+            if r.status_code == 404 and self.sess.invalidate():
+                # Keystone answers 404, not 401, to a token whose application credential
+                # was deleted: ask again with a new token, which a deleted credential
+                # cannot get (a project that is really gone stays 404)
+                r = self.sess.get(url, raise_exc=False)
         except (ksa_exc.Unauthorized, ksa_exc.NotFound):
             # raised while authenticating: the application credential is gone or disabled
             raise CredentialRefused("authentication") from None

@@ -35,7 +35,7 @@ from keystoneauth1.identity import v3
 from provisioner import seed, tpm, transport
 from provisioner.cloud import translate
 from provisioner.errors import AuthError, ConfigError, TrustError
-from provisioner.node import ledger, state
+from provisioner.node import ledger, state, token
 from provisioner.node.config import NodeConfig
 from provisioner.node.model import Enrollment, Ledger
 
@@ -370,4 +370,5 @@ def node_session(cfg: NodeConfig, record: Enrollment) -> tuple[Identity, Any]:
     node_secret = _unseal(cfg, blob, "node credential").decode()
     sess = make_session(ident, cred_id, node_secret, cfg.http_timeout)
     del node_secret
+    token.restore(cfg.run_dir, sess.auth, cred_id, ident.auth_url)
     return ident, sess

@@ -29,7 +29,7 @@ from provisioner.errors import (
     TrustError,
     VerificationError,
 )
-from provisioner.node import credentials, domain, fetch, keys, ledger, report, state
+from provisioner.node import credentials, domain, fetch, keys, ledger, report, state, token
 from provisioner.node.client import NodeClient
 from provisioner.node.config import NodeConfig
 from provisioner.node.decide import Observed, Plan, Step, decide
@@ -202,6 +202,15 @@ class Run:
             LOG.error("reconcile: %s", e.message)
             return Outcome(State.REFUSED, e.message, e)
         self.client = NodeClient(sess, ident)
+        try:
+            return self._with_libvirt()
+        finally:
+            token.keep(
+                cfg.run_dir, sess.auth, self._ledger().enrollment.credential_id, ident.auth_url
+            )
+
+    def _with_libvirt(self) -> Outcome:
+        cfg = self.cfg
         try:
             self.conn = domain.connect(cfg)
         except GuestError as e:  # libvirtd down: nothing to start the guest with

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,5 +108,9 @@ def virtual_node(
     name = f"n{secrets.token_hex(4)}"
     root = run_dir / "nodes" / name
     root.mkdir(parents=True)
+    # a node's /run is in memory (tmpfs), and the node keeps its token only there
+    memory = Path(tempfile.mkdtemp(prefix=f"edgepin-{name}-", dir="/dev/shm"))
+    (root / "run").symlink_to(memory)
     node = VirtualNode(name, root, swtpm, libvirtd)
     yield node
+    shutil.rmtree(memory, ignore_errors=True)

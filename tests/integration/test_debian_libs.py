@@ -95,6 +95,18 @@ def test_tpm_code_on_debian_trixies_libraries() -> None:
     child_pytest(env, str(ROOT / "tests" / "integration" / "test_tpm.py"))
 
 
+def test_transport_and_kept_token_on_debian_trixies_libraries() -> None:
+    """The retrying adapter on Debian's requests, urllib3 and tenacity; the kept token on
+    its keystoneauth1 (real TLS connections on loopback; keystoneauth's identity plugin)."""
+    env = {**os.environ, "PYTHONPATH": str(LIBS)}
+    child_pytest(
+        env,
+        str(ROOT / "tests" / "integration" / "test_transport.py"),
+        str(ROOT / "tests" / "unit" / "test_transport.py"),
+        str(ROOT / "tests" / "unit" / "test_token.py"),
+    )
+
+
 def test_node_commands_on_debian_trixies_libraries() -> None:
     """Enrollment, a first guest, nothing to do, an offline reboot, an update, a rollback,
     hostile assignments and a rollback attack, with every `edgepin node ...` process on
@@ -105,4 +117,5 @@ def test_node_commands_on_debian_trixies_libraries() -> None:
         env,
         f"{node_tests}::test_seed_to_running_guest_then_nothing_to_do",
         f"{node_tests}::test_offline_reboot_update_rollback_and_rollback_attack",
+        f"{node_tests}::test_the_node_keeps_its_token_in_memory_and_a_deleted_credential_stops_at_once",
     )

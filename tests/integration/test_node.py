@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import libvirt
 import pytest
 
 from provisioner import tpm
+from provisioner.node import token
 from tests.integration.conftest import Signer
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.node import VirtualNode, run_edgepin
@@ -179,6 +181,62 @@ def test_seed_to_running_guest_then_nothing_to_do(
 
     with pytest.raises((exceptions.Unauthorized, exceptions.NotFound)):
         node.bootstrap_session(controlplane.ca_path).get_token()
+
+
+def keystone_requests(controlplane: ControlPlane) -> list[str]:
+    """The request lines in Keystone's access log so far, e.g. "POST /v3/auth/tokens"."""
+    log = controlplane.run_dir / "keystone" / "access.log"
+    return [m.group(1) for m in re.finditer(r'"([A-Z]+ /[^ "]*)', log.read_text())]
+
+
+def test_the_node_keeps_its_token_in_memory_and_a_deleted_credential_stops_at_once(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    admin: Any,
+    controlplane: ControlPlane,
+) -> None:
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    ok(node.node("reconcile"))  # issues the token and keeps it
+    kept = node.root / "run/edgepin/token.json"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert token.filesystem_of(kept) == "tmpfs"
+    token_id = json.loads(json.loads(kept.read_text())["auth_state"])["auth_token"]
+    assert status(node)["state"] == "waiting"
+
+    # a reconcile with nothing to do: one request to Keystone, with the kept token
+    before = len(keystone_requests(controlplane))
+    ok(node.node("reconcile"))
+    project = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())
+    assert keystone_requests(controlplane)[before:] == [f"GET /v3/projects/{project['project_id']}"]
+    assert json.loads(json.loads(kept.read_text())["auth_state"])["auth_token"] == token_id
+    # the token never reaches the disk, the logs or a command line
+    paths = [node.root / "var", node.root / "test-logs", node.libvirtd.base_dir]
+    assert scan(paths, [token_id.encode()]) == []
+
+    # a kept token of another credential is not used (a state copied from another node)
+    doc = json.loads(kept.read_text())
+    kept.write_text(json.dumps({**doc, "credential_id": "another"}))
+    before = len(keystone_requests(controlplane))
+    ok(node.node("reconcile"))
+    assert keystone_requests(controlplane)[before:][0] == "POST /v3/auth/tokens"
+
+    # the operator deletes the node's credential: Keystone revokes its tokens, and the
+    # next reconcile is refused although the node still holds one
+    [cred] = app_credentials(admin, node)
+    admin.identity.delete(f"/users/{project['user_id']}/application_credentials/{cred['id']}")
+    r = node.node("reconcile")
+    assert r.returncode == 4, r.stdout + r.stderr
+    st = status(node)
+    assert (st["state"], st["error"], st["details"]) == (
+        "offline",
+        "auth",
+        {"status": "authentication"},
+    ), st
+    assert not kept.exists()  # an invalidated token is forgotten
 
 
 def test_offline_reboot_update_rollback_and_rollback_attack(
