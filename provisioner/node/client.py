@@ -8,7 +8,10 @@ errors through :func:`provisioner.cloud.translate`; HTTP answers through :func:`
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from keystoneauth1 import exceptions as ksa_exc
@@ -28,12 +31,43 @@ from provisioner.node.credentials import Identity
 LOG = logging.getLogger(__name__)
 
 
-def check(status: int, service: str, what: str, ok: tuple[int, ...] = (200,)) -> None:
+RETRY_AFTER_MAX = 3600.0
+"""The longest pause a Retry-After can ask of the node (an hour, like its own back-off)."""
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), at most
+    :data:`RETRY_AFTER_MAX`; None when there is none or it says nothing usable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit() and len(text) <= 12:
+        seconds = float(text)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None or when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - now
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
+
+
+def check(
+    status: int,
+    service: str,
+    what: str,
+    ok: tuple[int, ...] = (200,),
+    headers: Mapping[str, str] | None = None,
+) -> None:
     """The one mapping from an HTTP status to an edgepin error (nothing for ``ok``).
 
     401 and 403 are refusals of access, never a verdict on an image: access can come back
     (an ACL being rewritten, a token renewed), so they are :class:`AuthError`. 404 is
-    :class:`NotFoundError`; 5xx and anything unexpected mean the service is not usable now.
+    :class:`NotFoundError`; 429, 5xx and anything unexpected mean the service is not usable
+    now (:class:`ServiceUnavailableError`; ``busy`` for 429 and 5xx, with the server's
+    ``Retry-After`` in seconds when it sent one, so that the node backs off).
     """
     if status in ok:
         return
@@ -44,8 +78,12 @@ def check(status: int, service: str, what: str, ok: tuple[int, ...] = (200,)) ->
         raise AuthError(f"{subject}: forbidden (403)", status=status)
     if status == 404:
         raise NotFoundError(f"{subject}: not found", status=status)
-    if status >= 500:
-        raise ServiceUnavailableError(f"{subject}: server error {status}", status=status)
+    if status == 429 or status >= 500:
+        pause = parse_retry_after((headers or {}).get("Retry-After"), time.time())
+        said = "too many requests" if status == 429 else "server error"
+        raise ServiceUnavailableError(
+            f"{subject}: {said} {status}", status=status, busy=True, retry_after=pause
+        )
     raise ServiceUnavailableError(f"{subject}: unexpected status {status}", status=status)
 
 
@@ -72,13 +110,22 @@ class NodeClient:
         except (ksa_exc.Unauthorized, ksa_exc.NotFound):
             # raised while authenticating: the application credential is gone or disabled
             raise CredentialRefused("authentication") from None
+        except ksa_exc.HttpError as e:  # while authenticating: Keystone busy or broken
+            response = getattr(e, "response", None)
+            check(
+                e.http_status or 500,
+                "keystone",
+                "authentication",
+                headers=getattr(response, "headers", None),
+            )
+            raise  # pragma: no cover: check raises for every status an HttpError has
         except ksa_exc.ClientException as e:
             raise ServiceUnavailableError(
                 f"control plane unreachable ({type(e).__name__})"
             ) from None
         if r.status_code in (401, 403):
             raise CredentialRefused(r.status_code)
-        check(r.status_code, "keystone", "the node's project")
+        check(r.status_code, "keystone", "the node's project", headers=r.headers)
         try:
             raw = r.json()["project"].get(model.ASSIGNMENT_ATTR)
         except (ValueError, KeyError, AttributeError, TypeError):
@@ -96,7 +143,7 @@ class NodeClient:
                 f"assigned image {image_id} does not exist or is not shared with us",
                 image_id=image_id,
             )
-        check(r.status_code, "glance", f"image {image_id}")
+        check(r.status_code, "glance", f"image {image_id}", headers=r.headers)
         try:
             image = r.json()
         except ValueError:
@@ -132,7 +179,7 @@ class NodeClient:
                 headers={"Accept": accept},
                 raise_exc=False,
             )
-        check(r.status_code, "barbican", f"secret {secret_id}")
+        check(r.status_code, "barbican", f"secret {secret_id}", headers=r.headers)
         return bytes(r.content)
 
     def set_member_status(self, image_id: str, status: model.MemberStatus) -> bool:
@@ -145,7 +192,7 @@ class NodeClient:
                     json={"status": str(status)},
                     raise_exc=False,
                 )
-            check(r.status_code, "glance", f"member status of {image_id}")
+            check(r.status_code, "glance", f"member status of {image_id}", headers=r.headers)
         except EdgepinError as e:  # reporting never breaks the node; the local status has it
             LOG.warning("report: member status %s for %s not set: %s", status, image_id, e.message)
             return False

@@ -83,3 +83,32 @@ def decide(ledger: Ledger, refused_since: float | None, seen: Observed, grace: f
         # a new image, or the current one whose local copy failed a check
         return Plan(Step.UPDATE, seen_now, None, assignment=a)
     return Plan(Step.KEEP, replace(seen_now, current=current.at(a.generation)), None)
+
+
+BACKOFF_FIRST = 60.0
+"""The first pause after a busy answer (429, 5xx) without ``Retry-After``; it doubles."""
+BACKOFF_MAX = 3600.0
+"""The longest pause, whatever the control plane says or the clock does."""
+
+
+def quiet(quiet_until: float | None, now: float) -> bool:
+    """Whether the node is still pausing its requests (a pause longer than
+    :data:`BACKOFF_MAX` from now is a clock that jumped back, and is over)."""
+    return quiet_until is not None and now < quiet_until <= now + BACKOFF_MAX
+
+
+def back_off(
+    streak: int, error: EdgepinError | None, now: float, spread: float
+) -> tuple[float | None, int]:
+    """After a run that asked the control plane: until when to ask nothing, and the count of
+    busy answers in a row. A busy answer (429, 5xx) pauses the node for its ``Retry-After``
+    or, without one, for :data:`BACKOFF_FIRST` doubled at each busy answer in a row up to
+    :data:`BACKOFF_MAX`, times a random factor between 0.5 and 1 (``spread`` in [0, 1]) so
+    that a site's nodes do not come back in the same second. Any other outcome ends it."""
+    if error is None or error.fields.get("busy") is not True:
+        return None, 0
+    streak = min(max(streak, 0) + 1, 32)
+    pause = error.fields.get("retry_after")
+    if not isinstance(pause, int | float) or isinstance(pause, bool) or not 0 <= pause:
+        pause = min(BACKOFF_FIRST * 2 ** (streak - 1), BACKOFF_MAX) * (0.5 + min(spread, 1) / 2)
+    return now + min(float(pause), BACKOFF_MAX), streak

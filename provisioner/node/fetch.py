@@ -347,7 +347,11 @@ def fetch(
         try:
             # a 401/403 is access refused for now (AuthError), not a verdict on the image
             check(
-                r.status_code, "glance", f"download of {image_id}", (206,) if offset else (200, 206)
+                r.status_code,
+                "glance",
+                f"download of {image_id}",
+                (206,) if offset else (200, 206),
+                r.headers,
             )
         except NotFoundError:
             r.close()

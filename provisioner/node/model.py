@@ -190,6 +190,9 @@ class Counters:
     fetching: str | None = None  # the partial download in progress
     # since when Keystone has refused the node's credential, without a success since
     refused_since: float | None = None
+    # a busy control plane (429, 5xx): no request before this moment; how many in a row
+    quiet_until: float | None = None
+    busy_streak: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,8 +210,9 @@ class Counters:
         def moment(value: Any) -> bool:
             return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
 
-        if count(raw.get("bytes_fetched_total")):
-            counters.bytes_fetched_total = raw["bytes_fetched_total"]
+        for name in ("bytes_fetched_total", "busy_streak"):
+            if count(raw.get(name)):
+                setattr(counters, name, raw[name])
         for name, valid in (("failures", count), ("reported", lambda v: v in set(MemberStatus))):
             value = raw.get(name)
             if isinstance(value, dict):
@@ -217,7 +221,7 @@ class Counters:
                     name,
                     {k: v for k, v in value.items() if isinstance(k, str) and valid(v)},
                 )
-        for name in ("last_success", "refused_since"):
+        for name in ("last_success", "refused_since", "quiet_until"):
             if moment(raw.get(name)):
                 setattr(counters, name, float(raw[name]))
         if isinstance(raw.get("fetching"), str):

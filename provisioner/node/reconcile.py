@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,7 +33,7 @@ from provisioner.errors import (
 from provisioner.node import credentials, domain, fetch, keys, ledger, report, state, token
 from provisioner.node.client import NodeClient
 from provisioner.node.config import NodeConfig
-from provisioner.node.decide import Observed, Plan, Step, decide
+from provisioner.node.decide import Observed, Plan, Step, back_off, decide, quiet
 from provisioner.node.model import (
     Assignment,
     Counters,
@@ -146,6 +147,13 @@ def reconcile(cfg: NodeConfig) -> Outcome:
         if outcome.error is not None:
             kind = str(outcome.error.reason)
             counters.failures[kind] = counters.failures.get(kind, 0) + 1
+        if run.client is not None and not run.paused:
+            counters.quiet_until, counters.busy_streak = back_off(
+                counters.busy_streak,
+                outcome.error,
+                time.time(),
+                random.random(),  # noqa: S311
+            )
         try:
             run.save()
         except EdgepinError as e:
@@ -165,6 +173,7 @@ class Run:
         self.ledger: Ledger | None = None  # set once the TPM vouched for it
         self.client: NodeClient | None = None
         self.conn: Any = None
+        self.paused = False  # the control plane was busy: this run asked it nothing
 
     # ------------------------------------------------------------------ records
     def save(self) -> None:
@@ -226,6 +235,15 @@ class Run:
             self.conn.close()
 
     def observe(self) -> Observed:
+        now = time.time()
+        if quiet(self.counters.quiet_until, now):
+            self.paused = True
+            until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.counters.quiet_until))
+            pause = ServiceUnavailableError(
+                f"the control plane was busy; the node asks it nothing before {until}",
+                quiet_until=until,
+            )
+            return Observed(now, problem=pause)
         try:
             return Observed(time.time(), assignment=self._client().assignment())
         except EdgepinError as e:  # refused, unreachable, or an assignment that is no record

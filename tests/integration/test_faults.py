@@ -525,9 +525,33 @@ def test_glance_5xx_and_slow(
     case("glance-5xx")
     pub = publish(version="5xx")
     assign(cli_env, bed.node, pub["image_id"])
+    counters = bed.node.root / "var/lib/edgepin/counters.json"
     with image_endpoint(admin, proxy.url):
+        # a busy Glance without Retry-After: the node pauses 30-60 s (a random part of
+        # the first 60 s back-off), the guest keeps running
         proxy.fault = ("status", 503)
+        before = time.time()
         refused(bed, bed.node.node("reconcile"), 5, "server error 503")
+        kept = json.loads(counters.read_text())
+        assert kept["busy_streak"] == 1
+        assert before + 30 <= kept["quiet_until"] <= time.time() + 60, kept
+        case("glance-busy-retry-after")
+        # the same with Retry-After: 3; a second busy answer in a row, the server's pause
+        proxy.fault = ("status", (503, {"Retry-After": "3"}))
+        counters.write_text(json.dumps({**kept, "quiet_until": None}))
+        before = time.time()
+        refused(bed, bed.node.node("reconcile"), 5, "server error 503")
+        kept = json.loads(counters.read_text())
+        assert kept["busy_streak"] == 2
+        assert before + 3 <= kept["quiet_until"] <= time.time() + 3, kept
+        # while it pauses the node asks nothing of anyone, and its guest runs
+        seen = len(proxy.seen)
+        r = bed.node.node("reconcile")
+        assert r.returncode == 0, r.stdout + r.stderr
+        st = status(bed.node)
+        assert st["state"] == "offline" and "asks it nothing before" in st["reason"], st
+        assert len(proxy.seen) == seen and guest_image(bed.node) == current(bed)
+        time.sleep(max(0.0, kept["quiet_until"] - time.time()) + 0.5)
         case("glance-slow")
         proxy.fault = ("slow", 2 * 1024 * 1024)
         r = bed.node.node("reconcile")

@@ -142,8 +142,12 @@ class FaultProxy:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
         if fault and fault[0] == "status":
-            seen.status = int(fault[1])
-            h.send_response(int(fault[1]))
+            # ("status", 503) or ("status", (503, {"Retry-After": "3"}))
+            code, extra = (fault[1], {}) if isinstance(fault[1], int) else fault[1]
+            seen.status = int(code)
+            h.send_response(int(code))
+            for k, v in extra.items():
+                h.send_header(k, v)
             h.send_header("Content-Length", "0")
             h.end_headers()
             return

@@ -249,6 +249,7 @@ class _Answer:
         self.status_code = status
         self.body = body
         self.content = b""
+        self.headers: dict[str, str] = {}
 
     def json(self) -> Any:
         return self.body

@@ -49,6 +49,7 @@ class Response:
     def __init__(self, status: int, body: bytes) -> None:
         self.status_code = status
         self.body = body
+        self.headers: dict[str, str] = {}
 
     def iter_content(self, chunk_size: int) -> Iterator[bytes]:
         for i in range(0, len(self.body), chunk_size):

@@ -137,6 +137,7 @@ class Response:
     def __init__(self, status: int, chunks: Iterator[bytes]) -> None:
         self.status_code = status
         self.chunks = chunks
+        self.headers: dict[str, str] = {}
 
     def iter_content(self, chunk_size: int) -> Iterator[bytes]:
         return self.chunks
@@ -409,6 +410,7 @@ class _Refusing:
     def __init__(self, status: int) -> None:
         self.status_code = status
         self.closed = False
+        self.headers: dict[str, str] = {}
 
     def get(self, *args: Any, **kwargs: Any) -> _Refusing:
         return self
