@@ -22,6 +22,8 @@ APT_PACKAGES=(
     # building the Python bindings (tpm2-pytss, libvirt-python)
     pkg-config gcc
     openssl curl ca-certificates time
+    # the test bed's cache (Keystone, and the token caches of Glance and Barbican)
+    memcached
     # the Ceph tier: a single-node cluster under Glance (tests/testbed/ceph.py)
     ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd
 )

@@ -48,7 +48,7 @@ class Bed:
     signer: Signer | None = None
 
     def up(self) -> None:
-        self.cp = ControlPlane(self.run_dir / "controlplane", store=self.store)
+        self.cp = ControlPlane(self.run_dir / "controlplane", store=self.store, shape="plain")
         try:
             self.cp.up(default_template_root())
         except Exception:

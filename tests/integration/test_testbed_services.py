@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import sqlite3
 from typing import Any
 
 import pytest
@@ -110,3 +111,51 @@ def test_application_credential_access_rules(controlplane: ControlPlane, make_us
     barbican = controlplane.url("barbican")
     refused_kv = sess.get(f"{barbican}/v1/secrets", raise_exc=False)
     assert refused_kv.status_code in (401, 403)
+
+
+def test_the_bed_is_shaped_as_production_says(controlplane: ControlPlane, admin: Any) -> None:
+    """memcached behind Keystone's cache and Glance's token cache, two Keystone workers,
+    SQLite in write-ahead-log mode (docs/production.md, docs/testbed.md)."""
+    assert controlplane.shape == "production"
+    workers = [
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit()
+        and _ppid(int(pid)) == controlplane.pids["keystone"]
+        and "worker" in _cmdline(int(pid))
+    ]
+    assert len(workers) == 2, workers
+    for service in ("keystone", "glance", "barbican"):
+        db = sqlite3.connect(controlplane.run_dir / service / f"{service}.db")
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        db.close()
+    # a token Glance has validated once is taken from memcached the second time: Keystone
+    # sees one validation for two Glance requests
+    token = admin.session.get_token()
+    log = controlplane.run_dir / "keystone" / "access.log"
+    before = log.read_text().count('"GET /v3/auth/tokens')
+    hits = controlplane.memcached_stats()["get_hits"]
+    for _ in range(2):
+        r = requests.get(
+            f"{controlplane.url('glance')}/v2/images?limit=1",
+            headers={"X-Auth-Token": token},
+            verify=str(controlplane.ca_path),
+            timeout=30,
+        )
+        assert r.status_code == 200
+    assert log.read_text().count('"GET /v3/auth/tokens') - before <= 1
+    assert controlplane.memcached_stats()["get_hits"] > hits
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -60,6 +60,10 @@ EDGE_DOMAIN = "edge"
 # needs it), operators admin; service users need service to validate tokens.
 ROLES = ("admin", "member", "reader", "service")
 STORES = ("file", "ceph")
+# production: memcached behind Keystone's cache and Glance's and Barbican's token caches,
+# two Keystone workers (docs/production.md); plain: no cache, one worker each (comparisons)
+SHAPES = ("production", "plain")
+WORKERS = {"production": {"keystone": 2, "glance": 1, "barbican": 1}}
 
 
 class ControlPlaneError(RuntimeError):
@@ -191,11 +195,26 @@ def make_ca(directory: Path, hosts: list[str]) -> tuple[Path, Path, Path]:
 # ----------------------------------------------------------------------- configs
 
 
-def _keystone_conf(d: Path) -> str:
+def _sqlite(path: Path) -> str:
+    # a writer waits up to 30 s for another's lock instead of failing ("database is locked")
+    return f"sqlite:///{path}?timeout=30"
+
+
+def _cache(cp: ControlPlane) -> str:
+    if cp.shape != "production":
+        return "enabled = false\n"
+    return (
+        "enabled = true\n"
+        "backend = oslo_cache.memcache_pool\n"
+        f"memcache_servers = {cp.host}:{cp.ports['memcached']}\n"
+    )
+
+
+def _keystone_conf(cp: ControlPlane, d: Path) -> str:
     return f"""[DEFAULT]
 use_stderr = true
 [database]
-connection = sqlite:///{d}/keystone.db
+connection = {_sqlite(d / "keystone.db")}
 [token]
 provider = fernet
 expiration = 3600
@@ -208,14 +227,15 @@ key_repository = {d}/credential-keys
 [identity]
 password_hash_rounds = 4
 [cache]
-enabled = false
-[oslo_policy]
+{_cache(cp)}[oslo_policy]
 enforce_scope = false
 """
 
 
 def _authtoken(cp: ControlPlane, user: str, password: str, service_type: str) -> str:
     cafile = f"cafile = {cp.ca_path}\n" if cp.tls else ""
+    if cp.shape == "production":  # validated tokens cached for token_cache_time (300 s)
+        cafile += f"memcached_servers = {cp.host}:{cp.ports['memcached']}\n"
     return f"""[keystone_authtoken]
 www_authenticate_uri = {cp.url("keystone")}
 auth_url = {cp.url("keystone")}
@@ -268,7 +288,7 @@ filesystem_store_datadir = {d}/staging
 [os_glance_tasks_store]
 filesystem_store_datadir = {d}/tasks
 [database]
-connection = sqlite:///{d}/glance.db
+connection = {_sqlite(d / "glance.db")}
 [paste_deploy]
 flavor = keystone
 [oslo_concurrency]
@@ -288,9 +308,9 @@ def _barbican_conf(cp: ControlPlane, d: Path, password: str, kek: str) -> str:
 use_stderr = true
 host_href = {cp.url("barbican")}
 db_auto_create = true
-sql_connection = sqlite:///{d}/barbican.db
+sql_connection = {_sqlite(d / "barbican.db")}
 [database]
-connection = sqlite:///{d}/barbican.db
+connection = {_sqlite(d / "barbican.db")}
 [secretstore]
 namespace = barbican.secretstore.plugin
 enabled_secretstore_plugins = store_crypto
@@ -319,6 +339,8 @@ class ControlPlane:
     started_from: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     store: str = "file"
+    # EDGEPIN_CP_SHAPE=plain runs a whole test session on the plain bed
+    shape: str = field(default_factory=lambda: os.environ.get("EDGEPIN_CP_SHAPE", "production"))
 
     @property
     def python(self) -> Path:
@@ -370,9 +392,15 @@ class ControlPlane:
             raise ControlPlaneError(f"unknown Glance store {self.store!r}: one of {STORES}")
         if not self.python.exists():
             raise ControlPlaneError(f"no services venv at {self.python.parent.parent}")
+        if self.shape not in SHAPES:
+            raise ControlPlaneError(f"unknown test bed shape {self.shape!r}: one of {SHAPES}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for s in SERVICES:
             self.ports[s] = free_port(self.host)
+        if self.shape == "production":
+            self.ports["memcached"] = free_port(self.host)
+            self._save_state()  # so that down() finds memcached if what follows fails
+            self._start_memcached()
         if self.store == "ceph":
             self._save_state()  # so that down() finds the cluster if its start fails
             cluster = CephCluster(self.run_dir / "ceph")
@@ -390,6 +418,7 @@ class ControlPlane:
         else:
             self._cold_init()
             self.started_from = "cold"
+        self._tune_databases()
         self._start_all()
         if self.started_from == "cold":
             self._provision()
@@ -429,6 +458,7 @@ class ControlPlane:
         result["clouds_yaml"] = str(self.clouds_yaml)
         result["ca"] = str(self.ca_path) if self.tls else None
         result["store"] = state.get("store", "file")
+        result["shape"] = state.get("shape", "plain")
         if result["store"] == "ceph":
             result["ceph"] = self.ceph_cluster.status()
         return result
@@ -444,6 +474,7 @@ class ControlPlane:
             cp.ports = {k: int(v) for k, v in state["ports"].items()}
             cp.pids = {k: int(v) for k, v in state["pids"].items()}
             cp.store = state.get("store", "file")
+            cp.shape = state.get("shape", "plain")
         return cp
 
     def stop_service(self, name: str) -> None:
@@ -506,7 +537,7 @@ class ControlPlane:
 
     def _write_configs(self, sec: dict[str, str]) -> None:
         kd = self._dir("keystone")
-        (kd / "keystone.conf").write_text(_keystone_conf(kd))
+        (kd / "keystone.conf").write_text(_keystone_conf(self, kd))
         gd = self._dir("glance")
         for sub in ("images", "staging", "tasks", "locks"):
             (gd / sub).mkdir(exist_ok=True)
@@ -642,6 +673,9 @@ class ControlPlane:
         key = str(tls_dir / "server-key.pem") if self.tls else "-"
         log = (d / "server.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        workers = WORKERS.get(self.shape, {}).get(service)
+        if workers and "EDGEPIN_CP_WORKERS" not in os.environ:
+            env["EDGEPIN_CP_WORKERS"] = str(workers)
         proc = subprocess.Popen(
             [str(self.python), str(HERE / "serve.py"), service, str(cfg), bind, cert, key],
             stdout=log,
@@ -653,6 +687,67 @@ class ControlPlane:
         )
         log.close()
         self.pids[service] = proc.pid
+
+    def _start_memcached(self) -> None:
+        """memcached on loopback for Keystone's cache and the services' token caches."""
+        binary = shutil.which("memcached") or "/usr/bin/memcached"
+        if not Path(binary).exists():
+            raise ControlPlaneError("memcached is missing: ./build.sh setup installs it")
+        d = self._dir("memcached")
+        port = self.ports["memcached"]
+        argv = [binary, "-l", self.host, "-p", str(port), "-U", "0", "-m", "64", "-c", "4096"]
+        if os.geteuid() == 0:
+            argv += ["-u", "nobody"]  # memcached refuses to run as root
+        with (d / "memcached.log").open("ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=d,
+                start_new_session=True,
+            )
+        self.pids["memcached"] = proc.pid
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection((self.host, port), timeout=2) as c:
+                    c.sendall(b"version\r\n")
+                    if c.recv(64).startswith(b"VERSION"):
+                        return
+            except OSError:
+                pass
+            if not _pid_alive(proc.pid) or time.monotonic() > deadline:
+                tail = (d / "memcached.log").read_text(errors="replace")[-1000:]
+                raise ControlPlaneError(f"memcached did not start:\n{tail}")
+            time.sleep(0.1)
+
+    def memcached_stats(self) -> dict[str, int]:
+        """memcached's counters (``get_hits``, ``curr_items``, ...), for tests and benchmarks."""
+        with socket.create_connection((self.host, self.ports["memcached"]), timeout=5) as c:
+            c.sendall(b"stats\r\n")
+            data = b""
+            while not data.endswith(b"END\r\n"):
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        stats: dict[str, int] = {}
+        for line in data.decode().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "STAT" and parts[2].isdigit():
+                stats[parts[1]] = int(parts[2])
+        return stats
+
+    def _tune_databases(self) -> None:
+        """Write-ahead logging: readers do not block a writer, nor a writer the readers
+        (several workers and threads share each SQLite file)."""
+        for service in SERVICES:
+            db = sqlite3.connect(self._dir(service) / f"{service}.db")
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+            finally:
+                db.close()
 
     def _start_all(self) -> None:
         t0 = time.monotonic()
@@ -764,6 +859,7 @@ class ControlPlane:
             "started_from": self.started_from,
             "timings": self.timings,
             "store": self.store,
+            "shape": self.shape,
         }
         self.state_path.write_text(json.dumps(state, indent=2))
 
@@ -892,6 +988,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-template", action="store_true", help="always provision from scratch")
     p.add_argument(
+        "--plain",
+        action="store_true",
+        help="no memcached, Keystone's cache off, one worker per service (for comparisons); "
+        "by default the bed is shaped as docs/production.md says: memcached behind Keystone's "
+        "cache and the services' token caches, two Keystone workers",
+    )
+    p.add_argument(
         "--store",
         choices=STORES,
         default="file",
@@ -901,7 +1004,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir.resolve()
     if args.action == "up":
         cp = ControlPlane(
-            run_dir, tls=not args.http, public_host=args.public_host, store=args.store
+            run_dir,
+            tls=not args.http,
+            public_host=args.public_host,
+            store=args.store,
+            shape="plain" if args.plain else "production",
         )
         try:
             cp.up(None if args.no_template else default_template_root())
@@ -912,7 +1019,9 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException:
             cp.down()  # leave nothing running (Ceph included), then show what happened
             raise
-        print(f"control plane up ({cp.started_from} start, {cp.timings['up']:.1f}s)")
+        print(f"control plane up ({cp.shape}, {cp.started_from} start, {cp.timings['up']:.1f}s)")
+        if cp.shape == "production":
+            print(f"  memcached {cp.host}:{cp.ports['memcached']}")
         if cp.store == "ceph":
             print(
                 f"  ceph      {cp.ceph_cluster.conf} (pool {IMAGES_POOL}, "

@@ -62,6 +62,11 @@ def main() -> None:
         "worker_class": "gthread",
         "threads": threads,
         "timeout": 600,
+        # gunicorn closes a kept-alive connection after this many idle seconds; a client
+        # reusing it at that moment gets an EOF (SSLEOFError through TLS). 75 s (nginx's
+        # default) instead of gunicorn's 2 s: a command's pauses between requests are
+        # shorter, and idle connections cost gthread workers no thread
+        "keepalive": int(os.environ.get("EDGEPIN_CP_KEEPALIVE", "75")),
         "graceful_timeout": 5,
         "preload_app": False,
         "control_socket_disable": True,
