@@ -8,7 +8,8 @@ unexpected EOF). The two mean different things and are handled apart:
 - a connection that breaks (EOF, reset, the server gone mid-answer) is retried a bounded
   number of times, with a short random wait, for requests that are safe to repeat
   (:func:`repeatable`), and reported as the service being unreachable if it keeps breaking
-  (:func:`connection_broke`).
+  (:func:`connection_broke`); any other request (a ``POST``) only when the connection broke
+  before the request could reach the server (:func:`never_sent`: in the TLS handshake).
 
 A kept-alive connection that the server closes for being idle just as the client reuses it
 breaks this way; a second attempt opens a new connection.
@@ -83,6 +84,16 @@ def connection_broke(exc: BaseException) -> bool:
     return any(isinstance(e, _BROKEN) for e in _chain(exc))
 
 
+def never_sent(exc: BaseException) -> bool:
+    """The connection broke in the TLS handshake or while the request was being written, so
+    the server cannot have acted on it: an EOF from the TLS layer. (requests reads a response
+    with ragged EOFs suppressed: an EOF after the request was sent is "remote end closed
+    connection", never an ``SSLEOFError``.)"""
+    if verification_failed(exc):
+        return False
+    return any(isinstance(e, ssl.SSLEOFError | ssl.SSLZeroReturnError) for e in _chain(exc))
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The socket or TLS error under the wrappers (``exc`` itself when there is none)."""
     for e in _chain(exc):
@@ -151,12 +162,16 @@ class RetryingAdapter(requests.adapters.BaseAdapter):
             "cert": cert,
             "proxies": proxies,
         }
-        if not repeatable(request):
+        body_again = request.body is None or isinstance(request.body, bytes | str)
+        if not body_again:
             return self.inner.send(request, **kwargs)
+        # a repeatable request whenever its connection broke; any other only when it
+        # cannot have reached the server
+        again = connection_broke if repeatable(request) else never_sent
         retrying = Retrying(
             stop=stop_after_attempt(ATTEMPTS),
             wait=wait_random_exponential(multiplier=0.1, max=self.wait_max),
-            retry=retry_if_exception(connection_broke),
+            retry=retry_if_exception(again),
             before_sleep=_log_retry,
             reraise=True,
         )

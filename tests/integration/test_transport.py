@@ -31,7 +31,9 @@ class Server:
     - ``ok-then-drop``: answer one request keeping the connection alive, read the next one
       and close without answering (what a server closing an idle kept-alive connection
       does to a client that reuses it at that moment);
-    - ``drop``: read the request and close without answering.
+    - ``drop``: read the request and close without answering;
+    - ``handshake-drop``: read the TLS ClientHello and close (what the client sees when a
+      server drops a new connection before it is established).
     """
 
     def __init__(self, cert: Path, key: Path, script: list[str]) -> None:
@@ -69,6 +71,10 @@ class Server:
                 return
             action = self.script[min(self.accepted, len(self.script) - 1)]
             self.accepted += 1
+            if action == "handshake-drop":
+                raw.recv(4096)  # the ClientHello, then nothing: an EOF in the handshake
+                raw.close()
+                continue
             try:
                 conn = self.ctx.wrap_socket(raw, server_side=True)
             except (ssl.SSLError, OSError):
@@ -156,6 +162,22 @@ def test_a_post_is_not_sent_twice_but_a_token_request_is(serve, tls) -> None:  #
     server = serve("drop", "ok")
     r = node_session(tls[0]).post(server.url("/v3/auth/tokens"), json={"auth": {}})
     assert r.status_code == 200 and server.accepted == 2
+
+
+def test_a_post_whose_connection_broke_in_the_handshake_is_sent_again(  # type: ignore[no-untyped-def]
+    serve, tls
+) -> None:
+    """The request cannot have reached the server: even a POST is sent again."""
+    server = serve("handshake-drop", "ok")
+    url = server.url("/v3/users/u/application_credentials")
+    r = node_session(tls[0]).post(url, json={})
+    assert r.status_code == 200 and server.accepted == 2
+    assert server.requests == ["POST /v3/users/u/application_credentials HTTP/1.1"]
+    server = serve("handshake-drop")
+    with pytest.raises(ServiceUnavailableError, match=r"the connection broke: SSLEOFError"):
+        with translate("keystone", "create the bootstrap credential"):
+            node_session(tls[0]).post(server.url("/v3/users/u/application_credentials"), json={})
+    assert server.accepted == transport.ATTEMPTS
 
 
 def test_a_streamed_body_is_not_sent_twice(serve, tls) -> None:  # type: ignore[no-untyped-def]
