@@ -66,6 +66,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="fetch and resume on the file store only (default: also on a single-node Ceph)",
     )
+    p.add_argument(
+        "--shape",
+        choices=("plain", "production"),
+        default="plain",
+        help="the test bed's shape: plain (no memcached, Keystone's cache off, one worker; "
+        "default) or production (memcached, caches on, as docs/production.md says)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the run directory")
     p.add_argument("--run-dir", type=Path, help="run directory (default: a new temp dir)")
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON directory")
@@ -380,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if only & {"fetch", "resume", "reconcile", "fleet"}:
             log(f"starting the control plane in {run_dir}")
-            bed = Bed(run_dir)
+            bed = Bed(run_dir, shape=args.shape)
             t0 = time.monotonic()
             bed.up()
             raw["controlplane_up_seconds"] = time.monotonic() - t0

@@ -43,12 +43,14 @@ class Signer:
 class Bed:
     run_dir: Path
     store: str = "file"
+    # the plain bed by default: the figures in docs/performance.md were measured on it
+    shape: str = "plain"
     cp: ControlPlane = field(init=False)
     admin: Any = None
     signer: Signer | None = None
 
     def up(self) -> None:
-        self.cp = ControlPlane(self.run_dir / "controlplane", store=self.store, shape="plain")
+        self.cp = ControlPlane(self.run_dir / "controlplane", store=self.store, shape=self.shape)
         try:
             self.cp.up(default_template_root())
         except Exception:
