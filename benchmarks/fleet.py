@@ -162,8 +162,8 @@ def _reconcile(node: SimNode, metadata: bool) -> None:
 
 
 class _CachedSessions:
-    """One authenticated session per node, kept across reconciles: what a node that kept
-    its token (e.g. in /run/edgepin, for the token's lifetime) would do."""
+    """One authenticated session per node, kept across reconciles: what a node does with
+    the token it keeps in /run/edgepin (provisioner/node/token.py) for the token's lifetime."""
 
     def __init__(self) -> None:
         self.sessions: dict[str, Any] = {}
@@ -281,7 +281,7 @@ def bench_fleet(
         return result, fleet
     log("fleet: reconciles that also read the image metadata (an assignment change)")
     result["metadata"] = _round(bed, fleet, 1, concurrency, lambda node: _reconcile(node, True))
-    log("fleet: no-change reconciles with a kept token (a possible provisioner change)")
+    log("fleet: no-change reconciles with a kept token (what a node does between reconciles)")
     cached = _CachedSessions()
     try:
         with ThreadPoolExecutor(concurrency) as pool:
