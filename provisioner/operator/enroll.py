@@ -205,6 +205,7 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
             cred = r.json()["application_credential"]
         finally:
             conn.identity.update_user(node.user_id, password=secrets.token_urlsafe(32))
+            revoked_at = time.monotonic()
             del password
     if not cred.get("secret"):
         raise AuthError("keystone returned no application credential secret")
@@ -253,6 +254,11 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
             "edgepin_enrolled_for": _ek_fingerprint(ek_pem),
         },
     )
+    # that second password change revoked the user's tokens with one-second precision too:
+    # a token the node issues with the new bootstrap credential within that second would be
+    # refused, so the command returns only once it has passed (a node enrolling at once, as
+    # in a test or at a factory station, is not refused)
+    time.sleep(max(0.0, 1.1 - (time.monotonic() - revoked_at)))
     return Enrolled(
         req.node_id, node.project_id, node.user_id, cred["id"], expires_at, rotated, req.seed_out
     )
