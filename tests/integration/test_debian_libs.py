@@ -117,5 +117,5 @@ def test_node_commands_on_debian_trixies_libraries() -> None:
         env,
         f"{node_tests}::test_seed_to_running_guest_then_nothing_to_do",
         f"{node_tests}::test_offline_reboot_update_rollback_and_rollback_attack",
-        f"{node_tests}::test_the_node_keeps_its_token_in_memory_and_a_deleted_credential_stops_at_once",
+        f"{node_tests}::test_the_node_keeps_its_token_in_memory_and_a_revoked_node_is_refused_at_once",
     )
