@@ -15,20 +15,13 @@ from typing import Any
 
 from tests.testbed.controlplane import ControlPlane, default_template_root
 from tests.testbed.node import run_edgepin
+from tests.testbed.process import write_private
 
 MIB = 1024 * 1024
 
 
 class BenchError(RuntimeError):
     pass
-
-
-def write_private(path: Path, data: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-    return path
 
 
 @dataclass

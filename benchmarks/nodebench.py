@@ -1,7 +1,7 @@
 """3. A reconcile with nothing to change, and an offline reconcile, on a virtual node.
 
 The node is the integration tests' VirtualNode: a swtpm, an isolated libvirtd and the
-real ``edgepin node ...`` commands, enrolled and assigned with the tests' own helpers,
+real ``edgepin node ...`` commands, enrolled and assigned with the test bed's operator steps,
 running the tiny test guest under software emulation.
 
 Requests are counted at loopback proxies (tests.testbed.faultproxy) in front of Keystone,
@@ -28,13 +28,13 @@ import libvirt
 
 from benchmarks import procstat, servicelog, stats
 from benchmarks.bed import Bed, BenchError
-from tests.integration.conftest import Signer as TestSigner
-from tests.integration.test_node import assign, enroll_node
-from tests.testbed.controlplane import free_port
 from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.guest import MARKER_PREFIX, build_tiny_guest
 from tests.testbed.libvirtd import Libvirtd
 from tests.testbed.node import VirtualNode
+from tests.testbed.operator import Signer as TestSigner
+from tests.testbed.operator import assign, enroll_node
+from tests.testbed.process import free_port
 from tests.testbed.swtpm import SwtpmFactory
 
 REPO = Path(__file__).resolve().parent.parent

@@ -41,11 +41,11 @@ from provisioner import barbican
 from provisioner.seed import write_nocloud
 from provisioner.signing import fingerprint, load_certificate
 from tests.image.conftest import IMAGE_PCRS, ImageSigner, qemu_node_enroll_args
-from tests.integration.conftest import Signer
 from tests.testbed import disk
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.disk import write_state_files
 from tests.testbed.node import run_edgepin
+from tests.testbed.operator import Signer
 from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
 from tests.testbed.swtpm import SwtpmFactory
 

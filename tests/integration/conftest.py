@@ -7,7 +7,6 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.libvirtd import Libvirtd
 from tests.testbed.node import VirtualNode, run_edgepin
+from tests.testbed.operator import Signer
 from tests.testbed.swtpm import Swtpm
 
 
@@ -25,14 +25,6 @@ def cli_env(controlplane: ControlPlane) -> dict[str, str]:
         "OS_CLIENT_CONFIG_FILE": str(controlplane.clouds_yaml),
         "OS_CLOUD": "edgepin-testbed",
     }
-
-
-@dataclass
-class Signer:
-    cert_id: str
-    key_id: str
-    sha256: str
-    pem: bytes
 
 
 @pytest.fixture(scope="session")

@@ -22,15 +22,16 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Signer, make_publisher, make_signer
+from tests.integration.conftest import make_publisher, make_signer
 from tests.integration.test_faults import image_endpoint
-from tests.integration.test_node import assign, enroll_node, member_status, status, wait_marker
+from tests.integration.test_node import member_status, status, wait_marker
 from tests.testbed.ceph import GLANCE_USER, IMAGES_POOL, CephError
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.guest import build_initramfs
 from tests.testbed.libvirtd import Libvirtd
 from tests.testbed.node import VirtualNode
+from tests.testbed.operator import Signer, assign, enroll_node
 from tests.testbed.swtpm import SwtpmFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.ceph]

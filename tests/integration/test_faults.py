@@ -34,12 +34,12 @@ from provisioner.node.fetch import CHUNK
 from provisioner.operator.assign import grant
 from provisioner.operator.signingcert import load_key
 from provisioner.signing import StreamSigner
-from tests.integration.conftest import Signer
-from tests.integration.test_node import assign, enroll_node, member_status, status, wait_marker
+from tests.integration.test_node import member_status, status, wait_marker
 from tests.testbed.controlplane import ControlPlane, make_ca
 from tests.testbed.faultproxy import FaultProxy, Seen
 from tests.testbed.libvirtd import Libvirtd
 from tests.testbed.node import EDGEPIN, VirtualNode
+from tests.testbed.operator import Signer, assign, enroll_node
 from tests.testbed.swtpm import SwtpmFactory
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.libvirtd import Libvirtd, _alive
+from tests.testbed.libvirtd import Libvirtd
+from tests.testbed.process import alive
 
 pytestmark = pytest.mark.integration
 
@@ -96,5 +97,5 @@ def test_two_libvirtds_are_isolated(libvirtd_factory: Callable[[str], Libvirtd])
     pids = a.pids()
     a.stop()
     b.stop()
-    assert pids and not [p for p in pids if _alive(p)]
+    assert pids and not [p for p in pids if alive(p)]
     assert not Path("/etc/libvirt/qemu/only-in-a.xml").exists()

@@ -17,45 +17,11 @@ import pytest
 
 from provisioner import tpm
 from provisioner.node import token
-from tests.integration.conftest import Signer
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.node import VirtualNode, run_edgepin
+from tests.testbed.operator import Signer, assign, enroll_node
 
 pytestmark = pytest.mark.integration
-
-
-def enroll_node(node: VirtualNode, cli_env: dict[str, str], signer: Signer, run_dir: Path) -> None:
-    cert = run_dir / f"{node.name}.ek.pem"
-    cert.write_bytes(node.tpm.ek_cert_pem())
-    ca = run_dir / f"{node.name}.ekca.pem"
-    ca.write_bytes(node.tpm.ca_cert_pem())
-    seed = run_dir / f"{node.name}.seed.img"
-    r = run_edgepin(
-        [
-            "enroll",
-            node.name,
-            "--ek-cert",
-            str(cert),
-            "--ek-ca",
-            str(ca),
-            "--pcrs",
-            "7",
-            "--pcr-values",
-            "zero",
-            "--seed-out",
-            str(seed),
-        ],
-        cli_env,
-    )
-    assert r.returncode == 0, r.stderr
-    node.configure(pcrs="7")
-    node.pin_certificate(signer.pem)
-    node.install_seed(seed)
-
-
-def assign(cli_env: dict[str, str], node: VirtualNode, image_id: str) -> None:
-    r = run_edgepin(["assign", node.name, image_id], cli_env)
-    assert r.returncode == 0, r.stderr
 
 
 def status(node: VirtualNode) -> dict[str, Any]:

@@ -17,9 +17,10 @@ from cursive import signature_utils
 
 from provisioner import seed, tpm
 from provisioner.signing import load_certificate
-from tests.integration.conftest import Signer, make_signer
+from tests.integration.conftest import make_signer
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.node import bundle_from_user_data, run_edgepin
+from tests.testbed.operator import Signer
 from tests.testbed.swtpm import Swtpm
 
 pytestmark = pytest.mark.integration

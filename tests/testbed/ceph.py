@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +27,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.testbed.process import free_port, stop_group, write_private
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("mon", "mgr", "osd")
@@ -45,20 +45,6 @@ class CephError(RuntimeError):
 
 def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _private_file(path: Path) -> None:
-    """Create an empty file with mode 0600 so that a key written into it stays private."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)
 
 
 def ceph_conf(d: Path, fsid: str, mon_port: int) -> str:
@@ -155,7 +141,7 @@ class CephCluster:
             (d / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(d / "keys", 0o700)
         self.fsid = str(uuid.uuid4())
-        self.mon_port = _free_port()
+        self.mon_port = free_port()
         self.conf.write_text(ceph_conf(d, self.fsid, self.mon_port))
         self._save_state()
 
@@ -180,7 +166,7 @@ class CephCluster:
 
         # mgr (the cluster reports PG states through it)
         mgr_keyring = d / "mgr" / "ceph-x" / "keyring"
-        _private_file(mgr_keyring)
+        write_private(mgr_keyring, b"")
         mgr_caps = ["mon", "allow profile mgr", "osd", "allow *", "mds", "allow *"]
         self.ceph(["auth", "get-or-create", "mgr.x", *mgr_caps, "-o", str(mgr_keyring)])
         self._spawn("mgr", ["ceph-mgr", "-f", "-c", conf, "-i", "x"])
@@ -211,7 +197,7 @@ class CephCluster:
         pids = {k: int(v) for k, v in (state or {}).get("pids", self.pids).items()}
         for name in ("osd", "mgr", "mon"):
             if name in pids:
-                _stop(pids[name], self.conf)
+                stop_group(pids[name], 20.0, ours=lambda p: _ours(p, self.conf))
         self.pids = {}
         for sub in ("osd", "mon", "mgr", "keys", "run", "crash"):
             shutil.rmtree(self.run_dir / sub, ignore_errors=True)
@@ -266,7 +252,7 @@ class CephCluster:
     def create_client(self, name: str, caps: tuple[str, ...]) -> Path:
         """``client.<name>`` with these caps; its key goes straight into a 0600 keyring."""
         path = self.keyring(name)
-        _private_file(path)
+        write_private(path, b"")
         self.ceph(["auth", "get-or-create", f"client.{name}", *caps, "-o", str(path)])
         os.chmod(path, 0o600)
         return path
@@ -307,7 +293,7 @@ class CephCluster:
 
     def _new_key(self, keyring: Path, name: str, caps: dict[str, str]) -> None:
         """A new key made by ceph-authtool straight into a 0600 keyring file."""
-        _private_file(keyring)
+        write_private(keyring, b"")
         args = ["ceph-authtool", str(keyring), "--create-keyring", "--gen-key", "-n", name]
         for kind, cap in caps.items():
             args += ["--cap", kind, cap]
@@ -380,32 +366,6 @@ def _ours(pid: int, conf: Path) -> bool:
     except OSError:
         return False
     return str(conf).encode() in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _stop(pid: int, conf: Path, timeout: float = 20.0) -> None:
-    if not _ours(pid, conf):
-        return  # gone, or the pid now belongs to something else
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        if not _ours(pid, conf):
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
 
 
 def default_run_dir() -> Path:

@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import sqlite3
 import ssl
@@ -39,7 +38,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.testbed.ceph import GLANCE_USER, IMAGES_POOL, CephCluster, CephError
+from tests.testbed.process import alive, free_port, stop_group, wait_port_free, write_private
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -80,12 +80,6 @@ def services_python(store: str = "file") -> Path:
     return venv / "bin" / "python"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def template_key() -> str:
     h = hashlib.sha256()
     for path in (
@@ -113,13 +107,6 @@ def set_options(text: str, section: str, options: dict[str, str]) -> str:
             lines[i] = f"{key} = {todo.pop(key)}"
     lines[end:end] = [f"{k} = {v}" for k, v in todo.items()]
     return "\n".join(lines) + "\n"
-
-
-def _write_private(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
 
 
 # --------------------------------------------------------------------------- TLS
@@ -180,7 +167,7 @@ def make_ca(directory: Path, hosts: list[str]) -> tuple[Path, Path, Path]:
     key_path = directory / "server-key.pem"
     ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(
+    write_private(
         key_path,
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -431,11 +418,11 @@ class ControlPlane:
     def down(self) -> None:
         state = self._load_state()
         pids = state.get("pids", {}) if state else self.pids
-        for name, pid in pids.items():
-            _stop_pid(int(pid), self.run_dir, name)
+        for pid in pids.values():
+            _stop_pid(int(pid), self.run_dir)
         for s in SERVICES:
             if s in self.ports:
-                _wait_port_free(self.host, self.ports[s])
+                wait_port_free(self.host, self.ports[s])
         self.pids = {}
         if (state or {}).get("store", self.store) == "ceph":
             self.ceph_cluster.down()
@@ -481,8 +468,8 @@ class ControlPlane:
         """Stop one service (tests of an outage); start_service brings it back."""
         pid = self.pids.pop(name, None)
         if pid:
-            _stop_pid(pid, self.run_dir, name)
-            _wait_port_free(self.host, self.ports[name])
+            _stop_pid(pid, self.run_dir)
+            wait_port_free(self.host, self.ports[name])
         self._save_state()
 
     def start_service(self, name: str) -> None:
@@ -541,13 +528,13 @@ class ControlPlane:
         gd = self._dir("glance")
         for sub in ("images", "staging", "tasks", "locks"):
             (gd / sub).mkdir(exist_ok=True)
-        _write_private(gd / "glance-api.conf", _glance_conf(self, gd, sec["glance_password"]))
+        write_private(gd / "glance-api.conf", _glance_conf(self, gd, sec["glance_password"]))
         venv_etc = self.python.parent.parent / "etc"
         shutil.copy(venv_etc / "glance" / "glance-api-paste.ini", gd / "glance-api-paste.ini")
         bd = self._dir("barbican")
         conf_dir = bd / ".barbican"
         conf_dir.mkdir(exist_ok=True)
-        _write_private(
+        write_private(
             conf_dir / "barbican.conf",
             _barbican_conf(self, bd, sec["barbican_password"], sec["barbican_kek"]),
         )
@@ -563,7 +550,7 @@ class ControlPlane:
             "barbican_password": secrets.token_urlsafe(24),
             "barbican_kek": base64.b64encode(secrets.token_bytes(32)).decode(),
         }
-        _write_private(self.run_dir / "secrets.json", json.dumps(sec))
+        write_private(self.run_dir / "secrets.json", json.dumps(sec))
         self._write_configs(sec)
         kconf = ["--config-file", str(self._dir("keystone") / "keystone.conf")]
         self._manage("keystone", [*kconf, "db_sync"])
@@ -717,7 +704,7 @@ class ControlPlane:
                         return
             except OSError:
                 pass
-            if not _pid_alive(proc.pid) or time.monotonic() > deadline:
+            if not alive(proc.pid) or time.monotonic() > deadline:
                 tail = (d / "memcached.log").read_text(errors="replace")[-1000:]
                 raise ControlPlaneError(f"memcached did not start:\n{tail}")
             time.sleep(0.1)
@@ -762,7 +749,7 @@ class ControlPlane:
         while pending:
             for s in list(pending):
                 pid = self.pids[s]
-                if not _pid_alive(pid):
+                if not alive(pid):
                     log = self._dir(s) / "server.log"
                     err = self._dir(s) / "error.log"
                     tail = ""
@@ -831,7 +818,7 @@ class ControlPlane:
     def _write_clouds_yaml(self) -> None:
         sec = self.secrets()
         cacert = f"    cacert: {self.ca_path}\n" if self.tls else ""
-        _write_private(
+        write_private(
             self.clouds_yaml,
             f"""clouds:
   edgepin-testbed:
@@ -871,84 +858,30 @@ class ControlPlane:
 
     def _alive(self) -> bool:
         state = self._load_state()
-        return bool(state) and any(
-            _pid_alive(int(p)) for p in (state or {}).get("pids", {}).values()
-        )
+        return bool(state) and any(alive(int(p)) for p in (state or {}).get("pids", {}).values())
 
 
 # ----------------------------------------------------------------------- helpers
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie child counts as gone
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def _ours(run_dir: Path) -> Callable[[int], bool]:
+    """Whether a pid is one of this run's services. gunicorn rewrites its title (and the
+    memory of argv and environ); the working directory, the service's folder in the run
+    directory, tells that it is ours."""
 
-
-def _stop_pid(pid: int, run_dir: Path, name: str, timeout: float = 15.0) -> None:
-    """Stop a service's process group, but only if it is really ours."""
-    # gunicorn rewrites its title (and the memory of argv and environ); the working
-    # directory, the service's folder in the run directory, tells that it is ours
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return
-    if not cwd.startswith(str(run_dir)):
-        return  # pid reused by something else
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def check(pid: int) -> bool:
         try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        if not _pid_alive(pid) and not _group_alive(pid):
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-    deadline = time.monotonic() + 5
-    while _group_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _group_alive(pgid: int) -> bool:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            return False
+        return cwd.startswith(str(run_dir))  # else the pid was reused by something else
+
+    return check
 
 
-def _wait_port_free(host: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex((host, port)) != 0:
-                return
-        time.sleep(0.1)
+def _stop_pid(pid: int, run_dir: Path) -> None:
+    """Stop a service's process group, but only if it is really ours."""
+    stop_group(pid, 15.0, ours=_ours(run_dir))
 
 
 def _probe(url: str, ca: Path | None) -> bool:

@@ -17,13 +17,13 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tests.testbed.controlplane import ControlPlane, ControlPlaneError, default_template_root
+from tests.testbed.process import stop_group, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / ".run" / "demo"
@@ -184,22 +184,23 @@ def up() -> int:
     return 0
 
 
+def _ours(pid: int) -> bool:
+    """A process whose command line names the demo's folder, not a reused pid."""
+    try:
+        return str(RUN).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def down() -> int:
     state = RUN / "vm.json"
     if state.exists():
         data = json.loads(state.read_text())
-        for pid in (data.get("pid"), data.get("tpm_pid")):
-            if not pid:
-                continue
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(RUN).encode() in cmdline:  # ours, not a reused pid
-                try:
-                    os.killpg(pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGTERM)
+        # QEMU leads its own session (QemuVm.stop); swtpm is one daemon (Swtpm.stop)
+        if data.get("pid"):
+            stop_group(data["pid"], 10.0, ours=_ours)
+        if data.get("tpm_pid"):
+            stop_process(data["tpm_pid"], 5.0, ours=_ours)
         step("stopped the node VM and its TPM")
     cp_dir = RUN / "controlplane"
     if (cp_dir / "controlplane.json").exists():

@@ -15,10 +15,10 @@ from tests.testbed.ceph import missing_binaries
 from tests.testbed.controlplane import (
     REGION,
     ControlPlane,
-    _group_alive,
     default_template_root,
     services_python,
 )
+from tests.testbed.process import group_alive
 
 
 @dataclass
@@ -59,7 +59,7 @@ def controlplane(run_dir: Path, cache_dir: Path) -> Iterator[ControlPlane]:
     yield cp
     pids = dict(cp.pids)
     cp.down()
-    leftover = [name for name, pid in pids.items() if _group_alive(pid)]
+    leftover = [name for name, pid in pids.items() if group_alive(pid)]
     assert not leftover, f"control-plane processes left behind: {leftover}"
 
 
@@ -84,7 +84,7 @@ def ceph_controlplane(run_dir: Path, cache_dir: Path) -> Iterator[ControlPlane]:
     pids = dict(cp.pids)
     ceph_pids = dict(cp.ceph_cluster.pids)
     cp.down()
-    leftover = [name for name, pid in {**pids, **ceph_pids}.items() if _group_alive(pid)]
+    leftover = [name for name, pid in {**pids, **ceph_pids}.items() if group_alive(pid)]
     assert not leftover, f"control-plane or Ceph processes left behind: {leftover}"
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.testbed.guest import build_tiny_guest
-from tests.testbed.libvirtd import Libvirtd, _alive
+from tests.testbed.libvirtd import Libvirtd
+from tests.testbed.process import alive
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,7 @@ def libvirtd_factory(run_dir: Path) -> Iterator[Callable[[str], Libvirtd]]:
     pids = [p for d in made for p in d.pids()]
     for d in made:
         d.stop()
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if alive(p)]
     assert not left, f"libvirt/qemu processes left behind: {left}"
 
 

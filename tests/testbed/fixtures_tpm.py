@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.swtpm import Swtpm, SwtpmFactory, _alive
+from tests.testbed.process import alive
+from tests.testbed.swtpm import Swtpm, SwtpmFactory
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +17,7 @@ def swtpm_factory(run_dir: Path) -> Iterator[SwtpmFactory]:
     yield factory
     pids = [t.pid for t in factory.created if t.pid]
     factory.stop_all()
-    left = [p for p in pids if p and _alive(p)]
+    left = [p for p in pids if p and alive(p)]
     assert not left, f"swtpm processes left behind: {left}"
 
 

@@ -8,12 +8,12 @@ libvirt state. Clients reach it through the socket in ``<base>/run``.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.testbed.process import stop_process
 
 MOUNTS = {
     "etc": "/etc/libvirt",
@@ -119,7 +119,7 @@ class Libvirtd:
         """Kill one daemon (tests of a libvirtd restart); start() brings both back."""
         pid = self._pid(name)
         if pid:
-            _kill(pid)
+            stop_process(pid, 10.0)
 
     def stop(self) -> None:
         import libvirt
@@ -141,41 +141,12 @@ class Libvirtd:
         for name in ("libvirtd", "virtlogd"):
             pid = self._pid(name)
             if pid:
-                _kill(pid)
+                stop_process(pid, 10.0)
         for pid in qemu:
-            _kill(pid)
+            stop_process(pid, 10.0)
 
     def pids(self) -> list[int]:
         return [p for p in (self._pid("libvirtd"), self._pid("virtlogd"), *self.qemu_pids()) if p]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _kill(pid: int, timeout: float = 10.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        while _alive(pid) and time.monotonic() < deadline + 5:
-            time.sleep(0.05)
 
 
 def start_libvirtd(base_dir: Path) -> Libvirtd:

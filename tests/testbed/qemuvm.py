@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.testbed.process import stop_group
 from tests.testbed.swtpm import Swtpm
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -241,12 +241,8 @@ class HostVm:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            stop_group(self.proc.pid, 10.0)
+            self.proc.poll()  # stop_group reaped it: Popen learns that it is gone
         self.proc = None
         if self.tpm is not None:
             self.tpm.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.testbed.controlplane import free_port
+from tests.testbed.process import alive, free_port, stop_process
 
 
 class SwtpmError(RuntimeError):
@@ -125,7 +124,7 @@ class Swtpm:
         return self.state_dir / "swtpm.pid"
 
     def start(self) -> None:
-        if self.pid and _alive(self.pid):
+        if self.pid and alive(self.pid):
             return
         for _attempt in range(5):
             # the swtpm TCTI talks to the control channel on port + 1
@@ -203,16 +202,7 @@ class Swtpm:
         self.qemu_socket = None
         if self.pid is None:
             return
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            self.pid = None
-            return
-        deadline = time.monotonic() + 5
-        while _alive(self.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(self.pid):
-            os.kill(self.pid, signal.SIGKILL)
+        stop_process(self.pid, 5.0)
         self.pid = None
 
     def power_cycle(self) -> None:
@@ -254,15 +244,3 @@ class Swtpm:
 
     def ca_cert_pem(self) -> bytes:
         return self.factory.ca_cert_pem()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

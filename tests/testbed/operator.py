@@ -1,0 +1,51 @@
+"""Operator steps through the real ``edgepin`` CLI, for the tests and the benchmarks:
+a signing certificate's ids, enrolling a virtual node, assigning it an image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.testbed.node import VirtualNode, run_edgepin
+
+
+@dataclass
+class Signer:
+    cert_id: str
+    key_id: str
+    sha256: str
+    pem: bytes
+
+
+def enroll_node(node: VirtualNode, cli_env: dict[str, str], signer: Signer, run_dir: Path) -> None:
+    cert = run_dir / f"{node.name}.ek.pem"
+    cert.write_bytes(node.tpm.ek_cert_pem())
+    ca = run_dir / f"{node.name}.ekca.pem"
+    ca.write_bytes(node.tpm.ca_cert_pem())
+    seed = run_dir / f"{node.name}.seed.img"
+    r = run_edgepin(
+        [
+            "enroll",
+            node.name,
+            "--ek-cert",
+            str(cert),
+            "--ek-ca",
+            str(ca),
+            "--pcrs",
+            "7",
+            "--pcr-values",
+            "zero",
+            "--seed-out",
+            str(seed),
+        ],
+        cli_env,
+    )
+    assert r.returncode == 0, r.stderr
+    node.configure(pcrs="7")
+    node.pin_certificate(signer.pem)
+    node.install_seed(seed)
+
+
+def assign(cli_env: dict[str, str], node: VirtualNode, image_id: str) -> None:
+    r = run_edgepin(["assign", node.name, image_id], cli_env)
+    assert r.returncode == 0, r.stderr
