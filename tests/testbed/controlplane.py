@@ -64,6 +64,8 @@ STORES = ("file", "ceph")
 # two Keystone workers (docs/production.md); plain: no cache, one worker each (comparisons)
 SHAPES = ("production", "plain")
 WORKERS = {"production": {"keystone": 2, "glance": 1, "barbican": 1}}
+MEMCACHED_TIMEOUT = 5  # seconds a memcached call may take before it counts as failed
+MEMCACHED_DEAD_RETRY = 10  # seconds a failed memcached is left alone
 
 
 class ControlPlaneError(RuntimeError):
@@ -194,6 +196,11 @@ def _cache(cp: ControlPlane) -> str:
         "enabled = true\n"
         "backend = oslo_cache.memcache_pool\n"
         f"memcache_servers = {cp.host}:{cp.ports['memcached']}\n"
+        # one call slower than socket_timeout (1 s by default: a loaded 2-core host) marks
+        # memcached dead in that worker for memcache_dead_retry (300 s), and its cache
+        # invalidations are lost meanwhile: another worker then accepted a revoked token
+        f"socket_timeout = {MEMCACHED_TIMEOUT}\n"
+        f"memcache_dead_retry = {MEMCACHED_DEAD_RETRY}\n"
     )
 
 
@@ -222,7 +229,11 @@ enforce_scope = false
 def _authtoken(cp: ControlPlane, user: str, password: str, service_type: str) -> str:
     cafile = f"cafile = {cp.ca_path}\n" if cp.tls else ""
     if cp.shape == "production":  # validated tokens cached for token_cache_time (300 s)
-        cafile += f"memcached_servers = {cp.host}:{cp.ports['memcached']}\n"
+        cafile += (
+            f"memcached_servers = {cp.host}:{cp.ports['memcached']}\n"
+            f"memcache_pool_socket_timeout = {MEMCACHED_TIMEOUT}\n"
+            f"memcache_pool_dead_retry = {MEMCACHED_DEAD_RETRY}\n"
+        )
     return f"""[keystone_authtoken]
 www_authenticate_uri = {cp.url("keystone")}
 auth_url = {cp.url("keystone")}
