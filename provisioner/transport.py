@@ -124,7 +124,12 @@ def repeatable(request: requests.PreparedRequest) -> bool:
     path = urlsplit(request.url or "").path
     if method not in IDEMPOTENT and not (method == "POST" and path.endswith("/auth/tokens")):
         return False
-    return request.body is None or isinstance(request.body, (bytes, str))
+    return resendable(request)
+
+
+def resendable(request: requests.PreparedRequest) -> bool:
+    """The body can be sent again: none, or bytes; never a stream that was read."""
+    return request.body is None or isinstance(request.body, bytes | str)
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -162,8 +167,7 @@ class RetryingAdapter(requests.adapters.BaseAdapter):
             "cert": cert,
             "proxies": proxies,
         }
-        body_again = request.body is None or isinstance(request.body, bytes | str)
-        if not body_again:
+        if not resendable(request):
             return self.inner.send(request, **kwargs)
         # a repeatable request whenever its connection broke; any other only when it
         # cannot have reached the server

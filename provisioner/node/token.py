@@ -5,9 +5,10 @@ the node still holds a token, and two when it must first issue one; issuing and 
 tokens is most of what a fleet costs Keystone (docs/performance.md). The token is kept in
 ``/run/edgepin/token.json`` (0600) and only if that folder is in memory (tmpfs or ramfs):
 it never reaches a persistent disk, and a power cut forgets it. keystoneauth renews it
-when it has less than two minutes left, and on a 401 it issues a new one once: a deleted or
-disabled application credential is refused at the next reconcile, as before (Keystone
-revokes the tokens of a deleted application credential).
+when it has less than two minutes left, and on a 401 it issues a new one once; Keystone
+answers 404 to a token of a deleted application credential, and the node's client then asks
+once with a new token. A revoked node is refused as soon as Keystone refuses its token (with
+Keystone's cache on, that depends on its cache invalidation: docs/production.md).
 
 The file is read back as untrusted input: :func:`parse` accepts only a token of the
 credential the node holds now, for the Keystone it was enrolled with.
