@@ -147,6 +147,45 @@ def test_the_bed_is_shaped_as_production_says(controlplane: ControlPlane, admin:
     assert controlplane.memcached_stats()["get_hits"] > hits
 
 
+def test_keystone_refuses_a_disabled_users_token_on_every_thread(
+    controlplane: ControlPlane, admin: Any, make_user: Any
+) -> None:
+    """Keystone validates a token before it makes the request's context; a thread's
+    previous request context must not answer for it. Without the test bed's fresh context
+    (serve.py), the thread that issued a token kept the user as it was then, and accepted
+    the token once the user was disabled (1 of 24 requests, in each of 4 rounds)."""
+    user: TestUser = make_user("disabled")
+    admin.identity.get_user(user.user_id)  # the operator's own token issued before the steps
+    body = {
+        "auth": {
+            "identity": {
+                "methods": ["password"],
+                "password": {"user": {"id": user.user_id, "password": user.password}},
+            },
+            "scope": {"project": {"id": user.project_id}},
+        }
+    }
+    ca = str(controlplane.ca_path)
+    r = requests.post(f"{controlplane.auth_url}/auth/tokens", json=body, verify=ca, timeout=30)
+    assert r.status_code == 201, r.text
+    token = r.headers["X-Subject-Token"]
+
+    def read() -> int:
+        return requests.get(
+            f"{controlplane.auth_url}/projects/{user.project_id}",
+            headers={"X-Auth-Token": token},
+            verify=ca,
+            timeout=30,
+        ).status_code
+
+    assert read() == 200
+    admin.identity.update_user(user.user_id, is_enabled=False)
+    # one request at a time, each on a new connection: the workers' threads take them in
+    # turn, the one that issued the token among them (3 workers x 8 threads at most)
+    after = [read() for _ in range(3 * 8)]
+    assert after == [401] * len(after), after
+
+
 def _ppid(pid: int) -> int | None:
     try:
         return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
