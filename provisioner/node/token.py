@@ -7,8 +7,8 @@ tokens is most of what a fleet costs Keystone (docs/performance.md). The token i
 it never reaches a persistent disk, and a power cut forgets it. keystoneauth renews it
 when it has less than two minutes left, and on a 401 it issues a new one once; Keystone
 answers 404 to a token of a deleted application credential, and the node's client then asks
-once with a new token. A revoked node is refused as soon as Keystone refuses its token (with
-Keystone's cache on, that depends on its cache invalidation: docs/production.md).
+once with a new token. A revoked node is refused as soon as Keystone refuses its token
+(docs/production.md says how Keystone must run for that to be at once).
 
 The file is read back as untrusted input: :func:`parse` accepts only a token of the
 credential the node holds now, for the Keystone it was enrolled with.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import secrets
 import sqlite3
+import threading
 from typing import Any
 
 import pytest
@@ -114,7 +116,7 @@ def test_application_credential_access_rules(controlplane: ControlPlane, make_us
 
 
 def test_the_bed_is_shaped_as_production_says(controlplane: ControlPlane, admin: Any) -> None:
-    """memcached behind Keystone's cache and Glance's token cache, two Keystone workers,
+    """memcached behind Keystone's cache and Glance's token cache, four Keystone workers,
     SQLite in write-ahead-log mode (docs/production.md, docs/testbed.md)."""
     assert controlplane.shape == "production"
     workers = [
@@ -124,7 +126,7 @@ def test_the_bed_is_shaped_as_production_says(controlplane: ControlPlane, admin:
         and _ppid(int(pid)) == controlplane.pids["keystone"]
         and "worker" in _cmdline(int(pid))
     ]
-    assert len(workers) == 2, workers
+    assert len(workers) == 4, workers
     for service in ("keystone", "glance", "barbican"):
         db = sqlite3.connect(controlplane.run_dir / service / f"{service}.db")
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -156,19 +158,8 @@ def test_keystone_refuses_a_disabled_users_token_on_every_thread(
     the token once the user was disabled (1 of 24 requests, in each of 4 rounds)."""
     user: TestUser = make_user("disabled")
     admin.identity.get_user(user.user_id)  # the operator's own token issued before the steps
-    body = {
-        "auth": {
-            "identity": {
-                "methods": ["password"],
-                "password": {"user": {"id": user.user_id, "password": user.password}},
-            },
-            "scope": {"project": {"id": user.project_id}},
-        }
-    }
     ca = str(controlplane.ca_path)
-    r = requests.post(f"{controlplane.auth_url}/auth/tokens", json=body, verify=ca, timeout=30)
-    assert r.status_code == 201, r.text
-    token = r.headers["X-Subject-Token"]
+    token = _password_token(controlplane, user)
 
     def read() -> int:
         return requests.get(
@@ -184,6 +175,102 @@ def test_keystone_refuses_a_disabled_users_token_on_every_thread(
     # turn, the one that issued the token among them (3 workers x 8 threads at most)
     after = [read() for _ in range(3 * 8)]
     assert after == [401] * len(after), after
+
+
+def test_keystone_authorizes_each_request_with_its_own_token(
+    controlplane: ControlPlane, make_user: Any
+) -> None:
+    """Keystone's auth middleware keeps the token it validated on itself; with several
+    threads in a worker, a request was authorized with another thread's token. Measured
+    with 8 threads per worker: a user creating application credentials with its password
+    token was refused 93 times of 120 ("Using method 'application_credential' is not allowed
+    for managing additional application credentials") while another user read its project
+    with an application credential's token. The test bed runs Keystone one thread per
+    worker; none is refused."""
+    ca = str(controlplane.ca_path)
+    url = controlplane.auth_url
+    reader: TestUser = make_user("reader")
+    manager: TestUser = make_user("manager")
+    reader_token = _password_token(controlplane, reader)
+    manager_token = _password_token(controlplane, manager)
+    cred = requests.post(
+        f"{url}/users/{reader.user_id}/application_credentials",
+        headers={"X-Auth-Token": reader_token},
+        json={"application_credential": {"name": "reader"}},
+        verify=ca,
+        timeout=30,
+    ).json()["application_credential"]
+    auth = {"methods": ["application_credential"], "application_credential": cred}
+    r = requests.post(
+        f"{url}/auth/tokens", json={"auth": {"identity": auth}}, verify=ca, timeout=30
+    )
+    cred_token = r.headers["X-Subject-Token"]
+    stop = threading.Event()
+    read_codes: collections.Counter[int] = collections.Counter()
+    create_codes: collections.Counter[int] = collections.Counter()
+
+    def read() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                got = s.get(
+                    f"{url}/projects/{reader.project_id}",
+                    headers={"X-Auth-Token": cred_token},
+                    verify=ca,
+                    timeout=30,
+                )
+                read_codes[got.status_code] += 1
+
+    def manage() -> None:
+        with requests.Session() as s:
+            for _ in range(30):
+                made = s.post(
+                    f"{url}/users/{manager.user_id}/application_credentials",
+                    headers={"X-Auth-Token": manager_token},
+                    json={"application_credential": {"name": secrets.token_hex(4)}},
+                    verify=ca,
+                    timeout=30,
+                )
+                create_codes[made.status_code] += 1
+                if made.status_code == 201:
+                    cid = made.json()["application_credential"]["id"]
+                    s.delete(
+                        f"{url}/users/{manager.user_id}/application_credentials/{cid}",
+                        headers={"X-Auth-Token": manager_token},
+                        verify=ca,
+                        timeout=30,
+                    )
+
+    readers = [threading.Thread(target=read) for _ in range(6)]
+    managers = [threading.Thread(target=manage) for _ in range(2)]
+    for t in readers + managers:
+        t.start()
+    for t in managers:
+        t.join()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert dict(create_codes) == {201: 60}, create_codes
+    assert set(read_codes) == {200} and read_codes[200] > 0, read_codes
+
+
+def _password_token(controlplane: ControlPlane, user: TestUser) -> str:
+    body = {
+        "auth": {
+            "identity": {
+                "methods": ["password"],
+                "password": {"user": {"id": user.user_id, "password": user.password}},
+            },
+            "scope": {"project": {"id": user.project_id}},
+        }
+    }
+    r = requests.post(
+        f"{controlplane.auth_url}/auth/tokens",
+        json=body,
+        verify=str(controlplane.ca_path),
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    return str(r.headers["X-Subject-Token"])
 
 
 def _ppid(pid: int) -> int | None:

@@ -61,9 +61,14 @@ EDGE_DOMAIN = "edge"
 ROLES = ("admin", "member", "reader", "service")
 STORES = ("file", "ceph")
 # production: memcached behind Keystone's cache and Glance's and Barbican's token caches,
-# two Keystone workers (docs/production.md); plain: no cache, one worker each (comparisons)
+# four Keystone workers (docs/production.md); plain: no cache, one worker each (comparisons)
 SHAPES = ("production", "plain")
-WORKERS = {"production": {"keystone": 2, "glance": 1, "barbican": 1}}
+WORKERS = {"production": {"keystone": 4, "glance": 1, "barbican": 1}}
+# Keystone's auth middleware keeps the token it validated on itself, shared by a worker's
+# threads: with more than one thread a request is authorized with another request's token
+# (test_testbed_services.py::test_keystone_authorizes_each_request_with_its_own_token).
+# Keystone gets one thread per worker, in every shape; the others gthread's default 8.
+THREADS = {"keystone": 1}
 MEMCACHED_TIMEOUT = 5  # seconds a memcached call may take before it counts as failed
 MEMCACHED_DEAD_RETRY = 10  # seconds a failed memcached is left alone
 
@@ -198,7 +203,7 @@ def _cache(cp: ControlPlane) -> str:
         f"memcache_servers = {cp.host}:{cp.ports['memcached']}\n"
         # one call slower than socket_timeout (1 s by default: a loaded 2-core host) marks
         # memcached dead in that worker for memcache_dead_retry (300 s), and its cache
-        # invalidations are lost meanwhile: another worker then accepted a revoked token
+        # invalidations are lost meanwhile
         f"socket_timeout = {MEMCACHED_TIMEOUT}\n"
         f"memcache_dead_retry = {MEMCACHED_DEAD_RETRY}\n"
     )
@@ -674,6 +679,9 @@ class ControlPlane:
         workers = WORKERS.get(self.shape, {}).get(service)
         if workers and "EDGEPIN_CP_WORKERS" not in os.environ:
             env["EDGEPIN_CP_WORKERS"] = str(workers)
+        threads = THREADS.get(service)
+        if threads and "EDGEPIN_CP_THREADS" not in os.environ:
+            env["EDGEPIN_CP_THREADS"] = str(threads)
         proc = subprocess.Popen(
             [str(self.python), str(HERE / "serve.py"), service, str(cfg), bind, cert, key],
             stdout=log,
@@ -936,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no memcached, Keystone's cache off, one worker per service (for comparisons); "
         "by default the bed is shaped as docs/production.md says: memcached behind Keystone's "
-        "cache and the services' token caches, two Keystone workers",
+        "cache and the services' token caches, four Keystone workers",
     )
     p.add_argument(
         "--store",
