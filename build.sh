@@ -46,9 +46,10 @@ Commands:
   test [PYTEST ARGS...]    install what the tests need, run ruff, mypy and the whole
                            pytest suite; pass pytest arguments to select, e.g.
                            ./build.sh test -m unit
-  controlplane up|down|status [--http] [--run-dir DIR] [--store file|ceph]
+  controlplane up|down|status [OPTIONS]
                            run the test bed's Keystone, Glance and Barbican by hand
-                           (on loopback, HTTPS with a CA made for the run)
+                           (on loopback, HTTPS with a CA made for the run);
+                           ./build.sh controlplane --help for its options
   bench [ARGS...]          run the benchmarks (benchmarks/): prints a table of ratios
                            against baselines measured in the same run, writes JSON;
                            ./build.sh bench --help for its options

@@ -209,9 +209,7 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
                 raise TrustError(
                     "the seed's bootstrap credential is bound to other PCR values than "
                     "this node measures",
-                    hint="enroll the node again with --pcrs "
-                    f"{','.join(map(str, cfg.pcrs))} and --pcr-values set to this node's "
-                    f"PCR values: {json.dumps(_pcr_values(cfg), sort_keys=True)}",
+                    hint=pcr_values_hint(cfg.pcrs, _pcr_values(cfg)),
                 ) from None
             boot_session = make_session(
                 ident, boot["application_credential_id"], boot_secret, cfg.http_timeout
@@ -312,6 +310,16 @@ def _delete_all_but(sess: Any, ident: Identity, keep: set[str]) -> None:
         if cred["id"] not in keep:
             sess.delete(f"{base}/{cred['id']}")
             LOG.info("enrollment: deleted application credential %s (%s)", cred["id"], cred["name"])
+
+
+def pcr_values_hint(pcrs: tuple[int, ...], values: dict[str, str]) -> str:
+    """What the factory does with the values a node measures: the node has no login, so
+    its console is where they are read (``edgepin enroll --pcr-values FILE`` takes them)."""
+    selection = ",".join(map(str, pcrs))
+    return (
+        f"enroll the node again with `edgepin enroll ... --pcrs {selection} --pcr-values FILE`, "
+        f"FILE holding this node's PCR values: {json.dumps(values, sort_keys=True)}"
+    )
 
 
 def _pcr_values(cfg: NodeConfig) -> dict[str, str]:

@@ -23,6 +23,7 @@ from keystoneauth1.identity import v3
 from provisioner import seed, tpm
 from provisioner.cloud import translate
 from provisioner.errors import AuthError, TrustError, UsageError
+from provisioner.node.config import SETTINGS
 from provisioner.operator import nodes, urls
 
 DEFAULT_WINDOW_DAYS = 14
@@ -71,7 +72,8 @@ def load_pcr_values(req: EnrollRequest) -> dict[int, bytes]:
     if not req.pcrs:
         raise UsageError(
             "--pcrs is required: the bootstrap credential is always bound to PCRs",
-            hint="use the host image's EDGEPIN_PCRS (DIB_EDGEPIN_PCRS, default 7)",
+            hint="use the host image's EDGEPIN_PCRS (`./build.sh image --pcrs`, default "
+            f"{SETTINGS['EDGEPIN_PCRS'][0]})",
         )
     if req.pcr_values_zero:
         return {p: bytes(32) for p in req.pcrs}

@@ -28,10 +28,15 @@ Where the docs say it:
 - a node setting: a row of docs/node.md#configuration with its default.
 - a ``DIB_*`` variable: its element's README.rst, with the default its environment.d sets.
 - an ``EDGEPIN_*`` variable: named in README.md or docs/*.md.
+- any ``EDGEPIN_*`` or ``DIB_EDGEPIN_*`` name in any file of the code (Python, element
+  hooks and ``environment.d``, units, build.sh, ``.ci/run``; however it is read): named in
+  README.md or docs/*.md.
 
 And the other way: every ``--option`` in a code span anywhere in the docs is an option of
 edgepin or of a build.sh command, or one of a few other programs' options named below with
-their program; every ``./build.sh`` command line shown uses options of that command.
+their program; every ``./build.sh`` command line shown uses options of that command; every
+``EDGEPIN_*`` and ``DIB_EDGEPIN_*`` name in the docs (element READMEs included) is one the
+code has.
 """
 
 from __future__ import annotations
@@ -235,6 +240,47 @@ def user_environment() -> dict[str, str]:
             for name in ENV_READ.findall(path.read_text()):
                 found.setdefault(name, str(path.relative_to(REPO)))
     assert "EDGEPIN_EDGE_DOMAIN" in found and "EDGEPIN_VENV" in found, found
+    return found
+
+
+SETTING = re.compile(r"\b(?:DIB_)?EDGEPIN_[A-Z0-9_]+")
+
+
+def _code_files() -> Iterator[Path]:
+    """The files the code is made of: what builds, runs and tests edgepin (the unit tests,
+    which invent names to test with, and the elements' READMEs, which are docs, aside)."""
+    yield BUILD_SH
+    yield REPO / ".ci" / "run"
+    unit = REPO / "tests" / "unit"
+    for top in ("provisioner", "elements", "tests", "benchmarks"):
+        for path in sorted((REPO / top).rglob("*")):
+            if (
+                path.is_file()
+                and unit not in path.parents
+                and "__pycache__" not in path.parts
+                and path.name != "README.rst"
+            ):
+                yield path
+
+
+@functools.lru_cache(maxsize=1)
+def settings_in_code() -> dict[str, str]:
+    """Every EDGEPIN_* and DIB_EDGEPIN_* name the code holds -> the first file naming it.
+    A name that ends in ``_`` is a prefix (``EDGEPIN_X_``: keys the node ignores)."""
+    found: dict[str, str] = {}
+    for path in _code_files():
+        for name in SETTING.findall(path.read_text("latin-1")):
+            found.setdefault(name, str(path.relative_to(REPO)))
+    assert {"EDGEPIN_ROOT", "DIB_EDGEPIN_PCRS", "EDGEPIN_CP_SHAPE"} <= set(found), found
+    return found
+
+
+def _settings_named(paths: list[Path]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            for name in SETTING.findall(line):
+                found.setdefault(name, f"{path.relative_to(REPO)}:{number}")
     return found
 
 
@@ -540,3 +586,26 @@ def test_every_edgepin_environment_variable_is_documented(name: str) -> None:
     assert re.search(rf"\b{name}\b", doc_text()), (
         f"{name} (read by {source}) is documented nowhere: name it in {where}"
     )
+
+
+@pytest.mark.parametrize("name", sorted(settings_in_code()))
+def test_every_setting_the_code_names_is_in_the_docs(name: str) -> None:
+    """However the code reads it (``os.environ[...]``, ``${X:?}`` in a hook, a unit), a
+    setting is named in README.md or docs/*.md; the DIB_* ones in their element's README.rst
+    as well (with their default: test_every_dib_variable_is_in_its_readme...)."""
+    where = settings_in_code()[name]
+    assert re.search(rf"(?<![\w]){re.escape(name)}(?![A-Z0-9_])", doc_text()), (
+        f"{name} ({where}) is named in no doc: say what it does in docs/ "
+        f"({'docs/host-image.md#build-time-settings' if name.startswith('DIB_') else where})"
+    )
+
+
+def test_every_setting_the_docs_name_is_in_the_code() -> None:
+    docs = [*DOCS, *sorted(ELEMENTS.glob("*/README.rst"))]
+    code = settings_in_code()
+    problems = [
+        f"{where}: {name} is no setting of the code (renamed or removed?)"
+        for name, where in sorted(_settings_named(docs).items())
+        if name not in code and not (name.endswith("_") and any(c.startswith(name) for c in code))
+    ]
+    assert not problems, "\n".join(problems)
