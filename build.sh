@@ -194,6 +194,9 @@ Options:
   --release NAME           Debian release (default trixie; bookworm works too)
   --ca FILE                control plane CA bundle the node pins (/etc/edgepin/ca.pem)
   --signing-cert FILE      image-signing certificate the node pins; repeat for several
+  --assignment-cert FILE   assignment-signing certificate the node pins; repeat for
+                           several (with none, the image-signing certificates sign
+                           assignments too)
   --pcrs LIST              PCRs to seal to (default 4,7,8,9)
   --reserved-cpus LIST     host CPUs kept for the host (default 0)
   --reconcile-interval T   systemd time span between reconciles (default 5min)
@@ -251,13 +254,14 @@ needs_host_shims() {
 }
 
 cmd_image() {
-    local release="${DIB_RELEASE:-trixie}" ca="" certs=() pcrs=4,7,8,9 reserved=0 interval=5min
+    local release="${DIB_RELEASE:-trixie}" ca="" certs=() acerts=() pcrs=4,7,8,9 reserved=0 interval=5min
     local virt=kvm health=120 pins="" raw=0 qa=0 out="$ROOT/out"
     while (($#)); do
         case "$1" in
             --release) release="$2"; shift 2 ;;
             --ca) ca="$(realpath "$2")"; shift 2 ;;
             --signing-cert) certs+=("$(realpath "$2")"); shift 2 ;;
+            --assignment-cert) acerts+=("$(realpath "$2")"); shift 2 ;;
             --pcrs) pcrs="$2"; shift 2 ;;
             --reserved-cpus) reserved="$2"; shift 2 ;;
             --reconcile-interval) interval="$2"; shift 2 ;;
@@ -274,6 +278,7 @@ cmd_image() {
     [[ -z "$ca" || -f "$ca" ]] || die "--ca: no such file"
     local f
     for f in "${certs[@]}"; do [[ -f "$f" ]] || die "--signing-cert: no such file: $f"; done
+    for f in "${acerts[@]}"; do [[ -f "$f" ]] || die "--assignment-cert: no such file: $f"; done
     [[ -z "$pins" || -f "$pins" ]] || die "--pins: no such file: $pins"
     [[ "$virt" == kvm || "$virt" == qemu ]] || die "--virt-type must be kvm or qemu"
     [[ "$health" =~ ^[0-9]+$ && "$health" -gt 0 ]] || die "--health-timeout must be a whole number of seconds"
@@ -327,6 +332,7 @@ cmd_image() {
         export DIB_EDGEPIN_CA_BUNDLE="$ca"
         export DIB_EDGEPIN_NODE_DOC="$ROOT/docs/node.md"
         export DIB_EDGEPIN_SIGNING_CERTS="${certs[*]}"
+        export DIB_EDGEPIN_ASSIGNMENT_CERTS="${acerts[*]}"
         export DIB_EDGEPIN_PCRS="$pcrs"
         export DIB_EDGEPIN_RESERVED_CPUS="$reserved"
         export DIB_EDGEPIN_RECONCILE_INTERVAL="$interval"
@@ -369,10 +375,11 @@ cmd_image() {
     # compressed, as diskimage-builder makes its qcow2
     qemu-img convert -c -f raw -O qcow2 "$out/$name.raw" "$out/$name.qcow2"
     ((raw)) || rm -f "$out/$name.raw"
-    local ca_sum="" pins_sum="" cert_sums=""
+    local ca_sum="" pins_sum="" cert_sums="" acert_sums=""
     [[ -n "$ca" ]] && ca_sum="$(sha256sum "$ca" | cut -d' ' -f1)"
     [[ -n "$pins" ]] && pins_sum="$(sha256sum "$pins" | cut -d' ' -f1)"
     for f in "${certs[@]}"; do cert_sums+="$(sha256sum "$f" | cut -d' ' -f1),"; done
+    for f in "${acerts[@]}"; do acert_sums+="$(sha256sum "$f" | cut -d' ' -f1),"; done
     "$VENV/bin/python" -m provisioner.imagemanifest \
         --out "$out" --name "$name" --elements-dir "$ROOT/elements" --wheel "$wheel" \
         --setting "release=$release" --setting "mirror=$mirror" \
@@ -381,6 +388,7 @@ cmd_image() {
         --setting "reconcile_interval=$interval" --setting "virt_type=$virt" \
         --setting "health_timeout=$health" --setting "qa_check=$qa" \
         --setting "ca_sha256=$ca_sum" --setting "signing_certs_sha256=${cert_sums%,}" \
+        --setting "assignment_certs_sha256=${acert_sums%,}" \
         --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims" \
         --verity-root-hash "$roothash"
 }

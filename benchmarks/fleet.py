@@ -13,6 +13,7 @@ version document on a new connection: the floor of any request to this control p
 
 from __future__ import annotations
 
+import datetime
 import random
 import secrets
 import threading
@@ -22,14 +23,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
 from keystoneauth1 import session as ksa_session
 from keystoneauth1.identity import v3
 
 from benchmarks import procstat, servicelog, stats
 from benchmarks.bed import Bed, BenchError
+from provisioner import assignment
 from provisioner.node import credentials, fetch
 from provisioner.node.client import NodeClient
 from provisioner.operator import assign, nodes
+from provisioner.operator.signingcert import load_key
+from provisioner.signing import fingerprint, load_certificate
 from tests.testbed.controlplane import EDGE_DOMAIN, REGION
 
 
@@ -40,6 +45,20 @@ class SimNode:
     secret: str
     generation: int
     image_id: str
+    pins: dict[str, x509.Certificate]  # what signs its assignment, as a node pins it
+
+
+@dataclass(frozen=True)
+class _AssignmentKey:
+    """The bed's signing key, which signs the simulated nodes' assignments."""
+
+    key: Any
+    cert: x509.Certificate
+    image_sha512: str
+
+    def record(self, project_id: str, image_id: str) -> dict[str, Any]:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return assignment.sign(self.key, self.cert, project_id, image_id, self.image_sha512, 1, now)
 
 
 def _retry(call: Callable[[], Any], attempts: int = 8) -> Any:
@@ -55,7 +74,9 @@ def _retry(call: Callable[[], Any], attempts: int = 8) -> Any:
     raise AssertionError("unreachable")
 
 
-def _make_node(bed: Bed, admin: Any, domain_id: str, member_id: str, image_id: str) -> SimNode:
+def _make_node(
+    bed: Bed, admin: Any, domain_id: str, member_id: str, image_id: str, signs: _AssignmentKey
+) -> SimNode:
     name = f"bench-{secrets.token_hex(5)}"
     project = _retry(lambda: admin.identity.create_project(name=name, domain_id=domain_id))
     password = secrets.token_urlsafe(18)
@@ -92,7 +113,7 @@ def _make_node(bed: Bed, admin: Any, domain_id: str, member_id: str, image_id: s
     _retry(lambda: assign.share(admin, image_id, project.id))
     _retry(
         lambda: nodes.update_project(
-            admin, project.id, {nodes.ASSIGNMENT_ATTR: {"image_id": image_id, "generation": 1}}
+            admin, project.id, {nodes.ASSIGNMENT_ATTR: signs.record(project.id, image_id)}
         )
     )
     ident = credentials.Identity(
@@ -104,7 +125,7 @@ def _make_node(bed: Bed, admin: Any, domain_id: str, member_id: str, image_id: s
         interface="public",
         ca_file=bed.cp.ca_path,
     )
-    return SimNode(ident, cred_id, secret, 1, image_id)
+    return SimNode(ident, cred_id, secret, 1, image_id, {fingerprint(signs.cert): signs.cert})
 
 
 def make_fleet(
@@ -123,11 +144,17 @@ def make_fleet(
     member_id = bed.admin.identity.find_role("member", ignore_missing=False).id
     local = threading.local()
     lock = threading.Lock()
+    signer = bed.make_signer()
+    signs = _AssignmentKey(
+        load_key(bed.admin, signer.key_id),
+        load_certificate(signer.pem_path.read_bytes()),
+        bed.admin.image.get(f"/images/{image_id}").json()["os_hash_value"],
+    )
 
     def one(_: int) -> None:
         if not hasattr(local, "admin"):
             local.admin = bed.cp.admin_connection()
-        node = _make_node(bed, local.admin, domain_id, member_id, image_id)
+        node = _make_node(bed, local.admin, domain_id, member_id, image_id, signs)
         with lock:
             made.append(node)
             if len(made) % 50 == 0:
@@ -151,12 +178,13 @@ def _reconcile(node: SimNode, metadata: bool) -> None:
     sess = credentials.make_session(node.ident, node.cred_id, node.secret, 30.0)
     try:
         client = NodeClient(sess, node.ident)
-        a = client.assignment()
+        a = client.assignment(node.pins)
         if not a or a.generation != node.generation:
             raise BenchError(f"node {node.ident.node_id} read a wrong assignment")
         if metadata:
             image = client.image(a.image_id)
             fetch.check_properties(image)
+            fetch.check_assigned(image, a)
     finally:
         sess.session.close()
 
@@ -175,7 +203,7 @@ class _CachedSessions:
 
     def reconcile(self, node: SimNode) -> None:
         sess = self.sessions[node.ident.node_id]
-        a = NodeClient(sess, node.ident).assignment()
+        a = NodeClient(sess, node.ident).assignment(node.pins)
         if not a or a.generation != node.generation:
             raise BenchError(f"node {node.ident.node_id} read a wrong assignment")
 

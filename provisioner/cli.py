@@ -154,11 +154,25 @@ def _add_nodes(sub: Any) -> None:
         help="assign an image to a node",
         description="Share IMAGE_ID with the node's project, grant the node read access to "
         "exactly that image's key and signing certificate (Barbican ACLs), withdraw earlier "
-        "grants, and write the assignment record with the next generation. Prints the "
+        "grants, and write the assignment record with the next generation, signed for that "
+        "node (node, image id, image sha512, generation, time) with the assignment-signing "
+        "key: a node runs only an assignment signed by a certificate it pins. Prints the "
         "previous assignment.",
     )
     a.add_argument("node_id", metavar="NODE_ID")
     a.add_argument("image_id", metavar="IMAGE_ID")
+    a.add_argument(
+        "--assignment-cert-id",
+        default=_env("EDGEPIN_ASSIGNMENT_CERT_ID") or _env("EDGEPIN_SIGNING_CERT_ID"),
+        help="Barbican UUID of the certificate whose key signs the assignment, pinned on the "
+        "node (env EDGEPIN_ASSIGNMENT_CERT_ID, else EDGEPIN_SIGNING_CERT_ID)",
+    )
+    a.add_argument(
+        "--assignment-key-id",
+        default=_env("EDGEPIN_ASSIGNMENT_KEY_ID") or _env("EDGEPIN_SIGNING_KEY_ID"),
+        help="Barbican UUID of the private key that signs the assignment "
+        "(env EDGEPIN_ASSIGNMENT_KEY_ID, else EDGEPIN_SIGNING_KEY_ID)",
+    )
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.set_defaults(handler=cmd_assign, needs_cloud=True)
 
@@ -361,9 +375,18 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
-    from provisioner.operator.assign import assign
+    from provisioner.operator.assign import AssignmentSigner, assign
 
-    result = assign(args.conn, args.edge_domain, args.node_id, args.image_id)
+    if not args.assignment_cert_id or not args.assignment_key_id:
+        raise UsageError(
+            "assign needs --assignment-cert-id and --assignment-key-id (or the image-signing "
+            "EDGEPIN_SIGNING_CERT_ID and EDGEPIN_SIGNING_KEY_ID): nodes run only signed "
+            "assignments",
+            hint="create a key with `edgepin signing-cert create` and pin its certificate in "
+            "the host image (./build.sh image --assignment-cert FILE)",
+        )
+    signer = AssignmentSigner(args.assignment_cert_id, args.assignment_key_id)
+    result = assign(args.conn, args.edge_domain, args.node_id, args.image_id, signer)
     prev = result.previous
     _print(
         args,

@@ -14,8 +14,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from cryptography import x509
 from keystoneauth1 import exceptions as ksa_exc
 
+from provisioner import assignment
 from provisioner.cloud import translate
 from provisioner.errors import (
     AuthError,
@@ -97,8 +99,10 @@ class NodeClient:
     def _endpoint(self, service_type: str) -> dict[str, str]:
         return {"service_type": service_type, "interface": self.ident.interface}
 
-    def assignment(self) -> model.Assignment | None:
-        """The node's assignment; :class:`CredentialRefused` when Keystone refuses the node."""
+    def assignment(self, pinned: dict[str, x509.Certificate]) -> model.Assignment | None:
+        """The node's assignment, if signed for it with a ``pinned`` certificate (else
+        ImageError or VerificationError); :class:`CredentialRefused` when Keystone refuses
+        the node."""
         url = f"{self.ident.auth_url}/projects/{self.ident.project_id}"
         try:
             r = self.sess.get(url, raise_exc=False)
@@ -130,7 +134,7 @@ class NodeClient:
             raw = r.json()["project"].get(model.ASSIGNMENT_ATTR)
         except (ValueError, KeyError, AttributeError, TypeError):
             raise ServiceUnavailableError("keystone sent a malformed project record") from None
-        return model.parse_assignment(raw)
+        return assignment.verify(raw, pinned, self.ident.project_id)
 
     def image(self, image_id: str) -> dict[str, Any]:
         """An image's metadata; ImageError when it does not exist or is not ours to see."""

@@ -91,6 +91,11 @@ class NodeConfig:
         return self.etc_dir / "signing-certs"
 
     @property
+    def assignment_certs_dir(self) -> Path:
+        """Certificates that sign assignments; when it holds none, the image-signing ones do."""
+        return self.etc_dir / "assignment-certs"
+
+    @property
     def ca_path(self) -> Path:
         return self.etc_dir / "ca.pem"
 

@@ -20,6 +20,7 @@ from provisioner.errors import (
     GenerationConflict,
     GenerationRollback,
     ImageError,
+    VerificationError,
 )
 from provisioner.node.model import Assignment, Ledger
 
@@ -58,7 +59,8 @@ def decide(ledger: Ledger, refused_since: float | None, seen: Observed, grace: f
         if seen.now - since >= grace:
             return Plan(Step.REVOKE, ledger, since, offline=seen.problem)
         return Plan(Step.KEEP, ledger, since, offline=seen.problem)
-    if isinstance(seen.problem, ImageError):  # Keystone answered with a record that is none
+    if isinstance(seen.problem, ImageError | VerificationError):
+        # Keystone answered with a record that is none, or one not signed for this node
         return Plan(Step.REFUSE, ledger, None, seen.problem)
     if seen.problem is not None:  # unreachable: the refusal clock neither runs nor resets
         return Plan(Step.KEEP, ledger, refused_since, offline=seen.problem)

@@ -50,6 +50,7 @@ from provisioner.errors import (
 )
 from provisioner.node import state
 from provisioner.node.client import NodeClient, check
+from provisioner.node.model import Assignment
 from provisioner.signing import StreamVerifier, fingerprint, load_certificate
 
 LOG = logging.getLogger(__name__)
@@ -79,6 +80,22 @@ def load_pinned(certs_dir: Path) -> dict[str, x509.Certificate]:
             cert = load_certificate(path.read_bytes())
             pinned[fingerprint(cert)] = cert
     return pinned
+
+
+def assignment_pins(assignment_certs: Path, signing_certs: Path) -> dict[str, x509.Certificate]:
+    """The certificates an assignment may be signed with: the pinned assignment-signing
+    certificates, or, when none is pinned, the image-signing ones (one role, one key)."""
+    return load_pinned(assignment_certs) or load_pinned(signing_certs)
+
+
+def check_assigned(image: dict[str, Any], assignment: Assignment) -> None:
+    """Refuse an image whose sha512 in Glance is not the one the signed assignment names."""
+    if image.get("os_hash_value") != assignment.image_sha512:
+        raise VerificationError(
+            f"image {assignment.image_id} in Glance is not the one assigned (its sha512 "
+            "differs from the signed assignment's): refused",
+            image_id=assignment.image_id,
+        )
 
 
 def check_properties(image: dict[str, Any]) -> None:

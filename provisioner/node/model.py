@@ -2,14 +2,14 @@
 
 Closed sets are enums, records are frozen dataclasses. What comes from outside (the
 control plane's assignment and image properties) is read by a strict parser here, which
-returns a typed value or raises edgepin's own error; the ledger's own parser (what comes
-from the node's disk) is in :mod:`provisioner.node.ledger`.
+returns a typed value or raises edgepin's own error: the assignment's in
+:mod:`provisioner.assignment`, the ledger's (what comes from the node's disk) in
+:mod:`provisioner.node.ledger`.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,28 +48,13 @@ class MemberStatus(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Assignment:
-    """The operator's choice for this node: one image, at a generation that only goes up."""
+    """The operator's choice for this node, as signed: one image (and its sha512), at a
+    generation that only goes up. Read by :func:`provisioner.assignment.verify`."""
 
     image_id: str
     generation: int
-
-
-def parse_assignment(raw: Any) -> Assignment | None:
-    """The assignment record from Keystone: None, or a checked one; ImageError otherwise."""
-    if raw is None or raw == "":
-        return None
-    try:
-        data = json.loads(raw) if isinstance(raw, str | bytes) else raw
-    except (ValueError, RecursionError):
-        raise ImageError("the assignment record is not JSON") from None
-    if not isinstance(data, dict):
-        raise ImageError("the assignment record is not an object")
-    image_id, gen = data.get("image_id"), data.get("generation")
-    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
-        raise ImageError("the assignment names no valid image id")
-    if type(gen) is not int or not 0 <= gen <= MAX_GENERATION:
-        raise ImageError("the assignment's generation is not a whole number in range")
-    return Assignment(image_id, gen)
+    image_sha512: str
+    assigned_at: str
 
 
 @dataclass(frozen=True)

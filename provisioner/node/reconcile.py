@@ -245,7 +245,8 @@ class Run:
             )
             return Observed(now, problem=pause)
         try:
-            return Observed(time.time(), assignment=self._client().assignment())
+            pins = fetch.assignment_pins(self.cfg.assignment_certs_dir, self.cfg.pinned_certs_dir)
+            return Observed(time.time(), assignment=self._client().assignment(pins))
         except EdgepinError as e:  # refused, unreachable, or an assignment that is no record
             LOG.warning("reconcile: the assignment cannot be read: %s", e.message)
             return Observed(time.time(), problem=e)
@@ -358,6 +359,7 @@ class Run:
         try:
             image = client.image(image_id)
             fetch.check_properties(image)
+            fetch.check_assigned(image, assignment)
             guest = guest_from_image(image, gen)
             domain.check_fits(self.cfg, self.conn, guest.vcpus, guest.memory_mb)
             known = self._ledger().images.get(image_id)

@@ -5,7 +5,8 @@ recorded for it (provisioner/operator/imagesecrets.py), shares the image with th
 project, records in the node's project that the node needs exactly those two secrets,
 derives the secrets' read ACLs from every node's record (provisioner/operator/access.py:
 concurrent assigns lose no entry), withdraws what earlier assignments granted, and writes
-the assignment record with a generation that only goes up.
+the assignment record with a generation that only goes up, signed for that node with the
+assignment-signing key (provisioner/assignment.py): the node runs nothing else.
 """
 
 from __future__ import annotations
@@ -14,11 +15,23 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-from provisioner import barbican
+from cryptography.hazmat.primitives import serialization
+
+from provisioner import assignment, barbican
 from provisioner.cloud import translate
-from provisioner.errors import ImageError, NotFoundError
+from provisioner.errors import ImageError, NotFoundError, UsageError
 from provisioner.operator import access, imagesecrets, nodes
 from provisioner.operator.publish import REQUIRED_PROPERTIES
+from provisioner.operator.signingcert import load_key
+
+
+@dataclass(frozen=True)
+class AssignmentSigner:
+    """Barbican ids of the key that signs assignments and of its certificate (pinned on the
+    nodes as an assignment-signing or image-signing certificate)."""
+
+    cert_id: str
+    key_id: str
 
 
 @dataclass
@@ -99,7 +112,22 @@ def grant(conn: Any, secret_id: str, user_id: str) -> None:
         barbican.set_acl_users(client, secret_id, [*users, user_id])
 
 
-def assign(conn: Any, edge_domain: str, node_id: str, image_id: str) -> Assigned:
+def _signing_pair(conn: Any, signer: AssignmentSigner) -> tuple[Any, Any]:
+    key = load_key(conn, signer.key_id)
+    cert = imagesecrets.signing_certificate(conn, signer.cert_id)
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise UsageError(
+            f"the assignment-signing key {signer.key_id} is not the key of certificate "
+            f"{signer.cert_id}",
+            hint="give the key and the certificate of one `edgepin signing-cert create`",
+        )
+    return key, cert
+
+
+def assign(
+    conn: Any, edge_domain: str, node_id: str, image_id: str, signer: AssignmentSigner
+) -> Assigned:
     domain_id = nodes.edge_domain_id(conn, edge_domain)
     node = nodes.get_node(conn, domain_id, node_id)
     if node.user is None:
@@ -109,6 +137,7 @@ def assign(conn: Any, edge_domain: str, node_id: str, image_id: str) -> Assigned
     image = get_image(conn, image_id)
     check_image(image)
     needed = imagesecrets.image_secrets(conn, image)
+    key, cert = _signing_pair(conn, signer)  # before anything changes
     previous = node.assignment
     generation = int(previous["generation"]) + 1 if previous else 1
     old = node.grants
@@ -123,10 +152,9 @@ def assign(conn: Any, edge_domain: str, node_id: str, image_id: str) -> Assigned
         if old_image != image_id:
             unshare(conn, old_image, node.project_id)
 
-    record = {
-        "image_id": image_id,
-        "generation": generation,
-        "assigned_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    record = assignment.sign(
+        key, cert, node.project_id, image_id, str(image["os_hash_value"]), generation, now
+    )
     nodes.update_project(conn, node.project_id, {nodes.ASSIGNMENT_ATTR: record})
     return Assigned(node_id, image_id, generation, previous)

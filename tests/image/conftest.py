@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from provisioner.operator import signingcert
-from tests.integration.conftest import cli_env, signer  # noqa: F401  (shared fixtures)
+from tests.integration.conftest import cli_env, operator_env, signer  # noqa: F401  (shared fixtures)
 from tests.testbed.swtpm import SwtpmFactory
 
 REPO = Path(__file__).resolve().parents[2]

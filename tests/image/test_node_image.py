@@ -181,8 +181,11 @@ def publish_signed(
     return result
 
 
-def assign(cli_env: dict[str, str], node: Node, image_id: str) -> None:
-    r = run_edgepin(["assign", node.name, image_id], cli_env)
+def assign(cli_env: dict[str, str], node: Node, image_id: str, signer: Signer) -> None:
+    """``edgepin assign``, the assignment signed with ``signer`` (the pinned one: the image
+    pins no assignment certificate, so its image-signing certificate signs assignments)."""
+    ids = ["--assignment-cert-id", signer.cert_id, "--assignment-key-id", signer.key_id]
+    r = run_edgepin(["assign", node.name, image_id, *ids], cli_env)
     assert r.returncode == 0, r.stderr
 
 
@@ -198,9 +201,9 @@ def v1(
 
 
 def test_1_first_boot_enrolls_fetches_verifies_and_runs_the_guest(
-    node: Node, v1: dict[str, Any], cli_env: dict[str, str], admin: Any
+    node: Node, v1: dict[str, Any], cli_env: dict[str, str], admin: Any, pinned_signer: Signer
 ) -> None:
-    assign(cli_env, node, v1["image_id"])
+    assign(cli_env, node, v1["image_id"], pinned_signer)
     node.boot("first-boot")
     node.wait(r"enrolled: node " + node.name)
     node.wait(rf"fetch: image {v1['image_id']} verified")
@@ -269,7 +272,7 @@ def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
     node.wait(rf"running: guest {v1['image_id']} running")
     # signed by a certificate Barbican offers but the image does not pin
     unpinned = publish_signed(cli_env, tiny_guest, signer, "unpinned")
-    assign(cli_env, node, unpinned["image_id"])
+    assign(cli_env, node, unpinned["image_id"], pinned_signer)
     node.wait(rf"refused: .*{unpinned['image_id']}|image {unpinned['image_id']} refused", 600)
     # the end of that reconcile, which reported the refusal before it printed this line (a
     # "current:" line of an earlier reconcile would not do)
@@ -281,7 +284,7 @@ def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0xFF
     stored.write_bytes(bytes(data))
-    assign(cli_env, node, tampered["image_id"])
+    assign(cli_env, node, tampered["image_id"], pinned_signer)
     node.wait(rf"image {tampered['image_id']} refused: .*os_hash_value", 600)
     node.wait(rf"image {tampered['image_id']} refused[\s\S]*current: image {v1['image_id']}", 120)
     assert member_status(admin, tampered["image_id"], node.project_id) == "rejected"

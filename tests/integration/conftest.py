@@ -20,7 +20,8 @@ from tests.testbed.swtpm import Swtpm
 
 
 @pytest.fixture(scope="session")
-def cli_env(controlplane: ControlPlane) -> dict[str, str]:
+def operator_env(controlplane: ControlPlane) -> dict[str, str]:
+    """The operator's cloud: the test bed's clouds.yaml."""
     return {
         "OS_CLIENT_CONFIG_FILE": str(controlplane.clouds_yaml),
         "OS_CLOUD": "edgepin-testbed",
@@ -28,8 +29,19 @@ def cli_env(controlplane: ControlPlane) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def signer(cli_env: dict[str, str], run_dir: Path) -> Signer:
-    return make_signer(cli_env, run_dir)
+def signer(operator_env: dict[str, str], run_dir: Path) -> Signer:
+    return make_signer(operator_env, run_dir)
+
+
+@pytest.fixture(scope="session")
+def cli_env(operator_env: dict[str, str], signer: Signer) -> dict[str, str]:
+    """The operator's environment: the cloud, and the session's signer as the key that
+    `publish` signs images and `assign` signs assignments with (the virtual nodes pin it)."""
+    return {
+        **operator_env,
+        "EDGEPIN_SIGNING_CERT_ID": signer.cert_id,
+        "EDGEPIN_SIGNING_KEY_ID": signer.key_id,
+    }
 
 
 def make_signer(cli_env: dict[str, str], run_dir: Path) -> Signer:

@@ -21,6 +21,7 @@ import pytest
 
 from provisioner.operator import assign, nodes
 from tests.testbed.controlplane import EDGE_DOMAIN, REGION, ControlPlane
+from tests.testbed.operator import Signer
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +71,7 @@ def fleet(admin: Any) -> list[FleetNode]:
     return made
 
 
-def assign_all(cp: ControlPlane, pairs: list[tuple[FleetNode, str]]) -> None:
+def assign_all(cp: ControlPlane, pairs: list[tuple[FleetNode, str]], signer: Signer) -> None:
     """Run every (node, image) assign at the same moment, one thread and connection each."""
     conns = [cp.admin_connection() for _ in pairs]
     for conn in conns:
@@ -80,7 +81,8 @@ def assign_all(cp: ControlPlane, pairs: list[tuple[FleetNode, str]]) -> None:
     def one(i: int) -> assign.Assigned:
         start.wait()
         node, image_id = pairs[i]
-        return assign.assign(conns[i], EDGE_DOMAIN, node.name, image_id)
+        by = assign.AssignmentSigner(signer.cert_id, signer.key_id)
+        return assign.assign(conns[i], EDGE_DOMAIN, node.name, image_id, by)
 
     try:
         with ThreadPoolExecutor(max_workers=len(pairs)) as pool:
@@ -109,13 +111,14 @@ def test_concurrent_assigns_lose_no_acl_entry(
     admin: Any,
     fleet: list[FleetNode],
     publish: Callable[..., dict[str, Any]],
+    signer: Signer,
 ) -> None:
     a, b = publish(version="a"), publish(version="b")
     cert_id = admin.image.get(f"/images/{a['image_id']}").json()["img_signature_certificate_uuid"]
     users = {n.user_id for n in fleet}
 
     # every node onto image A at once: one passphrase, one certificate, twelve writers
-    assign_all(controlplane, [(n, a["image_id"]) for n in fleet])
+    assign_all(controlplane, [(n, a["image_id"]) for n in fleet], signer)
     assert users <= acl(admin, a["key_id"])
     assert users <= acl(admin, cert_id)
 
@@ -124,7 +127,9 @@ def test_concurrent_assigns_lose_no_acl_entry(
     on_b = fleet[::2]
     on_a = fleet[1::2]
     assign_all(
-        controlplane, [(n, b["image_id"]) for n in on_b] + [(n, a["image_id"]) for n in on_a]
+        controlplane,
+        [(n, b["image_id"]) for n in on_b] + [(n, a["image_id"]) for n in on_a],
+        signer,
     )
     assert acl(admin, b["key_id"]) & users == {n.user_id for n in on_b}
     assert acl(admin, a["key_id"]) & users == {n.user_id for n in on_a}

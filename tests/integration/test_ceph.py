@@ -41,10 +41,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.ceph]
 
 
 @pytest.fixture(scope="module")
-def cli_env(ceph_controlplane: ControlPlane) -> dict[str, str]:
+def operator_env(ceph_controlplane: ControlPlane) -> dict[str, str]:
     return {
         "OS_CLIENT_CONFIG_FILE": str(ceph_controlplane.clouds_yaml),
         "OS_CLOUD": "edgepin-testbed",
+    }
+
+
+@pytest.fixture(scope="module")
+def cli_env(operator_env: dict[str, str], signer: Signer) -> dict[str, str]:
+    return {
+        **operator_env,
+        "EDGEPIN_SIGNING_CERT_ID": signer.cert_id,
+        "EDGEPIN_SIGNING_KEY_ID": signer.key_id,
     }
 
 
@@ -56,8 +65,8 @@ def admin(ceph_controlplane: ControlPlane) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def signer(cli_env: dict[str, str], run_dir: Path) -> Signer:
-    return make_signer(cli_env, run_dir)
+def signer(operator_env: dict[str, str], run_dir: Path) -> Signer:
+    return make_signer(operator_env, run_dir)
 
 
 @pytest.fixture(scope="module")

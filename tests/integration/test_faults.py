@@ -39,7 +39,7 @@ from tests.testbed.controlplane import ControlPlane, make_ca
 from tests.testbed.faultproxy import FaultProxy, Seen
 from tests.testbed.libvirtd import Libvirtd
 from tests.testbed.node import EDGEPIN, VirtualNode
-from tests.testbed.operator import Signer, assign, enroll_node
+from tests.testbed.operator import Signer, assign, enroll_node, signed_assignment
 from tests.testbed.swtpm import SwtpmFactory
 
 pytestmark = pytest.mark.integration
@@ -58,6 +58,7 @@ class Bed:
     v1: dict[str, Any]
     project_id: str
     user_id: str
+    signer: Signer
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def bed(
     assert r.returncode == 0, r.stderr
     wait_marker(node, v1["marker"])
     bundle = json.loads((root / "var/lib/edgepin/seed/bundle.json").read_text())
-    yield Bed(node, v1, bundle["project_id"], bundle["user_id"])
+    yield Bed(node, v1, bundle["project_id"], bundle["user_id"], signer)
     node.tpm.stop()
 
 
@@ -195,11 +196,9 @@ def force_assign(
                     pass  # a secret that does not exist: some cases want exactly that
     project = admin.identity.get(f"/projects/{bed.project_id}").json()["project"]
     gen = json.loads(project.get("edgepin_assignment") or '{"generation": 0}')["generation"] + 1
+    record = json.dumps(signed_assignment(admin, bed.signer, bed.project_id, image_id, gen))
     admin.identity.patch(
-        f"/projects/{bed.project_id}",
-        json={
-            "project": {"edgepin_assignment": json.dumps({"image_id": image_id, "generation": gen})}
-        },
+        f"/projects/{bed.project_id}", json={"project": {"edgepin_assignment": record}}
     )
 
 

@@ -15,11 +15,15 @@ from typing import Any
 import libvirt
 import pytest
 
-from provisioner import tpm
+from provisioner import assignment, tpm
 from provisioner.node import token
+from provisioner.operator.assign import share
+from provisioner.operator.signingcert import load_key
+from provisioner.signing import load_certificate
+from tests.integration.conftest import make_signer
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.node import VirtualNode, run_edgepin
-from tests.testbed.operator import Signer, assign, enroll_node
+from tests.testbed.operator import Signer, assign, enroll_node, signed_assignment
 
 pytestmark = pytest.mark.integration
 
@@ -203,6 +207,82 @@ def test_the_node_keeps_its_token_in_memory_and_a_revoked_node_is_refused_at_onc
     assert not kept.exists()  # an invalidated token is forgotten
 
 
+def test_only_an_assignment_signed_for_this_node_is_run(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    admin: Any,
+) -> None:
+    """Whoever can write the node's project attributes (a Keystone admin) cannot choose its
+    image: unsigned, foreign-signed, other-node and wrong-image assignments are refused with
+    the reason, and the running guest is untouched."""
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    v1, v2 = publish(version="1"), publish(version="2")
+    assign(cli_env, node, v1["image_id"])
+    ok(node.node("reconcile"))
+    wait_marker(node, v1["marker"])
+    project = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())["project_id"]
+    signed = json.loads(
+        admin.identity.get(f"/projects/{project}").json()["project"]["edgepin_assignment"]
+    )
+    assert signed["signed"]["certificate_sha256"] == signer.sha256
+
+    def refused(value: Any, code: int, why: str) -> None:
+        admin.identity.patch(
+            f"/projects/{project}", json={"project": {"edgepin_assignment": json.dumps(value)}}
+        )
+        r = node.node("reconcile")
+        assert r.returncode == code and why in r.stderr, r.stdout + r.stderr
+        st = status(node)
+        assert st["state"] == "refused" and st["image_id"] == v1["image_id"], st
+        conn = libvirt.open(node.libvirtd.uri)
+        try:
+            assert conn.lookupByName("edgepin-guest").isActive()
+        finally:
+            conn.close()
+        assert not (node.root / f"var/lib/edgepin/images/{v2['image_id']}.qcow2").exists()
+
+    # what an admin can write without the key
+    refused({"image_id": v2["image_id"], "generation": 2}, 7, "not signed")
+    # signed, but with a key the node does not pin
+    other = make_signer(cli_env, run_dir)
+    refused(signed_assignment(admin, other, project, v2["image_id"], 2), 8, "not pinned")
+    # another node's assignment, replayed here
+    refused(signed_assignment(admin, signer, "f" * 32, v2["image_id"], 2), 8, "another node")
+    # the readable copy changed: not what the node reads (it keeps v1, fetches nothing)
+    readable = {**signed, "image_id": v2["image_id"], "generation": 2}
+    admin.identity.patch(
+        f"/projects/{project}", json={"project": {"edgepin_assignment": json.dumps(readable)}}
+    )
+    ok(node.node("reconcile"))
+    assert status(node)["image_id"] == v1["image_id"]
+    assert not (node.root / f"var/lib/edgepin/images/{v2['image_id']}.qcow2").exists()
+    # the signed payload changed: the signature no longer verifies
+    payload = json.loads(base64.b64decode(signed["signed"]["payload"]))
+    forged = json.dumps({**payload, "image_id": v2["image_id"], "generation": 2}, sort_keys=True)
+    tampered = {**signed["signed"], "payload": base64.b64encode(forged.encode()).decode()}
+    refused({**signed, "signed": tampered}, 8, "signature")
+    # signed for v2's id with v1's sha512: Glance's v2 is not what was signed (v2 shared
+    # with the node, as an admin can do)
+    share(admin, v2["image_id"], project)
+    key = load_key(admin, signer.key_id)
+    cert = load_certificate(signer.pem)
+    mismatch = assignment.sign(key, cert, project, v2["image_id"], v1["sha512"], 2, "now")
+    refused(mismatch, 8, "not the one assigned")
+    assert member_status(admin, v2["image_id"], node) == "rejected"
+
+    # the operator's assignment, signed: run
+    v3 = publish(version="3")
+    assign(cli_env, node, v3["image_id"])
+    ok(node.node("reconcile"))
+    wait_marker(node, v3["marker"])
+    assert status(node)["image_id"] == v3["image_id"]
+
+
 def test_offline_reboot_update_rollback_and_rollback_attack(
     virtual_node: VirtualNode,
     cli_env: dict[str, str],
@@ -264,27 +344,21 @@ def test_offline_reboot_update_rollback_and_rollback_attack(
     r = node.node("reconcile")
     assert "already refused" in r.stdout
 
-    # a lower generation is refused as a rollback attack
+    # an older assignment, validly signed (a replay), is refused as a rollback attack
     project = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())["project_id"]
-    admin.identity.patch(
-        f"/projects/{project}",
-        json={
-            "project": {
-                "edgepin_assignment": json.dumps({"image_id": v1["image_id"], "generation": 1})
-            }
-        },
-    )
-    r = node.node("reconcile")
+
+    def record(value: Any) -> Any:
+        text = value if isinstance(value, str) else json.dumps(value)  # as Keystone keeps it
+        admin.identity.patch(f"/projects/{project}", json={"project": {"edgepin_assignment": text}})
+        return node.node("reconcile")
+
+    r = record(signed_assignment(admin, signer, project, v1["image_id"], 1))
     assert r.returncode == 10
     assert "rollback attack" in r.stderr
     assert status(node)["image_id"] == v2["image_id"]
 
-    def record(text: str) -> Any:
-        admin.identity.patch(f"/projects/{project}", json={"project": {"edgepin_assignment": text}})
-        return node.node("reconcile")
-
     # the highest generation seen (3, the image that was rolled back) names one image only
-    r = record(json.dumps({"image_id": v1["image_id"], "generation": 3}))
+    r = record(signed_assignment(admin, signer, project, v1["image_id"], 3))
     assert r.returncode == 10, r.stdout + r.stderr
     assert f"named image {bad['image_id']} before" in r.stderr
     # records that are none: refused, the guest untouched, a status written

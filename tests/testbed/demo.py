@@ -132,7 +132,9 @@ def up() -> int:
         edgepin(qemu_node_enroll_args(NODE, RUN, values, seed), cp)
 
     enroll(guessed)
-    edgepin(["assign", NODE, pub["image_id"]], cp)
+    # the demo image pins one certificate: it signs images and assignments
+    signed_by = ["--assignment-cert-id", cert_id, "--assignment-key-id", key_id]
+    edgepin(["assign", NODE, pub["image_id"], *signed_by], cp)
     step(f"assigned; seed {seed} (bound to guessed PCR values)")
     probe = HostVm(NODE, image, RUN / "vm", firmware="uefi", tpm=tpm, seed=seed)
     probe.start()

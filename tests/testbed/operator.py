@@ -3,9 +3,14 @@ a signing certificate's ids, enrolling a virtual node, assigning it an image."""
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from provisioner import assignment
+from provisioner.operator.signingcert import load_key
+from provisioner.signing import load_certificate
 from tests.testbed.node import VirtualNode, run_edgepin
 
 
@@ -49,3 +54,17 @@ def enroll_node(node: VirtualNode, cli_env: dict[str, str], signer: Signer, run_
 def assign(cli_env: dict[str, str], node: VirtualNode, image_id: str) -> None:
     r = run_edgepin(["assign", node.name, image_id], cli_env)
     assert r.returncode == 0, r.stderr
+
+
+def signed_assignment(
+    admin: Any, signer: Signer, project_id: str, image_id: str, generation: int
+) -> dict[str, Any]:
+    """An assignment record signed with ``signer`` as `edgepin assign` writes it, for tests
+    that write the record themselves (an image `assign` would refuse, a generation it would
+    not choose). The image's sha512 is Glance's ``os_hash_value`` (zeros when it has none)."""
+    image = admin.image.get(f"/images/{image_id}").json() if image_id else {}
+    sha = image.get("os_hash_value") or "0" * 128
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    key = load_key(admin, signer.key_id)
+    cert = load_certificate(signer.pem)
+    return assignment.sign(key, cert, project_id, image_id, sha, generation, now)

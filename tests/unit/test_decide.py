@@ -9,9 +9,11 @@ import math
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from provisioner import assignment
 from provisioner.errors import (
     AlreadyRefused,
     AuthError,
@@ -27,12 +29,19 @@ from provisioner.errors import (
 from provisioner.node import client, ledger, model
 from provisioner.node.decide import Observed, Step, decide
 from provisioner.node.model import Assignment, Counters, Guest, ImageRecord, Ledger
+from provisioner.signing import fingerprint
+from tests.certs import self_signed
 from tests.unit.fakes import IMAGE_A, IMAGE_B, enrollment_record, json_values, node_client
 
 pytestmark = pytest.mark.unit
 
 GRACE = 600.0
 NOW = 1_800_000_000.0
+SHA = "ab" * 64
+AT = "2026-12-02T13:00:00Z"
+KEY = ec.generate_private_key(ec.SECP384R1())
+CERT = self_signed(KEY)
+PINNED = {fingerprint(CERT): CERT}
 IMAGE_C = "5e4d3c2b-1a09-4f8e-8d7c-6b5a49382716"
 RECORD = ImageRecord("d" * 128, 10, "e" * 64)
 
@@ -58,7 +67,7 @@ def running(image_id: str = IMAGE_A, gen: int = 3) -> Ledger:
 def seen(
     image_id: str | None = None, gen: int = 0, problem: EdgepinError | None = None
 ) -> Observed:
-    a = Assignment(image_id, gen) if image_id else None
+    a = Assignment(image_id, gen, SHA, AT) if image_id else None
     return Observed(NOW, assignment=a, problem=problem)
 
 
@@ -67,7 +76,7 @@ def seen(
 
 def test_a_new_image_at_a_higher_generation_is_fetched_and_the_floor_follows() -> None:
     plan = decide(running(), None, seen(IMAGE_B, 4), GRACE)
-    assert plan.step is Step.UPDATE and plan.assignment == Assignment(IMAGE_B, 4)
+    assert plan.step is Step.UPDATE and plan.assignment == Assignment(IMAGE_B, 4, SHA, AT)
     assert plan.ledger.highest_generation == 4 and plan.ledger.floor_image_id == IMAGE_B
 
 
@@ -100,6 +109,13 @@ def test_an_image_refused_at_this_generation_is_not_tried_again() -> None:
 def test_a_current_image_whose_local_copy_was_dropped_is_fetched_again() -> None:
     before = dataclasses.replace(running(), images={})
     assert decide(before, None, seen(IMAGE_A, 3), GRACE).step is Step.UPDATE
+
+
+def test_an_assignment_not_signed_for_this_node_is_refused_and_the_guest_kept() -> None:
+    problem = VerificationError("the assignment is signed for another node: refused")
+    plan = decide(running(), None, seen(problem=problem), GRACE)
+    assert plan.step is Step.REFUSE and plan.refusal is problem
+    assert plan.ledger == running()  # the floor and the current guest as they were
 
 
 def test_a_malformed_assignment_is_refused_and_the_guest_kept() -> None:
@@ -148,6 +164,7 @@ problems = st.sampled_from(
         CredentialRefused("authentication"),
         ServiceUnavailableError("down"),
         ImageError("malformed"),
+        VerificationError("signed for another node"),
     ]
 )
 moments = st.none() | st.floats(0, 2 * NOW, allow_nan=False)
@@ -289,14 +306,19 @@ def test_access_refused_during_an_update_is_not_a_verdict_on_the_image(
 def test_keystone_refusing_the_node_is_a_credential_refusal() -> None:
     for status in (401, 403):
         with pytest.raises(CredentialRefused):
-            node_client(_Session(status)).assignment()
+            node_client(_Session(status)).assignment(PINNED)
     with pytest.raises(ServiceUnavailableError):
-        node_client(_Session(503)).assignment()
-    body = {"project": {model.ASSIGNMENT_ATTR: {"image_id": IMAGE_A, "generation": 2}}}
-    assert node_client(_Session(200, body)).assignment() == Assignment(IMAGE_A, 2)
-    assert node_client(_Session(200, {"project": {}})).assignment() is None
+        node_client(_Session(503)).assignment(PINNED)
+    record = assignment.sign(KEY, CERT, "p" * 32, IMAGE_A, SHA, 2, AT)
+    body = {"project": {model.ASSIGNMENT_ATTR: record}}
+    assert node_client(_Session(200, body)).assignment(PINNED) == Assignment(IMAGE_A, 2, SHA, AT)
+    assert node_client(_Session(200, {"project": {}})).assignment(PINNED) is None
     with pytest.raises(ServiceUnavailableError, match="malformed"):
-        node_client(_Session(200, ["x"])).assignment()
+        node_client(_Session(200, ["x"])).assignment(PINNED)
+    # an unsigned record is refused, with the reason the reconcile reports
+    unsigned = {"project": {model.ASSIGNMENT_ATTR: {"image_id": IMAGE_A, "generation": 2}}}
+    with pytest.raises(ImageError, match="not signed"):
+        node_client(_Session(200, unsigned)).assignment(PINNED)
 
 
 @settings(max_examples=300)

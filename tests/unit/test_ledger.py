@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from provisioner.errors import (
     ConfigError,
-    ImageError,
     StateError,
     TrustError,
     VerificationError,
@@ -200,33 +199,6 @@ def test_a_ledger_with_any_field_replaced_parses_or_is_refused(fields: dict[str,
         ledger.parse(data)
     except TrustError:
         pass
-
-
-@settings(max_examples=300)
-@given(json_values | st.text(max_size=80))
-def test_the_assignment_parser_returns_an_assignment_or_its_own_error(raw: Any) -> None:
-    try:
-        got = model.parse_assignment(raw)
-    except ImageError:
-        return
-    assert got is None or (model.IMAGE_ID.fullmatch(got.image_id) and 0 <= got.generation < 2**63)
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        f'{{"image_id": "{IMAGE_A}", "generation": Infinity}}',
-        '{"image_id": {}, "generation": 1}',
-        '{"image_id": "../../etc/passwd", "generation": 1}',
-        f'{{"image_id": "{IMAGE_A}", "generation": true}}',
-        f'{{"image_id": "{IMAGE_A}", "generation": 1.0}}',
-        f'{{"image_id": "{IMAGE_A}", "generation": -1}}',
-        "[1, 2]",
-    ],
-)
-def test_hostile_assignments_are_refused(raw: str) -> None:
-    with pytest.raises(ImageError):
-        model.parse_assignment(raw)
 
 
 def test_an_empty_pcr_selection_is_refused(tmp_path: Path) -> None:

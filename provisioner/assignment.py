@@ -1,0 +1,156 @@
+"""Signed assignments: which image a node runs, signed by the operator, checked by the node.
+
+The assignment record lives in the node's Keystone project (``edgepin_assignment``), where
+anyone who can write project attributes (a Keystone admin, a compromised Keystone) could
+change it. So the operator signs what the node needs to know, and the node acts only on
+that: this node (its project id), the image id, the image's sha512 (Glance's
+``os_hash_value``, which the fetched bytes are checked against), the generation and when it
+was made. The signature is RSA-PSS or ECDSA over SHA-512 of a canonical JSON payload, with a
+key whose certificate is pinned on the node: ``/etc/edgepin/assignment-certs`` when that
+folder holds one, otherwise the image-signing certificates (``/etc/edgepin/signing-certs``),
+so that the two roles can be held apart or by one key.
+
+The record keeps readable copies of the payload's fields for operators; the node reads only
+the signed payload. :func:`verify` is total: any input gives an :class:`Assignment`, None
+(no assignment) or an :class:`~provisioner.errors.ImageError` /
+:class:`~provisioner.errors.VerificationError` that says why it is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from provisioner.errors import ImageError, VerificationError
+from provisioner.node.model import IMAGE_ID, MAX_GENERATION, Assignment
+from provisioner.signing import StreamSigner, StreamVerifier, fingerprint, key_type_for
+
+KIND = "edgepin-assignment/1"
+HASH_METHOD = "SHA-512"
+SHA512 = re.compile(r"[0-9a-f]{128}")
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+MAX_RECORD = 16384  # characters of a record: a signed one is under 2 KiB
+SIGNED_FIELDS = ("payload", "signature", "certificate_sha256", "key_type")
+
+
+def payload(
+    node: str, image_id: str, image_sha512: str, generation: int, assigned_at: str
+) -> bytes:
+    """The signed bytes: canonical JSON (sorted keys, no spaces, ASCII)."""
+    doc = {
+        "kind": KIND,
+        "node": node,
+        "image_id": image_id,
+        "image_sha512": image_sha512,
+        "generation": generation,
+        "assigned_at": assigned_at,
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+    certificate: x509.Certificate,
+    node: str,
+    image_id: str,
+    image_sha512: str,
+    generation: int,
+    assigned_at: str,
+) -> dict[str, Any]:
+    """The record ``edgepin assign`` writes: readable fields, and the signed payload."""
+    data = payload(node, image_id, image_sha512, generation, assigned_at)
+    signer = StreamSigner(key, HASH_METHOD)
+    signer.update(data)
+    return {
+        "image_id": image_id,
+        "generation": generation,
+        "image_sha512": image_sha512,
+        "assigned_at": assigned_at,
+        "signed": {
+            "payload": base64.b64encode(data).decode(),
+            "signature": signer.signature(),
+            "certificate_sha256": fingerprint(certificate),
+            "key_type": key_type_for(key),
+        },
+    }
+
+
+def verify(raw: Any, pinned: dict[str, x509.Certificate], node: str) -> Assignment | None:
+    """The assignment in ``raw`` (the project attribute: JSON text or an object), if it is
+    signed for ``node`` by a pinned certificate; None when there is none."""
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, str | bytes) and len(raw) > MAX_RECORD:
+        raise ImageError("the assignment record is too long")
+    try:
+        data = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    except (ValueError, RecursionError):
+        raise ImageError("the assignment record is not JSON") from None
+    if not isinstance(data, dict):
+        raise ImageError("the assignment record is not an object")
+    signed = data.get("signed")
+    if not isinstance(signed, dict) or not all(
+        isinstance(signed.get(k), str) for k in SIGNED_FIELDS
+    ):
+        raise ImageError(
+            "the assignment is not signed: refused",
+            hint="assign images with `edgepin assign`, which signs the assignment",
+        )
+    fp = signed["certificate_sha256"]
+    if not FINGERPRINT.fullmatch(fp):
+        raise VerificationError("the assignment names no certificate fingerprint: refused")
+    if not pinned:
+        raise VerificationError("no assignment-signing certificate is pinned on this node")
+    cert = pinned.get(fp)
+    if cert is None:
+        raise VerificationError(
+            f"the assignment is signed by a certificate that is not pinned "
+            f"(sha256 {fp[:16]}…): refused"
+        )
+    try:
+        body = base64.b64decode(signed["payload"], validate=True)
+    except (binascii.Error, ValueError):
+        raise VerificationError("the assignment's payload is not base64: refused") from None
+    try:
+        verifier = StreamVerifier(cert, signed["signature"], HASH_METHOD, signed["key_type"])
+        verifier.update(body)
+        verifier.verify()
+    except VerificationError as e:
+        raise VerificationError(f"the assignment's signature: {e.message}: refused") from None
+    return _payload(body, node)
+
+
+def _payload(body: bytes, node: str) -> Assignment:
+    # signed by a pinned key, so written by the operator's tool; still checked field by field
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise VerificationError("the signed assignment is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise VerificationError("the signed payload is not an edgepin assignment")
+    if doc.get("node") != node:
+        raise VerificationError(
+            "the assignment is signed for another node: refused",
+            signed_for=str(doc.get("node"))[:64],
+        )
+    image_id, sha, gen, at = (
+        doc.get("image_id"),
+        doc.get("image_sha512"),
+        doc.get("generation"),
+        doc.get("assigned_at"),
+    )
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
+        raise ImageError("the assignment names no valid image id")
+    if not isinstance(sha, str) or not SHA512.fullmatch(sha):
+        raise ImageError("the assignment names no valid image sha512")
+    if type(gen) is not int or not 0 <= gen <= MAX_GENERATION:
+        raise ImageError("the assignment's generation is not a whole number in range")
+    if not isinstance(at, str) or len(at) > 64 or not at.isprintable():
+        raise ImageError("the assignment's time is not valid")
+    return Assignment(image_id, gen, sha, at)

@@ -1,0 +1,135 @@
+"""Signed assignments: what the operator signs is exactly what the node runs, for that node
+only; anything else is refused with edgepin's own error, whatever the input."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from provisioner import assignment
+from provisioner.errors import ImageError, VerificationError
+from provisioner.node.model import IMAGE_ID, Assignment
+from provisioner.signing import fingerprint
+from tests.certs import self_signed
+from tests.unit.fakes import IMAGE_A, IMAGE_B, json_values
+
+pytestmark = pytest.mark.unit
+
+KEY = ec.generate_private_key(ec.SECP384R1())
+CERT = self_signed(KEY, "assignments")
+OTHER_KEY = ec.generate_private_key(ec.SECP384R1())
+OTHER_CERT = self_signed(OTHER_KEY, "someone else")
+PINNED = {fingerprint(CERT): CERT}
+NODE = "p" * 32
+SHA = "ab" * 64
+AT = "2026-12-02T13:00:00Z"
+
+
+def signed(node: str = NODE, image_id: str = IMAGE_A, gen: int = 3, key: Any = KEY) -> Any:
+    cert = CERT if key is KEY else OTHER_CERT
+    return assignment.sign(key, cert, node, image_id, SHA, gen, AT)
+
+
+def test_what_is_signed_for_this_node_is_what_it_runs() -> None:
+    record = signed()
+    assert assignment.verify(record, PINNED, NODE) == Assignment(IMAGE_A, 3, SHA, AT)
+    # as Keystone may hand it back: JSON text
+    assert assignment.verify(json.dumps(record), PINNED, NODE) == Assignment(IMAGE_A, 3, SHA, AT)
+    assert assignment.verify(None, PINNED, NODE) is None
+    assert assignment.verify("", PINNED, NODE) is None
+
+
+def test_an_rsa_key_signs_too() -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = self_signed(key)
+    record = assignment.sign(key, cert, NODE, IMAGE_B, SHA, 9, AT)
+    got = assignment.verify(record, {fingerprint(cert): cert}, NODE)
+    assert got == Assignment(IMAGE_B, 9, SHA, AT)
+
+
+def test_the_readable_copies_are_not_what_the_node_reads() -> None:
+    record = {**signed(), "image_id": IMAGE_B, "generation": 99, "image_sha512": "cd" * 64}
+    assert assignment.verify(record, PINNED, NODE) == Assignment(IMAGE_A, 3, SHA, AT)
+
+
+def test_an_unsigned_record_is_refused() -> None:
+    with pytest.raises(ImageError, match="not signed"):
+        assignment.verify({"image_id": IMAGE_A, "generation": 3}, PINNED, NODE)
+    with pytest.raises(ImageError, match="not signed"):
+        assignment.verify({**signed(), "signed": {"payload": "x"}}, PINNED, NODE)
+
+
+def test_a_record_signed_for_another_node_is_refused() -> None:
+    with pytest.raises(VerificationError, match="another node"):
+        assignment.verify(signed(node="q" * 32), PINNED, NODE)
+
+
+def test_a_record_signed_by_a_key_that_is_not_pinned_is_refused() -> None:
+    with pytest.raises(VerificationError, match="not pinned"):
+        assignment.verify(signed(key=OTHER_KEY), PINNED, NODE)
+    with pytest.raises(VerificationError, match="no assignment-signing certificate"):
+        assignment.verify(signed(), {}, NODE)
+
+
+def test_a_changed_payload_or_signature_is_refused() -> None:
+    record = signed()
+    body = json.loads(base64.b64decode(record["signed"]["payload"]))
+    for change in ({"generation": 4}, {"image_id": IMAGE_B}, {"image_sha512": "cd" * 64}):
+        forged = json.dumps({**body, **change}, sort_keys=True, separators=(",", ":"))
+        bad = {**record["signed"], "payload": base64.b64encode(forged.encode()).decode()}
+        with pytest.raises(VerificationError, match="signature"):
+            assignment.verify({**record, "signed": bad}, PINNED, NODE)
+    # another record's signature, the certificate claimed by fingerprint kept
+    other = signed(gen=4)["signed"]["signature"]
+    with pytest.raises(VerificationError, match="signature"):
+        assignment.verify(
+            {**record, "signed": {**record["signed"], "signature": other}}, PINNED, NODE
+        )
+
+
+def test_a_well_signed_payload_that_is_no_assignment_is_refused() -> None:
+    """Even what a pinned key signed is read field by field (an operator tool's bug)."""
+    for node, image_id, sha, gen in (
+        (NODE, "../../etc/passwd", SHA, 1),
+        (NODE, IMAGE_A, "x" * 128, 1),
+        (NODE, IMAGE_A, SHA, -1),
+        (NODE, IMAGE_A, SHA, 2**64),
+    ):
+        record = assignment.sign(KEY, CERT, node, image_id, sha, gen, AT)
+        with pytest.raises(ImageError):
+            assignment.verify(record, PINNED, NODE)
+
+
+signed_blocks = st.fixed_dictionaries(
+    {},
+    optional={
+        "payload": st.one_of(st.text(max_size=40), st.just(signed()["signed"]["payload"])),
+        "signature": st.one_of(st.text(max_size=40), st.just(signed()["signed"]["signature"])),
+        "certificate_sha256": st.one_of(st.text(max_size=70), st.just(fingerprint(CERT))),
+        "key_type": st.one_of(st.text(max_size=20), st.sampled_from(["RSA-PSS", "ECC_SECP384R1"])),
+    },
+)
+
+
+@settings(max_examples=300)
+@given(
+    json_values
+    | st.text(max_size=80)
+    | st.builds(
+        lambda s, extra: {"signed": s, **extra},
+        signed_blocks,
+        st.dictionaries(st.text(max_size=5), json_values, max_size=3),
+    )
+)
+def test_any_record_gives_an_assignment_or_edgepins_own_error(raw: Any) -> None:
+    try:
+        got = assignment.verify(raw, PINNED, NODE)
+    except (ImageError, VerificationError):
+        return
+    assert got is None or (IMAGE_ID.fullmatch(got.image_id) and got.image_sha512 == SHA)
