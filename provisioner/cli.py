@@ -173,6 +173,19 @@ def _add_nodes(sub: Any) -> None:
         help="Barbican UUID of the private key that signs the assignment "
         "(env EDGEPIN_ASSIGNMENT_KEY_ID, else EDGEPIN_SIGNING_KEY_ID)",
     )
+    a.add_argument(
+        "--assignment-key-file",
+        type=Path,
+        default=_env("EDGEPIN_ASSIGNMENT_KEY_FILE"),
+        help="the signing key as an unencrypted PEM file on this machine instead, kept off "
+        "the control plane (env EDGEPIN_ASSIGNMENT_KEY_FILE); needs --assignment-cert-file",
+    )
+    a.add_argument(
+        "--assignment-cert-file",
+        type=Path,
+        default=_env("EDGEPIN_ASSIGNMENT_CERT_FILE"),
+        help="the PEM certificate of --assignment-key-file (env EDGEPIN_ASSIGNMENT_CERT_FILE)",
+    )
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.set_defaults(handler=cmd_assign, needs_cloud=True)
 
@@ -377,15 +390,21 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_assign(args: argparse.Namespace) -> int:
     from provisioner.operator.assign import AssignmentSigner, assign
 
-    if not args.assignment_cert_id or not args.assignment_key_id:
+    files = args.assignment_key_file, args.assignment_cert_file
+    if any(files) and not all(files):
+        raise UsageError("--assignment-key-file and --assignment-cert-file go together")
+    if all(files):
+        signer = AssignmentSigner(key_file=files[0], cert_file=files[1])
+    elif args.assignment_cert_id and args.assignment_key_id:
+        signer = AssignmentSigner(args.assignment_cert_id, args.assignment_key_id)
+    else:
         raise UsageError(
             "assign needs --assignment-cert-id and --assignment-key-id (or the image-signing "
-            "EDGEPIN_SIGNING_CERT_ID and EDGEPIN_SIGNING_KEY_ID): nodes run only signed "
-            "assignments",
+            "EDGEPIN_SIGNING_CERT_ID and EDGEPIN_SIGNING_KEY_ID), or --assignment-key-file and "
+            "--assignment-cert-file: nodes run only signed assignments",
             hint="create a key with `edgepin signing-cert create` and pin its certificate in "
             "the host image (./build.sh image --assignment-cert FILE)",
         )
-    signer = AssignmentSigner(args.assignment_cert_id, args.assignment_key_id)
     result = assign(args.conn, args.edge_domain, args.node_id, args.image_id, signer)
     prev = result.previous
     _print(

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from provisioner import assignment, barbican
 from provisioner.cloud import translate
@@ -23,15 +26,59 @@ from provisioner.errors import ImageError, NotFoundError, UsageError
 from provisioner.operator import access, imagesecrets, nodes
 from provisioner.operator.publish import REQUIRED_PROPERTIES
 from provisioner.operator.signingcert import load_key
+from provisioner.signing import load_certificate
 
 
 @dataclass(frozen=True)
 class AssignmentSigner:
-    """Barbican ids of the key that signs assignments and of its certificate (pinned on the
-    nodes as an assignment-signing or image-signing certificate)."""
+    """The key that signs assignments and its certificate (pinned on the nodes as an
+    assignment-signing or image-signing certificate): Barbican ids, or PEM files on the
+    operator's machine, which keep the key off the control plane."""
 
-    cert_id: str
-    key_id: str
+    cert_id: str | None = None
+    key_id: str | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def load(self, conn: Any) -> tuple[Any, x509.Certificate]:
+        if self.key_file is not None and self.cert_file is not None:
+            key = _read_key(self.key_file)
+            cert = _read_cert(self.cert_file)
+            where = f"{self.key_file} is not the key of {self.cert_file}"
+        elif self.key_id and self.cert_id:
+            key = load_key(conn, self.key_id)
+            cert = imagesecrets.signing_certificate(conn, self.cert_id)
+            where = f"{self.key_id} is not the key of certificate {self.cert_id}"
+        else:
+            raise UsageError("give the assignment-signing key and certificate (ids or files)")
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+            raise UsageError(
+                f"the assignment-signing key {where}",
+                hint="give the key and the certificate of one `edgepin signing-cert create`",
+            )
+        return key, cert
+
+
+def _read_key(path: Path) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as e:
+        raise UsageError(f"--assignment-key-file {path}: {e.strerror}") from None
+    except (ValueError, TypeError):
+        raise UsageError(
+            f"--assignment-key-file {path} is not an unencrypted PEM private key"
+        ) from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise UsageError(f"--assignment-key-file {path}: not an RSA or EC key")
+    return key
+
+
+def _read_cert(path: Path) -> x509.Certificate:
+    try:
+        return load_certificate(path.read_bytes())
+    except OSError as e:
+        raise UsageError(f"--assignment-cert-file {path}: {e.strerror}") from None
 
 
 @dataclass
@@ -112,19 +159,6 @@ def grant(conn: Any, secret_id: str, user_id: str) -> None:
         barbican.set_acl_users(client, secret_id, [*users, user_id])
 
 
-def _signing_pair(conn: Any, signer: AssignmentSigner) -> tuple[Any, Any]:
-    key = load_key(conn, signer.key_id)
-    cert = imagesecrets.signing_certificate(conn, signer.cert_id)
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
-        raise UsageError(
-            f"the assignment-signing key {signer.key_id} is not the key of certificate "
-            f"{signer.cert_id}",
-            hint="give the key and the certificate of one `edgepin signing-cert create`",
-        )
-    return key, cert
-
-
 def assign(
     conn: Any, edge_domain: str, node_id: str, image_id: str, signer: AssignmentSigner
 ) -> Assigned:
@@ -137,7 +171,7 @@ def assign(
     image = get_image(conn, image_id)
     check_image(image)
     needed = imagesecrets.image_secrets(conn, image)
-    key, cert = _signing_pair(conn, signer)  # before anything changes
+    key, cert = signer.load(conn)  # before anything changes
     previous = node.assignment
     generation = int(previous["generation"]) + 1 if previous else 1
     old = node.grants

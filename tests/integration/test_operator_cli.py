@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cursive import signature_utils
 
-from provisioner import seed, tpm
-from provisioner.signing import load_certificate
+from provisioner import assignment, seed, tpm
+from provisioner.errors import VerificationError
+from provisioner.signing import fingerprint, load_certificate
+from tests.certs import self_signed
 from tests.integration.conftest import make_signer
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.node import bundle_from_user_data, run_edgepin
@@ -221,6 +224,60 @@ def test_enroll_refuses_an_ek_cert_from_another_ca(
     assert "EK certificate refused" in one_line_error(r)
     assert r.returncode == 9
     assert not (run_dir / "never.img").exists()
+
+
+def test_assign_signs_with_a_key_file_kept_off_the_control_plane(
+    cli_env: dict[str, str],
+    publish: Callable[..., dict[str, Any]],
+    swtpm: Swtpm,
+    run_dir: Path,
+    admin: Any,
+) -> None:
+    """`assign --assignment-key-file/--assignment-cert-file` signs with a key that Barbican
+    never holds; the record verifies against that certificate for that node only."""
+    node_id = f"node-{secrets.token_hex(3)}"
+    enrolled = enroll(cli_env, node_id, swtpm, run_dir / f"{node_id}.img")
+    image = publish(version="1")
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = self_signed(key, "assignments")
+    key_file, cert_file = run_dir / f"{node_id}.key.pem", run_dir / f"{node_id}.cert.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files = ["--assignment-key-file", str(key_file), "--assignment-cert-file", str(cert_file)]
+    # a key that is not the certificate's, or one file of the two: refused, nothing written
+    other = run_dir / f"{node_id}.other.pem"
+    other.write_bytes(
+        self_signed(ec.generate_private_key(ec.SECP384R1())).public_bytes(
+            serialization.Encoding.PEM
+        )
+    )
+    r = run_edgepin(["assign", node_id, image["image_id"], *files[:3], str(other)], cli_env)
+    assert r.returncode == 2 and "is not the key of" in r.stderr, r.stderr
+    r = run_edgepin(["assign", node_id, image["image_id"], *files[:2]], cli_env)
+    assert r.returncode == 2 and "go together" in r.stderr, r.stderr
+    project = admin.identity.get(f"/projects/{enrolled['project_id']}").json()["project"]
+    assert not project.get("edgepin_assignment")
+
+    r = run_edgepin(["assign", node_id, image["image_id"], *files], cli_env)
+    assert r.returncode == 0, r.stderr
+    project = admin.identity.get(f"/projects/{enrolled['project_id']}").json()["project"]
+    record = project["edgepin_assignment"]
+    pinned = {fingerprint(cert): cert}
+    got = assignment.verify(record, pinned, enrolled["project_id"])
+    assert got is not None
+    assert (got.image_id, got.generation, got.image_sha512) == (
+        image["image_id"],
+        1,
+        image["sha512"],
+    )
+    with pytest.raises(VerificationError, match="another node"):
+        assignment.verify(record, pinned, "f" * 32)
 
 
 def test_assign_status_revoke(
