@@ -9,8 +9,9 @@ The scenarios run in order on one node, as a field node would live them:
 2. a reboot with the control plane out of reach: the guest starts from the cache;
 3. someone with the disk and a USB stick (a certificate and an empty PCR selection planted
    on the state partition, a seed with commands), then bad assignments (an unpinned
-   signer, bytes changed in Glance's store): nothing planted takes effect, the images are
-   refused and reported as rejected, and the running guest keeps running;
+   signer, bytes changed in Glance's store, a record an admin wrote without the assignment
+   key): nothing planted takes effect, the images and the record are refused, the images
+   reported as rejected, and the running guest keeps running;
 4. a power cut: the state partition holds no image passphrase in any form and none of
    libvirt's key material;
 5. someone with the disk edits the root filesystem offline (a unit, in place, on a copy of
@@ -289,6 +290,13 @@ def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
     node.wait(rf"image {tampered['image_id']} refused[\s\S]*current: image {v1['image_id']}", 120)
     assert member_status(admin, tampered["image_id"], node.project_id) == "rejected"
     assert f"switched to image {tampered['image_id']}" not in node.vm.console()
+    # an assignment written without the assignment key (a Keystone admin's): not read
+    unsigned = {"image_id": unpinned["image_id"], "generation": 99}
+    admin.identity.patch(
+        f"/projects/{node.project_id}",
+        json={"project": {"edgepin_assignment": json.dumps(unsigned)}},
+    )
+    node.wait(rf"the assignment is not signed[\s\S]*current: image {v1['image_id']}", 120)
     # the planted certificate did not make the unpinned image acceptable (above), the empty
     # PCR selection was never read, the stick's commands never ran
     assert "EDGEPIN_PCRS is empty" not in node.vm.console()
