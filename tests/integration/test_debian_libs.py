@@ -95,6 +95,13 @@ def test_tpm_code_on_debian_trixies_libraries() -> None:
     child_pytest(env, str(ROOT / "tests" / "integration" / "test_tpm.py"))
 
 
+def test_signed_assignments_on_debian_trixies_libraries() -> None:
+    """Every refusal of an assignment, and arbitrary records, with Debian's cryptography
+    verifying the signatures."""
+    env = {**os.environ, "PYTHONPATH": str(LIBS)}
+    child_pytest(env, str(ROOT / "tests" / "unit" / "test_assignment.py"))
+
+
 def test_transport_and_kept_token_on_debian_trixies_libraries() -> None:
     """The retrying adapter on Debian's requests, urllib3 and tenacity; the kept token on
     its keystoneauth1 (real TLS connections on loopback; keystoneauth's identity plugin)."""
