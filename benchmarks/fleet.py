@@ -56,9 +56,10 @@ class _AssignmentKey:
     cert: x509.Certificate
     image_sha512: str
 
-    def record(self, project_id: str, image_id: str) -> dict[str, Any]:
+    def record(self, project_id: str, name: str, image_id: str) -> dict[str, Any]:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return assignment.sign(self.key, self.cert, project_id, image_id, self.image_sha512, 1, now)
+        sha = self.image_sha512
+        return assignment.sign(self.key, self.cert, project_id, name, image_id, sha, 1, now)
 
 
 def _retry(call: Callable[[], Any], attempts: int = 8) -> Any:
@@ -113,7 +114,7 @@ def _make_node(
     _retry(lambda: assign.share(admin, image_id, project.id))
     _retry(
         lambda: nodes.update_project(
-            admin, project.id, {nodes.ASSIGNMENT_ATTR: signs.record(project.id, image_id)}
+            admin, project.id, {nodes.ASSIGNMENT_ATTR: signs.record(project.id, name, image_id)}
         )
     )
     ident = credentials.Identity(

@@ -5,10 +5,13 @@ anyone who can write project attributes (a Keystone admin, a compromised Keyston
 change it. So the operator signs what the node needs to know, and the node acts only on
 that: this node (its project id), the image id, the image's sha512 (Glance's
 ``os_hash_value``, which the fetched bytes are checked against), the generation and when it
-was made. The signature is RSA-PSS or ECDSA over SHA-512 of a canonical JSON payload, with a
-key whose certificate is pinned on the node: ``/etc/edgepin/assignment-certs`` when that
-folder holds one, otherwise the image-signing certificates (``/etc/edgepin/signing-certs``),
-so that the two roles can be held apart or by one key.
+was made, and the node's name (its id in edgepin, which the node keeps from its enrollment):
+a project renamed to another node's name in Keystone does not make an assignment for one
+node valid for the other. The signature is RSA-PSS or ECDSA over SHA-512 of a canonical
+JSON payload, with a key whose certificate is pinned on the node:
+``/etc/edgepin/assignment-certs`` when that folder holds one, otherwise the image-signing
+certificates (``/etc/edgepin/signing-certs``), so that the two roles can be held apart or
+by one key.
 
 The record keeps readable copies of the payload's fields for operators; the node reads only
 the signed payload. :func:`verify` is total: any input gives an :class:`Assignment`, None
@@ -40,12 +43,18 @@ SIGNED_FIELDS = ("payload", "signature", "certificate_sha256", "key_type")
 
 
 def payload(
-    node: str, image_id: str, image_sha512: str, generation: int, assigned_at: str
+    node: str,
+    node_name: str,
+    image_id: str,
+    image_sha512: str,
+    generation: int,
+    assigned_at: str,
 ) -> bytes:
     """The signed bytes: canonical JSON (sorted keys, no spaces, ASCII)."""
     doc = {
         "kind": KIND,
         "node": node,
+        "node_name": node_name,
         "image_id": image_id,
         "image_sha512": image_sha512,
         "generation": generation,
@@ -58,13 +67,14 @@ def sign(
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
     certificate: x509.Certificate,
     node: str,
+    node_name: str,
     image_id: str,
     image_sha512: str,
     generation: int,
     assigned_at: str,
 ) -> dict[str, Any]:
     """The record ``edgepin assign`` writes: readable fields, and the signed payload."""
-    data = payload(node, image_id, image_sha512, generation, assigned_at)
+    data = payload(node, node_name, image_id, image_sha512, generation, assigned_at)
     signer = StreamSigner(key, HASH_METHOD)
     signer.update(data)
     return {
@@ -81,9 +91,12 @@ def sign(
     }
 
 
-def verify(raw: Any, pinned: dict[str, x509.Certificate], node: str) -> Assignment | None:
+def verify(
+    raw: Any, pinned: dict[str, x509.Certificate], node: str, node_name: str
+) -> Assignment | None:
     """The assignment in ``raw`` (the project attribute: JSON text or an object), if it is
-    signed for ``node`` by a pinned certificate; None when there is none."""
+    signed for ``node`` (project id) named ``node_name`` by a pinned certificate; None when
+    there is none."""
     if raw is None or raw == "":
         return None
     if isinstance(raw, str | bytes) and len(raw) > MAX_RECORD:
@@ -123,10 +136,10 @@ def verify(raw: Any, pinned: dict[str, x509.Certificate], node: str) -> Assignme
         verifier.verify()
     except VerificationError as e:
         raise VerificationError(f"the assignment's signature: {e.message}: refused") from None
-    return _payload(body, node)
+    return _payload(body, node, node_name)
 
 
-def _payload(body: bytes, node: str) -> Assignment:
+def _payload(body: bytes, node: str, node_name: str) -> Assignment:
     # signed by a pinned key, so written by the operator's tool; still checked field by field
     try:
         doc = json.loads(body)
@@ -134,10 +147,10 @@ def _payload(body: bytes, node: str) -> Assignment:
         raise VerificationError("the signed assignment is not JSON") from None
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
         raise VerificationError("the signed payload is not an edgepin assignment")
-    if doc.get("node") != node:
+    if doc.get("node") != node or doc.get("node_name") != node_name:
         raise VerificationError(
             "the assignment is signed for another node: refused",
-            signed_for=str(doc.get("node"))[:64],
+            signed_for=str(doc.get("node_name"))[:64],
         )
     image_id, sha, gen, at = (
         doc.get("image_id"),

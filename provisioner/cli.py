@@ -186,6 +186,13 @@ def _add_nodes(sub: Any) -> None:
         default=_env("EDGEPIN_ASSIGNMENT_CERT_FILE"),
         help="the PEM certificate of --assignment-key-file (env EDGEPIN_ASSIGNMENT_CERT_FILE)",
     )
+    a.add_argument(
+        "--generation",
+        type=int,
+        help="the generation to sign, when the node's current record is not one this key "
+        "signed (another key's, or none of edgepin's): higher than any the node has seen; "
+        "by default the signed current generation + 1",
+    )
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.set_defaults(handler=cmd_assign, needs_cloud=True)
 
@@ -405,7 +412,11 @@ def cmd_assign(args: argparse.Namespace) -> int:
             hint="create a key with `edgepin signing-cert create` and pin its certificate in "
             "the host image (./build.sh image --assignment-cert FILE)",
         )
-    result = assign(args.conn, args.edge_domain, args.node_id, args.image_id, signer)
+    if args.generation is not None and not 1 <= args.generation <= 2**62:
+        raise UsageError("--generation must be a whole number from 1 to 2**62")
+    result = assign(
+        args.conn, args.edge_domain, args.node_id, args.image_id, signer, args.generation
+    )
     prev = result.previous
     _print(
         args,

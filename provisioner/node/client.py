@@ -134,7 +134,7 @@ class NodeClient:
             raw = r.json()["project"].get(model.ASSIGNMENT_ATTR)
         except (ValueError, KeyError, AttributeError, TypeError):
             raise ServiceUnavailableError("keystone sent a malformed project record") from None
-        return assignment.verify(raw, pinned, self.ident.project_id)
+        return assignment.verify(raw, pinned, self.ident.project_id, self.ident.node_id)
 
     def image(self, image_id: str) -> dict[str, Any]:
         """An image's metadata; ImageError when it does not exist or is not ours to see."""

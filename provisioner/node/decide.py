@@ -81,8 +81,12 @@ def decide(ledger: Ledger, refused_since: float | None, seen: Observed, grace: f
     if ledger.rejected.get(a.image_id) == a.generation:
         return Plan(Step.REFUSE, seen_now, None, AlreadyRefused(a.image_id, a.generation))
     current = ledger.current
-    if current is None or current.image_id != a.image_id or a.image_id not in ledger.images:
+    known = ledger.images.get(a.image_id)
+    if current is None or current.image_id != a.image_id or known is None:
         # a new image, or the current one whose local copy failed a check
+        return Plan(Step.UPDATE, seen_now, None, assignment=a)
+    if known.sha512 != a.image_sha512:
+        # the local copy is not the image the signed assignment names: ask Glance again
         return Plan(Step.UPDATE, seen_now, None, assignment=a)
     return Plan(Step.KEEP, replace(seen_now, current=current.at(a.generation)), None)
 

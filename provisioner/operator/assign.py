@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from provisioner import assignment, barbican
 from provisioner.cloud import translate
-from provisioner.errors import ImageError, NotFoundError, UsageError
+from provisioner.errors import ImageError, NotFoundError, UsageError, VerificationError
 from provisioner.operator import access, imagesecrets, nodes
 from provisioner.operator.publish import REQUIRED_PROPERTIES
 from provisioner.operator.signingcert import load_key
-from provisioner.signing import load_certificate
+from provisioner.signing import fingerprint, load_certificate
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,44 @@ def grant(conn: Any, secret_id: str, user_id: str) -> None:
         barbican.set_acl_users(client, secret_id, [*users, user_id])
 
 
+def next_generation(
+    raw: Any, cert: x509.Certificate, project_id: str, node_id: str, given: int | None
+) -> tuple[int, dict[str, Any] | None]:
+    """The generation to sign, and the previous assignment as signed.
+
+    The previous generation is read only from a record this key signed for this node: the
+    readable copy, which anyone who can write the project can change, would let them choose
+    the generation the operator signs (one far above, and the node is stuck at its floor).
+    A record this key did not sign (none of edgepin's, another key's, altered) needs
+    ``given``, a generation higher than any the node has seen."""
+    try:
+        prev = assignment.verify(raw, {fingerprint(cert): cert}, project_id, node_id)
+    except (ImageError, VerificationError) as e:
+        if given is None:
+            raise UsageError(
+                f"the assignment record of {node_id} is not one this key signed "
+                f"({e.message}): its generation cannot be trusted",
+                hint="give --generation N, higher than any generation the node has seen "
+                "(its status, edgepin node status, shows the highest)",
+            ) from None
+        return given, None
+    previous = {"image_id": prev.image_id, "generation": prev.generation} if prev else None
+    if given is None:
+        return (prev.generation + 1 if prev else 1), previous
+    if prev is not None and given <= prev.generation:
+        raise UsageError(
+            f"--generation {given} is not higher than {prev.generation}, the node's current one"
+        )
+    return given, previous
+
+
 def assign(
-    conn: Any, edge_domain: str, node_id: str, image_id: str, signer: AssignmentSigner
+    conn: Any,
+    edge_domain: str,
+    node_id: str,
+    image_id: str,
+    signer: AssignmentSigner,
+    generation: int | None = None,
 ) -> Assigned:
     domain_id = nodes.edge_domain_id(conn, edge_domain)
     node = nodes.get_node(conn, domain_id, node_id)
@@ -171,9 +207,13 @@ def assign(
     image = get_image(conn, image_id)
     check_image(image)
     needed = imagesecrets.image_secrets(conn, image)
-    key, cert = signer.load(conn)  # before anything changes
-    previous = node.assignment
-    generation = int(previous["generation"]) + 1 if previous else 1
+    key, cert = signer.load(conn)
+    raw = node.project.get(nodes.ASSIGNMENT_ATTR)
+    gen, previous = next_generation(raw, cert, node.project_id, node_id, generation)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    sha = str(image["os_hash_value"])
+    # signed before anything changes: a key that cannot sign changes nothing
+    record = assignment.sign(key, cert, node.project_id, node_id, image_id, sha, gen, now)
     old = node.grants
 
     share(conn, image_id, node.project_id)
@@ -186,9 +226,5 @@ def assign(
         if old_image != image_id:
             unshare(conn, old_image, node.project_id)
 
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    record = assignment.sign(
-        key, cert, node.project_id, image_id, str(image["os_hash_value"]), generation, now
-    )
     nodes.update_project(conn, node.project_id, {nodes.ASSIGNMENT_ATTR: record})
-    return Assigned(node_id, image_id, generation, previous)
+    return Assigned(node_id, image_id, gen, previous)

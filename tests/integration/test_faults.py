@@ -196,7 +196,9 @@ def force_assign(
                     pass  # a secret that does not exist: some cases want exactly that
     project = admin.identity.get(f"/projects/{bed.project_id}").json()["project"]
     gen = json.loads(project.get("edgepin_assignment") or '{"generation": 0}')["generation"] + 1
-    record = json.dumps(signed_assignment(admin, bed.signer, bed.project_id, image_id, gen))
+    record = json.dumps(
+        signed_assignment(admin, bed.signer, bed.project_id, bed.node.name, image_id, gen)
+    )
     admin.identity.patch(
         f"/projects/{bed.project_id}", json={"project": {"edgepin_assignment": record}}
     )

@@ -250,9 +250,15 @@ def test_only_an_assignment_signed_for_this_node_is_run(
     refused({"image_id": v2["image_id"], "generation": 2}, 7, "not signed")
     # signed, but with a key the node does not pin
     other = make_signer(cli_env, run_dir)
-    refused(signed_assignment(admin, other, project, v2["image_id"], 2), 8, "not pinned")
+    refused(signed_assignment(admin, other, project, node.name, v2["image_id"], 2), 8, "not pinned")
     # another node's assignment, replayed here
-    refused(signed_assignment(admin, signer, "f" * 32, v2["image_id"], 2), 8, "another node")
+    refused(
+        signed_assignment(admin, signer, "f" * 32, node.name, v2["image_id"], 2), 8, "another node"
+    )
+    # signed for this project under another node's name (projects renamed in Keystone)
+    refused(
+        signed_assignment(admin, signer, project, "other", v2["image_id"], 2), 8, "another node"
+    )
     # the readable copy changed: not what the node reads (it keeps v1, fetches nothing)
     readable = {**signed, "image_id": v2["image_id"], "generation": 2}
     admin.identity.patch(
@@ -271,7 +277,9 @@ def test_only_an_assignment_signed_for_this_node_is_run(
     share(admin, v2["image_id"], project)
     key = load_key(admin, signer.key_id)
     cert = load_certificate(signer.pem)
-    mismatch = assignment.sign(key, cert, project, v2["image_id"], v1["sha512"], 2, "now")
+    mismatch = assignment.sign(
+        key, cert, project, node.name, v2["image_id"], v1["sha512"], 2, "now"
+    )
     refused(mismatch, 8, "not the one assigned")
     assert member_status(admin, v2["image_id"], node) == "rejected"
 
@@ -352,13 +360,13 @@ def test_offline_reboot_update_rollback_and_rollback_attack(
         admin.identity.patch(f"/projects/{project}", json={"project": {"edgepin_assignment": text}})
         return node.node("reconcile")
 
-    r = record(signed_assignment(admin, signer, project, v1["image_id"], 1))
+    r = record(signed_assignment(admin, signer, project, node.name, v1["image_id"], 1))
     assert r.returncode == 10
     assert "rollback attack" in r.stderr
     assert status(node)["image_id"] == v2["image_id"]
 
     # the highest generation seen (3, the image that was rolled back) names one image only
-    r = record(signed_assignment(admin, signer, project, v1["image_id"], 3))
+    r = record(signed_assignment(admin, signer, project, node.name, v1["image_id"], 3))
     assert r.returncode == 10, r.stdout + r.stderr
     assert f"named image {bad['image_id']} before" in r.stderr
     # records that are none: refused, the guest untouched, a status written

@@ -269,7 +269,7 @@ def test_assign_signs_with_a_key_file_kept_off_the_control_plane(
     project = admin.identity.get(f"/projects/{enrolled['project_id']}").json()["project"]
     record = project["edgepin_assignment"]
     pinned = {fingerprint(cert): cert}
-    got = assignment.verify(record, pinned, enrolled["project_id"])
+    got = assignment.verify(record, pinned, enrolled["project_id"], node_id)
     assert got is not None
     assert (got.image_id, got.generation, got.image_sha512) == (
         image["image_id"],
@@ -277,7 +277,74 @@ def test_assign_signs_with_a_key_file_kept_off_the_control_plane(
         image["sha512"],
     )
     with pytest.raises(VerificationError, match="another node"):
-        assignment.verify(record, pinned, "f" * 32)
+        assignment.verify(record, pinned, "f" * 32, node_id)
+
+
+def test_assign_signs_the_next_generation_of_the_signed_record_only(
+    cli_env: dict[str, str],
+    publish: Callable[..., dict[str, Any]],
+    swtpm: Swtpm,
+    run_dir: Path,
+    admin: Any,
+) -> None:
+    """The generation `assign` signs comes from the record it signed before, never from the
+    readable copy that whoever writes the project can set; a key that cannot sign changes
+    nothing."""
+    node_id = f"node-{secrets.token_hex(3)}"
+    enrolled = enroll(cli_env, node_id, swtpm, run_dir / f"{node_id}.img")
+    project_url = f"/projects/{enrolled['project_id']}"
+    a, b = publish(version="a"), publish(version="b")
+
+    def record() -> dict[str, Any]:
+        raw = admin.identity.get(project_url).json()["project"]["edgepin_assignment"]
+        return dict(json.loads(raw))
+
+    def write(value: dict[str, Any]) -> None:
+        body = {"project": {"edgepin_assignment": json.dumps(value)}}
+        admin.identity.patch(project_url, json=body)
+
+    def assign(image: dict[str, Any], *extra: str) -> Any:
+        return run_edgepin(["assign", node_id, image["image_id"], "--json", *extra], cli_env)
+
+    assert json.loads(assign(a).stdout)["generation"] == 1
+    # the readable generation pushed far up: not what the next one is counted from
+    write({**record(), "generation": 2**62})
+    r = assign(b)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["generation"] == 2 and out["previous"] == {
+        "image_id": a["image_id"],
+        "generation": 1,
+    }
+
+    # a record this key did not sign: refused until the operator gives the generation
+    write({"image_id": a["image_id"], "generation": 5})
+    r = assign(a)
+    assert r.returncode == 2 and "not one this key signed" in r.stderr, r.stderr
+    assert record() == {"image_id": a["image_id"], "generation": 5}
+    r = assign(a, "--generation", "7")
+    assert r.returncode == 0 and json.loads(r.stdout)["generation"] == 7, r.stderr
+    r = assign(b, "--generation", "7")
+    assert r.returncode == 2 and "not higher than 7" in r.stderr, r.stderr
+
+    # a key edgepin cannot sign with (P-256): refused before anything is shared or written
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_file, cert_file = run_dir / f"{node_id}.p256.pem", run_dir / f"{node_id}.p256.crt"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_file.write_bytes(self_signed(key).public_bytes(serialization.Encoding.PEM))
+    before = record()
+    files = ["--assignment-key-file", str(key_file), "--assignment-cert-file", str(cert_file)]
+    r = assign(b, *files, "--generation", "9")
+    assert r.returncode == 8, r.stderr
+    assert record() == before
+    members = admin.image.get(f"/images/{b['image_id']}/members").json()["members"]
+    assert enrolled["project_id"] not in {m["member_id"] for m in members}
 
 
 def test_assign_status_revoke(

@@ -57,7 +57,7 @@ def assign(cli_env: dict[str, str], node: VirtualNode, image_id: str) -> None:
 
 
 def signed_assignment(
-    admin: Any, signer: Signer, project_id: str, image_id: str, generation: int
+    admin: Any, signer: Signer, project_id: str, node_name: str, image_id: str, generation: int
 ) -> dict[str, Any]:
     """An assignment record signed with ``signer`` as `edgepin assign` writes it, for tests
     that write the record themselves (an image `assign` would refuse, a generation it would
@@ -69,4 +69,4 @@ def signed_assignment(
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     key = load_key(admin, signer.key_id)
     cert = load_certificate(signer.pem)
-    return assignment.sign(key, cert, project_id, image_id, sha, generation, now)
+    return assignment.sign(key, cert, project_id, node_name, image_id, sha, generation, now)

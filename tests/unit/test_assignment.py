@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from provisioner import assignment
 from provisioner.errors import ImageError, VerificationError
 from provisioner.node.model import IMAGE_ID, Assignment
-from provisioner.signing import fingerprint
+from provisioner.signing import StreamSigner, fingerprint
 from tests.certs import self_signed
 from tests.unit.fakes import IMAGE_A, IMAGE_B, json_values
 
@@ -27,54 +28,66 @@ OTHER_KEY = ec.generate_private_key(ec.SECP384R1())
 OTHER_CERT = self_signed(OTHER_KEY, "someone else")
 PINNED = {fingerprint(CERT): CERT}
 NODE = "p" * 32
+NAME = "node-0042"
 SHA = "ab" * 64
 AT = "2026-12-02T13:00:00Z"
 
 
-def signed(node: str = NODE, image_id: str = IMAGE_A, gen: int = 3, key: Any = KEY) -> Any:
+def signed(
+    node: str = NODE, image_id: str = IMAGE_A, gen: int = 3, key: Any = KEY, name: str = NAME
+) -> Any:
     cert = CERT if key is KEY else OTHER_CERT
-    return assignment.sign(key, cert, node, image_id, SHA, gen, AT)
+    return assignment.sign(key, cert, node, name, image_id, SHA, gen, AT)
 
 
 def test_what_is_signed_for_this_node_is_what_it_runs() -> None:
     record = signed()
-    assert assignment.verify(record, PINNED, NODE) == Assignment(IMAGE_A, 3, SHA, AT)
+    assert assignment.verify(record, PINNED, NODE, NAME) == Assignment(IMAGE_A, 3, SHA, AT)
     # as Keystone may hand it back: JSON text
-    assert assignment.verify(json.dumps(record), PINNED, NODE) == Assignment(IMAGE_A, 3, SHA, AT)
-    assert assignment.verify(None, PINNED, NODE) is None
-    assert assignment.verify("", PINNED, NODE) is None
+    assert assignment.verify(json.dumps(record), PINNED, NODE, NAME) == Assignment(
+        IMAGE_A, 3, SHA, AT
+    )
+    assert assignment.verify(None, PINNED, NODE, NAME) is None
+    assert assignment.verify("", PINNED, NODE, NAME) is None
 
 
 def test_an_rsa_key_signs_too() -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     cert = self_signed(key)
-    record = assignment.sign(key, cert, NODE, IMAGE_B, SHA, 9, AT)
-    got = assignment.verify(record, {fingerprint(cert): cert}, NODE)
+    record = assignment.sign(key, cert, NODE, NAME, IMAGE_B, SHA, 9, AT)
+    got = assignment.verify(record, {fingerprint(cert): cert}, NODE, NAME)
     assert got == Assignment(IMAGE_B, 9, SHA, AT)
 
 
 def test_the_readable_copies_are_not_what_the_node_reads() -> None:
     record = {**signed(), "image_id": IMAGE_B, "generation": 99, "image_sha512": "cd" * 64}
-    assert assignment.verify(record, PINNED, NODE) == Assignment(IMAGE_A, 3, SHA, AT)
+    assert assignment.verify(record, PINNED, NODE, NAME) == Assignment(IMAGE_A, 3, SHA, AT)
 
 
 def test_an_unsigned_record_is_refused() -> None:
     with pytest.raises(ImageError, match="not signed"):
-        assignment.verify({"image_id": IMAGE_A, "generation": 3}, PINNED, NODE)
+        assignment.verify({"image_id": IMAGE_A, "generation": 3}, PINNED, NODE, NAME)
     with pytest.raises(ImageError, match="not signed"):
-        assignment.verify({**signed(), "signed": {"payload": "x"}}, PINNED, NODE)
+        assignment.verify({**signed(), "signed": {"payload": "x"}}, PINNED, NODE, NAME)
 
 
 def test_a_record_signed_for_another_node_is_refused() -> None:
     with pytest.raises(VerificationError, match="another node"):
-        assignment.verify(signed(node="q" * 32), PINNED, NODE)
+        assignment.verify(signed(node="q" * 32), PINNED, NODE, NAME)
+
+
+def test_a_record_signed_for_this_project_under_another_nodes_name_is_refused() -> None:
+    """Projects renamed in Keystone: the operator assigned "node-lab", whose name now
+    points at this node's project."""
+    with pytest.raises(VerificationError, match="another node"):
+        assignment.verify(signed(name="node-lab"), PINNED, NODE, NAME)
 
 
 def test_a_record_signed_by_a_key_that_is_not_pinned_is_refused() -> None:
     with pytest.raises(VerificationError, match="not pinned"):
-        assignment.verify(signed(key=OTHER_KEY), PINNED, NODE)
+        assignment.verify(signed(key=OTHER_KEY), PINNED, NODE, NAME)
     with pytest.raises(VerificationError, match="no assignment-signing certificate"):
-        assignment.verify(signed(), {}, NODE)
+        assignment.verify(signed(), {}, NODE, NAME)
 
 
 def test_a_changed_payload_or_signature_is_refused() -> None:
@@ -84,12 +97,12 @@ def test_a_changed_payload_or_signature_is_refused() -> None:
         forged = json.dumps({**body, **change}, sort_keys=True, separators=(",", ":"))
         bad = {**record["signed"], "payload": base64.b64encode(forged.encode()).decode()}
         with pytest.raises(VerificationError, match="signature"):
-            assignment.verify({**record, "signed": bad}, PINNED, NODE)
+            assignment.verify({**record, "signed": bad}, PINNED, NODE, NAME)
     # another record's signature, the certificate claimed by fingerprint kept
     other = signed(gen=4)["signed"]["signature"]
     with pytest.raises(VerificationError, match="signature"):
         assignment.verify(
-            {**record, "signed": {**record["signed"], "signature": other}}, PINNED, NODE
+            {**record, "signed": {**record["signed"], "signature": other}}, PINNED, NODE, NAME
         )
 
 
@@ -101,9 +114,68 @@ def test_a_well_signed_payload_that_is_no_assignment_is_refused() -> None:
         (NODE, IMAGE_A, SHA, -1),
         (NODE, IMAGE_A, SHA, 2**64),
     ):
-        record = assignment.sign(KEY, CERT, node, image_id, sha, gen, AT)
+        record = assignment.sign(KEY, CERT, node, NAME, image_id, sha, gen, AT)
         with pytest.raises(ImageError):
-            assignment.verify(record, PINNED, NODE)
+            assignment.verify(record, PINNED, NODE, NAME)
+
+
+def test_malformed_signed_blocks_are_refused_with_edgepins_errors() -> None:
+    good = signed()["signed"]
+    cases: list[tuple[Any, type[Exception], str]] = [
+        ("x" * (assignment.MAX_RECORD + 1), ImageError, "too long"),
+        ({**signed(), "signed": {**good, "payload": "not base64!"}}, VerificationError, "base64"),
+        (
+            {**signed(), "signed": {**good, "certificate_sha256": "AB" * 32}},
+            VerificationError,
+            "fingerprint",
+        ),
+        ({**signed(), "signed": {**good, "key_type": "DSA"}}, VerificationError, "key_type"),
+    ]
+    for raw, error, why in cases:
+        with pytest.raises(error, match=why):
+            assignment.verify(raw, PINNED, NODE, NAME)
+
+
+def test_a_signed_payload_of_another_kind_or_with_a_bad_time_is_refused() -> None:
+    def sign_doc(doc: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        s = StreamSigner(KEY, "SHA-512")
+        s.update(data)
+        block = {
+            "payload": base64.b64encode(data).decode(),
+            "signature": s.signature(),
+            "certificate_sha256": fingerprint(CERT),
+            "key_type": "ECC_SECP384R1",
+        }
+        return {"signed": block}
+
+    body = json.loads(base64.b64decode(signed()["signed"]["payload"]))
+    with pytest.raises(VerificationError, match="not an edgepin assignment"):
+        assignment.verify(sign_doc({**body, "kind": "edgepin-image/1"}), PINNED, NODE, NAME)
+    with pytest.raises(ImageError, match="time"):
+        assignment.verify(sign_doc({**body, "assigned_at": "\x1b[2J"}), PINNED, NODE, NAME)
+    assert assignment.verify(sign_doc(body), PINNED, NODE, NAME) == Assignment(IMAGE_A, 3, SHA, AT)
+
+
+def test_assignment_certificates_are_pinned_apart_or_the_image_ones_sign(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from provisioner.node.fetch import assignment_pins
+
+    signing, assigning = tmp_path / "signing-certs", tmp_path / "assignment-certs"
+    signing.mkdir()
+    assigning.mkdir()
+    (signing / "image.pem").write_bytes(CERT.public_bytes(serialization.Encoding.PEM))
+    # none pinned for assignments: the image-signing certificate signs them
+    assert set(assignment_pins(assigning, signing)) == {fingerprint(CERT)}
+    assert assignment.verify(signed(), assignment_pins(assigning, signing), NODE, NAME)
+    # one pinned apart: only it, and a record signed with the image key is refused
+    (assigning / "assign.pem").write_bytes(OTHER_CERT.public_bytes(serialization.Encoding.PEM))
+    pins = assignment_pins(assigning, signing)
+    assert set(pins) == {fingerprint(OTHER_CERT)}
+    with pytest.raises(VerificationError, match="not pinned"):
+        assignment.verify(signed(), pins, NODE, NAME)
+    assert assignment.verify(signed(key=OTHER_KEY), pins, NODE, NAME)
 
 
 signed_blocks = st.fixed_dictionaries(
@@ -129,7 +201,7 @@ signed_blocks = st.fixed_dictionaries(
 )
 def test_any_record_gives_an_assignment_or_edgepins_own_error(raw: Any) -> None:
     try:
-        got = assignment.verify(raw, PINNED, NODE)
+        got = assignment.verify(raw, PINNED, NODE, NAME)
     except (ImageError, VerificationError):
         return
     assert got is None or (IMAGE_ID.fullmatch(got.image_id) and got.image_sha512 == SHA)

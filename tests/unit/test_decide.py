@@ -37,7 +37,7 @@ pytestmark = pytest.mark.unit
 
 GRACE = 600.0
 NOW = 1_800_000_000.0
-SHA = "ab" * 64
+SHA = "d" * 128  # the sha512 of RECORD, the image the node keeps
 AT = "2026-12-02T13:00:00Z"
 KEY = ec.generate_private_key(ec.SECP384R1())
 CERT = self_signed(KEY)
@@ -104,6 +104,15 @@ def test_an_image_refused_at_this_generation_is_not_tried_again() -> None:
     plan = decide(before, None, seen(IMAGE_B, 4), GRACE)
     assert plan.step is Step.REFUSE and isinstance(plan.refusal, AlreadyRefused)
     assert decide(before, None, seen(IMAGE_B, 5), GRACE).step is Step.UPDATE
+
+
+def test_a_current_image_whose_sha512_is_not_the_signed_one_is_not_kept() -> None:
+    """The ledger's copy of the current image hashes to something else than the signed
+    assignment names: the reconcile asks Glance again (and refuses it there if Glance's
+    sha512 is not the signed one either), never keeps the copy for that assignment."""
+    other = Assignment(IMAGE_A, 3, "cd" * 64, AT)
+    plan = decide(running(), None, Observed(NOW, assignment=other), GRACE)
+    assert plan.step is Step.UPDATE and plan.assignment == other
 
 
 def test_a_current_image_whose_local_copy_was_dropped_is_fetched_again() -> None:
@@ -309,7 +318,7 @@ def test_keystone_refusing_the_node_is_a_credential_refusal() -> None:
             node_client(_Session(status)).assignment(PINNED)
     with pytest.raises(ServiceUnavailableError):
         node_client(_Session(503)).assignment(PINNED)
-    record = assignment.sign(KEY, CERT, "p" * 32, IMAGE_A, SHA, 2, AT)
+    record = assignment.sign(KEY, CERT, "p" * 32, "node-1", IMAGE_A, SHA, 2, AT)
     body = {"project": {model.ASSIGNMENT_ATTR: record}}
     assert node_client(_Session(200, body)).assignment(PINNED) == Assignment(IMAGE_A, 2, SHA, AT)
     assert node_client(_Session(200, {"project": {}})).assignment(PINNED) is None
