@@ -176,8 +176,9 @@ def next_generation(
             raise UsageError(
                 f"the assignment record of {node_id} is not one this key signed "
                 f"({e.message}): its generation cannot be trusted",
-                hint="give --generation N, higher than any generation the node has seen "
-                "(its status, edgepin node status, shows the highest)",
+                hint="give --generation N, higher than any generation assigned to the node "
+                "before (on a node with a shell, edgepin node status shows it as "
+                "highest_generation)",
             ) from None
         return given, None
     previous = {"image_id": prev.image_id, "generation": prev.generation} if prev else None
