@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import json
@@ -41,8 +42,34 @@ TPM_CC_POLICY_PCR = 0x0000017F
 # digest of its ledger), defined at enrollment, written only under the PCR policy
 ANCHOR_NV_INDEX = 0x0100E9D0
 ANCHOR_NV_SIZE = 40
+# the key of the node's state vault (provisioner.node.vault): readable and writable only
+# under the PCR policy, never in the clear on any disk
+VAULT_NV_INDEX = 0x0100E9D1
+VAULT_KEY_SIZE = 64
 BANKS = {"sha256": (0x000B, hashlib.sha256)}
 EK_CERT_RSA_NV_INDEX = 0x01C00002
+
+
+@dataclasses.dataclass(frozen=True)
+class NvSlot:
+    """One of edgepin's NV indices: defined with an empty owner authorization, written
+    only under PolicyPCR; read with the index's empty authorization, or under the
+    policy too (``policy_read``)."""
+
+    name: str
+    index: int
+    size: int
+    policy_read: bool
+
+    def attributes(self) -> int:
+        from tpm2_pytss.constants import TPMA_NV
+
+        read = TPMA_NV.POLICYREAD if self.policy_read else TPMA_NV.AUTHREAD
+        return int(TPMA_NV.POLICYWRITE | read | TPMA_NV.NO_DA)
+
+
+ANCHOR = NvSlot("anchor", ANCHOR_NV_INDEX, ANCHOR_NV_SIZE, policy_read=False)
+VAULT_KEY = NvSlot("vault key", VAULT_NV_INDEX, VAULT_KEY_SIZE, policy_read=True)
 
 
 class TpmError(Exception):
@@ -533,26 +560,26 @@ class Tpm:
             for h in reversed(handles):
                 self._flush(h)
 
-    # -- the anchor (NV index) -----------------------------------------------
-    def _anchor_template(self, pcrs: Sequence[int], bank: str = "sha256") -> Any:
-        from tpm2_pytss.constants import TPM2_ALG, TPMA_NV
+    # -- NV indices: the anchor and the vault key ----------------------------------
+    def _nv_template(self, slot: NvSlot, pcrs: Sequence[int], bank: str = "sha256") -> Any:
+        from tpm2_pytss.constants import TPM2_ALG
         from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
 
         return TPM2B_NV_PUBLIC(
             nvPublic=TPMS_NV_PUBLIC(
-                nvIndex=ANCHOR_NV_INDEX,
+                nvIndex=slot.index,
                 nameAlg=TPM2_ALG.SHA256,
-                attributes=TPMA_NV.POLICYWRITE | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA,
+                attributes=slot.attributes(),
                 authPolicy=pcr_policy_digest(self.read_pcrs(pcrs, bank), bank),
-                dataSize=ANCHOR_NV_SIZE,
+                dataSize=slot.size,
             )
         )
 
-    def _anchor_handle(self) -> Any | None:
+    def _nv_handle(self, slot: NvSlot) -> Any | None:
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
         try:
-            return self.esys.tr_from_tpmpublic(ANCHOR_NV_INDEX)
+            return self.esys.tr_from_tpmpublic(slot.index)
         except TSS2_Exception:
             return None  # not defined
 
@@ -560,92 +587,150 @@ class Tpm:
         with contextlib.suppress(Exception):
             self.esys.tr_close(handle)
 
-    def _anchor_is_ours(self, public: Any, pcrs: Sequence[int]) -> bool:
+    def _nv_is_ours(self, slot: NvSlot, public: Any, pcrs: Sequence[int]) -> bool:
         from tpm2_pytss.constants import TPMA_NV
 
-        got, want = public.nvPublic, self._anchor_template(pcrs).nvPublic
+        got, want = public.nvPublic, self._nv_template(slot, pcrs).nvPublic
         return (
             int(got.nameAlg) == int(want.nameAlg)
             and int(got.attributes) & ~int(TPMA_NV.WRITTEN) == int(want.attributes)
             and bytes(got.authPolicy) == bytes(want.authPolicy)
-            and int(got.dataSize) == ANCHOR_NV_SIZE
+            and int(got.dataSize) == slot.size
         )
 
-    def anchor_read(self, pcrs: Sequence[int]) -> bytes | None:
-        """The anchor's bytes; None when it is not defined or was never written. A foreign
-        definition (other attributes, policy or size) is a TpmPolicyError."""
-        from tpm2_pytss.constants import ESYS_TR, TPMA_NV
-
-        handle = self._anchor_handle()
-        if handle is None:
-            return None
-        try:
-            public, _name = self.esys.nv_read_public(handle)
-            if not self._anchor_is_ours(public, pcrs):
-                raise TpmPolicyError(
-                    "the TPM's edgepin anchor is not the one this node defined (other "
-                    "attributes or policy), or the measured boot state differs"
-                )
-            if not int(public.nvPublic.attributes) & int(TPMA_NV.WRITTEN):
-                return None  # an enrollment cut short between defining and writing it
-            return bytes(
-                self.esys.nv_read(handle, ANCHOR_NV_SIZE, 0, handle, session1=ESYS_TR.PASSWORD)
-            )
-        finally:
-            self._close(handle)
-
-    def anchor_define(self, pcrs: Sequence[int]) -> None:
-        """(Re)define the anchor for these PCRs in their current values (enrollment only:
-        whatever was there before is gone)."""
+    def _nv_define(self, slot: NvSlot, pcrs: Sequence[int]) -> None:
         from tpm2_pytss.constants import ESYS_TR
 
         if not pcrs:
-            raise TpmError("refusing to define the anchor without a PCR policy")
-        self.anchor_remove()
+            raise TpmError(f"refusing to define the {slot.name} without a PCR policy")
+        self._nv_remove(slot)
         handle = self.esys.nv_define_space(
-            b"", self._anchor_template(pcrs), ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD
+            b"", self._nv_template(slot, pcrs), ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD
         )
         self._close(handle)
 
-    def anchor_write(self, pcrs: Sequence[int], data: bytes) -> None:
-        """Write the anchor under the PCR policy; it must exist with edgepin's definition."""
-        from tpm2_pytss.TSS2_Exception import TSS2_Exception
-        from tpm2_pytss.types import TPML_PCR_SELECTION
+    def _nv_remove(self, slot: NvSlot) -> bool:
+        from tpm2_pytss.constants import ESYS_TR
 
-        if len(data) != ANCHOR_NV_SIZE:
-            raise TpmError(f"the anchor holds {ANCHOR_NV_SIZE} bytes")
-        handle = self._anchor_handle()
+        handle = self._nv_handle(slot)
         if handle is None:
-            raise TpmPolicyError("the TPM holds no edgepin anchor")
+            return False
+        self.esys.nv_undefine_space(handle, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD)
+        return True
+
+    def _nv_read(self, slot: NvSlot, pcrs: Sequence[int]) -> bytes | None:
+        from tpm2_pytss.constants import ESYS_TR, TPMA_NV
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+        handle = self._nv_handle(slot)
+        if handle is None:
+            return None
         session = None
         try:
             public, _name = self.esys.nv_read_public(handle)
-            if not self._anchor_is_ours(public, pcrs):
-                raise TpmPolicyError("the TPM's edgepin anchor is not the one this node defined")
-            session = self._policy_session()
-            selection = TPML_PCR_SELECTION.unmarshal(pcr_selection_bytes(sorted(pcrs)))[0]
-            self.esys.policy_pcr(session, b"", selection)
-            self.esys.nv_write(handle, data, 0, handle, session1=session)
+            if not self._nv_is_ours(slot, public, pcrs):
+                raise TpmPolicyError(
+                    f"the TPM's edgepin {slot.name} is not the one this node defined (other "
+                    "attributes or policy), or the measured boot state differs"
+                )
+            if not int(public.nvPublic.attributes) & int(TPMA_NV.WRITTEN):
+                return None  # cut short between defining and writing it
+            if not slot.policy_read:
+                return bytes(
+                    self.esys.nv_read(handle, slot.size, 0, handle, session1=ESYS_TR.PASSWORD)
+                )
+            session = self._pcr_session(pcrs)
+            return bytes(self.esys.nv_read(handle, slot.size, 0, handle, session1=session))
         except TSS2_Exception as e:
             if _is_policy_failure(e):
                 raise TpmPolicyError(
-                    "the TPM refused to write the anchor: the measured boot state differs"
+                    f"the TPM refused to read the {slot.name}: the measured boot state differs"
                 ) from None
-            raise TpmError(f"writing the anchor failed: {e}") from None
+            raise TpmError(f"reading the {slot.name} failed: {e}") from None
         finally:
             if session is not None:
                 self._flush(session)
             self._close(handle)
 
-    def anchor_remove(self) -> bool:
-        """Undefine the anchor (owner authorization); True when there was one."""
-        from tpm2_pytss.constants import ESYS_TR
+    def _pcr_session(self, pcrs: Sequence[int]) -> Any:
+        from tpm2_pytss.types import TPML_PCR_SELECTION
 
-        handle = self._anchor_handle()
+        session = self._policy_session()
+        try:
+            selection = TPML_PCR_SELECTION.unmarshal(pcr_selection_bytes(sorted(pcrs)))[0]
+            self.esys.policy_pcr(session, b"", selection)
+        except BaseException:
+            self._flush(session)
+            raise
+        return session
+
+    def _nv_write(self, slot: NvSlot, pcrs: Sequence[int], data: bytes) -> None:
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+        if len(data) != slot.size:
+            raise TpmError(f"the {slot.name} holds {slot.size} bytes")
+        handle = self._nv_handle(slot)
+        if handle is None:
+            raise TpmPolicyError(f"the TPM holds no edgepin {slot.name}")
+        session = None
+        try:
+            public, _name = self.esys.nv_read_public(handle)
+            if not self._nv_is_ours(slot, public, pcrs):
+                raise TpmPolicyError(
+                    f"the TPM's edgepin {slot.name} is not the one this node defined"
+                )
+            session = self._pcr_session(pcrs)
+            self.esys.nv_write(handle, data, 0, handle, session1=session)
+        except TSS2_Exception as e:
+            if _is_policy_failure(e):
+                raise TpmPolicyError(
+                    f"the TPM refused to write the {slot.name}: the measured boot state differs"
+                ) from None
+            raise TpmError(f"writing the {slot.name} failed: {e}") from None
+        finally:
+            if session is not None:
+                self._flush(session)
+            self._close(handle)
+
+    # -- the anchor ---------------------------------------------------------------
+    def anchor_read(self, pcrs: Sequence[int]) -> bytes | None:
+        """The anchor's bytes; None when it is not defined or was never written. A foreign
+        definition (other attributes, policy or size) is a TpmPolicyError."""
+        return self._nv_read(ANCHOR, pcrs)
+
+    def anchor_define(self, pcrs: Sequence[int]) -> None:
+        """(Re)define the anchor for these PCRs in their current values (enrollment only:
+        whatever was there before is gone)."""
+        self._nv_define(ANCHOR, pcrs)
+
+    def anchor_write(self, pcrs: Sequence[int], data: bytes) -> None:
+        """Write the anchor under the PCR policy; it must exist with edgepin's definition."""
+        self._nv_write(ANCHOR, pcrs, data)
+
+    def anchor_defined(self) -> bool:
+        """Whether any NV index is defined at the anchor's handle, edgepin's or not."""
+        handle = self._nv_handle(ANCHOR)
         if handle is None:
             return False
-        self.esys.nv_undefine_space(handle, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD)
+        self._close(handle)
         return True
+
+    def anchor_remove(self) -> bool:
+        """Undefine the anchor (owner authorization); True when there was one."""
+        return self._nv_remove(ANCHOR)
+
+    # -- the vault key ------------------------------------------------------------
+    def vault_key_read(self, pcrs: Sequence[int]) -> bytes | None:
+        """The state vault's key; None when the TPM holds none (never made, or made and
+        not written). Readable only in the measured state; a foreign definition is a
+        TpmPolicyError."""
+        return self._nv_read(VAULT_KEY, pcrs)
+
+    def vault_key_create(self, pcrs: Sequence[int], key: bytes) -> None:
+        """Define the vault key's index for these PCRs in their current values and write
+        ``key`` into it under the PCR policy (whatever was there before is gone)."""
+        self._nv_define(VAULT_KEY, pcrs)
+        self._nv_write(VAULT_KEY, pcrs, key)
 
 
 def _is_policy_failure(e: Exception) -> bool:

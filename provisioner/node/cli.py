@@ -15,7 +15,7 @@ from provisioner.node import config
 def add_parser(sub: Any) -> None:
     node = sub.add_parser(
         "node",
-        help="node side: enroll, reconcile, status, pcrs (run by the host image's units)",
+        help="node side: vault, enroll, reconcile, status, pcrs (run by the host image's units)",
         description="Commands that run on the edge node. Paths derive from --root "
         "(default /): <root>/etc/edgepin, <root>/var/lib/edgepin, <root>/run/edgepin. "
         "Settings come from <root>/etc/edgepin/edgepin.conf and EDGEPIN_* variables.",
@@ -25,6 +25,17 @@ def add_parser(sub: Any) -> None:
     node.add_argument("--libvirt-uri", help="libvirt URI (default qemu:///system)")
     node.add_argument("--virt-type", choices=("kvm", "qemu"), help="libvirt domain type")
     s = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    s.add_parser(
+        "vault",
+        help="early boot: open the encrypted state with the key in the TPM",
+        description="Ask the TPM for the state vault's key (readable only in the measured "
+        "boot state) and give it to the filesystem, so that the node's folders under "
+        "/var (its state and images, the guest's serial log, cloud-init's data, the "
+        "journal) can be read. On the first boot the key is made in the TPM and the "
+        "folders are encrypted. Refuses, changing nothing, when a folder is encrypted "
+        "under another key, the TPM holds no key for an enrolled node, or the boot state "
+        "differs.",
+    ).set_defaults(handler=cmd_vault)
     s.add_parser(
         "enroll",
         help="first boot: unseal the bootstrap credential, mint and seal the node's own",
@@ -61,6 +72,17 @@ def _cfg(args: argparse.Namespace) -> config.NodeConfig:
             "virt_type": args.virt_type,
         },
     )
+
+
+def cmd_vault(args: argparse.Namespace) -> int:
+    from provisioner.node import vault
+
+    cfg = _cfg(args)
+    opened = vault.open_vault(cfg.root, cfg.tcti, cfg.pcrs)
+    made = "made in the TPM now, " if opened.made_key else ""
+    encrypted = ", ".join(opened.encrypted_now) or "none"
+    print(f"vault open: key {opened.identifier.hex()} ({made}folders encrypted now: {encrypted})")
+    return 0
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:

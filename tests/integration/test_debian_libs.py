@@ -91,8 +91,18 @@ def test_the_node_libraries_are_debians_versions() -> None:
 
 
 def test_tpm_code_on_debian_trixies_libraries() -> None:
-    env = {**os.environ, "PYTHONPATH": str(LIBS)}
-    child_pytest(env, str(ROOT / "tests" / "integration" / "test_tpm.py"))
+    """Sealing, the anchor, and the state vault (its key in the TPM, the `edgepin node
+    vault` processes) on Debian's tpm2-pytss."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(LIBS),
+        "EDGEPIN_TEST_NODE_PYTHONPATH": str(LIBS),
+    }
+    child_pytest(
+        env,
+        str(ROOT / "tests" / "integration" / "test_tpm.py"),
+        str(ROOT / "tests" / "integration" / "test_vault.py"),
+    )
 
 
 def test_signed_assignments_on_debian_trixies_libraries() -> None:
