@@ -35,6 +35,18 @@ echo "EDGEPIN-CHECK root-source=$(findmnt -no SOURCE /)"
 echo "EDGEPIN-CHECK verity=$(dmsetup status edgepin-root 2>&1 | awk '{print $3, $4}') $(dmsetup table edgepin-root 2>&1 | grep -o panic_on_corruption)"
 echo "EDGEPIN-CHECK var=$(findmnt -no FSTYPE /var) $(df -BM --output=size /var | tail -1 | tr -d ' ')"
 echo "EDGEPIN-CHECK etc=$(findmnt -no FSTYPE /etc)"
+# the vault: every folder of it encrypted under one key, which the filesystem holds; the
+# journal was flushed into it
+echo "EDGEPIN-CHECK vault=$(systemctl is-active edgepin-vault.service) $(python3 -c '
+from pathlib import Path
+from provisioner.node import fscrypt, vault
+ids = {fscrypt.policy_identifier(Path("/") / d) for d in vault.VAULT_DIRS}
+print(len(ids), "plain" if None in ids else "encrypted")
+' 2>&1)"
+# systemd breaks an ordering cycle by dropping a job, and says so only in the journal
+echo "EDGEPIN-CHECK ordering-cycles=$(journalctl -b -o cat | grep -ci 'ordering cycle')"
+echo "EDGEPIN-CHECK journal-files=$(find /var/log/journal -name '*.journal' | wc -l)"
+echo "EDGEPIN-CHECK state-features=$(tune2fs -l "$(findmnt -no SOURCE /var)" 2>&1 | sed -n 's/^Filesystem features: *//p' | tr ' ' '\n' | grep -cx encrypt)"
 echo "EDGEPIN-CHECK etc-upper=$(findmnt -no OPTIONS /etc | tr , '\n' | sed -n 's/^upperdir=//p') $(stat -f -c %T /run/edgepin-host/etc)"
 echo "EDGEPIN-CHECK listen22=$(awk '$4 == "0A" && $2 ~ /:0016$/' /proc/net/tcp /proc/net/tcp6 | wc -l)"
 echo "EDGEPIN-CHECK tpm0=$(test -c /dev/tpm0 && echo yes || echo no)"
@@ -52,7 +64,7 @@ echo "EDGEPIN-CHECK cloud-gate=$(cat /run/edgepin-host/cloud-init 2>&1)"
 # the seed also asks for bootcmd and runcmd: each would leave a file
 echo "EDGEPIN-CHECK seed-commands=$(ls /run/edgepin-qa/ | grep -c ran)"
 # every edgepin unit's Documentation= names a file that is on the image
-echo "EDGEPIN-CHECK unit-docs-missing=$(for u in edgepin-enroll.service edgepin-reconcile.service edgepin-reconcile.timer; do for d in $(systemctl show -p Documentation --value "$u"); do [ -f "${d#file://}" ] || echo "$u:$d"; done; done | paste -sd, -)"
+echo "EDGEPIN-CHECK unit-docs-missing=$(for u in edgepin-vault.service edgepin-enroll.service edgepin-reconcile.service edgepin-reconcile.timer; do for d in $(systemctl show -p Documentation --value "$u"); do [ -f "${d#file://}" ] || echo "$u:$d"; done; done | paste -sd, -)"
 echo "EDGEPIN-CHECK gettys=$(systemctl list-units --type=service --state=active --plain --no-legend '*getty*' | awk '{print $1}' | paste -sd, -)"
 echo "EDGEPIN-CHECK getty-ttyS0=$(systemctl is-enabled serial-getty@ttyS0.service 2>&1)"
 echo "EDGEPIN-CHECK setuid=$(find / /var -xdev -type f -user root -perm -4000 2>/dev/null | sort -u | paste -sd, -)"

@@ -156,6 +156,11 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     assert fstype == "ext4", got
     # the 4 GiB disk minus ESP, BIOS boot and root: the state partition grew on first boot
     assert int(size.rstrip("M")) > 2000, f"the state partition did not grow: {got['var']}"
+    # the vault: its folders encrypted under one key, open (the journal flushed into it)
+    assert got["vault"] == "active 1 encrypted", got["vault"]
+    assert int(got["journal-files"]) >= 1, got
+    assert got["ordering-cycles"] == "0", "systemd broke an ordering cycle at boot"
+    assert got["state-features"] == "1", "the state filesystem has no encryption"
     # /etc: the read-only root under an overlay whose writable half is in memory
     assert got["etc"] == "overlay", got
     assert got["etc-upper"] == "/run/edgepin-host/etc tmpfs", got

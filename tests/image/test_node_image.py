@@ -58,6 +58,7 @@ TIMELINE = {
     "firmware": r"BdsDxe|UEFI|SeaBIOS",
     "kernel": r"Linux version \d",
     "verity root": r"edgepin: verity: root \S+ opened",
+    "vault open": r"vault open: key [0-9a-f]{32}",
     "first-boot unit": r"Start(ing|ed) \S*edgepin-enroll\.service",
     "enrolled": r"enrolled: node ",
     "image verified": r"fetch: image \S+ verified",
@@ -264,7 +265,7 @@ def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
                 {
                     "bootcmd": [["sh", "-c", attack]],
                     "runcmd": [["sh", "-c", attack]],
-                    "write_files": [{"path": "/var/lib/edgepin/planted", "content": "x"}],
+                    "write_files": [{"path": "/var/lib/edgepin-host/planted", "content": "x"}],
                 }
             ),
         },
@@ -319,19 +320,24 @@ def test_4_the_disk_of_a_node_that_lost_power_holds_no_key(
         # line as libvirt logs it: together they give the passphrase back
         "libvirt's master-key.aes": b"master-key.aes",
         "libvirt's encrypted secret": b"masterKey0",
+        # the vault: what the node keeps and what the guest printed are ciphertext
+        "the image id": v1["image_id"].encode(),
+        "the guest's console": f"EDGEPIN-GUEST-MARKER {v1['marker']}".encode(),
+        "the ledger's name": b"node.json",
+        "the guest's serial log's name": b"guest-serial.log",
     }
     found = disk.scan(node.vm.disk, needles, node.vm.workdir)
     assert found == [], f"on the state partition of a powered-off node: {found}"
-    planted = disk.read_state_file(node.vm.disk, "lib/edgepin/planted", node.vm.workdir)
+    planted = disk.read_state_file(node.vm.disk, "lib/edgepin-host/planted", node.vm.workdir)
     assert planted is None, "the USB stick's write_files ran on an enrolled node"
     # what was planted before the last boot was there all along, and ignored
     cert = disk.read_state_file(
         node.vm.disk, "lib/edgepin-host/etc/edgepin/signing-certs/planted.pem", node.vm.workdir
     )
     assert cert == signer.pem
-    # and the ledger the node runs by is on the disk, anchored (not a secret)
+    # the ledger is in the vault: not even its name can be read without the key
     ledger = disk.read_state_file(node.vm.disk, "lib/edgepin/node.json", node.vm.workdir)
-    assert ledger is not None and v1["image_id"].encode() in ledger
+    assert ledger is None, "the ledger is readable on the disk"
 
 
 def test_5_a_root_filesystem_edited_offline_is_refused_by_verity(node: Node) -> None:
@@ -400,7 +406,8 @@ def test_6_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:
     # another firmware build: PCR 0 differs from what the node sealed to on first boot
     node.boot("other-firmware", firmware="uefi-other")
     node.wait(
-        r"(TPM refused to unseal the \S+|TPM's anchor).*measured boot state differs", BOOT_TIMEOUT
+        r"(TPM refused to unseal the \S+|TPM's anchor|vault key).*measured boot state differs",
+        BOOT_TIMEOUT,
     )
     console = node.vm.console()
     assert "started from the local copy" not in console
@@ -426,7 +433,8 @@ def test_7_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> N
     assert n > 0, "no no_timer_check on a linux line of grub.cfg"
     node.boot("boot-loader-edited", firmware="uefi")
     node.wait(
-        r"(TPM refused to unseal the \S+|TPM's anchor).*measured boot state differs", BOOT_TIMEOUT
+        r"(TPM refused to unseal the \S+|TPM's anchor|vault key).*measured boot state differs",
+        BOOT_TIMEOUT,
     )
     console = node.vm.console()
     assert "edgepin.edited" in console, "the edited command line was not booted"
@@ -444,12 +452,14 @@ def test_8_the_disk_booted_with_another_tpm_gives_nothing(
     genuine = node.vm.tpm
     try:
         node.boot("another-tpm", firmware="uefi", tpm=vm_tpms.create(f"{node.name}-other"))
-        # printed by the reconcile (the enrollment retried before it cannot enroll here)
-        node.wait(r"the TPM holds no edgepin anchor", BOOT_TIMEOUT)
+        # the vault is not opened: its folders are under a key this TPM does not hold, so
+        # nothing that needs them starts (no enrollment, no reconcile, no cloud-init)
+        node.wait(r"encrypted under a key this TPM does not hold", BOOT_TIMEOUT)
     finally:
         node.vm.stop()
         node.vm.tpm = genuine
     console = node.vm.console()
+    assert "vault open" not in console, "the vault opened with another TPM"
     assert "enrollment passed" not in console, "the node enrolled on another TPM"
     assert "started from the local copy" not in console
     assert "switched to image" not in console
