@@ -1,11 +1,16 @@
 """The NoCloud seed that carries a node's enrollment bundle to its first boot.
 
 The seed is a small vfat filesystem labelled ``CIDATA`` (the only kind cloud-init's
-NoCloud datasource finds on a disk) with ``meta-data`` and ``user-data``. The user-data
-is a cloud-config whose ``write_files`` puts the bundle at ``/var/lib/edgepin/seed/
-bundle.json`` (mode 0600), where ``edgepin node enroll`` reads it. It is built with
-mkfs.vfat and mtools, without mounting anything. The bundle holds no secret in the clear:
-the bootstrap credential's secret is wrapped for the node's TPM.
+NoCloud datasource finds on a disk). The bundle is in its ``meta-data``, under
+``edgepin_bundle`` (base64 of the bundle's JSON): cloud-init reads meta-data as data and
+keeps it in its instance data (``/run/cloud-init/instance-data-sensitive.json``, root
+only), from where ``edgepin node seed`` takes it to ``/var/lib/edgepin/seed/bundle.json``
+(mode 0600) for ``edgepin node enroll``. The host image discards user-data and vendor-data
+altogether (``allow_userdata: false``), so nothing in a seed is ever run: the seed's
+``user-data`` is an empty cloud-config only because NoCloud wants the file. The seed also
+holds ``edgepin-bundle.json``, the bundle as a file, for people and factory checks. It is
+built with mkfs.vfat and mtools, without mounting anything. The bundle holds no secret in
+the clear: the bootstrap credential's secret is wrapped for the node's TPM.
 """
 
 from __future__ import annotations
@@ -25,24 +30,25 @@ BUNDLE_VERSION = 1
 SEED_SIZE_KIB = 1024
 
 
-def user_data(bundle: dict[str, Any]) -> str:
-    encoded = base64.b64encode(json.dumps(bundle, sort_keys=True).encode()).decode()
-    return (
-        "#cloud-config\n"
-        "# edgepin enrollment bundle, consumed by edgepin-enroll.service\n"
-        "write_files:\n"
-        f"  - path: {BUNDLE_PATH}\n"
-        "    permissions: '0600'\n"
-        "    owner: root:root\n"
-        "    encoding: b64\n"
-        f"    content: {encoded}\n"
-    )
+META_KEY = "edgepin_bundle"
+INSTANCE_DATA = "/run/cloud-init/instance-data-sensitive.json"
+USER_DATA = (
+    "#cloud-config\n# edgepin: the enrollment bundle is in meta-data; user-data is not read\n"
+)
 
 
-def meta_data(node_id: str, bootstrap_id: str) -> str:
+def encode_bundle(bundle: dict[str, Any]) -> str:
+    return base64.b64encode(json.dumps(bundle, sort_keys=True).encode()).decode()
+
+
+def meta_data(node_id: str, bootstrap_id: str, bundle: dict[str, Any]) -> str:
     """Each seed is its own cloud-init instance: a node given a new seed (its bootstrap
     credential rotated before it enrolled) takes the new bundle at its next boot."""
-    return f"instance-id: edgepin-{node_id}-{bootstrap_id[:12]}\nlocal-hostname: {node_id}\n"
+    return (
+        f"instance-id: edgepin-{node_id}-{bootstrap_id[:12]}\n"
+        f"local-hostname: {node_id}\n"
+        f"{META_KEY}: {encode_bundle(bundle)}\n"
+    )
 
 
 def write_seed(path: Path, node_id: str, bundle: dict[str, Any]) -> None:
@@ -50,8 +56,10 @@ def write_seed(path: Path, node_id: str, bundle: dict[str, Any]) -> None:
     write_nocloud(
         path,
         {
-            "meta-data": meta_data(node_id, str(bundle["bootstrap"]["application_credential_id"])),
-            "user-data": user_data(bundle),
+            "meta-data": meta_data(
+                node_id, str(bundle["bootstrap"]["application_credential_id"]), bundle
+            ),
+            "user-data": USER_DATA,
             "edgepin-bundle.json": json.dumps(bundle, indent=2, sort_keys=True) + "\n",
         },
     )
@@ -79,7 +87,8 @@ def write_nocloud(path: Path, files: dict[str, str]) -> None:
 
 
 def read_seed_bundle(image: Path) -> dict[str, Any]:
-    """The bundle from a seed image (factory checks and tests; nodes get it via cloud-init)."""
+    """The bundle from a seed image (factory checks and tests; nodes get it through
+    cloud-init's instance data)."""
     r = subprocess.run(
         ["mcopy", "-i", str(image), "::edgepin-bundle.json", "-"],
         capture_output=True,
@@ -88,6 +97,27 @@ def read_seed_bundle(image: Path) -> dict[str, Any]:
     if r.returncode != 0:
         raise ConfigError(f"{image}: not an edgepin seed ({r.stderr.decode().strip()})")
     return parse_bundle(r.stdout)
+
+
+def bundle_from_instance_data(data: bytes) -> dict[str, Any] | None:
+    """The bundle in cloud-init's instance data (untrusted: it is what a seed said), or
+    None when the seed held none (another datasource, or a seed that is not edgepin's)."""
+    try:
+        instance = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ConfigError("cloud-init's instance data is not JSON") from None
+    ds = instance.get("ds") if isinstance(instance, dict) else None
+    meta = ds.get("meta_data") if isinstance(ds, dict) else None
+    if not isinstance(meta, dict) or META_KEY not in meta:
+        return None
+    encoded = meta[META_KEY]
+    if not isinstance(encoded, str) or len(encoded) > 1 << 20:
+        raise ConfigError(f"seed meta-data: {META_KEY} is not a base64 string")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise ConfigError(f"seed meta-data: {META_KEY} is not base64") from None
+    return parse_bundle(raw)
 
 
 def parse_bundle(data: bytes) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from provisioner.node import config
 def add_parser(sub: Any) -> None:
     node = sub.add_parser(
         "node",
-        help="node side: vault, enroll, reconcile, status, pcrs (run by the host image's units)",
+        help="node side: vault, seed, enroll, reconcile, status, pcrs (run by the host "
+        "image's units)",
         description="Commands that run on the edge node. Paths derive from --root "
         "(default /): <root>/etc/edgepin, <root>/var/lib/edgepin, <root>/run/edgepin. "
         "Settings come from <root>/etc/edgepin/edgepin.conf and EDGEPIN_* variables.",
@@ -36,6 +37,14 @@ def add_parser(sub: Any) -> None:
         "under another key, the TPM holds no key for an enrolled node, or the boot state "
         "differs.",
     ).set_defaults(handler=cmd_vault)
+    s.add_parser(
+        "seed",
+        help="first boot: take the enrollment bundle from the seed cloud-init read",
+        description="Copy the enrollment bundle from the NoCloud seed's meta-data, as "
+        "cloud-init keeps it (/run/cloud-init/instance-data-sensitive.json), to "
+        "/var/lib/edgepin/seed/bundle.json, checked. Does nothing when cloud-init found no "
+        "seed, or once the node is enrolled (its TPM holds the anchor).",
+    ).set_defaults(handler=cmd_seed)
     s.add_parser(
         "enroll",
         help="first boot: unseal the bootstrap credential, mint and seal the node's own",
@@ -82,6 +91,13 @@ def cmd_vault(args: argparse.Namespace) -> int:
     made = "made in the TPM now, " if opened.made_key else ""
     encrypted = ", ".join(opened.encrypted_now) or "none"
     print(f"vault open: key {opened.identifier.hex()} ({made}folders encrypted now: {encrypted})")
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from provisioner.node import credentials
+
+    print(credentials.take_seed(_cfg(args)))
     return 0
 
 

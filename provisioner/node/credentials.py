@@ -81,6 +81,32 @@ def load_bundle(cfg: NodeConfig) -> dict[str, Any]:
     return seed.parse_bundle(data)
 
 
+def take_seed(cfg: NodeConfig) -> str:
+    """Copy the bundle of the NoCloud seed that cloud-init read (its instance data) to
+    ``cfg.bundle_path``, on a node that is not enrolled; what was done, in a sentence.
+    Nothing is taken once the TPM holds an anchor: an enrolled node reads no seed."""
+    source = cfg.root / seed.INSTANCE_DATA.lstrip("/")
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        return f"no seed: cloud-init found none ({source} is absent)"
+    with tpm.Tpm.open(cfg.tcti) as t:
+        if t.anchor_defined():
+            return "the node is enrolled: no seed is read"
+    bundle = seed.bundle_from_instance_data(data)
+    if bundle is None:
+        return f"no seed: cloud-init's seed holds no {seed.META_KEY}"
+    content = (json.dumps(bundle, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        if cfg.bundle_path.read_bytes() == content:
+            return f"seed bundle for node {bundle['node_id']} already in place"
+    except FileNotFoundError:
+        pass
+    cfg.bundle_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.atomic_write(cfg.bundle_path, content, 0o600)
+    return f"seed bundle for node {bundle['node_id']} written to {cfg.bundle_path}"
+
+
 def identity(cfg: NodeConfig, bundle: dict[str, Any]) -> Identity:
     ca_file = cfg.ca_path
     if not ca_file.exists():

@@ -11,6 +11,7 @@ c = util.read_conf_with_confd("/etc/cloud/cloud.cfg")
 keys = ("cloud_init_modules", "cloud_config_modules", "cloud_final_modules")
 print(" ".join(",".join(map(str, c.get(k) or [])) or "-" for k in keys))
 print(",".join(c.get("datasource_list") or []))
+print(c.get("allow_userdata"), (c.get("vendor_data") or {}).get("enabled"), (c.get("vendor_data2") or {}).get("enabled"))
 ' 2>&1)
 # what the package made under the tmpfs mounts, seen through a bind mount of /var
 mkdir -p /run/edgepin-qa/var && mount --bind /var /run/edgepin-qa/var
@@ -58,11 +59,13 @@ echo "EDGEPIN-CHECK machine-id=$(cat /etc/machine-id)"
 echo "EDGEPIN-CHECK machine-id-kept=$(cat /var/lib/edgepin-host/machine-id 2>&1)"
 echo "EDGEPIN-CHECK cloud-modules=$(echo "$cloud_cfg" | sed -n 1p)"
 echo "EDGEPIN-CHECK cloud-datasources=$(echo "$cloud_cfg" | sed -n 2p)"
+echo "EDGEPIN-CHECK cloud-userdata=$(echo "$cloud_cfg" | sed -n 3p)"
 echo "EDGEPIN-CHECK cloud-units=${units#,}"
 echo "EDGEPIN-CHECK cloud-ungated=${ungated#,}"
 echo "EDGEPIN-CHECK cloud-gate=$(cat /run/edgepin-host/cloud-init 2>&1)"
-# the seed also asks for bootcmd and runcmd: each would leave a file
-echo "EDGEPIN-CHECK seed-commands=$(ls /run/edgepin-qa/ | grep -c ran)"
+# the seed's user-data and vendor-data hold a boothook, a script, bootcmd, runcmd and
+# write_files: each would leave a file
+echo "EDGEPIN-CHECK seed-commands=$(ls /run/edgepin-qa/ | grep ran | paste -sd, -)"
 # every edgepin unit's Documentation= names a file that is on the image
 echo "EDGEPIN-CHECK unit-docs-missing=$(for u in edgepin-vault.service edgepin-enroll.service edgepin-reconcile.service edgepin-reconcile.timer; do for d in $(systemctl show -p Documentation --value "$u"); do [ -f "${d#file://}" ] || echo "$u:$d"; done; done | paste -sd, -)"
 echo "EDGEPIN-CHECK gettys=$(systemctl list-units --type=service --state=active --plain --no-legend '*getty*' | awk '{print $1}' | paste -sd, -)"

@@ -1,17 +1,21 @@
 """The host image boots on UEFI (OVMF) and BIOS (SeaBIOS) with a TPM, and is what it claims.
 
-Each boot gets a NoCloud seed that writes a check script (write_files, the one cloud-init
-module the image runs); the QA image's edgepin-qa-check.service runs it once the system
+Each boot gets a NoCloud seed with a check script in its meta-data (data: cloud-init keeps
+it in its instance data); the QA image's edgepin-qa-check.service runs it once the system
 has finished starting, and it prints the answers on the serial console, where the test
-reads them. The seed also asks for bootcmd and runcmd, which the image must ignore. The
+reads them. The seed's user-data and vendor-data hold every kind of part cloud-init can
+run (a boothook, a script, bootcmd, runcmd, write_files), which the image must discard. The
 image under test is what ./build.sh makes, plus that one unit (./build.sh image --qa-check).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from pathlib import Path
 
 import pytest
@@ -26,21 +30,37 @@ CHECK = (Path(__file__).parent / "check.sh").read_text()
 
 
 def check_seed(path: Path, instance_id: str = "image-check") -> Path:
-    user_data = (
-        "#cloud-config\n"
-        + json.dumps(
-            {
-                "write_files": [
-                    {"path": "/run/edgepin-qa/check.sh", "permissions": "0755", "content": CHECK}
-                ],
-                # modules the image does not run: each would leave a file that the check counts
-                "bootcmd": [["touch", "/run/edgepin-qa/bootcmd-ran"]],
-                "runcmd": [["touch", "/run/edgepin-qa/runcmd-ran"]],
-            }
+    """The check script in meta-data (data, which the QA unit runs); in user-data and
+    vendor-data, every kind of part cloud-init can run (a boothook, a shell script, a
+    cloud-config's bootcmd, runcmd and write_files), each leaving a file that the check
+    counts: the image must run none of them."""
+
+    def ran(what: str) -> str:
+        return f"mkdir -p /run/edgepin-qa && touch /run/edgepin-qa/{what}-ran"
+
+    def parts(source: str) -> str:
+        msg = MIMEMultipart()
+        msg.attach(
+            MIMEText(f"#cloud-boothook\n#!/bin/sh\n{ran(source + '-boothook')}\n", "cloud-boothook")
         )
-        + "\n"
+        msg.attach(MIMEText(f"#!/bin/sh\n{ran(source + '-script')}\n", "x-shellscript"))
+        config = {
+            "bootcmd": [["sh", "-c", ran(source + "-bootcmd")]],
+            "runcmd": [["sh", "-c", ran(source + "-runcmd")]],
+            "write_files": [{"path": f"/run/edgepin-qa/{source}-write-files-ran", "content": "x"}],
+        }
+        msg.attach(MIMEText("#cloud-config\n" + json.dumps(config) + "\n", "cloud-config"))
+        return msg.as_string()
+
+    check = base64.b64encode(CHECK.encode()).decode()
+    write_nocloud(
+        path,
+        {
+            "meta-data": f"instance-id: {instance_id}\nedgepin_qa_check: {check}\n",
+            "user-data": parts("user-data"),
+            "vendor-data": parts("vendor-data"),
+        },
     )
-    write_nocloud(path, {"meta-data": f"instance-id: {instance_id}\n", "user-data": user_data})
     return path
 
 
@@ -172,13 +192,15 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     assert got["compilers"] == "0", "a compiler or make is in the image"
     assert re.fullmatch(r"[0-9a-f]{32}", got["machine-id"]), got
     assert got["machine-id-kept"] == got["machine-id"], "the machine-id is not kept on /var"
-    # cloud-init: the enrollment bundle only, and never once the node is enrolled
-    assert got["cloud-modules"] == "write_files - -", got["cloud-modules"]
+    # cloud-init: reads the seed's meta-data only (the enrollment bundle, as data), runs no
+    # module, discards user-data and vendor-data; never runs once the node is enrolled
+    assert got["cloud-modules"] == "- - -", got["cloud-modules"]
+    assert got["cloud-userdata"] == "False False False", got["cloud-userdata"]
     assert got["cloud-datasources"] == "NoCloud,None", got
     assert "cloud-init-main.service" in got["cloud-units"].split(","), got["cloud-units"]
     assert got["cloud-ungated"] == "", f"cloud-init units without the gate: {got['cloud-ungated']}"
     assert got["cloud-gate"] == "not-enrolled", got
-    assert got["seed-commands"] == "0", "cloud-init ran bootcmd or runcmd from the seed"
+    assert got["seed-commands"] == "", f"cloud-init ran parts of the seed: {got['seed-commands']}"
     assert got["enrolled-gate"] == "1 enrolled", got
     assert got["enrolled-cloud-final"] == "exec-condition", got
     # no login on any console, no setuid-root program for a user who is not root

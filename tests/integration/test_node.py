@@ -656,7 +656,7 @@ def test_a_node_seeded_for_other_pcr_values_says_its_own_and_takes_a_new_seed(
     second = run_dir / f"{node.name}.seed2.img"
     enroll(measured, second)
     assert instance(first) != instance(second), "cloud-init would ignore the new seed"
-    node.install_seed(second)  # what cloud-init's write_files does for a new instance
+    node.install_seed(second)  # a new instance: cloud-init reads the new seed
     # whoever held the bootstrap credential minted one of their own: enrollment removes it
     bundle = json.loads((node.root / "var/lib/edgepin/seed/bundle.json").read_text())
     node.bootstrap_session(controlplane.ca_path).post(
@@ -667,6 +667,12 @@ def test_a_node_seeded_for_other_pcr_values_says_its_own_and_takes_a_new_seed(
     assert "stray" in names_before, names_before
     ok(node.node("enroll"))
     assert [c["name"] for c in app_credentials(admin, node)] == ["edgepin-node"]
+    # enrolled: the seed cloud-init would hand over (it does not run on an enrolled node)
+    # is not taken
+    kept = (node.root / "var/lib/edgepin/seed/bundle.json").read_bytes()
+    r = node.install_seed(first)
+    assert "the node is enrolled: no seed is read" in r.stdout, r.stdout
+    assert (node.root / "var/lib/edgepin/seed/bundle.json").read_bytes() == kept
 
 
 def test_the_installed_node_command_imports_no_openstacksdk(tmp_path: Path) -> None:

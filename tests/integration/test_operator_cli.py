@@ -22,7 +22,7 @@ from provisioner.signing import fingerprint, load_certificate
 from tests.certs import self_signed
 from tests.integration.conftest import make_signer
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.node import bundle_from_user_data, run_edgepin
+from tests.testbed.node import run_edgepin, seed_meta_data
 from tests.testbed.operator import Signer
 from tests.testbed.swtpm import Swtpm
 
@@ -161,11 +161,15 @@ def test_enroll_wraps_for_that_tpm_only(
     out = run_dir / f"{node_id}.seed.img"
     result = enroll(cli_env, node_id, node_tpm, out, "--pcrs", "7", "--pcr-values", "zero")
     bundle = seed.read_seed_bundle(out)
+    # the bundle travels as data in meta-data; user-data holds nothing to run
+    meta = seed_meta_data(out)
+    assert (
+        seed.bundle_from_instance_data(json.dumps({"ds": {"meta_data": meta}}).encode()) == bundle
+    )
     r = subprocess.run(
         ["mcopy", "-i", str(out), "::user-data", "-"], capture_output=True, text=True, check=True
     )
-    assert r.stdout.startswith("#cloud-config")
-    assert json.loads(bundle_from_user_data(r.stdout)) == bundle
+    assert r.stdout == seed.USER_DATA
     label = subprocess.run(
         ["mlabel", "-s", "-i", str(out), "::"], capture_output=True, text=True, check=True
     )

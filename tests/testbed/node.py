@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioner.seed import BUNDLE_PATH
+import yaml
+
+from provisioner.seed import BUNDLE_PATH, INSTANCE_DATA
 from tests.testbed.libvirtd import Libvirtd
 from tests.testbed.swtpm import Swtpm
 
@@ -35,12 +37,17 @@ def run_edgepin(
     )
 
 
-def bundle_from_user_data(user_data: str) -> bytes:
-    """What cloud-init's write_files does with the seed's user-data, for the bundle file."""
-    for line in user_data.splitlines():
-        if line.strip().startswith("content:"):
-            return base64.b64decode(line.split(":", 1)[1].strip())
-    raise AssertionError("no write_files content in user-data")
+def seed_meta_data(seed_image: Path) -> dict[str, Any]:
+    """A seed's meta-data as cloud-init's NoCloud reads it (YAML)."""
+    r = subprocess.run(
+        ["mcopy", "-i", str(seed_image), "::meta-data", "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    meta = yaml.safe_load(r.stdout)
+    assert isinstance(meta, dict), r.stdout
+    return meta
 
 
 @dataclass
@@ -70,18 +77,16 @@ class VirtualNode:
         d.mkdir(parents=True, exist_ok=True)
         (d / name).write_bytes(pem)
 
-    def install_seed(self, seed_image: Path) -> None:
-        """Put the bundle where cloud-init's write_files puts it on a real node."""
-        r = subprocess.run(
-            ["mcopy", "-i", str(seed_image), "::user-data", "-"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        target = self.root / BUNDLE_PATH.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(bundle_from_user_data(r.stdout))
-        target.chmod(0o600)
+    def install_seed(self, seed_image: Path) -> subprocess.CompletedProcess[str]:
+        """What a boot with the seed attached does: cloud-init keeps the seed's meta-data
+        in its instance data, then `edgepin node seed` takes the bundle from there."""
+        instance = self.root / INSTANCE_DATA.lstrip("/")
+        instance.parent.mkdir(parents=True, exist_ok=True)
+        instance.write_text(json.dumps({"ds": {"meta_data": seed_meta_data(seed_image)}}))
+        instance.chmod(0o600)
+        r = self.node("seed")
+        assert r.returncode == 0, r.stderr
+        return r
 
     def node(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         # EDGEPIN_TEST_NODE_PYTHONPATH: the node's commands (only they) run with these

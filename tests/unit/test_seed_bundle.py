@@ -83,3 +83,41 @@ def test_any_field_replaced_gives_a_bundle_or_a_config_error(fields: dict[str, A
     except ConfigError:
         return
     assert parsed["auth_url"].startswith("https://") and parsed["pcrs"]
+
+
+def test_the_bundle_travels_in_meta_data_and_comes_back_from_cloud_inits_instance_data() -> None:
+    import yaml
+
+    meta = yaml.safe_load(seed.meta_data("node-0042", "b" * 32, good()))
+    assert meta["instance-id"] == "edgepin-node-0042-" + "b" * 12
+    instance = json.dumps({"ds": {"meta_data": meta}, "v1": {}}).encode()
+    assert seed.bundle_from_instance_data(instance) == good()
+    # a seed that is not edgepin's, or cloud-init's None datasource: no bundle, no error
+    assert seed.bundle_from_instance_data(b'{"ds": {"meta_data": {"instance-id": "x"}}}') is None
+    assert seed.bundle_from_instance_data(b'{"v1": {}}') is None
+    for bad in (
+        b"not json",
+        b'{"ds": {"meta_data": {"edgepin_bundle": 7}}}',
+        b'{"ds": {"meta_data": {"edgepin_bundle": "***"}}}',
+    ):
+        with pytest.raises(ConfigError):
+            seed.bundle_from_instance_data(bad)
+
+
+@settings(max_examples=300)
+@given(
+    st.binary(max_size=200)
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | json_values.map(lambda v: json.dumps({"ds": {"meta_data": {"edgepin_bundle": v}}}).encode())
+    | st.binary(max_size=120).map(
+        lambda b: json.dumps(
+            {"ds": {"meta_data": {"edgepin_bundle": base64.b64encode(b).decode()}}}
+        ).encode()
+    )
+)
+def test_any_instance_data_gives_a_bundle_none_or_a_config_error(data: bytes) -> None:
+    try:
+        got = seed.bundle_from_instance_data(data)
+    except ConfigError:
+        return
+    assert got is None or got["version"] == seed.BUNDLE_VERSION
