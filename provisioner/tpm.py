@@ -16,6 +16,20 @@ The anchor is an ordinary NV index (``ANCHOR_NV_INDEX``, 40 bytes) that anyone m
 and only a PolicyPCR session over the node's PCRs may write: someone who boots anything
 else on the machine cannot change it. It holds the node's generation floor and the digest
 of its ledger (``provisioner.node.ledger``).
+
+No secret crosses the TPM's bus in clear. Each command that carries one runs under a
+session salted with a key of this TPM and with AES-128-CFB parameter encryption: Create's
+inSensitive (``seal``) and NV_Write's data (the vault key, the anchor) go to the TPM
+encrypted (the session's DECRYPT attribute), Unseal's data (the node credential, image
+passphrases, the imported bootstrap credential) and NV_Read's data for the vault key come
+back encrypted (ENCRYPT). The PolicyPCR session itself is salted and encrypts; ``seal``
+authorizes the storage key with a salted HMAC session. The salt key is the storage
+primary, or the EK for a factory-made duplicate, as the TPM presents it at that moment:
+its public part is not pinned. That defeats a passive sniffer on the bus; it does not
+defeat an active interposer that answers as the TPM with a key of its own (such a device
+can also send the TPM its own PolicyPCR and Unseal once the boot has set the PCRs).
+Commands without a secret (PCR reads, Load, Import of the EK-wrapped duplicate, the
+anchor's read) are not encrypted.
 """
 
 from __future__ import annotations
@@ -70,6 +84,18 @@ class NvSlot:
 
 ANCHOR = NvSlot("anchor", ANCHOR_NV_INDEX, ANCHOR_NV_SIZE, policy_read=False)
 VAULT_KEY = NvSlot("vault key", VAULT_NV_INDEX, VAULT_KEY_SIZE, policy_read=True)
+
+
+class SessionKind(enum.Enum):
+    POLICY = "policy"
+    HMAC = "hmac"
+
+
+class Crypt(enum.Enum):
+    """Which way a session's parameter encryption protects the first parameter."""
+
+    COMMAND = "command"  # to the TPM: the secret is in the command (Create, NV_Write)
+    RESPONSE = "response"  # from the TPM: the secret is in the response (Unseal, NV_Read)
 
 
 class TpmError(Exception):
@@ -354,6 +380,8 @@ class Tpm:
         return handle
 
     def _policy_session(self) -> Any:
+        """An unsalted policy session without parameter encryption: for commands that
+        carry no secret (PolicySecret, Import and Load of an EK-wrapped blob)."""
         from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
         from tpm2_pytss.types import TPMT_SYM_DEF
 
@@ -364,6 +392,53 @@ class Tpm:
             TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
             TPM2_ALG.SHA256,
         )
+
+    def _salted_session(self, salt_key: Any, kind: SessionKind, crypt: Crypt) -> Any:
+        """A session salted with ``salt_key`` (a loaded decryption key: the TPM decrypts
+        the salt, so the session key is not derived from anything on the bus) that
+        encrypts, with AES-128-CFB, the first parameter of the commands (``Crypt.COMMAND``)
+        or responses (``Crypt.RESPONSE``) it is used in."""
+        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_SESSION
+        from tpm2_pytss.types import TPMT_SYM_DEF, TPMU_SYM_KEY_BITS, TPMU_SYM_MODE
+
+        aes128cfb = TPMT_SYM_DEF(
+            algorithm=TPM2_ALG.AES,
+            keyBits=TPMU_SYM_KEY_BITS(aes=128),
+            mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+        )
+        se = TPM2_SE.POLICY if kind is SessionKind.POLICY else TPM2_SE.HMAC
+        session = self.esys.start_auth_session(
+            salt_key, ESYS_TR.NONE, se, aes128cfb, TPM2_ALG.SHA256, None
+        )
+        direction = TPMA_SESSION.DECRYPT if crypt is Crypt.COMMAND else TPMA_SESSION.ENCRYPT
+        try:
+            self.esys.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | direction, 0xFF)
+        except BaseException:
+            self._flush(session)
+            raise
+        return session
+
+    def _pcr_session(
+        self, pcrs: Sequence[int], bank: str, crypt: Crypt, salt_key: Any = None
+    ) -> Any:
+        """A salted policy session past PolicyPCR over ``pcrs``, encrypting as ``crypt``
+        says. Without a ``salt_key`` the storage primary is recreated to salt it."""
+        from tpm2_pytss.types import TPML_PCR_SELECTION
+
+        selection = TPML_PCR_SELECTION.unmarshal(pcr_selection_bytes(sorted(pcrs), bank))[0]
+        own_key = salt_key is None
+        key = self._storage_primary() if own_key else salt_key
+        try:
+            session = self._salted_session(key, SessionKind.POLICY, crypt)
+        finally:
+            if own_key:
+                self._flush(key)  # the salt is in the session now
+        try:
+            self.esys.policy_pcr(session, b"", selection)
+        except BaseException:
+            self._flush(session)
+            raise
+        return session
 
     def _ek_session(self) -> Any:
         from tpm2_pytss.constants import ESYS_TR
@@ -377,15 +452,16 @@ class Tpm:
         )
         return session
 
-    def _unseal_loaded(self, handle: Any, pcrs: list[int], bank: str) -> bytes:
+    def _unseal_loaded(self, handle: Any, salt_key: Any, pcrs: list[int], bank: str) -> bytes:
+        """Unseal under a PolicyPCR session salted with ``salt_key`` that encrypts the
+        response: the secret leaves the TPM only encrypted."""
+        from tpm2_pytss.constants import ESYS_TR
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
-        from tpm2_pytss.types import TPML_PCR_SELECTION
 
-        session = self._policy_session()
+        session = None
         try:
-            selection = TPML_PCR_SELECTION.unmarshal(pcr_selection_bytes(pcrs, bank))[0]
-            self.esys.policy_pcr(session, b"", selection)
-            return bytes(self.esys.unseal(handle, session1=session))
+            session = self._pcr_session(pcrs, bank, Crypt.RESPONSE, salt_key)
+            return bytes(self.esys.unseal(handle, session, ESYS_TR.NONE, ESYS_TR.NONE))
         except TSS2_Exception as e:
             if _is_policy_failure(e):
                 raise TpmPolicyError(
@@ -394,7 +470,8 @@ class Tpm:
                 ) from None
             raise TpmError(f"unseal failed: {e}") from None
         finally:
-            self._flush(session)
+            if session is not None:
+                self._flush(session)
 
     # -- API --------------------------------------------------------------------
     def read_pcrs(self, pcrs: Sequence[int], bank: str = "sha256") -> dict[int, bytes]:
@@ -426,10 +503,12 @@ class Tpm:
             self._flush(handle)
 
     def seal(self, secret: bytes, pcrs: Sequence[int], bank: str = "sha256") -> bytes:
-        from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
+        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_OBJECT
         from tpm2_pytss.types import (
+            TPM2B_DATA,
             TPM2B_PUBLIC,
             TPM2B_SENSITIVE_CREATE,
+            TPML_PCR_SELECTION,
             TPMS_SENSITIVE_CREATE,
             TPMT_PUBLIC,
         )
@@ -448,11 +527,24 @@ class Tpm:
         public.authPolicy = policy
         sensitive = TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=secret))
         parent = self._storage_primary()
+        session = None
         try:
+            # the parent's authorization (empty) by an HMAC session salted with the parent
+            # itself, which encrypts inSensitive, the secret
+            session = self._salted_session(parent, SessionKind.HMAC, Crypt.COMMAND)
             private, out_public, *_ = self.esys.create(
-                parent, sensitive, TPM2B_PUBLIC(publicArea=public)
+                parent,
+                sensitive,
+                TPM2B_PUBLIC(publicArea=public),
+                TPM2B_DATA(),
+                TPML_PCR_SELECTION(),
+                session,
+                ESYS_TR.NONE,
+                ESYS_TR.NONE,
             )
         finally:
+            if session is not None:
+                self._flush(session)
             self._flush(parent)
         return json.dumps(
             {
@@ -518,7 +610,7 @@ class Tpm:
         handles: list[Any] = []
         try:
             if data["kind"] == BlobKind.SEALED:
-                parent = self._storage_primary()
+                parent = salt_key = self._storage_primary()
                 handles.append(parent)
                 private = TPM2B_PRIVATE.unmarshal(base64.b64decode(data["private"]))[0]
                 try:
@@ -528,7 +620,7 @@ class Tpm:
             else:
                 from tpm2_pytss.constants import TPM2_ALG
 
-                ek = self._ek()
+                ek = salt_key = self._ek()
                 handles.append(ek)
                 duplicate = TPM2B_PRIVATE.unmarshal(base64.b64decode(data["duplicate"]))[0]
                 seed = TPM2B_ENCRYPTED_SECRET.unmarshal(base64.b64decode(data["seed"]))[0]
@@ -555,7 +647,7 @@ class Tpm:
                 finally:
                     self._flush(session)
             handles.append(obj)
-            return self._unseal_loaded(obj, pcrs, bank)
+            return self._unseal_loaded(obj, salt_key, pcrs, bank)
         finally:
             for h in reversed(handles):
                 self._flush(h)
@@ -639,8 +731,10 @@ class Tpm:
                 return bytes(
                     self.esys.nv_read(handle, slot.size, 0, handle, session1=ESYS_TR.PASSWORD)
                 )
-            session = self._pcr_session(pcrs)
-            return bytes(self.esys.nv_read(handle, slot.size, 0, handle, session1=session))
+            session = self._pcr_session(pcrs, "sha256", Crypt.RESPONSE)
+            return bytes(
+                self.esys.nv_read(handle, slot.size, 0, handle, session, ESYS_TR.NONE, ESYS_TR.NONE)
+            )
         except TSS2_Exception as e:
             if _is_policy_failure(e):
                 raise TpmPolicyError(
@@ -652,19 +746,8 @@ class Tpm:
                 self._flush(session)
             self._close(handle)
 
-    def _pcr_session(self, pcrs: Sequence[int]) -> Any:
-        from tpm2_pytss.types import TPML_PCR_SELECTION
-
-        session = self._policy_session()
-        try:
-            selection = TPML_PCR_SELECTION.unmarshal(pcr_selection_bytes(sorted(pcrs)))[0]
-            self.esys.policy_pcr(session, b"", selection)
-        except BaseException:
-            self._flush(session)
-            raise
-        return session
-
     def _nv_write(self, slot: NvSlot, pcrs: Sequence[int], data: bytes) -> None:
+        from tpm2_pytss.constants import ESYS_TR
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
         if len(data) != slot.size:
@@ -679,8 +762,8 @@ class Tpm:
                 raise TpmPolicyError(
                     f"the TPM's edgepin {slot.name} is not the one this node defined"
                 )
-            session = self._pcr_session(pcrs)
-            self.esys.nv_write(handle, data, 0, handle, session1=session)
+            session = self._pcr_session(pcrs, "sha256", Crypt.COMMAND)
+            self.esys.nv_write(handle, data, 0, handle, session, ESYS_TR.NONE, ESYS_TR.NONE)
         except TSS2_Exception as e:
             if _is_policy_failure(e):
                 raise TpmPolicyError(

@@ -91,8 +91,9 @@ def test_the_node_libraries_are_debians_versions() -> None:
 
 
 def test_tpm_code_on_debian_trixies_libraries() -> None:
-    """Sealing, the anchor, and the state vault (its key in the TPM, the `edgepin node
-    vault` processes) on Debian's tpm2-pytss."""
+    """Sealing, the anchor, the state vault (its key in the TPM, the `edgepin node
+    vault` processes), and the salted, encrypted sessions seen from the bus, on Debian's
+    tpm2-pytss."""
     env = {
         **os.environ,
         "PYTHONPATH": str(LIBS),
@@ -102,6 +103,7 @@ def test_tpm_code_on_debian_trixies_libraries() -> None:
         env,
         str(ROOT / "tests" / "integration" / "test_tpm.py"),
         str(ROOT / "tests" / "integration" / "test_vault.py"),
+        str(ROOT / "tests" / "integration" / "test_tpm_bus.py"),
     )
 
 
