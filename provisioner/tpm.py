@@ -736,11 +736,7 @@ class Tpm:
                 self.esys.nv_read(handle, slot.size, 0, handle, session, ESYS_TR.NONE, ESYS_TR.NONE)
             )
         except TSS2_Exception as e:
-            if _is_policy_failure(e):
-                raise TpmPolicyError(
-                    f"the TPM refused to read the {slot.name}: the measured boot state differs"
-                ) from None
-            raise TpmError(f"reading the {slot.name} failed: {e}") from None
+            raise _nv_failure(e, slot, "read") from None
         finally:
             if session is not None:
                 self._flush(session)
@@ -765,11 +761,7 @@ class Tpm:
             session = self._pcr_session(pcrs, "sha256", Crypt.COMMAND)
             self.esys.nv_write(handle, data, 0, handle, session, ESYS_TR.NONE, ESYS_TR.NONE)
         except TSS2_Exception as e:
-            if _is_policy_failure(e):
-                raise TpmPolicyError(
-                    f"the TPM refused to write the {slot.name}: the measured boot state differs"
-                ) from None
-            raise TpmError(f"writing the {slot.name} failed: {e}") from None
+            raise _nv_failure(e, slot, "write") from None
         finally:
             if session is not None:
                 self._flush(session)
@@ -814,6 +806,14 @@ class Tpm:
         ``key`` into it under the PCR policy (whatever was there before is gone)."""
         self._nv_define(VAULT_KEY, pcrs)
         self._nv_write(VAULT_KEY, pcrs, key)
+
+
+def _nv_failure(e: Exception, slot: NvSlot, doing: str) -> TpmError:
+    if _is_policy_failure(e):
+        return TpmPolicyError(
+            f"the TPM refused to {doing} the {slot.name}: the measured boot state differs"
+        )
+    return TpmError(f"could not {doing} the {slot.name}: {e}")
 
 
 def _is_policy_failure(e: Exception) -> bool:

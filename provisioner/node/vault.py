@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from provisioner.errors import StateError
-from provisioner.node import fscrypt
+from provisioner.node import fscrypt, state
 
 VAULT_DIRS = ("var/lib/edgepin", "var/log/edgepin", "var/lib/cloud", "var/log/journal")
 _NEW, _OLD = ".vault-new", ".vault-old"
@@ -152,20 +152,12 @@ def _encrypt(path: Path, identifier: bytes) -> None:
         _copy_into(path, new)
         os.chown(new, st.st_uid, st.st_gid)
         os.chmod(new, stat.S_IMODE(st.st_mode))
-        _fsync_dir(new)
+        state.fsync_dir(new)
         path.rename(old)
     new.rename(path)
-    _fsync_dir(path.parent)
+    state.fsync_dir(path.parent)
     if st is not None:
         shutil.rmtree(old)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_vault(root: Path, tcti: str, pcrs: tuple[int, ...]) -> Opened:

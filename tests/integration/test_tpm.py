@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioner import tpm
 from tests.certs import self_signed
-from tests.testbed.swtpm import Swtpm
+from tests.testbed.swtpm import Swtpm, forge_nv_index
 
 pytestmark = pytest.mark.integration
 DUP = ("duplicate",)
@@ -130,20 +130,7 @@ def test_anchor_is_written_only_in_the_measured_state(swtpm: Swtpm) -> None:
     with tpm.Tpm.open(swtpm.tcti) as t:
         assert t.anchor_read([7]) == value  # it survives a power cycle
         # an index redefined by someone else (owner authorization is empty) is not ours
-        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
-        from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
-
         assert t.anchor_remove()
-        forged = TPM2B_NV_PUBLIC(
-            nvPublic=TPMS_NV_PUBLIC(
-                nvIndex=tpm.ANCHOR_NV_INDEX,
-                nameAlg=TPM2_ALG.SHA256,
-                attributes=TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA,
-                authPolicy=b"",
-                dataSize=tpm.ANCHOR_NV_SIZE,
-            )
-        )
-        handle = t.esys.nv_define_space(b"", forged, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD)
-        t.esys.nv_write(handle, bytes(40), 0, handle, session1=ESYS_TR.PASSWORD)
+        forge_nv_index(t, tpm.ANCHOR_NV_INDEX, tpm.ANCHOR_NV_SIZE)
         with pytest.raises(tpm.TpmPolicyError, match="not the one this node defined"):
             t.anchor_read([7])

@@ -18,7 +18,7 @@ import pytest
 from provisioner import tpm
 from provisioner.node import fscrypt, vault
 from tests.testbed.node import run_edgepin
-from tests.testbed.swtpm import Swtpm
+from tests.testbed.swtpm import Swtpm, forge_nv_index
 
 pytestmark = pytest.mark.integration
 
@@ -171,21 +171,8 @@ def test_an_enrolled_node_refuses_a_vault_changed_offline(
 def test_a_vault_key_index_that_is_not_edgepins_is_refused(disk: Disk, swtpm: Swtpm) -> None:
     """Someone who boots another system on the machine defines the index first, with an
     authorization they know: the node makes no key in it."""
-    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
-    from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
-
     with tpm.Tpm.open(swtpm.tcti) as t:
-        forged = TPM2B_NV_PUBLIC(
-            nvPublic=TPMS_NV_PUBLIC(
-                nvIndex=tpm.VAULT_NV_INDEX,
-                nameAlg=TPM2_ALG.SHA256,
-                attributes=TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA,
-                authPolicy=b"",
-                dataSize=tpm.VAULT_KEY_SIZE,
-            )
-        )
-        handle = t.esys.nv_define_space(b"", forged, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD)
-        t.esys.nv_write(handle, bytes(64), 0, handle, session1=ESYS_TR.PASSWORD)
+        forge_nv_index(t, tpm.VAULT_NV_INDEX, tpm.VAULT_KEY_SIZE)
     with pytest.raises(vault.VaultError, match="not the one this node defined"):
         vault.open_vault(disk.root, swtpm.tcti, PCRS)
     for folder in vault.VAULT_DIRS:

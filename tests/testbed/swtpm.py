@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -244,3 +245,23 @@ class Swtpm:
 
     def ca_cert_pem(self) -> bytes:
         return self.factory.ca_cert_pem()
+
+
+def forge_nv_index(t: Any, index: int, size: int) -> None:
+    """What someone who boots another system on the machine can do with the owner
+    hierarchy's empty authorization: define an NV index of edgepin's with an authorization
+    of their own (none) and write it."""
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
+    from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
+
+    forged = TPM2B_NV_PUBLIC(
+        nvPublic=TPMS_NV_PUBLIC(
+            nvIndex=index,
+            nameAlg=TPM2_ALG.SHA256,
+            attributes=TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA,
+            authPolicy=b"",
+            dataSize=size,
+        )
+    )
+    handle = t.esys.nv_define_space(b"", forged, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD)
+    t.esys.nv_write(handle, bytes(size), 0, handle, session1=ESYS_TR.PASSWORD)
