@@ -13,14 +13,16 @@ The scenarios run in order on one node, as a field node would live them:
    key): nothing planted takes effect, the images and the record are refused, the images
    reported as rejected, and the running guest keeps running;
 4. a power cut: the state partition holds no image passphrase in any form and none of
-   libvirt's key material;
+   libvirt's key material; the vault's content (the image id, the guest's console, the
+   ledger's and the serial log's names) is not readable on it;
 5. someone with the disk edits the root filesystem offline (a unit, in place, on a copy of
    the disk): dm-verity refuses the edited block and the kernel stops; nothing of the
    node runs. Without the root hash on the ESP, or with another one, the initramfs stops
    before mounting any root;
 6. a boot with other firmware (PCR 0 differs from enrollment): the node refuses to
    unseal and says why on the console (and the unedited disk boots through verity);
-7. GRUB's config edited on the disk: PCR 8 and 9 differ, the keys are refused.
+7. GRUB's config edited on the disk: PCR 8 and 9 differ, the keys are refused;
+8. the disk booted with another TPM: the vault is not opened, nothing of the node runs.
 Each boot leaves its serial log and a timeline in out/results/node-image/.
 """
 
