@@ -179,8 +179,7 @@ def open_vault(root: Path, tcti: str, pcrs: tuple[int, ...]) -> Opened:
             enrolled = t.anchor_defined()
             key = t.vault_key_read(pcrs)
             if key is None:
-                for path in paths.values():
-                    _finish_interrupted(path)
+                # refused here, nothing on the disk has been touched
                 plan(False, enrolled, {d: _inspect(p, None) for d, p in paths.items()})
                 key = secrets.token_bytes(fscrypt.KEY_SIZE)
                 t.vault_key_create(pcrs, key)
@@ -190,7 +189,6 @@ def open_vault(root: Path, tcti: str, pcrs: tuple[int, ...]) -> Opened:
     except tpm.TpmError as e:
         raise VaultError(f"the TPM does not give the vault key: {e}") from None
     identifier = fscrypt.add_key(mountpoint, key)
-    del key
     for path in paths.values():
         _finish_interrupted(path)
     decided = plan(True, enrolled, {d: _inspect(p, identifier) for d, p in paths.items()})
