@@ -85,6 +85,13 @@ echo "EDGEPIN-CHECK grub-linux-entries=$(grep -cE '^\s*menuentry .*--class gnu-l
 echo "EDGEPIN-CHECK grub-restricted-linux-entries=$(grep -E '^\s*menuentry .*--class gnu-linux' "$cfg" | grep -cv -- --unrestricted)"
 echo "EDGEPIN-CHECK grub-recovery-entries=$(grep -c 'recovery mode' "$cfg")"
 echo "EDGEPIN-CHECK cmdline=$(cat /proc/cmdline)"
+# Secure Boot as the firmware says (the variable's last byte: 1 enforced), and the
+# kernel's lockdown mode (Debian's kernel locks itself down under Secure Boot)
+sb=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+echo "EDGEPIN-CHECK secureboot=$(if [ -e "$sb" ]; then od -An -tu1 -j4 -N1 "$sb" | tr -d ' '; else echo none; fi)"
+echo "EDGEPIN-CHECK lockdown=$(sed -n 's/.*\[\(.*\)\].*/\1/p' /sys/kernel/security/lockdown 2>/dev/null || echo none)"
+# what is on the ESP: the signed chain only
+echo "EDGEPIN-CHECK esp=$(cd /boot/efi && find EFI -type f | sort | paste -sd, -)"
 # last, as the node at enrollment: with the enrollment NV index in the TPM, the gate says
 # no and a cloud-init unit started again is skipped
 rm -f /run/edgepin-host/cloud-init

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from provisioner.seed import write_nocloud
+from tests.testbed import disk
 from tests.testbed.qemuvm import HostVm, VmError
 from tests.testbed.swtpm import SwtpmFactory
 
@@ -157,6 +158,15 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     assert got["grub-restricted-linux-entries"] == "0", got
     assert got["grub-recovery-entries"] == "0", got
     assert "console=ttyS0,115200" in got["cmdline"].split(), got["cmdline"]
+    if firmware == "uefi":
+        # OVMF enforces Secure Boot with Microsoft's keys: it started shim, shim started
+        # Debian's signed GRUB, GRUB a signed kernel, which locked itself down
+        assert got["secureboot"] == "1", got
+        assert got["lockdown"] == "integrity", got
+        esp = set(got["esp"].split(","))
+        signed = {"EFI/BOOT/BOOTX64.EFI", "EFI/BOOT/grubx64.efi", "EFI/debian/grub.cfg"}
+        assert signed <= esp, got["esp"]
+        assert not {f for f in esp - signed if f.lower().endswith(".efi")}, got["esp"]
     measured = pcrs(got)
     if firmware == "uefi":
         # GRUB's tpm module: commands and the kernel command line in PCR 8, files in PCR 9
@@ -215,3 +225,37 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     qemu_on_disk, log_on_disk = got["libvirt-on-disk"].split(",")
     assert got["libvirt-qemu"] == f"tmpfs {qemu_on_disk}", got
     assert got["libvirt-log"] == f"tmpfs {log_on_disk}", got
+
+
+@pytest.mark.parametrize(
+    ("label", "loader", "refused"),
+    [
+        # shim checks GRUB against Debian's key (built into shim) and refuses it
+        ("grub-changed", "EFI/BOOT/grubx64.efi", r"Verification failed: \(0x1A\) Security Viol"),
+        # the firmware checks shim against the Microsoft UEFI CA in its db and refuses it
+        ("shim-changed", "EFI/BOOT/BOOTX64.EFI", r"failed to load Boot\w+ .*: Access Denied"),
+    ],
+)
+def test_secure_boot_refuses_a_boot_loader_changed_on_the_disk(
+    label: str, loader: str, refused: str, host_image: Path, run_dir: Path, results_dir: Path
+) -> None:
+    """Someone with the disk changes one byte of a boot loader on the ESP (which nothing
+    protects on the disk): with Secure Boot enforced the firmware or shim refuses to start
+    it, and no kernel runs."""
+    work = run_dir / f"vm-{label}"
+    vm = HostVm(f"edgepin-{label}", host_image, work, firmware="uefi")
+    binary = bytearray(disk.esp_file_of(vm.disk, loader, work))
+    binary[len(binary) // 2] ^= 0xFF
+    disk.write_esp_file(vm.disk, loader, bytes(binary), work)
+    out = results_dir / f"host-image-{label}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    vm.start()
+    try:
+        vm.wait_for(refused, 600)
+    finally:
+        vm.stop()
+        shutil.copy(vm.serial_log, out / "serial.log")
+    console = vm.console()
+    assert "Linux version" not in console, vm.tail()
+    assert "Booting `" not in console, vm.tail()

@@ -15,14 +15,18 @@ The scenarios run in order on one node, as a field node would live them:
 4. a power cut: the state partition holds no image passphrase in any form and none of
    libvirt's key material; the vault's content (the image id, the guest's console, the
    ledger's and the serial log's names) is not readable on it;
-5. someone with the disk edits the root filesystem offline (a unit, in place, on a copy of
+5. someone with the disk puts back a copy of it taken before the bad assignments (an
+   older ledger, encrypted as it was, under the same vault key): the vault opens, the
+   ledger does not match the TPM's anchor, nothing of the node's state is used, no guest;
+6. someone with the disk edits the root filesystem offline (a unit, in place, on a copy of
    the disk): dm-verity refuses the edited block and the kernel stops; nothing of the
    node runs. Without the root hash on the ESP, or with another one, the initramfs stops
    before mounting any root;
-6. a boot with other firmware (PCR 0 differs from enrollment): the node refuses to
-   unseal and says why on the console (and the unedited disk boots through verity);
-7. GRUB's config edited on the disk: PCR 8 and 9 differ, the keys are refused;
-8. the disk booted with another TPM: the vault is not opened, nothing of the node runs.
+7. a boot with Secure Boot turned off in the firmware (PCR 7 and 0 differ from
+   enrollment): the node refuses to unseal and says why on the console (and the unedited
+   disk boots through verity);
+8. GRUB's config edited on the disk: PCR 8 and 9 differ, the keys are refused;
+9. the disk booted with another TPM: the vault is not opened, nothing of the node runs.
 Each boot leaves its serial log and a timeline in out/results/node-image/.
 """
 
@@ -77,6 +81,9 @@ class Node:
     results: Path
     timelines: dict[str, Any]
     label: str = ""
+    user_id: str = ""
+    # a copy of the disk as it was before the bad assignments (test_3), for test_5
+    older_disk: Path | None = None
 
     def boot(self, label: str, **changes: Any) -> None:
         for k, v in changes.items():
@@ -134,14 +141,15 @@ def node(
         result: dict[str, Any] = json.loads(r.stdout)
         return result
 
-    project_id = enroll(guessed)["project_id"]
+    first = enroll(guessed)
+    project_id, user_id = first["project_id"], first["user_id"]
     results = results_dir / "node-image"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
     vm = HostVm(
         name, host_image, work / "vm", firmware="uefi", tpm=tpm, seed=seed, milestones=TIMELINE
     )
-    n = Node(name, vm, project_id, results, {})
+    n = Node(name, vm, project_id, results, {}, user_id=user_id)
     # the factory does not know what this model measures into its PCRs: a first boot
     # with a seed bound to guessed values prints the node's own on the console (there is
     # no login), and the node takes the new seed made with them at its next boot
@@ -245,6 +253,9 @@ def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
     controlplane: ControlPlane,
 ) -> None:
     node.vm.stop()
+    # the disk as it is now, for someone to put back later (test_5)
+    node.older_disk = node.vm.workdir / "older-state.qcow2"
+    shutil.copyfile(node.vm.disk, node.older_disk)
     # someone with the disk and a USB stick, before this boot: the unpinned signer's
     # certificate and an empty PCR selection planted where /etc's writable half lived on
     # the state partition, and a new NoCloud seed whose commands would show on the console
@@ -328,6 +339,12 @@ def test_4_the_disk_of_a_node_that_lost_power_holds_no_key(
         "the ledger's name": b"node.json",
         "the guest's serial log's name": b"guest-serial.log",
     }
+    # the node credential: the test cannot know its secret (the node made it and sealed it
+    # at once; the integration tier scans for it), but its id is in the same sealed file
+    creds = admin.identity.get(f"/users/{node.user_id}/application_credentials").json()
+    ids = [c["id"] for c in creds["application_credentials"]]
+    assert ids, "the node has no application credential"
+    needles |= {f"the node credential's id {i}": i.encode() for i in ids}
     found = disk.scan(node.vm.disk, needles, node.vm.workdir)
     assert found == [], f"on the state partition of a powered-off node: {found}"
     planted = disk.read_state_file(node.vm.disk, "lib/edgepin-host/planted", node.vm.workdir)
@@ -342,7 +359,28 @@ def test_4_the_disk_of_a_node_that_lost_power_holds_no_key(
     assert ledger is None, "the ledger is readable on the disk"
 
 
-def test_5_a_root_filesystem_edited_offline_is_refused_by_verity(node: Node) -> None:
+def test_5_an_older_copy_of_the_disk_is_refused(node: Node, v1: dict[str, Any]) -> None:
+    """The disk as it was before test_3 (the ledger without the refusals and the higher
+    generation floor since), put back whole: it is ciphertext under the same key in the
+    same TPM, so the vault opens, but the ledger's digest is not the anchor's."""
+    node.vm.stop()
+    genuine, older = node.vm.disk, node.older_disk
+    assert older is not None, "test_3 kept no copy of the disk"
+    try:
+        node.boot("older-state", disk=older)
+        node.wait(r"vault open: key", BOOT_TIMEOUT)
+        node.wait(r"node\.json does not match the record in the TPM", BOOT_TIMEOUT)
+    finally:
+        node.vm.stop()
+        node.vm.disk = genuine
+        older.unlink(missing_ok=True)
+    console = node.vm.console()
+    assert "started from the local copy" not in console, "the older state started a guest"
+    assert "switched to image" not in console
+    assert f"guest {v1['image_id']} running" not in console
+
+
+def test_6_a_root_filesystem_edited_offline_is_refused_by_verity(node: Node) -> None:
     node.vm.stop()
     # someone with the disk (here a copy of it) changes what the reconcile unit runs, in
     # place: only that file's data block differs, no filesystem metadata, as with dd
@@ -403,10 +441,11 @@ def test_5_a_root_filesystem_edited_offline_is_refused_by_verity(node: Node) -> 
         assert "systemd[1]" not in console and "(initramfs)" not in console, node.vm.tail()
 
 
-def test_6_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:
+def test_7_a_boot_with_secure_boot_off_is_refused_the_keys(node: Node) -> None:
     node.vm.stop()
-    # another firmware build: PCR 0 differs from what the node sealed to on first boot
-    node.boot("other-firmware", firmware="uefi-other")
+    # Secure Boot turned off (firmware without it): the signed chain still boots, but PCR 7
+    # (and PCR 0) differ from what the node sealed to on first boot
+    node.boot("secure-boot-off", firmware="uefi-insecure")
     node.wait(
         r"(TPM refused to unseal the \S+|TPM's anchor|vault key).*measured boot state differs",
         BOOT_TIMEOUT,
@@ -418,7 +457,7 @@ def test_6_a_boot_with_other_firmware_is_refused_the_keys(node: Node) -> None:
     assert re.search(r"edgepin: verity: root \S+ opened", console), node.vm.tail()
 
 
-def test_7_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> None:
+def test_8_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> None:
     node.vm.stop()
     # someone with the disk changes a kernel parameter in grub.cfg on the root partition
     # (the same change as typing init=/bin/sh at a GRUB prompt, which the locked menu
@@ -444,7 +483,7 @@ def test_7_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> N
     assert "switched to image" not in console
 
 
-def test_8_the_disk_booted_with_another_tpm_gives_nothing(
+def test_9_the_disk_booted_with_another_tpm_gives_nothing(
     node: Node, vm_tpms: SwtpmFactory
 ) -> None:
     """The node's disk in another machine: a TPM that holds none of the node's keys and no

@@ -19,12 +19,21 @@ from pathlib import Path
 from tests.testbed.process import stop_group
 from tests.testbed.swtpm import Swtpm
 
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-# another firmware build (2 MiB flash): a node booted with it measures another PCR 0
-OTHER_OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
-OTHER_OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
-FIRMWARE = {"uefi": (OVMF_CODE, OVMF_VARS), "uefi-other": (OTHER_OVMF_CODE, OTHER_OVMF_VARS)}
+# OVMF with Secure Boot enforced: the build with SMM (so that only the firmware writes
+# its authenticated variables) and a variable store with Microsoft's keys enrolled, as
+# on a PC off the shelf; shim, signed with Microsoft's UEFI CA, is what it starts
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+# the same firmware with Secure Boot off (the build without it, and a variable store
+# with no keys): what someone with the machine gets by turning Secure Boot off in the
+# firmware's setup or flashing other firmware; a node booted so measures another PCR 7
+# (and PCR 0)
+INSECURE_OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+INSECURE_OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+FIRMWARE = {
+    "uefi": (OVMF_CODE, OVMF_VARS),
+    "uefi-insecure": (INSECURE_OVMF_CODE, INSECURE_OVMF_VARS),
+}
 
 # The whole image tier's wall-clock budget, counted from the first boot: software
 # emulation is slow and a hung boot must not eat CI's limit. Every wait is cut to it.
@@ -55,7 +64,9 @@ class HostVm:
     name: str
     image: Path
     workdir: Path
-    firmware: str = "uefi"  # "bios" (SeaBIOS), or "uefi-other" (another OVMF build)
+    # "uefi" (OVMF, Secure Boot enforced), "uefi-insecure" (OVMF, Secure Boot off) or
+    # "bios" (SeaBIOS)
+    firmware: str = "uefi"
     tpm: Swtpm | None = None
     seed: Path | None = None
     disk_size: str = "4G"
@@ -141,7 +152,12 @@ class HostVm:
             code, template = FIRMWARE[self.firmware]
             if not self.vars.exists():
                 shutil.copyfile(template, self.vars)
+            cmd[cmd.index("-machine") + 1] = "q35,smm=on"
             cmd += [
+                # the firmware's flash is writable only from SMM: the booted OS cannot
+                # change the Secure Boot variables behind the firmware's back
+                "-global",
+                "driver=cfi.pflash01,property=secure,value=on",
                 "-drive",
                 f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                 "-drive",
