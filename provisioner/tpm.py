@@ -30,6 +30,10 @@ defeat an active interposer that answers as the TPM with a key of its own (such 
 can also send the TPM its own PolicyPCR and Unseal once the boot has set the PCRs).
 Commands without a secret (PCR reads, Load, Import of the EK-wrapped duplicate, the
 anchor's read) are not encrypted.
+
+A command under PolicyPCR that the TPM answers with TPM_RC_PCR_CHANGED (a PCR was extended
+after PolicyPCR, by a kernel that measures as it runs) is run again in a new session, a
+bounded number of times (``PCR_CHANGED_ATTEMPTS``); any other refusal is final.
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ import enum
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -62,6 +66,17 @@ VAULT_NV_INDEX = 0x0100E9D1
 VAULT_KEY_SIZE = 64
 BANKS = {"sha256": (0x000B, hashlib.sha256)}
 EK_CERT_RSA_NV_INDEX = 0x01C00002
+# TPM_RC_PCR_CHANGED is transient, not a refusal: between PolicyPCR and the command that
+# uses the session the TPM compares one update counter shared by the PCRs (on swtpm every
+# PCR from 0 to 15, whether in the selection or not), not the selection's values, and a
+# running kernel extends PCRs at any time (module and IMA measurements into PCR 10). So
+# the command is run again in a new session, this many times in all: enough for a burst
+# of measurements, bounded so that PCRs extended without end give an error, not a hang.
+# A PCR of the selection that really changed fails the policy in the next session
+# (TPM_RC_POLICY_FAIL), which is never retried.
+PCR_CHANGED_ATTEMPTS = 8
+
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,6 +455,32 @@ class Tpm:
             raise
         return session
 
+    def _under_pcr_policy(
+        self,
+        pcrs: Sequence[int],
+        bank: str,
+        crypt: Crypt,
+        command: Callable[[Any], _T],
+        salt_key: Any = None,
+    ) -> _T:
+        """``command(session)`` with a PolicyPCR session from ``_pcr_session``, flushed
+        afterwards whatever happens. On TPM_RC_PCR_CHANGED it starts again with a new
+        session, ``PCR_CHANGED_ATTEMPTS`` times in all; that error after the last attempt,
+        and any other at once, is raised as the TSS raised it, for the caller to translate."""
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+        attempt = 1
+        while True:
+            session = self._pcr_session(pcrs, bank, crypt, salt_key)
+            try:
+                return command(session)
+            except TSS2_Exception as e:
+                if not _is_pcr_changed(e) or attempt >= PCR_CHANGED_ATTEMPTS:
+                    raise
+            finally:
+                self._flush(session)
+            attempt += 1
+
     def _ek_session(self) -> Any:
         from tpm2_pytss.constants import ESYS_TR
         from tpm2_pytss.types import TPM2B_DIGEST, TPM2B_NONCE
@@ -458,20 +499,18 @@ class Tpm:
         from tpm2_pytss.constants import ESYS_TR
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
-        session = None
-        try:
-            session = self._pcr_session(pcrs, bank, Crypt.RESPONSE, salt_key)
+        def unseal(session: Any) -> bytes:
             return bytes(self.esys.unseal(handle, session, ESYS_TR.NONE, ESYS_TR.NONE))
+
+        try:
+            return self._under_pcr_policy(pcrs, bank, Crypt.RESPONSE, unseal, salt_key)
         except TSS2_Exception as e:
             if _is_policy_failure(e):
                 raise TpmPolicyError(
                     f"PCR policy over {bank} PCRs {pcrs} does not match: the measured "
                     "boot state differs from enrollment"
                 ) from None
-            raise TpmError(f"unseal failed: {e}") from None
-        finally:
-            if session is not None:
-                self._flush(session)
+            raise TpmError(f"unseal failed: {_tss_text(e)}") from None
 
     # -- API --------------------------------------------------------------------
     def read_pcrs(self, pcrs: Sequence[int], bank: str = "sha256") -> dict[int, bytes]:
@@ -717,7 +756,12 @@ class Tpm:
         handle = self._nv_handle(slot)
         if handle is None:
             return None
-        session = None
+
+        def read(session: Any) -> bytes:
+            return bytes(
+                self.esys.nv_read(handle, slot.size, 0, handle, session, ESYS_TR.NONE, ESYS_TR.NONE)
+            )
+
         try:
             public, _name = self.esys.nv_read_public(handle)
             if not self._nv_is_ours(slot, public, pcrs):
@@ -731,15 +775,10 @@ class Tpm:
                 return bytes(
                     self.esys.nv_read(handle, slot.size, 0, handle, session1=ESYS_TR.PASSWORD)
                 )
-            session = self._pcr_session(pcrs, "sha256", Crypt.RESPONSE)
-            return bytes(
-                self.esys.nv_read(handle, slot.size, 0, handle, session, ESYS_TR.NONE, ESYS_TR.NONE)
-            )
+            return self._under_pcr_policy(pcrs, "sha256", Crypt.RESPONSE, read)
         except TSS2_Exception as e:
             raise _nv_failure(e, slot, "read") from None
         finally:
-            if session is not None:
-                self._flush(session)
             self._close(handle)
 
     def _nv_write(self, slot: NvSlot, pcrs: Sequence[int], data: bytes) -> None:
@@ -751,20 +790,20 @@ class Tpm:
         handle = self._nv_handle(slot)
         if handle is None:
             raise TpmPolicyError(f"the TPM holds no edgepin {slot.name}")
-        session = None
+
+        def write(session: Any) -> None:
+            self.esys.nv_write(handle, data, 0, handle, session, ESYS_TR.NONE, ESYS_TR.NONE)
+
         try:
             public, _name = self.esys.nv_read_public(handle)
             if not self._nv_is_ours(slot, public, pcrs):
                 raise TpmPolicyError(
                     f"the TPM's edgepin {slot.name} is not the one this node defined"
                 )
-            session = self._pcr_session(pcrs, "sha256", Crypt.COMMAND)
-            self.esys.nv_write(handle, data, 0, handle, session, ESYS_TR.NONE, ESYS_TR.NONE)
+            self._under_pcr_policy(pcrs, "sha256", Crypt.COMMAND, write)
         except TSS2_Exception as e:
             raise _nv_failure(e, slot, "write") from None
         finally:
-            if session is not None:
-                self._flush(session)
             self._close(handle)
 
     # -- the anchor ---------------------------------------------------------------
@@ -813,14 +852,31 @@ def _nv_failure(e: Exception, slot: NvSlot, doing: str) -> TpmError:
         return TpmPolicyError(
             f"the TPM refused to {doing} the {slot.name}: the measured boot state differs"
         )
-    return TpmError(f"could not {doing} the {slot.name}: {e}")
+    return TpmError(f"could not {doing} the {slot.name}: {_tss_text(e)}")
+
+
+def _tss_text(e: Exception) -> str:
+    """A TSS error in a message; a PCR_CHANGED that is left after every attempt says so."""
+    if _is_pcr_changed(e):
+        return f"{e} (PCRs were extended during each of {PCR_CHANGED_ATTEMPTS} sessions in a row)"
+    return str(e)
+
+
+def _is_pcr_changed(e: Exception) -> bool:
+    """TPM_RC_PCR_CHANGED: a PCR was extended between PolicyPCR and the command that
+    used the session. A format-0 code (no handle, parameter or session number in it); the
+    layer byte above it names the part of the stack that passed the TPM's answer on."""
+    from tpm2_pytss.constants import TPM2_RC
+
+    rc = getattr(e, "rc", None)
+    return rc is not None and int(rc) & 0xFFFF == int(TPM2_RC.PCR_CHANGED)
 
 
 def _is_policy_failure(e: Exception) -> bool:
     from tpm2_pytss.constants import TPM2_RC
 
     rc = getattr(e, "rc", None)
-    if rc is None:
+    if rc is None or _is_pcr_changed(e):
         return False
     base = int(rc) & 0xFFF if int(rc) & 0x80 else int(rc) & 0xFF
     codes = {int(TPM2_RC.POLICY_FAIL) & 0xFF, int(TPM2_RC.VALUE) & 0xFF}

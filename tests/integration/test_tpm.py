@@ -1,6 +1,11 @@
-"""A real swtpm: PCR-policy sealing, power cycles, and the factory's offline wrap."""
+"""A real swtpm: PCR-policy sealing, power cycles, the factory's offline wrap, and PCRs
+extended while a PolicyPCR session is in use."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -134,3 +139,135 @@ def test_anchor_is_written_only_in_the_measured_state(swtpm: Swtpm) -> None:
         forge_nv_index(t, tpm.ANCHOR_NV_INDEX, tpm.ANCHOR_NV_SIZE)
         with pytest.raises(tpm.TpmPolicyError, match="not the one this node defined"):
             t.anchor_read([7])
+
+
+# -- a kernel that measures while the node uses a PolicyPCR session --------------------
+
+
+class _RacingTpm(tpm.Tpm):
+    """Extends ``pcr`` in the first ``races`` PolicyPCR sessions (in every one with None),
+    right after PolicyPCR (``after``) or right before it, as a kernel that measures modules
+    into PCR 10 while the node unseals does; counts the sessions."""
+
+    def __init__(self, esys: Any) -> None:
+        super().__init__(esys)
+        self.pcr = 10
+        self.races: int | None = 0
+        self.after = True
+        self.sessions = 0
+
+    def _pcr_session(self, pcrs: Any, bank: str, crypt: tpm.Crypt, salt_key: Any = None) -> Any:
+        self.sessions += 1
+        racing = self.races is None or self.sessions <= self.races
+        if racing and not self.after:
+            self.extend_pcr(self.pcr, b"measured before PolicyPCR")
+        session = super()._pcr_session(pcrs, bank, crypt, salt_key)
+        if racing and self.after:
+            self.extend_pcr(self.pcr, b"measured after PolicyPCR")
+        return session
+
+
+@contextmanager
+def racing(
+    swtpm: Swtpm, pcr: int = 10, races: int | None = 0, after: bool = True
+) -> Iterator[_RacingTpm]:
+    with _RacingTpm.open(swtpm.tcti) as t:
+        assert isinstance(t, _RacingTpm)
+        t.pcr, t.races, t.after = pcr, races, after
+        yield t
+
+
+def loaded_sessions(t: tpm.Tpm) -> list[int]:
+    from tpm2_pytss.constants import TPM2_CAP, TPM2_HR
+
+    found: list[int] = []
+    for first in (TPM2_HR.HMAC_SESSION, TPM2_HR.POLICY_SESSION):
+        _more, data = t.esys.get_capability(TPM2_CAP.HANDLES, int(first), 64)
+        found += [int(h) for h in data.data.handles if int(h) >> 24 == int(first) >> 24]
+    return found
+
+
+KEY, ANCHOR = bytes(range(tpm.VAULT_KEY_SIZE)), bytes(range(tpm.ANCHOR_NV_SIZE))
+
+
+def _enrolled(swtpm: Swtpm) -> tuple[bytes, bytes]:
+    """A sealed secret, a factory-made duplicate, the vault key and the anchor, over PCR 7."""
+    wrapped = tpm.wrap_for_ek(swtpm.ek_public_pem(), b"bootstrap", {7: bytes(32)})
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        blob = t.seal(b"node secret", [7])
+        t.vault_key_create([7], KEY)
+        t.anchor_define([7])
+        t.anchor_write([7], ANCHOR)
+    return blob, wrapped
+
+
+def _policy_uses(blob: bytes, wrapped: bytes) -> dict[str, Callable[[tpm.Tpm], object]]:
+    """Every operation that runs a command under a PolicyPCR session."""
+    return {
+        "unseal": lambda t: t.unseal(blob, [7]),
+        "unseal the bootstrap": lambda t: t.unseal(wrapped, [7], DUP),
+        "read the vault key": lambda t: t.vault_key_read([7]),
+        "write the anchor": lambda t: t.anchor_write([7], ANCHOR),
+    }
+
+
+@pytest.mark.parametrize("pcr", [10, 0])
+def test_a_pcr_extended_during_a_policy_session_is_tried_again(swtpm: Swtpm, pcr: int) -> None:
+    """A PCR outside the selection extended between PolicyPCR and the command: the TPM
+    answers PCR_CHANGED, and a new session succeeds."""
+    blob, wrapped = _enrolled(swtpm)
+    with racing(swtpm, pcr, races=2) as t:
+        t.vault_key_create([7], KEY)  # NV_Write under the policy, raced too
+        assert t.sessions == 3
+        expected = {
+            "unseal": b"node secret",
+            "unseal the bootstrap": b"bootstrap",
+            "read the vault key": KEY,
+            "write the anchor": None,
+        }
+        for what, use in _policy_uses(blob, wrapped).items():
+            t.sessions = 0
+            assert use(t) == expected[what], what
+            assert t.sessions == 3, what  # two raced sessions, then one that worked
+        assert t.anchor_read([7]) == ANCHOR
+        assert t.read_pcrs([pcr])[pcr] != bytes(32)  # the race did happen
+        assert t.read_pcrs([7])[7] == bytes(32)
+        assert loaded_sessions(t) == []
+
+
+def test_pcrs_extended_without_end_give_an_error_after_bounded_attempts(swtpm: Swtpm) -> None:
+    blob, wrapped = _enrolled(swtpm)
+    with racing(swtpm, races=None) as t:
+        for what, use in _policy_uses(blob, wrapped).items():
+            t.sessions = 0
+            with pytest.raises(tpm.TpmError, match="sessions in a row") as refused:
+                use(t)
+            # not a policy refusal: the node's measured state is the enrolled one
+            assert type(refused.value) is tpm.TpmError, what
+            assert "PCR" in str(refused.value), what
+            assert t.sessions == tpm.PCR_CHANGED_ATTEMPTS, what
+            assert loaded_sessions(t) == [], what  # every session flushed
+        t.races = 0  # the kernel is done measuring
+        assert t.unseal(blob, [7]) == b"node secret"
+        assert t.vault_key_read([7]) == KEY
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-policypcr", "after-policypcr"])
+def test_a_pcr_of_the_selection_extended_is_a_refusal_not_tried_again(
+    swtpm: Swtpm, after: bool
+) -> None:
+    """PCR 7, in the selection, extended before PolicyPCR (past the checks edgepin makes
+    before asking the TPM): the TPM refuses the policy, once. Extended after PolicyPCR: the
+    TPM answers PCR_CHANGED, and the next session is refused for the policy."""
+    blob, wrapped = _enrolled(swtpm)
+    for what, use in _policy_uses(blob, wrapped).items():
+        swtpm.power_cycle()  # PCR 7 as enrolled
+        with racing(swtpm, pcr=7, races=1, after=after) as t:
+            with pytest.raises(tpm.TpmPolicyError, match="the measured boot state differs"):
+                use(t)
+            assert t.sessions == (2 if after else 1), what
+            assert loaded_sessions(t) == [], what
+    swtpm.power_cycle()
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        assert t.unseal(blob, [7]) == b"node secret"
+        assert t.anchor_read([7]) == ANCHOR  # the refused writes wrote nothing

@@ -1,9 +1,11 @@
-"""Pure logic of the TPM module: policy digests and blob parsing."""
+"""Pure logic of the TPM module: policy digests, blob parsing, and which TPM answers a
+PolicyPCR session is started again for."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -77,3 +79,100 @@ def test_the_blob_parser_returns_fields_or_its_own_error(blob: bytes) -> None:
         return
     assert data["kind"] in set(tpm.BlobKind)
     assert all(type(p) is int for p in data.get("pcrs", []))
+
+
+# -- PolicyPCR sessions started again on TPM_RC_PCR_CHANGED, and only on it -------------
+
+PCR_CHANGED = 0x128  # TPM_RC_PCR_CHANGED, format 0
+POLICY_FAIL_SESSION_1 = 0x99D  # TPM_RC_POLICY_FAIL | TPM_RC_S | TPM_RC_1
+
+
+def tss_error(rc: int) -> Exception:
+    from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+    error: Exception = TSS2_Exception(rc)
+    return error
+
+
+def test_pcr_changed_is_told_apart_from_a_policy_refusal() -> None:
+    from tpm2_pytss.constants import TPM2_RC
+
+    assert int(TPM2_RC.PCR_CHANGED) == PCR_CHANGED
+    assert tpm._is_pcr_changed(tss_error(PCR_CHANGED))
+    # as a resource manager's layer passes it on
+    assert tpm._is_pcr_changed(tss_error(0xB0000 | PCR_CHANGED))
+    assert not tpm._is_policy_failure(tss_error(PCR_CHANGED))
+    for rc in (POLICY_FAIL_SESSION_1, int(TPM2_RC.POLICY_FAIL), int(TPM2_RC.VALUE), 0x922):
+        assert not tpm._is_pcr_changed(tss_error(rc)), hex(rc)
+    assert tpm._is_policy_failure(tss_error(POLICY_FAIL_SESSION_1))
+    assert not tpm._is_pcr_changed(RuntimeError("PCR have changed since checked"))
+
+
+class _SessionsTpm(tpm.Tpm):
+    """No TPM: sessions are numbers, and what was flushed is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.started: list[int] = []
+        self.flushed: list[int] = []
+
+    def _pcr_session(self, pcrs: Any, bank: str, crypt: tpm.Crypt, salt_key: Any = None) -> Any:
+        self.started.append(len(self.started) + 1)
+        return self.started[-1]
+
+    def _flush(self, handle: Any) -> None:
+        self.flushed.append(handle)
+
+
+def failing(rcs: list[int]) -> Any:
+    """A command that raises these TSS errors in turn, then answers with its session."""
+
+    def command(session: Any) -> Any:
+        if rcs:
+            raise tss_error(rcs.pop(0))
+        return ("done in", session)
+
+    return command
+
+
+def test_a_command_is_run_again_in_a_new_session_on_pcr_changed() -> None:
+    t = _SessionsTpm()
+    got = t._under_pcr_policy([7], "sha256", tpm.Crypt.RESPONSE, failing([PCR_CHANGED] * 3))
+    assert got == ("done in", 4)
+    assert t.started == t.flushed == [1, 2, 3, 4]
+
+
+def test_pcr_changed_without_end_is_raised_after_the_bounded_attempts() -> None:
+    from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+    t = _SessionsTpm()
+    command = failing([PCR_CHANGED] * 100)
+    with pytest.raises(TSS2_Exception) as raised:
+        t._under_pcr_policy([7], "sha256", tpm.Crypt.COMMAND, command)
+    assert tpm._is_pcr_changed(raised.value)
+    assert len(t.started) == tpm.PCR_CHANGED_ATTEMPTS
+    assert t.flushed == t.started
+    assert f"{tpm.PCR_CHANGED_ATTEMPTS} sessions in a row" in tpm._tss_text(raised.value)
+    message = str(tpm._nv_failure(raised.value, tpm.VAULT_KEY, "read"))
+    assert message.startswith("could not read the vault key: ")
+
+
+# the policy refused, TPM_RC_VALUE, TPM_RC_RETRY (ESAPI resubmits that one itself), an
+# ESAPI failure
+@pytest.mark.parametrize("rc", [POLICY_FAIL_SESSION_1, 0x084, 0x922, 0x00070001])
+def test_any_other_error_is_raised_at_once(rc: int) -> None:
+    from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+    t = _SessionsTpm()
+    with pytest.raises(TSS2_Exception) as raised:
+        t._under_pcr_policy([7], "sha256", tpm.Crypt.RESPONSE, failing([PCR_CHANGED, rc]))
+    assert int(raised.value.rc) == rc
+    assert t.started == t.flushed == [1, 2]  # one retry for PCR_CHANGED, none for this one
+
+
+def test_a_policy_failure_is_still_a_policy_refusal() -> None:
+    refused = tpm._nv_failure(tss_error(POLICY_FAIL_SESSION_1), tpm.VAULT_KEY, "read")
+    assert isinstance(refused, tpm.TpmPolicyError)
+    assert not isinstance(
+        tpm._nv_failure(tss_error(PCR_CHANGED), tpm.ANCHOR, "write"), tpm.TpmPolicyError
+    )
