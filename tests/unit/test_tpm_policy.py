@@ -4,6 +4,7 @@ PolicyPCR session is started again for."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from typing import Any
 
@@ -142,9 +143,13 @@ def test_a_command_is_run_again_in_a_new_session_on_pcr_changed() -> None:
     assert t.started == t.flushed == [1, 2, 3, 4]
 
 
-def test_pcr_changed_without_end_is_raised_after_the_bounded_attempts() -> None:
+def test_pcr_changed_without_end_is_raised_after_the_bounded_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
+    pauses: list[float] = []
+    monkeypatch.setattr(tpm.time, "sleep", pauses.append)
     t = _SessionsTpm()
     command = failing([PCR_CHANGED] * 100)
     with pytest.raises(TSS2_Exception) as raised:
@@ -152,6 +157,11 @@ def test_pcr_changed_without_end_is_raised_after_the_bounded_attempts() -> None:
     assert tpm._is_pcr_changed(raised.value)
     assert len(t.started) == tpm.PCR_CHANGED_ATTEMPTS
     assert t.flushed == t.started
+    # a pause between sessions, doubling: a burst of measurements is waited out, and the
+    # whole wait stays bounded (seconds, not minutes)
+    assert len(pauses) == tpm.PCR_CHANGED_ATTEMPTS - 1
+    assert all(b == 2 * a for a, b in itertools.pairwise(pauses)), pauses
+    assert 1.0 < sum(pauses) < 5.0, pauses
     assert f"{tpm.PCR_CHANGED_ATTEMPTS} sessions in a row" in tpm._tss_text(raised.value)
     message = str(tpm._nv_failure(raised.value, tpm.VAULT_KEY, "read"))
     assert message.startswith("could not read the vault key: ")
