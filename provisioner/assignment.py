@@ -139,6 +139,34 @@ def verify(
     return _payload(body, node, node_name)
 
 
+def read_signed(raw: Any, node: str, node_name: str) -> tuple[Assignment, str]:
+    """The operator's reading of a record (``edgepin bundle``): the signed payload for
+    ``node`` and the fingerprint of the certificate it claims, without checking the
+    signature, which is the node's to check against the certificates it pins. Refuses
+    what the node would refuse before that: no record, no signature, another node."""
+    if raw is None or raw == "":
+        raise ImageError("there is no assignment record")
+    if isinstance(raw, str | bytes) and len(raw) > MAX_RECORD:
+        raise ImageError("the assignment record is too long")
+    try:
+        data = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    except (ValueError, RecursionError):
+        raise ImageError("the assignment record is not JSON") from None
+    signed = data.get("signed") if isinstance(data, dict) else None
+    if not isinstance(signed, dict) or not all(
+        isinstance(signed.get(k), str) for k in SIGNED_FIELDS
+    ):
+        raise ImageError(
+            "the assignment is not signed",
+            hint="assign the image with `edgepin assign`, which signs the assignment",
+        )
+    try:
+        body = base64.b64decode(signed["payload"], validate=True)
+    except (binascii.Error, ValueError):
+        raise VerificationError("the assignment's payload is not base64") from None
+    return _payload(body, node, node_name), signed["certificate_sha256"]
+
+
 def _payload(body: bytes, node: str, node_name: str) -> Assignment:
     # signed by a pinned key, so written by the operator's tool; still checked field by field
     try:

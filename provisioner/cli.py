@@ -196,6 +196,46 @@ def _add_nodes(sub: Any) -> None:
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.set_defaults(handler=cmd_assign, needs_cloud=True)
 
+    b = sub.add_parser(
+        "bundle",
+        help="write what a node needs to run its guest with no network (air-gapped)",
+        description="Write DIR/edgepin-NODE_ID/: the node's current signed assignment (as "
+        "`edgepin assign` recorded it), its encrypted image from Glance (sha512 checked "
+        "against the signed one) and the image's passphrase wrapped offline for the "
+        "node's TPM (a duplication blob for its endorsement key under its PCR policy, as "
+        "the bootstrap credential at enrollment). Nothing in it is secret in the clear. "
+        "The EK and PCR policy are the ones recorded at enrollment; give them here for a "
+        "node enrolled without that record, or to use the factory's EK certificate (it "
+        "must be the EK the node was enrolled for). Copy the folder to a filesystem "
+        "labelled EDGEPIN (exFAT; FAT32 for images under 4 GiB): the node imports it when "
+        "the medium is plugged in (`edgepin node import`). An older bundle of the node in "
+        "DIR is replaced; a failure leaves none.",
+    )
+    b.add_argument("node_id", metavar="NODE_ID")
+    b.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder to write the bundle folder edgepin-NODE_ID into (e.g. a mounted stick)",
+    )
+    bek = b.add_mutually_exclusive_group()
+    bek.add_argument("--ek-pub", type=Path, help="the node's EK public key, PEM")
+    bek.add_argument("--ek-cert", type=Path, help="the node's EK certificate, PEM or DER")
+    b.add_argument("--ek-ca", type=Path, help="CA bundle to verify --ek-cert against")
+    b.add_argument(
+        "--pcrs",
+        help="PCRs to bind the key to (the host image's EDGEPIN_PCRS), with --pcr-values; "
+        "default: the policy recorded at enrollment",
+    )
+    b.add_argument(
+        "--pcr-values",
+        help='JSON file {"7": "<sha256 hex>"} with the node\'s expected PCR values, or '
+        "'zero' (virtual nodes); with --pcrs",
+    )
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.set_defaults(handler=cmd_bundle, needs_cloud=True)
+
     st = sub.add_parser(
         "status",
         help="table of nodes: assignment, generation, member status, enrollment",
@@ -430,6 +470,52 @@ def cmd_assign(args: argparse.Namespace) -> int:
             f"{result.node_id}: image {result.image_id}, generation {result.generation}",
             "previous: "
             + (f"image {prev['image_id']}, generation {prev['generation']}" if prev else "none"),
+        ],
+    )
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from provisioner.operator.bundle import BundleRequest, make_bundle
+    from provisioner.operator.enroll import parse_pcrs
+
+    result = make_bundle(
+        args.conn,
+        BundleRequest(
+            node_id=args.node_id,
+            out=args.out,
+            ek_pub=args.ek_pub,
+            ek_cert=args.ek_cert,
+            ek_ca=args.ek_ca,
+            pcrs=parse_pcrs(args.pcrs) if args.pcrs else (),
+            pcr_values=None if args.pcr_values in (None, "zero") else Path(args.pcr_values),
+            pcr_values_zero=args.pcr_values == "zero",
+            edge_domain=args.edge_domain,
+            progress=args.progress,
+        ),
+    )
+    _print(
+        args,
+        {
+            "node_id": result.node_id,
+            "bundle": str(result.path),
+            "image_id": result.image_id,
+            "generation": result.generation,
+            "size": result.size,
+            "sha512": result.sha512,
+            "pcrs": list(result.pcrs),
+            "ek_sha256": result.ek_sha256,
+            "sources": result.sources,
+        },
+        [
+            f"bundle      {result.path}",
+            f"node        {result.node_id}: image {result.image_id}, generation "
+            f"{result.generation}",
+            f"image       {result.size} bytes, sha512 {result.sha512[:16]}…",
+            f"key         wrapped for EK sha256 {result.ek_sha256[:16]}… under PCRs "
+            f"{','.join(map(str, result.pcrs))} ({result.sources})",
+            "carry it     on a filesystem labelled EDGEPIN (exFAT; FAT32 for images under "
+            "4 GiB); the node imports it when the medium is plugged in",
         ],
     )
     return 0

@@ -82,6 +82,11 @@ class ImageError(EdgepinError):
     reason = Reason.IMAGE
 
 
+class BundleError(ImageError):
+    """An air-gapped bundle that is not one: no manifest for this node, a malformed
+    manifest, a file missing, truncated or not a regular file. Refused; nothing changes."""
+
+
 class VerificationError(EdgepinError):
     """Hash or signature verification failed: the image is refused."""
 

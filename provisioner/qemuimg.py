@@ -147,3 +147,22 @@ def check_luks_qcow2(path: Path) -> dict[str, Any]:
     ):
         raise ImageError("image refers to another file (backing or data file)")
     return data
+
+
+def check_passphrase(path: Path, passphrase: bytes) -> None:
+    """Refuse a passphrase that does not open the LUKS image inside the qcow2 at ``path``.
+
+    ``qemu-img snapshot -l`` opens the image with its key (``info`` does not ask for it),
+    which costs one LUKS key derivation and reads no data.
+    """
+    r = _run(
+        [
+            "snapshot",
+            "-l",
+            "--image-opts",
+            f"driver=qcow2,file.filename={path},encrypt.key-secret={SECRET_ID}",
+        ],
+        secret=passphrase,
+    )
+    if r.returncode != 0:
+        raise ImageError(f"the key does not open the image: {_err(r)}")

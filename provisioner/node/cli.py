@@ -15,8 +15,8 @@ from provisioner.node import config
 def add_parser(sub: Any) -> None:
     node = sub.add_parser(
         "node",
-        help="node side: vault, seed, enroll, reconcile, status, pcrs (run by the host "
-        "image's units)",
+        help="node side: vault, seed, enroll, reconcile, import, status, pcrs (run by the "
+        "host image's units)",
         description="Commands that run on the edge node. Paths derive from --root "
         "(default /): <root>/etc/edgepin, <root>/var/lib/edgepin, <root>/run/edgepin. "
         "Settings come from <root>/etc/edgepin/edgepin.conf and EDGEPIN_* variables.",
@@ -60,6 +60,23 @@ def add_parser(sub: Any) -> None:
         "check and rollback, or start the guest from the local copy when the control plane "
         "is unreachable. Writes /run/edgepin/status.json and edgepin.prom.",
     ).set_defaults(handler=cmd_reconcile)
+    im = s.add_parser(
+        "import",
+        help="run the assignment an air-gapped bundle carries (removable media)",
+        description="Read this node's bundle (written by `edgepin bundle`) from PATH: a "
+        "bundle folder, or a folder holding edgepin-<node> folders (a medium mounted by "
+        "edgepin-import.service when a filesystem labelled EDGEPIN appears). It is checked "
+        "as an online assignment is: the assignment signed for this node by a pinned "
+        "certificate, its generation at or above the node's floor, the image's sha512 and "
+        "signature against the pinned certificates while it is copied beside the running "
+        "guest, its key unwrapped only by this TPM in its measured state; then the switch, "
+        "with health check and rollback. A bundle for another node, a damaged, truncated or "
+        "older one is refused with the reason; nothing changes and the running guest is "
+        "not touched. Nothing is sent to the control plane: the next reconcile that "
+        "reaches it reports the guest. Exit codes as for reconcile.",
+    )
+    im.add_argument("path", type=Path, metavar="PATH", help="the bundle's folder, or a medium")
+    im.set_defaults(handler=cmd_import)
     st = s.add_parser("status", help="print the node's status", description="Print the status.")
     st.add_argument("--json", action="store_true", help="the raw status.json")
     st.set_defaults(handler=cmd_status)
@@ -123,6 +140,19 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         )
     if outcome.error is not None:
         print(f"edgepin: error: {outcome.error.message}", file=sys.stderr)
+        return outcome.error.exit_code
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from provisioner.node import reconcile
+
+    outcome = reconcile.import_bundle(_cfg(args), args.path)
+    print(f"{outcome.state}: {outcome.reason}")
+    if outcome.error is not None:
+        print(f"edgepin: error: {outcome.error.message}", file=sys.stderr)
+        if outcome.error.hint:
+            print(f"  hint: {outcome.error.hint}", file=sys.stderr)
         return outcome.error.exit_code
     return 0
 

@@ -425,6 +425,21 @@ def fetch(
         again = fetch(client, image, certificate, images_dir, on_progress)
         again.bytes_fetched += fetched
         return again
+    _accept(partial, final, digests, expected, image_id)
+    LOG.info(
+        "fetch: image %s verified (%d bytes fetched, %s, %.1fs)",
+        image_id,
+        fetched,
+        "restarted from byte 0" if restarted else f"resumed from {resumed_from}",
+        time.monotonic() - started,
+    )
+    return FetchResult(final, got, size, fetched, resumed_from, restarted)
+
+
+def _accept(partial: Path, final: Path, digests: _Digests, expected: str, image_id: str) -> None:
+    """Keep ``partial`` as ``final`` if, and only if, its sha512 is ``expected``, its
+    signature verifies and it is a qcow2 with LUKS inside; otherwise delete it."""
+    got = digests.sha.hexdigest()
     if got != expected:
         partial.unlink(missing_ok=True)
         raise VerificationError(
@@ -444,12 +459,73 @@ def fetch(
         partial.unlink(missing_ok=True)
         raise ImageError(f"image {image_id}: {e.message}: refused") from None
     os.replace(partial, final)
-    state.fsync_dir(images_dir)
+    state.fsync_dir(final.parent)
+
+
+def copy(
+    source: IO[bytes],
+    image: dict[str, Any],
+    certificate: x509.Certificate,
+    images_dir: Path,
+    on_progress: Callable[[int], None] | None = None,
+) -> FetchResult:
+    """The online fetch's checks for an image read from a file (an air-gapped bundle).
+
+    The bytes are copied to a temporary file in ``images_dir`` and hashed and verified as
+    they are written, so what is kept is exactly what was verified, whatever the medium
+    returns on a second read; only then is the copy renamed to ``<id>.qcow2``. A source
+    that ends early, sends more than the image's size, or fails a check leaves nothing.
+    """
+    image_id = str(image["id"])
+    size = int(image["size"])
+    final = images_dir / f"{image_id}.qcow2"
+    # a dot and .tmp: a copy cut by a crash is removed at the next run's start
+    # (state.remove_stale_temp_files), and never taken for a download to resume
+    partial = images_dir / f".{image_id}.copy.tmp"
+    images_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    digests = _Digests(
+        StreamVerifier(
+            certificate,
+            image["img_signature"],
+            image["img_signature_hash_method"],
+            image["img_signature_key_type"],
+        )
+    )
+    started = time.monotonic()
+    done = 0
+    try:
+        with partial.open("wb") as f, _Sink(f, digests) as sink:
+            while chunk := source.read(CHUNK):
+                if done + len(chunk) > size:
+                    raise VerificationError(
+                        f"image {image_id} holds more bytes than its declared size {size}: refused",
+                        image_id=image_id,
+                    )
+                sink.write(chunk)
+                done += len(chunk)
+                if on_progress:
+                    on_progress(len(chunk))
+            if done < size:
+                raise ImageError(
+                    f"image {image_id} ends at {done} of its {size} bytes: truncated, refused",
+                    image_id=image_id,
+                )
+            sink.commit()
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        if e.errno == 28:
+            raise StateError(f"disk full while copying {image_id}") from None
+        raise ImageError(
+            f"image {image_id} cannot be read ({e.strerror or type(e).__name__}): refused"
+        ) from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _accept(partial, final, digests, str(image["os_hash_value"]), image_id)
     LOG.info(
-        "fetch: image %s verified (%d bytes fetched, %s, %.1fs)",
+        "fetch: image %s copied and verified (%d bytes, %.1fs)",
         image_id,
-        fetched,
-        "restarted from byte 0" if restarted else f"resumed from {resumed_from}",
+        done,
         time.monotonic() - started,
     )
-    return FetchResult(final, got, size, fetched, resumed_from, restarted)
+    return FetchResult(final, digests.sha.hexdigest(), size, 0, 0, False)

@@ -13,8 +13,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from provisioner import tpm
-from provisioner.errors import DigestMismatch, NotFoundError, TrustError, VerificationError
+from provisioner import qemuimg, tpm
+from provisioner.errors import (
+    DigestMismatch,
+    ImageError,
+    NotFoundError,
+    TrustError,
+    VerificationError,
+)
 from provisioner.node import state
 from provisioner.node.client import NodeClient
 from provisioner.node.config import NodeConfig
@@ -58,14 +64,69 @@ def ensure_sealed(
     if not passphrase:
         raise NotFoundError("barbican returned an empty key")
     try:
+        return _seal(cfg, image["id"], passphrase)
+    finally:
+        del passphrase
+
+
+def seal_carried(
+    cfg: NodeConfig, image_id: str, wrapped: bytes, known: str | None, image: Path
+) -> str:
+    """Make sure the key an air-gapped bundle carries is sealed on the node; the sealed
+    blob's SHA-256 (``known``: as in :func:`ensure_sealed`).
+
+    ``wrapped`` is a duplication blob for this TPM's EK under the node's PCR policy: the
+    TPM imports and unseals it (only this TPM, only in the measured state), the
+    passphrase must open the verified local copy ``image`` (anyone who has the EK's public
+    key can wrap a key for it: a wrong one is refused here, before any guest is touched),
+    and it is sealed again under the node's own storage key, as a key from Barbican is.
+    """
+    current = blob_sha256(cfg, image_id)
+    if current is not None and current == known:
+        return current
+    try:
+        with tpm.Tpm.open(cfg.tcti) as t:
+            passphrase = t.unseal(wrapped, cfg.pcrs, (tpm.BlobKind.DUPLICATE,))
+    except tpm.TpmPolicyError as e:
+        raise TrustError(
+            f"TPM refused to unwrap the bundle's key of image {image_id}: it is bound to "
+            f"other PCRs or values than this node measures ({e})",
+            hint="make the bundle again with this node's PCR values (`edgepin bundle ... "
+            "--pcrs LIST --pcr-values FILE`), or check that the node boots as enrolled",
+            image_id=image_id,
+        ) from None
+    except tpm.TpmBlobError as e:
+        raise TrustError(
+            f"the bundle's key of image {image_id} was not wrapped for this node's TPM ({e})",
+            hint="make the bundle again with this node's EK (the one it was enrolled with)",
+            image_id=image_id,
+        ) from None
+    except tpm.TpmError as e:
+        raise TrustError(f"TPM cannot unwrap the bundle's key: {e}", image_id=image_id) from None
+    try:
+        try:
+            qemuimg.check_passphrase(image, passphrase)
+        except ImageError:
+            raise VerificationError(
+                f"the bundle's key does not open image {image_id}: refused",
+                hint="make the bundle again with `edgepin bundle`",
+                image_id=image_id,
+            ) from None
+        return _seal(cfg, image_id, passphrase)
+    finally:
+        del passphrase
+
+
+def _seal(cfg: NodeConfig, image_id: str, passphrase: bytes) -> str:
+    """Seal an image's passphrase to the TPM, keep the blob; its SHA-256."""
+    try:
         with tpm.Tpm.open(cfg.tcti) as t:
             blob = t.seal(passphrase, cfg.pcrs)
     except tpm.TpmError as e:
         raise TrustError(f"TPM cannot seal the image key: {e}") from None
-    del passphrase
     data = base64.b64encode(blob)
-    state.atomic_write(sealed_path(cfg, image["id"]), data)
-    LOG.info("keys: key of image %s sealed to PCRs %s", image["id"], list(cfg.pcrs))
+    state.atomic_write(sealed_path(cfg, image_id), data)
+    LOG.info("keys: key of image %s sealed to PCRs %s", image_id, list(cfg.pcrs))
     return hashlib.sha256(data).hexdigest()
 
 

@@ -15,8 +15,12 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
 
 from provisioner.errors import (
     AuthError,
@@ -131,36 +135,99 @@ def reconcile(cfg: NodeConfig) -> Outcome:
     with state.node_lock(cfg.lock_path):
         state.remove_stale_temp_files(cfg.state_dir)
         run = Run(cfg, ledger.TpmAnchor(cfg.tcti, cfg.pcrs), load_counters(cfg))
-        try:
-            outcome = run.go()
-        except Exception as e:
-            # a bug, not an input (inputs end in an EdgepinError): leave a status that says
-            # so, then fail loudly with the traceback in the journal
-            bug = EdgepinError(f"internal error: {type(e).__name__}", where="reconcile")
-            report.write_status(
-                cfg, _status(Outcome(State.FAILED, bug.message, bug), None, run.counters)
-            )
-            raise
-        counters = run.counters
-        if outcome.state in (State.RUNNING, State.OFFLINE):
-            counters.last_success = time.time()
-        if outcome.error is not None:
-            kind = str(outcome.error.reason)
-            counters.failures[kind] = counters.failures.get(kind, 0) + 1
-        if run.client is not None and not run.paused:
-            counters.quiet_until, counters.busy_streak = back_off(
-                counters.busy_streak,
-                outcome.error,
-                time.time(),
-                random.random(),  # noqa: S311
-            )
-        try:
-            run.save()
-        except EdgepinError as e:
-            LOG.error("reconcile: cannot record the state: %s", e.message)
-            outcome = Outcome(State.FAILED, e.message, e)
-        report.write_status(cfg, _status(outcome, run.ledger, counters))
-        return outcome
+        return _finish(run, run.go, "reconcile")
+
+
+IMPORT_LOCK_WAIT = 1800.0
+"""Seconds an import waits for a reconcile that holds the node lock (a download, a switch)."""
+
+
+def import_bundle(cfg: NodeConfig, path: Path) -> Outcome:
+    """Run the assignment an air-gapped bundle in ``path`` carries, as a reconcile runs the
+    one it reads from Keystone: the same checks, the same ledger and generation floor, the
+    same switch with health check and rollback. Nothing here talks to the control plane;
+    the next reconcile that reaches it reports the guest that runs."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with state.node_lock(cfg.lock_path, timeout=IMPORT_LOCK_WAIT):
+        state.remove_stale_temp_files(cfg.state_dir)
+        run = Run(cfg, ledger.TpmAnchor(cfg.tcti, cfg.pcrs), load_counters(cfg))
+        return _finish(run, lambda: run.go_import(path), "import")
+
+
+def _finish(run: Run, body: Callable[[], Outcome], where: str) -> Outcome:
+    """Run ``body`` and record what it ended in: the ledger, the counters, the status."""
+    cfg = run.cfg
+    try:
+        outcome = body()
+    except Exception as e:
+        # a bug, not an input (inputs end in an EdgepinError): leave a status that says
+        # so, then fail loudly with the traceback in the journal
+        bug = EdgepinError(f"internal error: {type(e).__name__}", where=where)
+        report.write_status(
+            cfg, _status(Outcome(State.FAILED, bug.message, bug), None, run.counters)
+        )
+        raise
+    counters = run.counters
+    if outcome.state in (State.RUNNING, State.OFFLINE):
+        counters.last_success = time.time()
+    if outcome.error is not None:
+        kind = str(outcome.error.reason)
+        counters.failures[kind] = counters.failures.get(kind, 0) + 1
+    if run.client is not None and not run.paused:
+        counters.quiet_until, counters.busy_streak = back_off(
+            counters.busy_streak,
+            outcome.error,
+            time.time(),
+            random.random(),  # noqa: S311
+        )
+    try:
+        run.save()
+    except EdgepinError as e:
+        LOG.error("%s: cannot record the state: %s", where, e.message)
+        outcome = Outcome(State.FAILED, e.message, e)
+    report.write_status(cfg, _status(outcome, run.ledger, counters))
+    return outcome
+
+
+class ImageSource(Protocol):
+    """Where an assigned image, its properties and its key come from: Glance and Barbican
+    (:class:`Online`), or an air-gapped bundle (:class:`provisioner.node.media.Carried`).
+    What is done with them is the same (:meth:`Run.stage`)."""
+
+    resumable: bool  # a cut transfer is resumed at the next run (counters.fetching)
+
+    def image(self, image_id: str) -> dict[str, Any]: ...
+
+    def certificate(self, secret_id: str) -> bytes: ...
+
+    def fetch(
+        self, image: dict[str, Any], certificate: x509.Certificate, images_dir: Path
+    ) -> fetch.FetchResult: ...
+
+    def seal_key(self, cfg: NodeConfig, image: dict[str, Any], known: str | None) -> str: ...
+
+
+class Online:
+    """Glance and Barbican, through the node's one client."""
+
+    resumable = True
+
+    def __init__(self, client: NodeClient) -> None:
+        self.client = client
+
+    def image(self, image_id: str) -> dict[str, Any]:
+        return self.client.image(image_id)
+
+    def certificate(self, secret_id: str) -> bytes:
+        return self.client.secret(secret_id, text=False)
+
+    def fetch(
+        self, image: dict[str, Any], certificate: x509.Certificate, images_dir: Path
+    ) -> fetch.FetchResult:
+        return fetch.fetch(self.client, image, certificate, images_dir)
+
+    def seal_key(self, cfg: NodeConfig, image: dict[str, Any], known: str | None) -> str:
+        return keys.ensure_sealed(cfg, self.client, image, known)
 
 
 class Run:
@@ -191,6 +258,8 @@ class Run:
         return self.client
 
     def _report(self, image_id: str, status: MemberStatus) -> None:
+        if self.client is None:
+            return  # an import: the next reconcile that reaches the control plane reports
         if self._client().set_member_status(image_id, status):
             self.counters.reported[image_id] = status
         else:
@@ -212,13 +281,111 @@ class Run:
             return Outcome(State.REFUSED, e.message, e)
         self.client = NodeClient(sess, ident)
         try:
-            return self._with_libvirt()
+            return self._with_libvirt(self._converge)
         finally:
             token.keep(
                 cfg.run_dir, sess.auth, self._ledger().enrollment.credential_id, ident.auth_url
             )
 
-    def _with_libvirt(self) -> Outcome:
+    def go_import(self, path: Path) -> Outcome:
+        """The assignment an air-gapped bundle carries, through the online run's steps:
+        the anchored ledger and the measured state first, the signed assignment with the
+        pinned certificates, :func:`decide` (the generation floor), :meth:`stage` and
+        :meth:`switch`. A refusal changes nothing: no guest is touched, no image and no
+        refusal are recorded (the medium's damage is no verdict on the assignment), only
+        the status says why. Nothing is sent to the control plane."""
+        from provisioner import assignment as signed
+        from provisioner.node import media
+
+        cfg = self.cfg
+        if cfg.disabled_path.exists():
+            return Outcome(State.DISABLED, f"{cfg.disabled_path} exists")
+        if not credentials.enrolled(cfg):
+            err = StateError(
+                "the node is not enrolled: a bundle runs only on an enrolled node",
+                hint="enroll the node first (its seed, at its first boot)",
+            )
+            return Outcome(State.UNENROLLED, err.message, err)
+        try:
+            self.ledger = ledger.load(cfg.state_dir, self.anchor)
+            # the checks of a reconcile's first step (the CA and credential blob of the
+            # enrollment, the measured state: the TPM unseals the node credential); the
+            # session is not used, an import asks the control plane nothing
+            credentials.node_session(cfg, self.ledger.enrollment)
+        except TrustError as e:
+            LOG.error("import: %s", e.message)
+            return Outcome(State.REFUSED, e.message, e)
+        enrollment = self._ledger().enrollment
+        try:
+            if self.counters.refused_since is not None:
+                since = time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.counters.refused_since)
+                )
+                raise AuthError(
+                    f"keystone has refused this node's credential since {since}: a node "
+                    "that is being revoked takes no bundle",
+                    hint="a node that Keystone accepts again (one successful reconcile) "
+                    "takes bundles again",
+                    refused_since=since,
+                )
+            carried = media.Carried.read(path, enrollment.node_id)
+            pins = fetch.assignment_pins(cfg.assignment_certs_dir, cfg.pinned_certs_dir)
+            assigned = signed.verify(
+                carried.manifest.assignment, pins, enrollment.project_id, enrollment.node_id
+            )
+            if assigned is None:  # pragma: no cover: the manifest's parser wants an object
+                raise ImageError("the bundle carries no assignment")
+        except EdgepinError as e:
+            LOG.error("import: bundle refused: %s", e.message)
+            return Outcome(State.REFUSED, e.message, e)
+        LOG.info(
+            "import: bundle %s: image %s, generation %d, signed for this node",
+            carried.folder,
+            assigned.image_id,
+            assigned.generation,
+        )
+        plan = decide(
+            self._ledger(), None, Observed(time.time(), assignment=assigned), cfg.revoke_grace
+        )
+        if plan.refusal is not None:
+            LOG.error("import: %s", plan.refusal.message)
+            return Outcome(State.REFUSED, plan.refusal.message, plan.refusal)
+        return self._with_libvirt(lambda: self._converge_import(plan, assigned, carried))
+
+    def _converge_import(self, plan: Plan, assigned: Assignment, source: ImageSource) -> Outcome:
+        if plan.step is Step.KEEP:
+            self.ledger = plan.ledger
+            kept = self.keep_running(plan, None)
+            if kept.state is not State.RUNNING:
+                return kept
+            return Outcome(
+                State.RUNNING,
+                f"nothing to import: the node runs image {assigned.image_id} at generation "
+                f"{assigned.generation} already",
+            )
+        before = self._ledger()
+        self.ledger = plan.ledger  # the floor, as online: what stage records is saved with it
+        staged = self.stage(assigned, source)
+        if isinstance(staged, Outcome):
+            if self._ledger().images == before.images:
+                self.ledger = before  # nothing verified: the refusal changes nothing
+            else:  # the image verified and is kept (its key did not): a new bundle brings it
+                LOG.info("import: image %s verified and kept", assigned.image_id)
+            LOG.error("import: bundle refused: %s", staged.reason)
+            return Outcome(State.REFUSED, staged.reason, staged.error)
+        switched = self.switch(staged)
+        if switched is not None and switched.state is State.ROLLED_BACK:
+            self._reject(assigned)  # the guest was not healthy: a verdict, as online
+        if switched is not None:
+            return switched
+        LOG.info("import passed")
+        return Outcome(
+            State.RUNNING,
+            f"guest {assigned.image_id} running (generation {assigned.generation}, from "
+            "a bundle; reported at the next reconcile that reaches the control plane)",
+        )
+
+    def _with_libvirt(self, body: Callable[[], Outcome]) -> Outcome:
         cfg = self.cfg
         try:
             self.conn = domain.connect(cfg)
@@ -227,7 +394,7 @@ class Run:
             return Outcome(State.FAILED, e.message, e)
         try:
             domain.remove_others(cfg, self.conn)
-            return self._converge()
+            return body()
         except GuestError as e:  # a foreign domain libvirt cannot remove
             LOG.error("reconcile: %s", e.message)
             return Outcome(State.FAILED, e.message, e)
@@ -264,7 +431,7 @@ class Run:
             LOG.error("reconcile: %s", plan.refusal.message)
             refusal = Outcome(State.REFUSED, plan.refusal.message, plan.refusal)
         elif plan.step is Step.UPDATE and plan.assignment is not None:
-            refusal = self.update(plan.assignment)
+            refusal = self.update(plan.assignment, Online(self._client()))
             if refusal is not None and refusal.state in (State.REFUSED, State.ROLLED_BACK):
                 self._reject(plan.assignment)
             if refusal is not None and refusal.state is State.ROLLED_BACK:
@@ -352,12 +519,19 @@ class Run:
         self.ledger = replace(led, images={**led.images, image_id: record})
         self.save()
 
-    def update(self, assignment: Assignment) -> Outcome | None:
+    def update(self, assignment: Assignment, source: ImageSource) -> Outcome | None:
         """Fetch, verify and switch to the assigned image. None when the switch succeeded."""
+        staged = self.stage(assignment, source)
+        if isinstance(staged, Outcome):
+            return staged
+        return self.switch(staged)
+
+    def stage(self, assignment: Assignment, source: ImageSource) -> Guest | Outcome:
+        """Bring the assigned image and its key onto the node, verified, beside the running
+        guest; the guest to switch to, or why not (nothing running is touched)."""
         image_id, gen = assignment.image_id, assignment.generation
-        client = self._client()
         try:
-            image = client.image(image_id)
+            image = source.image(image_id)
             fetch.check_properties(image)
             fetch.check_assigned(image, assignment)
             guest = guest_from_image(image, gen)
@@ -369,20 +543,19 @@ class Run:
                 and known.sha512 == image["os_hash_value"]
             ):
                 cert = fetch.choose_certificate(
-                    image,
-                    fetch.load_pinned(self.cfg.pinned_certs_dir),
-                    lambda sid: client.secret(sid, text=False),
+                    image, fetch.load_pinned(self.cfg.pinned_certs_dir), source.certificate
                 )
-                self.counters.fetching = f"{image_id}.partial"
-                self.save()
+                if source.resumable:
+                    self.counters.fetching = f"{image_id}.partial"
+                    self.save()
                 try:
-                    result = fetch.fetch(client, image, cert, self.cfg.images_dir)
+                    result = source.fetch(image, cert, self.cfg.images_dir)
                 finally:
                     self.counters.fetching = None
                 self.counters.bytes_fetched_total += result.bytes_fetched
                 self._record(image_id, ImageRecord(result.sha512, result.size))
             known = self._ledger().images[image_id]
-            key = keys.ensure_sealed(self.cfg, client, image, known.key_sha256)
+            key = source.seal_key(self.cfg, image, known.key_sha256)
             self._record(image_id, replace(known, key_sha256=key))
         except (VerificationError, ImageError, NotFoundError, GuestError) as e:
             LOG.error("reconcile: image %s refused: %s", image_id, e.message)
@@ -391,7 +564,7 @@ class Run:
         except (ServiceUnavailableError, AuthError, StateError, TrustError) as e:
             LOG.error("reconcile: update to %s not possible now: %s", image_id, e.message)
             return Outcome(State.OFFLINE if self._ledger().current else State.FAILED, e.message, e)
-        return self.switch(guest)
+        return guest
 
     def switch(self, guest: Guest) -> Outcome | None:
         led = self._ledger()

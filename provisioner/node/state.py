@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,17 +59,23 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def node_lock(path: Path, wait: bool = False) -> Iterator[None]:
-    """An exclusive flock; a second provisioner fails at once (or waits with wait=True)."""
+def node_lock(path: Path, wait: bool = False, timeout: float | None = None) -> Iterator[None]:
+    """An exclusive flock; a second provisioner fails at once (or waits with wait=True, or
+    for up to ``timeout`` seconds)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise StateError(
-                "another edgepin provisioner is running (lock held)", hint=str(path)
-            ) from None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if deadline is None or time.monotonic() >= deadline:
+                    raise StateError(
+                        "another edgepin provisioner is running (lock held)", hint=str(path)
+                    ) from None
+                time.sleep(0.5)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield

@@ -24,7 +24,7 @@ from provisioner import seed, tpm
 from provisioner.cloud import translate
 from provisioner.errors import AuthError, TrustError, UsageError
 from provisioner.node.config import SETTINGS
-from provisioner.operator import nodes, urls
+from provisioner.operator import nodes, tpmrecord, urls
 
 DEFAULT_WINDOW_DAYS = 14
 
@@ -69,15 +69,20 @@ def parse_pcrs(text: str) -> tuple[int, ...]:
 
 
 def load_pcr_values(req: EnrollRequest) -> dict[int, bytes]:
-    if not req.pcrs:
+    return expected_pcr_values(req.pcrs, req.pcr_values, req.pcr_values_zero)
+
+
+def expected_pcr_values(pcrs: tuple[int, ...], path: Path | None, zero: bool) -> dict[int, bytes]:
+    """The expected sha256 values of ``pcrs``: all zero, or from a JSON file."""
+    if not pcrs:
         raise UsageError(
             "--pcrs is required: the bootstrap credential is always bound to PCRs",
             hint="use the host image's EDGEPIN_PCRS (`./build.sh image --pcrs`, default "
             f"{SETTINGS['EDGEPIN_PCRS'][0]})",
         )
-    if req.pcr_values_zero:
-        return {p: bytes(32) for p in req.pcrs}
-    if req.pcr_values is None:
+    if zero:
+        return {p: bytes(32) for p in pcrs}
+    if path is None:
         raise UsageError(
             "--pcrs needs --pcr-values FILE (the node's expected sha256 PCR values)",
             hint="boot a reference node of the same model and host image with any seed: "
@@ -85,36 +90,42 @@ def load_pcr_values(req: EnrollRequest) -> dict[int, bytes]:
             "to give here; --pcr-values zero is for a TPM that has measured nothing",
         )
     try:
-        raw = json.loads(req.pcr_values.read_text())
+        raw = json.loads(path.read_text())
         values = {int(k): bytes.fromhex(v) for k, v in raw.items()}
     except (OSError, ValueError, AttributeError) as e:
-        raise UsageError(f"--pcr-values {req.pcr_values}: {e}") from None
-    missing = [p for p in req.pcrs if p not in values]
-    if missing or any(len(values[p]) != 32 for p in req.pcrs):
-        raise UsageError(f"--pcr-values must give a 32-byte sha256 value for PCRs {req.pcrs}")
-    return {p: values[p] for p in req.pcrs}
+        raise UsageError(f"--pcr-values {path}: {e}") from None
+    missing = [p for p in pcrs if p not in values]
+    if missing or any(len(values[p]) != 32 for p in pcrs):
+        raise UsageError(f"--pcr-values must give a 32-byte sha256 value for PCRs {pcrs}")
+    return {p: values[p] for p in pcrs}
 
 
 def ek_public(req: EnrollRequest) -> tuple[bytes, str]:
     """The EK public key (PEM) and a description of where it came from."""
-    if bool(req.ek_pub) == bool(req.ek_cert):
+    return read_ek(req.ek_pub, req.ek_cert, req.ek_ca)
+
+
+def read_ek(ek_pub: Path | None, ek_cert: Path | None, ek_ca: Path | None) -> tuple[bytes, str]:
+    """The EK public key (PEM) from exactly one of an EK certificate (its chain checked
+    against ``ek_ca`` when given) or a PEM public key, and where it came from."""
+    if bool(ek_pub) == bool(ek_cert):
         raise UsageError("give exactly one of --ek-pub and --ek-cert")
-    if req.ek_cert:
-        cert = _read(req.ek_cert, "--ek-cert")
-        if req.ek_ca:
+    if ek_cert:
+        cert = _read(ek_cert, "--ek-cert")
+        if ek_ca:
             try:
-                tpm.verify_ek_cert_chain(cert, _read(req.ek_ca, "--ek-ca"))
+                tpm.verify_ek_cert_chain(cert, _read(ek_ca, "--ek-ca"))
             except tpm.TpmError as e:
                 raise TrustError(f"EK certificate refused: {e}") from None
         try:
-            return tpm.ek_public_pem_from_cert(cert), f"certificate {req.ek_cert}"
+            return tpm.ek_public_pem_from_cert(cert), f"certificate {ek_cert}"
         except tpm.TpmError as e:
             raise TrustError(f"--ek-cert: {e}") from None
-    assert req.ek_pub is not None
-    pem = _read(req.ek_pub, "--ek-pub")
+    assert ek_pub is not None
+    pem = _read(ek_pub, "--ek-pub")
     if b"PUBLIC KEY" not in pem:
-        raise UsageError(f"--ek-pub {req.ek_pub}: not a PEM public key")
-    return pem, f"public key {req.ek_pub}"
+        raise UsageError(f"--ek-pub {ek_pub}: not a PEM public key")
+    return pem, f"public key {ek_pub}"
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -135,6 +146,7 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
     )
     ek_pem, _ = ek_public(req)
     pcr_values = load_pcr_values(req)
+    target = tpmrecord.TpmTarget(tpmrecord.canonical_ek(ek_pem), pcr_values)
     ca_pem = _read(req.ca_bundle, "--ca").decode() if req.ca_bundle else None
     # the node finds Glance and Barbican (and Keystone, once enrolled) in the catalog
     urls.check_catalog(conn, req.interface, region, f"node {req.node_id}")
@@ -254,6 +266,8 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
         {
             "edgepin_bootstrap_expires_at": expires_at,
             "edgepin_enrolled_for": _ek_fingerprint(ek_pem),
+            # what a key is wrapped for later (air-gapped bundles): public, not secret
+            tpmrecord.TPM_ATTR: target.as_record(),
         },
     )
     # that second password change revoked the user's tokens with one-second precision too:
@@ -264,6 +278,11 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
     return Enrolled(
         req.node_id, node.project_id, node.user_id, cred["id"], expires_at, rotated, req.seed_out
     )
+
+
+def ek_fingerprint(pem: bytes) -> str:
+    """``edgepin_enrolled_for``: the EK as enroll was given it (its PEM text, hashed)."""
+    return _ek_fingerprint(pem)
 
 
 def _ek_fingerprint(pem: bytes) -> str:
