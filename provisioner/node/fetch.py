@@ -89,10 +89,11 @@ def assignment_pins(assignment_certs: Path, signing_certs: Path) -> dict[str, x5
 
 
 def check_assigned(image: dict[str, Any], assignment: Assignment) -> None:
-    """Refuse an image whose sha512 in Glance is not the one the signed assignment names."""
+    """Refuse an image whose sha512 (Glance's ``os_hash_value``, or the bundle's copy of
+    it) is not the one the signed assignment names."""
     if image.get("os_hash_value") != assignment.image_sha512:
         raise VerificationError(
-            f"image {assignment.image_id} in Glance is not the one assigned (its sha512 "
+            f"image {assignment.image_id} is not the one assigned (its sha512 "
             "differs from the signed assignment's): refused",
             image_id=assignment.image_id,
         )

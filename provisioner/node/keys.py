@@ -96,9 +96,10 @@ def seal_carried(
             image_id=image_id,
         ) from None
     except tpm.TpmBlobError as e:
+        LOG.debug("keys: the TPM did not import the bundle's key: %s", e)
         raise TrustError(
-            f"the bundle's key of image {image_id} was not wrapped for this node's TPM ({e})",
-            hint="make the bundle again with this node's EK (the one it was enrolled with)",
+            f"the bundle's key of image {image_id} was not wrapped for this node's TPM: refused",
+            hint="make the bundle again for this node's EK (the one it was enrolled with)",
             image_id=image_id,
         ) from None
     except tpm.TpmError as e:

@@ -241,6 +241,7 @@ class Run:
         self.client: NodeClient | None = None
         self.conn: Any = None
         self.paused = False  # the control plane was busy: this run asked it nothing
+        self.doing = "reconcile"  # or "import": what the log lines say
 
     # ------------------------------------------------------------------ records
     def save(self) -> None:
@@ -298,6 +299,7 @@ class Run:
         from provisioner.node import media
 
         cfg = self.cfg
+        self.doing = "import"
         if cfg.disabled_path.exists():
             return Outcome(State.DISABLED, f"{cfg.disabled_path} exists")
         if not credentials.enrolled(cfg):
@@ -390,13 +392,13 @@ class Run:
         try:
             self.conn = domain.connect(cfg)
         except GuestError as e:  # libvirtd down: nothing to start the guest with
-            LOG.error("reconcile: %s", e.message)
+            LOG.error("%s: %s", self.doing, e.message)
             return Outcome(State.FAILED, e.message, e)
         try:
             domain.remove_others(cfg, self.conn)
             return body()
         except GuestError as e:  # a foreign domain libvirt cannot remove
-            LOG.error("reconcile: %s", e.message)
+            LOG.error("%s: %s", self.doing, e.message)
             return Outcome(State.FAILED, e.message, e)
         finally:
             self.conn.close()
@@ -464,7 +466,7 @@ class Run:
             if not ok:
                 down = GuestError(f"the guest did not stay up: {why}", image_id=current.image_id)
                 return Outcome(State.FAILED, down.message, down)
-            LOG.info("reconcile: guest %s started from the local copy", current.image_id)
+            LOG.info("%s: guest %s started from the local copy", self.doing, current.image_id)
         if refusal:
             return refusal
         if offline is not None:
@@ -477,7 +479,7 @@ class Run:
             )
         if self.counters.reported.get(current.image_id) != MemberStatus.ACCEPTED:
             self._report(current.image_id, MemberStatus.ACCEPTED)
-        LOG.info("reconcile passed")
+        LOG.info("%s passed", self.doing)
         return Outcome(State.RUNNING, f"guest {current.image_id} running")
 
     # ------------------------------------------------------------------ steps
@@ -489,7 +491,7 @@ class Run:
             check_local_copy(self.cfg, known, guest.image_id)
             passphrase = keys.unseal(self.cfg, guest.image_id, known.key_sha256 if known else None)
         except VerificationError as e:  # the local copy, not the TPM: fetch it again
-            LOG.error("reconcile: refusing to start %s: %s", guest.image_id, e.message)
+            LOG.error("%s: refusing to start %s: %s", self.doing, guest.image_id, e.message)
             self.forget(guest.image_id)
             raise
         spec = domain.GuestSpec(
@@ -558,11 +560,11 @@ class Run:
             key = source.seal_key(self.cfg, image, known.key_sha256)
             self._record(image_id, replace(known, key_sha256=key))
         except (VerificationError, ImageError, NotFoundError, GuestError) as e:
-            LOG.error("reconcile: image %s refused: %s", image_id, e.message)
+            LOG.error("%s: image %s refused: %s", self.doing, image_id, e.message)
             self._report(image_id, MemberStatus.REJECTED)
             return Outcome(State.REFUSED, e.message, e)
         except (ServiceUnavailableError, AuthError, StateError, TrustError) as e:
-            LOG.error("reconcile: update to %s not possible now: %s", image_id, e.message)
+            LOG.error("%s: update to %s not possible now: %s", self.doing, image_id, e.message)
             return Outcome(State.OFFLINE if self._ledger().current else State.FAILED, e.message, e)
         return guest
 
@@ -589,7 +591,9 @@ class Run:
                 why,
             )
             return None
-        LOG.error("reconcile: new guest %s not healthy (%s); rolling back", guest.image_id, why)
+        LOG.error(
+            "%s: new guest %s not healthy (%s); rolling back", self.doing, guest.image_id, why
+        )
         self._report(guest.image_id, MemberStatus.REJECTED)
         err = GuestError(
             f"new guest {guest.image_id} not healthy: {why}; rolled back", image_id=guest.image_id
@@ -611,7 +615,7 @@ class Run:
             image_id = path.name.removesuffix(".qcow2")
             if image_id not in keep:
                 self.forget(image_id)
-                LOG.info("reconcile: removed old image %s", image_id)
+                LOG.info("%s: removed old image %s", self.doing, image_id)
         for path in self.cfg.images_dir.glob("*.partial"):
             if (
                 path.name.removesuffix(".partial") not in keep

@@ -94,7 +94,8 @@ class VirtualNode:
         libs = os.environ.get("EDGEPIN_TEST_NODE_PYTHONPATH")
         env = {"PYTHONPATH": libs} if libs else None
         r = run_edgepin(["node", "--root", str(self.root), *args], env, timeout=timeout)
-        log = self.root / "test-logs" / f"{len(self.logs):03d}-{'-'.join(args)}.log"
+        named = "-".join(Path(a).name if "/" in a else a for a in args)
+        log = self.root / "test-logs" / f"{len(self.logs):03d}-{named}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(f"$ edgepin node {' '.join(args)}\n{r.stdout}\n--- stderr\n{r.stderr}")
         self.logs.append(log)
