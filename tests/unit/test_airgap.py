@@ -34,6 +34,8 @@ from tests.unit.fakes import IMAGE_A, IMAGE_B, json_values
 
 pytestmark = pytest.mark.unit
 
+# the parsers are pure and fast; deadline=None so that a loaded machine does not fail them
+
 EK = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EK_PEM = EK.public_key().public_bytes(
     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -179,7 +181,7 @@ def test_a_truncated_manifest_is_refused_at_every_length() -> None:
         airgap.parse(b" " * (airgap.MAX_MANIFEST + 1))
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_any_bytes_give_a_manifest_or_a_bundle_error(data: bytes) -> None:
     try:
@@ -188,7 +190,7 @@ def test_any_bytes_give_a_manifest_or_a_bundle_error(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(sorted(airgap.TOP_FIELDS)), json_values, max_size=4))
 def test_any_field_replaced_gives_a_manifest_or_a_bundle_error(fields: dict[str, Any]) -> None:
     try:
@@ -205,7 +207,7 @@ PARTS = {
 }
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_any_field_of_the_image_or_the_key_replaced_gives_a_manifest_or_an_error(
     data: st.DataObject,
@@ -244,7 +246,7 @@ def test_the_tpm_record_reads_back_and_ignores_how_the_pem_was_written() -> None
         )
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(json_values | st.text(max_size=80))
 def test_any_tpm_record_gives_a_target_none_or_a_usage_error(raw: Any) -> None:
     try:
@@ -253,7 +255,7 @@ def test_any_tpm_record_gives_a_target_none_or_a_usage_error(raw: Any) -> None:
         assert e.hint and "--ek-cert" in e.hint
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.sampled_from(["ek_public_pem", "pcr_bank", "pcr_values"]), json_values))
 def test_any_tpm_record_field_replaced_gives_a_target_or_a_usage_error(
     fields: dict[str, Any],

@@ -61,6 +61,8 @@ OTHER_PROGRAMS = {
     "ls",
     "lsblk",
     "mkdir",
+    "mkfs.exfat",
+    "mount",
     "openstack",
     "python3",
     "qemu-img",
@@ -76,6 +78,7 @@ OTHER_PROGRAMS = {
     "tpm2_getekcertificate",
     "tpm2_nvread",
     "tpm2_pcrread",
+    "umount",
     "virsh",
     "xz",
 }
