@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,13 @@ def seal_carried(
         with tpm.Tpm.open(cfg.tcti) as t:
             passphrase = t.unseal(wrapped, cfg.pcrs, (tpm.BlobKind.DUPLICATE,))
     except tpm.TpmPolicyError as e:
+        # the node credential unsealed before (reconcile.Run.go_import): the node is in
+        # its enrolled state, so it is the bundle that names other PCRs or values
+        LOG.debug("keys: the TPM refused the bundle's key: %s", e)
         raise TrustError(
             f"TPM refused to unwrap the bundle's key of image {image_id}: it is bound to "
-            f"other PCRs or values than this node measures ({e})",
-            hint="make the bundle again with this node's PCR values (`edgepin bundle ... "
-            "--pcrs LIST --pcr-values FILE`), or check that the node boots as enrolled",
+            "other PCRs or values than this node measures: refused",
+            hint=_pcr_hint(cfg),
             image_id=image_id,
         ) from None
     except tpm.TpmBlobError as e:
@@ -116,6 +119,20 @@ def seal_carried(
         return _seal(cfg, image_id, passphrase)
     finally:
         del passphrase
+
+
+def _pcr_hint(cfg: NodeConfig) -> str:
+    """The node has no login: its console says which values a bundle must be bound to."""
+    selection = ",".join(map(str, cfg.pcrs))
+    try:
+        with tpm.Tpm.open(cfg.tcti) as t:
+            values = {str(p): v.hex() for p, v in sorted(t.read_pcrs(cfg.pcrs).items())}
+    except Exception:  # a hint, not a check: without the values it still says what to do
+        return f"make the bundle again for this node's PCRs {selection} and their values"
+    return (
+        f"make the bundle again with `edgepin bundle ... --pcrs {selection} --pcr-values "
+        f"FILE`, FILE holding this node's PCR values: {json.dumps(values, sort_keys=True)}"
+    )
 
 
 def _seal(cfg: NodeConfig, image_id: str, passphrase: bytes) -> str:

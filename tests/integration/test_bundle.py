@@ -275,6 +275,22 @@ def test_a_bundle_for_another_node_a_tampered_truncated_or_older_one_is_refused(
     blob = tpm.wrap_for_ek(tpm.ek_public_pem_from_cert(own_ek), b"not the key", {7: bytes(32)})
     edit_manifest(wrong, lambda d: d["key"].update(wrapped=base64.b64encode(blob).decode()))
     refused(wrong, 8, "does not open image", keeps_v2=True)
+    # a bundle made for other PCR values than the node measures: the node says its own
+    values = run_dir / f"{node.name}.other-pcrs.json"
+    values.write_text(json.dumps({"7": "ab" * 32}))
+    elsewhere = make_bundle(
+        cli_env,
+        node.name,
+        run_dir / f"elsewhere-{node.name}",
+        *("--pcrs", "7", "--pcr-values", str(values)),
+    )
+    r = node.node("import", str(elsewhere))
+    assert r.returncode == 9 and "bound to other PCRs or values" in r.stderr, r.stderr
+    assert (
+        '--pcr-values FILE`, FILE holding this node\'s PCR values: {"7": "' + "0" * 64 in r.stderr
+    )
+    assert (status(node)["state"], status(node)["image_id"]) == ("refused", v1["image_id"])
+    assert guest_active(node)
 
     # the genuine bundle: switched to v2, the previous guest kept for rollback
     r = node.node("import", str(good.parent))

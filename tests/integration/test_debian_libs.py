@@ -138,3 +138,16 @@ def test_node_commands_on_debian_trixies_libraries() -> None:
         f"{node_tests}::test_offline_reboot_update_rollback_and_rollback_attack",
         f"{node_tests}::test_the_node_keeps_its_token_in_memory_and_a_revoked_node_is_refused_at_once",
     )
+
+
+def test_bundles_on_debian_trixies_libraries() -> None:
+    """An air-gapped bundle run with the control plane stopped, and every refusal of one,
+    with `edgepin node import` on Debian's library versions (the key unwrapped by its
+    tpm2-pytss, the image and the assignment verified by its cryptography)."""
+    env = {**os.environ, "EDGEPIN_TEST_NODE_PYTHONPATH": str(LIBS)}
+    bundles = ROOT / "tests" / "integration" / "test_bundle.py"
+    child_pytest(
+        env,
+        f"{bundles}::test_a_bundle_runs_the_guest_with_no_network_and_the_node_reports_it_later",
+        f"{bundles}::test_a_bundle_for_another_node_a_tampered_truncated_or_older_one_is_refused",
+    )
