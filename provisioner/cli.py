@@ -199,8 +199,9 @@ def _add_nodes(sub: Any) -> None:
     b = sub.add_parser(
         "bundle",
         help="write what a node needs to run its guest with no network (air-gapped)",
-        description="Write DIR/edgepin-NODE_ID/: the node's current signed assignment (as "
-        "`edgepin assign` recorded it), its encrypted image from Glance (sha512 checked "
+        description="Write DIR/edgepin-NODE_ID/, for a site without a network: the node's "
+        "current signed assignment (assign the image first: `edgepin assign`), its encrypted "
+        "image from Glance (sha512 checked "
         "against the signed one) and the image's passphrase wrapped offline for the "
         "node's TPM (a duplication blob for its endorsement key under its PCR policy, as "
         "the bootstrap credential at enrollment). Nothing in it is secret in the clear. "
@@ -220,16 +221,22 @@ def _add_nodes(sub: Any) -> None:
         help="folder to write the bundle folder edgepin-NODE_ID into (e.g. a mounted stick)",
     )
     bek = b.add_mutually_exclusive_group()
-    bek.add_argument("--ek-pub", type=Path, help="the node's EK public key, PEM")
-    bek.add_argument("--ek-cert", type=Path, help="the node's EK certificate, PEM or DER")
-    b.add_argument("--ek-ca", type=Path, help="CA bundle to verify --ek-cert against")
+    bek.add_argument("--ek-pub", type=Path, metavar="FILE", help="the node's EK public key, PEM")
+    bek.add_argument(
+        "--ek-cert", type=Path, metavar="FILE", help="the node's EK certificate, PEM or DER"
+    )
+    b.add_argument(
+        "--ek-ca", type=Path, metavar="FILE", help="CA bundle to verify --ek-cert against"
+    )
     b.add_argument(
         "--pcrs",
+        metavar="LIST",
         help="PCRs to bind the key to (the host image's EDGEPIN_PCRS), with --pcr-values; "
         "default: the policy recorded at enrollment",
     )
     b.add_argument(
         "--pcr-values",
+        metavar="FILE|zero",
         help='JSON file {"7": "<sha256 hex>"} with the node\'s expected PCR values, or '
         "'zero' (virtual nodes); with --pcrs",
     )

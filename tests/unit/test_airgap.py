@@ -373,3 +373,38 @@ def test_a_copy_that_fails_a_check_leaves_nothing(tmp_path: Path) -> None:
     with src.open("rb") as f, pytest.raises(VerificationError, match="signature"):
         fetch.copy(f, image, other, images)
     assert list(images.iterdir()) == []
+
+
+def test_an_import_waits_for_a_reconcile_that_holds_the_lock_then_gives_up(
+    tmp_path: Path,
+) -> None:
+    import threading
+    import time
+
+    from provisioner.errors import StateError
+    from provisioner.node import state
+
+    lock = tmp_path / "run" / "lock"
+    with state.node_lock(lock):
+        with pytest.raises(StateError, match="lock held"):  # a reconcile fails at once
+            with state.node_lock(lock):
+                pass
+        started = time.monotonic()
+        with pytest.raises(StateError, match="lock held"):
+            with state.node_lock(lock, timeout=0.6):
+                pass
+        assert time.monotonic() - started >= 0.6
+    held = threading.Event()
+
+    def reconcile() -> None:
+        with state.node_lock(lock):
+            held.set()
+            time.sleep(0.7)
+
+    thread = threading.Thread(target=reconcile)
+    thread.start()
+    held.wait()
+    started = time.monotonic()
+    with state.node_lock(lock, timeout=30):  # taken once the reconcile is done
+        assert time.monotonic() - started > 0.3
+    thread.join()
