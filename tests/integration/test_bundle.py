@@ -307,6 +307,15 @@ def test_a_bundle_for_another_node_a_tampered_truncated_or_older_one_is_refused(
     assert (st["state"], st["image_id"]) == ("refused", v2["image_id"])
     assert guest_active(node)
 
+    # a node that Keystone refuses (being revoked; the refusal clock in counters.json, as a
+    # reconcile leaves it) takes no bundle, not even the one it runs
+    counters = node.root / "var/lib/edgepin/counters.json"
+    kept = json.loads(counters.read_text())
+    counters.write_text(json.dumps({**kept, "refused_since": 1.0}))
+    r = node.node("import", str(good.parent))
+    assert r.returncode == 4 and "being revoked takes no bundle" in r.stderr, r.stderr
+    assert guest_active(node)
+
 
 def test_bundle_refuses_a_node_without_an_assignment_and_an_ek_it_was_not_enrolled_for(
     virtual_node: VirtualNode,
