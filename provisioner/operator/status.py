@@ -1,5 +1,11 @@
 """``edgepin status``: the fleet as the control plane sees it.
 
+Per node: its labels, the assignment, the Glance member status and the report its node
+wrote (the last reconcile's outcome and reason, what it runs, when it was last seen), and
+its credentials. The requests do not grow with the fleet except one per node for its
+application credentials (8 at a time): one listing of nodes, one of reports, one member
+list and one record per image.
+
 A node's user should hold one application credential: the bootstrap credential until the
 node enrolls, its own node credential after. Any other one (a credential someone minted
 with the bootstrap credential, a second node credential) is listed per node as a warning:
@@ -13,17 +19,8 @@ import datetime
 from typing import Any
 
 from provisioner.cloud import translate
-from provisioner.operator import nodes
-
-
-def member_status(conn: Any, image_id: str, project_id: str) -> str:
-    with translate("glance", f"membership of {image_id}"):
-        r = conn.image.get(f"/images/{image_id}/members/{project_id}", raise_exc=False)
-    if r.status_code == 404:
-        return "not-shared"
-    if r.status_code >= 300:
-        return f"error-{r.status_code}"
-    return str(r.json().get("status", "unknown"))
+from provisioner.operator import labels, nodes, parallel, reports
+from provisioner.operator.selector import Selector
 
 
 def credential_state(creds: list[dict[str, Any]], enabled: bool) -> tuple[bool, str]:
@@ -66,16 +63,62 @@ def unexpected_credentials(creds: list[dict[str, Any]]) -> list[dict[str, str]]:
     ]
 
 
-def status(conn: Any, edge_domain: str, node_id: str | None = None) -> list[dict[str, Any]]:
+def members(conn: Any, image_id: str) -> dict[str, str]:
+    """The member status of every project an image is shared with (one request)."""
+    with translate("glance", f"members of {image_id}"):
+        r = conn.image.get(f"/images/{image_id}/members", raise_exc=False)
+    if r.status_code == 404:
+        return {}
+    if r.status_code >= 300:
+        return {"*": f"error-{r.status_code}"}
+    return {str(m.get("member_id")): str(m.get("status", "unknown")) for m in r.json()["members"]}
+
+
+def image_names(conn: Any, image_ids: set[str]) -> dict[str, str]:
+    """``name version`` of each image that still exists (one request per image)."""
+
+    def one(image_id: str) -> tuple[str, str | None]:
+        with translate("glance", f"image {image_id}"):
+            r = conn.image.get(f"/images/{image_id}", raise_exc=False)
+        if r.status_code != 200:
+            return image_id, None
+        image = r.json()
+        name = " ".join(str(x) for x in (image.get("name"), image.get("edgepin_version")) if x)
+        return image_id, name or None
+
+    found = parallel.bounded_map(one, sorted(image_ids))
+    return {i: n for i, n in found if n}
+
+
+def status(
+    conn: Any,
+    edge_domain: str,
+    node_id: str | None = None,
+    select: Selector | None = None,
+) -> list[dict[str, Any]]:
+    """One row per node (all of them, ``node_id``, or those ``select`` matches): its labels,
+    assignment, the member status and report its node wrote, its credentials."""
     domain_id = nodes.edge_domain_id(conn, edge_domain)
     found = (
         [nodes.get_node(conn, domain_id, node_id)] if node_id else nodes.list_nodes(conn, domain_id)
     )
+    if select is not None:
+        found = [n for n in found if select.matches(labels.labels_of(n.project.get("tags")))]
+    seen = reports.fleet_reports(conn, found)
+    assigned = {n.node_id: (n.assignment or {}) for n in found}
+    image_ids = {str(a["image_id"]) for a in assigned.values() if a.get("image_id")}
+    statuses = {i: members(conn, i) for i in sorted(image_ids)}
+    running = {s.report.running.image_id for s in seen.values() if s.report and s.report.running}
+    names = image_names(conn, image_ids | running)
+
+    def credentials(node: nodes.Node) -> list[dict[str, Any]]:
+        return nodes.app_credentials(conn, node.user_id) if node.user else []
+
+    all_creds = parallel.bounded_map(credentials, found)
     rows = []
-    for node in found:
-        assignment = node.assignment or {}
+    for node, creds in zip(found, all_creds, strict=True):
+        assignment = assigned[node.node_id]
         enabled = bool(node.user and node.user.get("enabled", True))
-        creds = nodes.app_credentials(conn, node.user_id) if node.user else []
         enrolled, cred_state = credential_state(creds, enabled)
         unexpected = unexpected_credentials(creds)
         warnings = [
@@ -83,18 +126,33 @@ def status(conn: Any, edge_domain: str, node_id: str | None = None) -> list[dict
         ]
         if unexpected:
             # the table shows this column: the warning must be seen there too
-            names = ", ".join(c["name"] for c in unexpected)
-            cred_state += f"; UNEXPECTED: {names}"
+            names_ = ", ".join(c["name"] for c in unexpected)
+            cred_state += f"; UNEXPECTED: {names_}"
         image_id = assignment.get("image_id")
+        member = None
+        if image_id:
+            shared = statuses.get(str(image_id), {})
+            member = shared.get(node.project_id) or shared.get("*") or "not-shared"
+        tags = labels.labels_of(node.project.get("tags"))
+        report = seen[node.node_id]
+        run = report.report.running if report.report else None
         rows.append(
             {
                 "node": node.node_id,
                 "project_id": node.project_id,
+                "labels": tags.as_dict(),
+                "label_conflicts": {k: list(v) for k, v in tags.conflicts.items()},
                 "image_id": image_id,
+                "image": names.get(str(image_id)) if image_id else None,
                 "generation": assignment.get("generation"),
-                "member_status": member_status(conn, image_id, node.project_id)
-                if image_id
-                else None,
+                "member_status": member,
+                "running_image_id": run.image_id if run else None,
+                "running_image": names.get(run.image_id) if run else None,
+                "running_generation": run.generation if run else None,
+                "outcome": str(report.report.state) if report.report else None,
+                "reason": report.report.reason if report.report else report.problem,
+                "seen_at": report.seen_at,
+                "report": report.as_dict(),
                 "enrolled": enrolled,
                 "credential": cred_state,
                 "revoked_at": node.project.get("edgepin_revoked_at"),
@@ -103,3 +161,29 @@ def status(conn: Any, edge_domain: str, node_id: str | None = None) -> list[dict
             }
         )
     return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fleet in figures (pure): nodes by outcome, by assigned image, by member status."""
+
+    def count(key: str, missing: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in rows:
+            k = str(r.get(key) or missing)
+            out[k] = out.get(k, 0) + 1
+        return dict(sorted(out.items()))
+
+    return {
+        "nodes": len(rows),
+        "by_outcome": count("outcome", "no report"),
+        "by_image": count("image_id", "none"),
+        "by_member_status": count("member_status", "none"),
+        "current": sum(
+            1
+            for r in rows
+            if r.get("image_id")
+            and r.get("running_image_id") == r.get("image_id")
+            and r.get("running_generation") == r.get("generation")
+            and r.get("outcome") == "running"
+        ),
+    }
