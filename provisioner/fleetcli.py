@@ -6,11 +6,198 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
+
+from provisioner.errors import UsageError
 
 
 def add_parsers(sub: Any) -> None:
     _add_label(sub)
+    _add_plan(sub)
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def add_signer_arguments(p: argparse.ArgumentParser) -> None:
+    """The assignment-signing key's options, as ``edgepin assign`` has them."""
+    p.add_argument(
+        "--assignment-cert-id",
+        default=_env("EDGEPIN_ASSIGNMENT_CERT_ID") or _env("EDGEPIN_SIGNING_CERT_ID"),
+        help="Barbican UUID of the certificate whose key signs the assignments "
+        "(env EDGEPIN_ASSIGNMENT_CERT_ID, else EDGEPIN_SIGNING_CERT_ID)",
+    )
+    p.add_argument(
+        "--assignment-key-id",
+        default=_env("EDGEPIN_ASSIGNMENT_KEY_ID") or _env("EDGEPIN_SIGNING_KEY_ID"),
+        help="Barbican UUID of the private key that signs the assignments "
+        "(env EDGEPIN_ASSIGNMENT_KEY_ID, else EDGEPIN_SIGNING_KEY_ID)",
+    )
+    p.add_argument(
+        "--assignment-key-file",
+        type=Path,
+        default=_env("EDGEPIN_ASSIGNMENT_KEY_FILE"),
+        help="the signing key as an unencrypted PEM file instead, kept off the control plane "
+        "(env EDGEPIN_ASSIGNMENT_KEY_FILE); needs --assignment-cert-file",
+    )
+    p.add_argument(
+        "--assignment-cert-file",
+        type=Path,
+        default=_env("EDGEPIN_ASSIGNMENT_CERT_FILE"),
+        help="the PEM certificate of --assignment-key-file (env EDGEPIN_ASSIGNMENT_CERT_FILE)",
+    )
+
+
+def signer_from_args(args: argparse.Namespace) -> Any:
+    from provisioner.operator.assign import AssignmentSigner
+
+    files = args.assignment_key_file, args.assignment_cert_file
+    if any(files) and not all(files):
+        raise UsageError("--assignment-key-file and --assignment-cert-file go together")
+    if all(files):
+        return AssignmentSigner(key_file=files[0], cert_file=files[1])
+    if args.assignment_cert_id and args.assignment_key_id:
+        return AssignmentSigner(args.assignment_cert_id, args.assignment_key_id)
+    raise UsageError(
+        "apply needs --assignment-cert-id and --assignment-key-id (or the image-signing "
+        "EDGEPIN_SIGNING_CERT_ID and EDGEPIN_SIGNING_KEY_ID), or --assignment-key-file and "
+        "--assignment-cert-file: nodes run only signed assignments"
+    )
+
+
+def _placement(path: Path) -> Any:
+    from provisioner.operator.placement import load
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"placement file {path}: {e.strerror}") from None
+    return load(data, str(path))
+
+
+def _add_plan(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="what a placement file would change, node by node",
+        description="Read the fleet (labels, assignments, reports) and the images FILE "
+        "names, and print the change for every node: assign (current -> new image), "
+        "unchanged, or left out with the reason (no rule selects it, the image does not fit "
+        "its reported vCPUs, memory, disk or CPU flags, no report, revoked). The first rule "
+        "whose selector matches a node places it. The same inputs give the same plan, byte "
+        "for byte; its digest goes to `edgepin apply --plan-digest`. Changes nothing.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE", help="placement file (YAML)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=cmd_plan, needs_cloud=True)
+
+    a = sub.add_parser(
+        "apply",
+        help="make the fleet what a placement file says",
+        description="Make the plan of FILE (see `edgepin plan`) and carry it out: every node "
+        "it lists as assign gets a signed assignment of its rule's image, as `edgepin assign` "
+        "writes it, --workers at a time; each image and its secrets are checked once. "
+        "Nodes left out are not touched. Running it again assigns only what is left, so an "
+        "interrupted apply is finished by running it again.",
+    )
+    a.add_argument("file", type=Path, metavar="FILE", help="placement file (YAML)")
+    a.add_argument(
+        "--plan-digest",
+        metavar="SHA256",
+        help="apply only if the plan is still the one `edgepin plan` printed with this digest",
+    )
+    a.add_argument(
+        "--workers",
+        type=int,
+        default=8,
+        help="assignments in progress at a time (default 8)",
+    )
+    add_signer_arguments(a)
+    a.add_argument("--json", action="store_true", help="print the result as JSON")
+    a.set_defaults(handler=cmd_apply, needs_cloud=True)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from provisioner.operator.apply import make_plan
+
+    plan, _ = make_plan(args.conn, args.edge_domain, _placement(args.file))
+    if args.json:
+        print(json.dumps({**plan.as_dict(), "digest": plan.digest}, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(plan.text())
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from provisioner.operator import apply
+    from provisioner.operator.placement import Action
+
+    if not 1 <= args.workers <= 64:
+        raise UsageError("--workers must be from 1 to 64")
+    placement = _placement(args.file)
+    signer = signer_from_args(args)
+    bar = _Bar(args.progress)
+    try:
+        result = apply.apply(
+            args.conn,
+            args.edge_domain,
+            placement,
+            signer,
+            plan_digest=args.plan_digest,
+            workers=args.workers,
+            progress=bar.step,
+            planned=lambda plan: bar.start(len(plan.of(Action.ASSIGN))),
+        )
+    finally:
+        bar.stop()
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, sort_keys=True))
+    else:
+        for d in result.done:
+            if d.error is None:
+                print(f"assigned   {d.node_id}  {d.image_id}  generation {d.generation}")
+        for d in result.failed:
+            print(f"failed     {d.node_id}  {d.error.message if d.error else ''}")
+        for e in result.plan.of(Action.LEFT_OUT):
+            print(f"left out   {e.node}  {e.reason}")
+        print(
+            f"{len(result.done) - len(result.failed)} assigned, {len(result.failed)} failed, "
+            f"{len(result.plan.of(Action.UNCHANGED))} unchanged, "
+            f"{len(result.plan.of(Action.LEFT_OUT))} left out (plan {result.plan.digest})"
+        )
+    if result.failed:
+        raise apply.ApplyError(len(result.failed), len(result.done))
+    return 0
+
+
+class _Bar:
+    """A progress bar on stderr while assignments are written (none when not a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress: Any = None
+        self.task: Any = None
+
+    def start(self, total: int) -> None:
+        if not self.enabled or not total:
+            return
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.progress = Progress(console=Console(stderr=True), transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task("assigning", total=total)
+
+    def step(self, _done: Any) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def _add_label(sub: Any) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import secrets
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,8 @@ from keystoneauth1.identity import v3
 
 from provisioner import tpm
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.node import VirtualNode, run_edgepin
+from tests.testbed.fleet import FACTS, assignment_of, make_fleet, small
+from tests.testbed.node import EDGEPIN, VirtualNode, run_edgepin
 from tests.testbed.operator import Signer, assign, enroll_node
 
 pytestmark = pytest.mark.integration
@@ -179,3 +184,162 @@ def test_the_node_reports_its_facts_and_outcome_and_only_its_own(
         raise_exc=False,
     )
     assert r.status_code in (401, 403), r.status_code
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def edge_domain(admin: Any) -> str:
+    return str(admin.identity.find_domain("edge", ignore_missing=False).id)
+
+
+def placement_file(path: Path, rules: list[dict[str, Any]], **extra: Any) -> Path:
+    path.write_text(json.dumps({"placement": 1, "rules": rules, **extra}))  # JSON is YAML
+    return path
+
+
+def acl_users(admin: Any, secret_id: str) -> set[str]:
+    r = admin.key_manager.get(f"/secrets/{secret_id}/acl")
+    return set(r.json().get("read", {}).get("users", []))
+
+
+def test_plan_leaves_out_what_does_not_fit_and_apply_makes_it_so_once(
+    cli_env: dict[str, str],
+    publish: Callable[..., dict[str, Any]],
+    admin: Any,
+    run_dir: Path,
+) -> None:
+    a, b = f"a{secrets.token_hex(3)}", f"b{secrets.token_hex(3)}"
+    site_of = {0: a, 1: a, 2: a, 3: b, 4: b}
+    paper = make_fleet(
+        admin,
+        edge_domain(admin),
+        6,
+        lambda i: {"site": site_of[i]} if i in site_of else {},
+        facts=lambda i: small(guest_cpus=1) if i == 4 else FACTS,
+    )
+    small_image = publish(version="1")
+    big_image = publish(version="2", extra=["--vcpus", "2"])
+    big_name = admin.image.get(f"/images/{big_image['image_id']}").json()["name"]
+    f = placement_file(
+        run_dir / "placement-fit.yaml",
+        [
+            {"name": "a", "select": {"site": a}, "image": {"id": small_image["image_id"]}},
+            {"name": "b", "select": {"site": b}, "image": {"name": big_name, "version": "2"}},
+        ],
+    )
+    first = ok(run_edgepin(["plan", str(f)], cli_env)).stdout
+    assert ok(run_edgepin(["plan", str(f)], cli_env)).stdout == first  # byte for byte
+    plan = json.loads(ok(run_edgepin(["plan", str(f), "--json"], cli_env)).stdout)
+    mine = {e["node"]: e for e in plan["entries"] if e["node"].startswith(paper[0].name[:-6])}
+    by = {p.name: mine[p.name] for p in paper}
+    assert [by[p.name]["action"] for p in paper] == ["assign"] * 4 + ["left-out"] * 2
+    assert by[paper[4].name]["reason"] == (f"{big_name} 2 wants 2 vCPUs; the node has 1 for guests")
+    assert by[paper[5].name]["reason"] == "no rule selects it (labels: none)"
+    assert f"left-out   {paper[5].name}  no rule selects it (labels: none)" in first
+
+    r = run_edgepin(["apply", str(f), "--plan-digest", "0" * 64], cli_env)
+    assert r.returncode == 2 and "--plan-digest" in r.stderr, r.stderr
+    r = ok(run_edgepin(["apply", str(f), "--plan-digest", plan["digest"], "--json"], cli_env))
+    result = json.loads(r.stdout)
+    assigned = {a["node"]: a for a in result["assigned"]}
+    assert set(assigned) >= {p.name for p in paper[:4]} and result["failed"] == []
+    for p in paper[:4]:
+        record = assignment_of(admin, p)
+        assert record and record["generation"] == 1 and "signed" in record
+    assert assignment_of(admin, paper[4]) is None and assignment_of(admin, paper[5]) is None
+    # each node's user reads exactly its image's key
+    users = acl_users(admin, small_image["key_id"])
+    assert {p.user_id for p in paper[:3]} <= users
+    assert not {p.user_id for p in paper[3:]} & users
+    assert paper[3].user_id in acl_users(admin, big_image["key_id"])
+
+    # idempotent: again, nothing to do
+    again = json.loads(ok(run_edgepin(["apply", str(f), "--json"], cli_env)).stdout)
+    assert not {a["node"] for a in again["assigned"]} & {p.name for p in paper}
+    for p in paper[:4]:
+        assert assignment_of(admin, p)["generation"] == 1  # type: ignore[index]
+    # a rule naming no published image: an error, nothing changes
+    bad = placement_file(
+        run_dir / "placement-bad.yaml",
+        [{"name": "a", "select": {"site": a}, "image": {"name": big_name, "version": "9"}}],
+    )
+    r = run_edgepin(["plan", str(bad)], cli_env)
+    assert r.returncode == 2 and "no active edgepin image" in r.stderr, r.stderr
+
+
+def test_an_interrupted_apply_is_finished_by_running_it_again(
+    cli_env: dict[str, str],
+    publish: Callable[..., dict[str, Any]],
+    admin: Any,
+    run_dir: Path,
+) -> None:
+    site = f"s{secrets.token_hex(3)}"
+    paper = make_fleet(admin, edge_domain(admin), 12, lambda i: {"site": site})
+    image = publish(version="1")
+    f = placement_file(
+        run_dir / f"placement-{site}.yaml",
+        [{"name": "all", "select": {"site": site}, "image": {"id": image["image_id"]}}],
+    )
+    proc = subprocess.Popen(
+        [EDGEPIN, "apply", str(f), "--workers", "1"],
+        env={**os.environ, **cli_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            projects = [
+                admin.identity.get(f"/projects/{p.project_id}").json()["project"] for p in paper[:3]
+            ]
+            if any("edgepin_grants" in pr for pr in projects):
+                break
+            time.sleep(0.05)
+        proc.kill()  # a crash, half-way
+    finally:
+        proc.wait()
+    done = [p for p in paper if assignment_of(admin, p)]
+    assert len(done) < len(paper), "the apply finished before it could be interrupted"
+    r = ok(run_edgepin(["apply", str(f), "--json"], cli_env))
+    result = json.loads(r.stdout)
+    assert {a["node"] for a in result["assigned"]} == {p.name for p in paper} - {
+        p.name for p in done
+    }
+    for p in paper:
+        record = assignment_of(admin, p)
+        assert record and record["image_id"] == image["image_id"] and record["generation"] == 1
+    assert {p.user_id for p in paper} <= acl_users(admin, image["key_id"])
+
+
+def test_a_placed_virtual_node_runs_its_image_and_one_that_does_not_fit_is_left_out(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+) -> None:
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    ok(node.node("reconcile"))  # reports its facts
+    cpus = fleet_status(cli_env, node.name)[0]["report"]["report"]["facts"]["guest_cpus"]
+    label = f"t{secrets.token_hex(3)}"
+    ok(run_edgepin(["label", node.name, f"test={label}"], cli_env))
+    too_big = publish(version="1", extra=["--vcpus", str(cpus + 1)])
+    fits = publish(version="2")
+    rule = {"name": "r", "select": {"test": label}}
+    f = placement_file(
+        run_dir / f"{label}-big.yaml", [{**rule, "image": {"id": too_big["image_id"]}}]
+    )
+    plan = json.loads(ok(run_edgepin(["plan", str(f), "--json"], cli_env)).stdout)
+    (entry,) = [e for e in plan["entries"] if e["node"] == node.name]
+    assert entry["action"] == "left-out"
+    assert entry["reason"].endswith(f"wants {cpus + 1} vCPUs; the node has {cpus} for guests")
+    f = placement_file(
+        run_dir / f"{label}-fits.yaml", [{**rule, "image": {"id": fits["image_id"]}}]
+    )
+    ok(run_edgepin(["apply", str(f)], cli_env))
+    ok(node.node("reconcile"))
+    row = fleet_status(cli_env, node.name)[0]
+    assert (row["outcome"], row["running_image_id"]) == ("running", fits["image_id"]), row
