@@ -212,6 +212,12 @@ def _add_nodes(sub: Any) -> None:
         help="only nodes with this label (repeat: all must match; KEY=A|B: either value)",
     )
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.add_argument(
+        "--prometheus",
+        metavar="FILE",
+        help="write the same figures in Prometheus' text format to FILE (atomically, for a "
+        "textfile collector), or to standard output with -",
+    )
     st.set_defaults(handler=cmd_status, needs_cloud=True)
 
     r = sub.add_parser(
@@ -452,6 +458,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     select = from_args(args.label) if args.label else None
     rows = status(args.conn, args.edge_domain, args.node_id, select)
+    if args.prometheus:
+        from provisioner.fleetcli import write_prometheus
+
+        write_prometheus(rows, args.prometheus)
+        return 0
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
         return 0

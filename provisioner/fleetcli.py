@@ -230,6 +230,17 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_prometheus(rows: list[dict[str, Any]], target: str) -> None:
+    from provisioner.node.state import atomic_write
+    from provisioner.operator.status import prometheus
+
+    text = prometheus(rows)
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write(Path(target), text.encode(), mode=0o644)
+
+
 def status_table(rows: list[dict[str, Any]], title: str) -> None:
     """``edgepin status`` as a table and a summary (rich)."""
     from rich.console import Console

@@ -187,3 +187,87 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             and r.get("outcome") == "running"
         ),
     }
+
+
+def _esc(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _seconds(stamp: Any) -> float | None:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+def prometheus(rows: list[dict[str, Any]]) -> str:
+    """The fleet in Prometheus' text format (pure): the figures of ``edgepin status``, for
+    a textfile collector or any scraper the operator runs."""
+    from provisioner.node.model import State
+
+    s = summary(rows)
+    lines = [
+        "# HELP edgepin_fleet_nodes Nodes by the outcome of their last reconcile.",
+        "# TYPE edgepin_fleet_nodes gauge",
+    ]
+    outcomes = {str(x) for x in State} | {"no report"} | set(s["by_outcome"])
+    for outcome in sorted(outcomes):
+        count = s["by_outcome"].get(outcome, 0)
+        lines.append(f'edgepin_fleet_nodes{{outcome="{_esc(outcome)}"}} {count}')
+    lines += [
+        "# HELP edgepin_fleet_nodes_current Nodes whose report says they run their assignment.",
+        "# TYPE edgepin_fleet_nodes_current gauge",
+        f"edgepin_fleet_nodes_current {s['current']}",
+        "# HELP edgepin_fleet_image_nodes Nodes assigned each image.",
+        "# TYPE edgepin_fleet_image_nodes gauge",
+    ]
+    images = {r["image_id"]: r.get("image") or "" for r in rows if r.get("image_id")}
+    for image_id, count in s["by_image"].items():
+        if image_id in images:
+            name = _esc(images[image_id])
+            lines.append(
+                f'edgepin_fleet_image_nodes{{image_id="{_esc(image_id)}",image="{name}"}} {count}'
+            )
+    lines += [
+        "# HELP edgepin_node_info A node: labels (label_<key>), images, outcome, member status.",
+        "# TYPE edgepin_node_info gauge",
+    ]
+    gauges: dict[str, list[str]] = {
+        "edgepin_node_assigned_generation": [],
+        "edgepin_node_running_generation": [],
+        "edgepin_node_last_seen_timestamp_seconds": [],
+    }
+    for r in rows:
+        node = f'node="{_esc(r["node"])}"'
+        extra = "".join(
+            f',label_{k.replace(".", "_").replace("-", "_")}="{_esc(v)}"'
+            for k, v in sorted(r["labels"].items())
+        )
+        fields = (
+            ("image_id", r.get("image_id")),
+            ("running_image_id", r.get("running_image_id")),
+            ("outcome", r.get("outcome") or "no report"),
+            ("member_status", r.get("member_status")),
+        )
+        info = "".join(f',{k}="{_esc(v or "")}"' for k, v in fields)
+        lines.append(f"edgepin_node_info{{{node}{info}{extra}}} 1")
+        for name, value in (
+            ("edgepin_node_assigned_generation", r.get("generation")),
+            ("edgepin_node_running_generation", r.get("running_generation")),
+            ("edgepin_node_last_seen_timestamp_seconds", _seconds(r.get("seen_at"))),
+        ):
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                gauges[name].append(f"{name}{{{node}}} {value:.0f}")
+    helps = {
+        "edgepin_node_assigned_generation": "Generation of the node's assignment record.",
+        "edgepin_node_running_generation": "Generation of the guest the node reports running.",
+        "edgepin_node_last_seen_timestamp_seconds": "When the node last wrote its report.",
+    }
+    for name, samples in gauges.items():
+        lines += [f"# HELP {name} {helps[name]}", f"# TYPE {name} gauge", *samples]
+    return "\n".join(lines) + "\n"

@@ -81,6 +81,9 @@ def test_labels_are_project_tags(
     assert [p["name"] for p in found["projects"]] == [node.name]
     assert [r["node"] for r in fleet_status(cli_env, "--label", "site=lyon")] == [node.name]
     assert fleet_status(cli_env, "--label", "site=paris-1") == []
+    prom = ok(run_edgepin(["status", "--label", "site=lyon", "--prometheus", "-"], cli_env))
+    assert f'edgepin_node_info{{node="{node.name}",' in prom.stdout
+    assert 'label_site="lyon"} 1' in prom.stdout
     # a label that is no label is refused before anything changes
     r = run_edgepin(["label", node.name, "Site=Paris"], cli_env)
     assert r.returncode == 2 and "invalid label key" in r.stderr, r.stderr
