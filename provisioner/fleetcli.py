@@ -71,12 +71,16 @@ def signer_from_args(args: argparse.Namespace) -> Any:
 
 def _placement(path: Path) -> Any:
     from provisioner.operator.placement import load
+    from provisioner.operator.rollout import parse
 
     try:
         data = path.read_bytes()
     except OSError as e:
         raise UsageError(f"placement file {path}: {e.strerror}") from None
-    return load(data, str(path))
+    placement = load(data, str(path))
+    if placement.rollout is not None:
+        parse(placement.rollout, f"placement file: {path}: rollout")
+    return placement
 
 
 def _add_plan(sub: Any) -> None:
@@ -116,18 +120,59 @@ def _add_plan(sub: Any) -> None:
         help="assignments in progress at a time (default 8)",
     )
     add_signer_arguments(a)
+    a.add_argument(
+        "--resume",
+        action="store_true",
+        help="rollout: take the wave that halted as passed and go on with the next",
+    )
+    a.add_argument(
+        "--abort",
+        action="store_true",
+        help="rollout: assign every node of the rollout its previous image again (a higher "
+        "generation); the rollout's name cannot be rolled out again",
+    )
+    a.add_argument(
+        "--step",
+        action="store_true",
+        help="rollout: do what can be done now (gate the current wave on the reports so far, "
+        "start the next one if it passed) and exit without waiting",
+    )
+    a.add_argument(
+        "--poll",
+        type=float,
+        default=15.0,
+        help="rollout: seconds between two readings of the nodes' reports (default 15)",
+    )
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.set_defaults(handler=cmd_apply, needs_cloud=True)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from provisioner.operator.apply import make_plan
+    from provisioner.operator.placement import Action
+    from provisioner.operator.rollout import layout, parse
 
-    plan, _ = make_plan(args.conn, args.edge_domain, _placement(args.file))
+    placement = _placement(args.file)
+    plan, fleet = make_plan(args.conn, args.edge_domain, placement)
+    waves: list[dict[str, Any]] = []
+    if placement.rollout is not None:
+        # the waves of the nodes still to assign (those a run of the rollout started are
+        # known to `edgepin apply`, which reads the signed records)
+        labels = {v.node_id: v.labels for v in fleet.views}
+        todo = {e.node: labels[e.node] for e in plan.of(Action.ASSIGN)}
+        waves = [
+            {"wave": w.index + 1, "name": w.name, "nodes": list(w.nodes)}
+            for w in layout(parse(placement.rollout), todo)
+        ]
     if args.json:
-        print(json.dumps({**plan.as_dict(), "digest": plan.digest}, indent=2, sort_keys=True))
+        data = {**plan.as_dict(), "digest": plan.digest}
+        if placement.rollout is not None:
+            data["rollout_waves"] = waves
+        print(json.dumps(data, indent=2, sort_keys=True))
     else:
         sys.stdout.write(plan.text())
+        for w in waves:
+            print(f"wave {w['wave']} {w['name']}: {len(w['nodes'])} nodes")
     return 0
 
 
@@ -139,6 +184,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise UsageError("--workers must be from 1 to 64")
     placement = _placement(args.file)
     signer = signer_from_args(args)
+    if placement.rollout is not None:
+        return _rollout(args, placement, signer)
+    if args.resume or args.abort or args.step:
+        raise UsageError("--resume, --abort and --step are for a placement file with a rollout")
     bar = _Bar(args.progress)
     try:
         result = apply.apply(
@@ -171,6 +220,83 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if result.failed:
         raise apply.ApplyError(len(result.failed), len(result.done))
     return 0
+
+
+def _rollout(args: argparse.Namespace, placement: Any, signer: Any) -> int:
+    from provisioner.operator import rolloutrun
+    from provisioner.operator.rollout import RolloutHalted, Verdict
+
+    if args.resume and args.abort:
+        raise UsageError("--resume and --abort exclude each other")
+    if not 0.5 <= args.poll <= 3600:
+        raise UsageError("--poll must be from 0.5 to 3600 seconds")
+
+    def show(line: str) -> None:
+        print(f"edgepin: {line}", file=sys.stderr, flush=True)
+
+    options = rolloutrun.Options(
+        resume=args.resume,
+        abort=args.abort,
+        step=args.step,
+        poll=args.poll,
+        workers=args.workers,
+        plan_digest=args.plan_digest,
+        show=show,
+    )
+    outcome = rolloutrun.run(args.conn, args.edge_domain, placement, signer, options)
+    if args.json:
+        print(json.dumps(outcome.as_dict(), indent=2, sort_keys=True))
+    else:
+        rollout_table(outcome)
+    if outcome.state == "halted":
+        p = outcome.progress
+        raise RolloutHalted(
+            outcome.rollout.name,
+            p.wave_name(p.started),
+            p.count(Verdict.REJECTED),
+            p.count(Verdict.TIMED_OUT),
+        )
+    if outcome.failed:
+        from provisioner.operator.apply import ApplyError
+
+        raise ApplyError(len(outcome.failed), len(outcome.assigned))
+    return 0
+
+
+def rollout_table(outcome: Any) -> None:
+    """The rollout's waves, and every node that did not run its image, with the reason."""
+    from rich.console import Console
+    from rich.table import Table
+
+    data = outcome.as_dict()
+    table = Table(title=f"rollout {data['rollout']}: {data['state']}")
+    for col in ("wave", "nodes", "running", "rejected", "pending", "timed out", "started"):
+        table.add_column(col)
+    for w in data["waves"]:
+        v = w["verdicts"]
+        table.add_row(
+            f"{w['index'] + 1} {w['name']}",
+            str(w["nodes"]),
+            str(v["running"]),
+            str(v["rejected"]),
+            str(v["pending"]),
+            str(v["timed-out"]),
+            "yes" if w["started"] else "no",
+        )
+    console = Console(width=200)
+    console.print(table)
+    for node, n in sorted(data["nodes"].items()):
+        if n["verdict"] != "running":
+            console.print(f"{n['verdict']:<9}  {node}  {n['reason'] or '-'}", highlight=False)
+    for d in data["failed"]:
+        console.print(f"failed     {d['node']}  {d['error']}", highlight=False)
+    for node in data["kept"]:
+        console.print(f"kept       {node}  (no previous image to go back to)", highlight=False)
+    for d in data["assigned"]:
+        console.print(
+            f"assigned   {d['node']}  {d['image_id']}  generation {d['generation']}",
+            highlight=False,
+        )
 
 
 class _Bar:

@@ -224,6 +224,7 @@ class Job:
     node: nodes.Node
     published: Published
     generation: int | None = None
+    extra: dict[str, Any] | None = None  # signed fields the node does not read (a rollout's)
 
 
 @dataclass
@@ -272,7 +273,7 @@ def assign_many(
             sha = str(image["os_hash_value"])
             # signed before anything changes: a key that cannot sign changes nothing
             records[i] = assignment.sign(
-                key, cert, node.project_id, node.node_id, result.image_id, sha, gen, now
+                key, cert, node.project_id, node.node_id, result.image_id, sha, gen, now, job.extra
             )
             result.generation = gen
             olds[i] = node.grants

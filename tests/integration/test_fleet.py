@@ -6,9 +6,12 @@ import base64
 import json
 import os
 import secrets
+import shutil
+import signal
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,18 @@ import pytest
 from keystoneauth1 import session as ksa_session
 from keystoneauth1.identity import v3
 
-from provisioner import tpm
+from provisioner import nodereport, tpm
+from provisioner.node.model import State
+from tests.integration.conftest import make_signer
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.fleet import FACTS, assignment_of, make_fleet, small
+from tests.testbed.fleet import (
+    FACTS,
+    assignment_of,
+    make_fleet,
+    report_text,
+    small,
+    write_report,
+)
 from tests.testbed.node import EDGEPIN, VirtualNode, run_edgepin
 from tests.testbed.operator import Signer, assign, enroll_node
 
@@ -346,3 +358,182 @@ def test_a_placed_virtual_node_runs_its_image_and_one_that_does_not_fit_is_left_
     ok(node.node("reconcile"))
     row = fleet_status(cli_env, node.name)[0]
     assert (row["outcome"], row["running_image_id"]) == ("running", fits["image_id"]), row
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+@pytest.fixture
+def two_nodes(
+    make_swtpm: Callable[[str], Any],
+    libvirtd_factory: Callable[[str], Any],
+    run_dir: Path,
+) -> Iterator[list[VirtualNode]]:
+    """Two virtual nodes, each with its own swtpm and libvirtd (each node removes every
+    libvirt domain but its own)."""
+    made, memories = [], []
+    for _ in range(2):
+        name = f"n{secrets.token_hex(4)}"
+        root = run_dir / "nodes" / name
+        root.mkdir(parents=True)
+        memory = Path(tempfile.mkdtemp(prefix=f"edgepin-{name}-", dir="/dev/shm"))
+        (root / "run").symlink_to(memory)
+        memories.append(memory)
+        made.append(VirtualNode(name, root, make_swtpm(name), libvirtd_factory(name)))
+    yield made
+    for memory in memories:
+        shutil.rmtree(memory, ignore_errors=True)
+
+
+def apply_json(cli_env: dict[str, str], f: Path, *args: str, code: int = 0) -> dict[str, Any]:
+    r = run_edgepin(["apply", str(f), "--json", *args], cli_env)
+    assert r.returncode == code, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    data: dict[str, Any] = json.loads(r.stdout)
+    return data
+
+
+def test_a_canary_that_rejects_halts_the_rollout_and_abort_rolls_it_back(
+    two_nodes: list[VirtualNode],
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    admin: Any,
+) -> None:
+    tag = f"r{secrets.token_hex(3)}"
+    for node in two_nodes:
+        enroll_node(node, cli_env, signer, run_dir)
+        ok(node.node("enroll"))
+        ok(node.node("reconcile"))  # waiting: its first report, which placement needs
+        ok(run_edgepin(["label", node.name, f"rollout={tag}"], cli_env))
+    good = publish(version="1")
+    # signed by a key the nodes do not pin: every node refuses it
+    unpinned = publish(version="2", signer_=make_signer(cli_env, run_dir))
+    rule = {"name": "r", "select": {"rollout": tag}}
+    base = placement_file(run_dir / f"{tag}-v1.yaml", [{**rule, "image": {"id": good["image_id"]}}])
+    ok(run_edgepin(["apply", str(base)], cli_env))
+    for node in two_nodes:
+        ok(node.node("reconcile"))
+        assert fleet_status(cli_env, node.name)[0]["outcome"] == "running"
+
+    spec = {"name": tag, "canary": {"count": 1}, "deadline": "10m", "max_rejected": 0}
+    f = placement_file(
+        run_dir / f"{tag}-v2.yaml", [{**rule, "image": {"id": unpinned["image_id"]}}], rollout=spec
+    )
+    plan = ok(run_edgepin(["plan", str(f)], cli_env)).stdout
+    assert "wave 1 canary: 1 nodes" in plan and "wave 2 rest: 1 nodes" in plan
+    first = apply_json(cli_env, f, "--step")
+    assert first["state"] == "waiting" and len(first["assigned"]) == 1
+    canary = first["assigned"][0]["node"]
+    other = next(n for n in two_nodes if n.name != canary)
+    (node,) = [n for n in two_nodes if n.name == canary]
+    # the canary has not reported yet: waiting, nothing more assigned
+    again = apply_json(cli_env, f, "--step")
+    assert again["state"] == "waiting" and again["assigned"] == []
+    assert again["nodes"][canary]["verdict"] == "pending"
+    r = node.node("reconcile")
+    assert r.returncode == 8, r.stdout + r.stderr  # refused: not signed by a pinned cert
+    halted = apply_json(cli_env, f, "--step", code=12)
+    assert halted["state"] == "halted"
+    assert halted["nodes"][canary]["verdict"] == "rejected"
+    assert "pinned" in halted["nodes"][canary]["reason"], halted
+    # without --step too: it halts by itself, and the rest of the fleet is untouched
+    r = run_edgepin(["apply", str(f)], cli_env)
+    assert r.returncode == 12 and "halted at wave canary" in r.stderr, r.stderr
+    assert "rejected   " + canary in r.stdout, r.stdout
+    assert fleet_status(cli_env, other.name)[0]["generation"] == 1
+
+    # abort: the canary goes back to its previous image, at a higher generation
+    aborted = apply_json(cli_env, f, "--abort")
+    assert aborted["state"] == "aborted"
+    assert [(a["node"], a["image_id"], a["generation"]) for a in aborted["assigned"]] == [
+        (canary, good["image_id"], 3)
+    ]
+    ok(node.node("reconcile"))
+    row = fleet_status(cli_env, canary)[0]
+    assert (row["outcome"], row["running_image_id"], row["running_generation"]) == (
+        "running",
+        good["image_id"],
+        3,
+    ), row
+    # an aborted rollout is not started again by mistake
+    r = run_edgepin(["apply", str(f)], cli_env)
+    assert r.returncode == 2 and "was aborted" in r.stderr, r.stderr
+    assert apply_json(cli_env, f, "--abort")["assigned"] == []  # idempotent
+
+
+def test_a_rollout_goes_wave_by_wave_halts_on_a_timeout_resumes_and_survives_ctrl_c(
+    cli_env: dict[str, str],
+    publish: Callable[..., dict[str, Any]],
+    admin: Any,
+    run_dir: Path,
+) -> None:
+    """Paper nodes whose reports the test writes as their nodes would."""
+    tag = f"w{secrets.token_hex(3)}"
+    paper = make_fleet(admin, edge_domain(admin), 8, lambda i: {"fleet": tag, "site": f"s{i % 2}"})
+    by_name = {p.name: p for p in paper}
+    image = publish(version="1")
+    spec = {
+        "name": tag,
+        "canary": {"count": 2},
+        "waves": [{"by": "site"}],
+        "deadline": "20s",
+        "max_timeouts": 0,
+    }
+    f = placement_file(
+        run_dir / f"{tag}.yaml",
+        [{"name": "all", "select": {"fleet": tag}, "image": {"id": image["image_id"]}}],
+        rollout=spec,
+    )
+
+    def runs(names: list[str]) -> None:
+        for n in names:
+            ref = nodereport.Ref(image["image_id"], 1)
+            text = report_text(n, State.RUNNING, running=ref, assignment=ref)
+            write_report(admin, by_name[n], text)
+
+    canary = [a["node"] for a in apply_json(cli_env, f, "--step")["assigned"]]
+    assert len(canary) == 2
+    runs(canary)
+    second = apply_json(cli_env, f, "--step")
+    assert second["nodes"][canary[0]]["verdict"] == "running"
+    wave = [a["node"] for a in second["assigned"]]
+
+    def site(n: str) -> str:
+        return f"s{int(n[-5:]) % 2}"
+
+    (first_site,) = {site(n) for n in wave}  # one wave per site
+    assert set(wave) == {n for n in by_name if n not in canary and site(n) == first_site}
+    # waiting for the wave's reports; Ctrl-C; nothing lost
+    proc = subprocess.Popen(
+        [EDGEPIN, "apply", str(f), "--poll", "0.5"],
+        env={**os.environ, **cli_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(6)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "pending" in err  # it showed its progress while waiting
+    # all but one report in time: a timeout halts the rollout (none allowed)
+    late = wave[-1]
+    runs(wave[:-1])
+    time.sleep(21)
+    r = run_edgepin(["apply", str(f), "--poll", "0.5"], cli_env)
+    assert r.returncode == 12, r.stdout + r.stderr
+    assert f"timed-out  {late}" in r.stdout
+    # --resume takes that wave as passed and starts the next one
+    resumed = apply_json(cli_env, f, "--resume", "--step")
+    rest = [a["node"] for a in resumed["assigned"]]
+    assert rest and set(rest) == set(by_name) - set(canary) - set(wave)
+    runs(rest)
+    done = apply_json(cli_env, f, "--poll", "0.5")
+    assert done["state"] == "done" and done["assigned"] == []
+    assert [w["verdicts"]["running"] for w in done["waves"]] == [2, len(wave) - 1, len(rest)]
+    for p in paper:
+        record = assignment_of(admin, p)
+        assert record and record["generation"] == 1 and record["image_id"] == image["image_id"]
+    # done is done: running it again changes nothing
+    assert apply_json(cli_env, f, "--step")["state"] == "done"
