@@ -23,7 +23,7 @@ from provisioner import nodereport
 from provisioner.cloud import translate
 from provisioner.errors import EdgepinError, ServiceUnavailableError
 from provisioner.node.model import REPORT_IMAGE_ATTR, report_image_of
-from provisioner.operator import nodes
+from provisioner.operator import nodes, parallel
 
 KIND_PROPERTY = "edgepin_kind"
 KIND = "node-report"
@@ -123,5 +123,26 @@ def match(fleet: Iterable[nodes.Node], images: Iterable[dict[str, Any]]) -> dict
     return seen
 
 
+FEW = 20  # up to this many nodes, their records are read one by one, not the whole listing
+
+
+def _one(conn: Any, image_id: str) -> list[dict[str, Any]]:
+    with translate("glance", f"report image {image_id}"):
+        r = conn.image.get(f"/images/{image_id}", raise_exc=False)
+    if r.status_code == 404:
+        return []
+    if r.status_code != 200:
+        raise ServiceUnavailableError(f"glance: report image {image_id} ({r.status_code})")
+    record: dict[str, Any] = r.json()
+    return [record]
+
+
 def fleet_reports(conn: Any, fleet: list[nodes.Node]) -> dict[str, Seen]:
-    return match(fleet, report_images(conn) if fleet else [])
+    """The reports of ``fleet``: one listing of every report record, or for a few nodes
+    (``edgepin status NODE``, a small wave) their own records."""
+    if len(fleet) > FEW:
+        return match(fleet, report_images(conn))
+    ids = sorted({i for n in fleet if (i := report_image_of(n.project)) is not None})
+    return match(
+        fleet, [r for rs in parallel.bounded_map(lambda i: _one(conn, i), ids) for r in rs]
+    )
