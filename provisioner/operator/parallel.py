@@ -1,5 +1,7 @@
 """Bounded parallelism for fleet-wide operator commands: at most ``workers`` requests in
-flight, results in the order of the input, the first error raised once all have ended."""
+flight, results in the order of the input. The first error (a bug, or Ctrl-C) cancels the
+calls not started yet, waits for the running ones and is raised: an interrupted command
+stops within one call per worker, and running it again finishes the job."""
 
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int = WORKERS
     todo = list(items)
     if workers <= 1 or len(todo) <= 1:
         return [fn(x) for x in todo]
-    with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(todo)))
+    try:
         futures = [pool.submit(fn, x) for x in todo]
-    return [f.result() for f in futures]
+        results = [f.result() for f in futures]
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return results
