@@ -1,11 +1,11 @@
 """``edgepin plan`` and ``edgepin apply``: the fleet read once, the plan made, and the
 changes it lists carried out with signed assignments.
 
-Reading the fleet costs the same few requests whatever its size: one listing of the edge
-domain's projects (labels, assignment records) and users, one of the nodes' reports
-(provisioner/operator/reports.py), one Glance query per rule's image and one record per
-image nodes are assigned now. ``apply`` then checks each target image and its secrets once,
-loads the signing key once, and assigns the nodes ``workers`` at a time
+Reading the fleet costs a few listings, never a request per node: the edge domain's
+projects (labels, assignment records) and users, and the nodes' reports, a page per 1,000
+(provisioner/operator/nodes.py, reports.py); one Glance query per rule's image and one
+record per image nodes are assigned now. ``apply`` then checks each target image and its
+secrets once, loads the signing key once, and assigns the nodes ``workers`` at a time
 (:func:`provisioner.operator.assign.assign_many`).
 
 ``apply`` is idempotent: a node already assigned its rule's image is unchanged, so running

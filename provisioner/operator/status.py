@@ -2,9 +2,9 @@
 
 Per node: its labels, the assignment, the Glance member status and the report its node
 wrote (the last reconcile's outcome and reason, what it runs, when it was last seen), and
-its credentials. The requests do not grow with the fleet except one per node for its
-application credentials (8 at a time): one listing of nodes, one of reports, one member
-list and one record per image.
+its credentials. The fleet is read in listings (a page per 1,000 nodes) of nodes and
+reports, one member list and one record per image, plus one request per node for its
+application credentials (8 at a time).
 
 A node's user should hold one application credential: the bootstrap credential until the
 node enrolls, its own node credential after. Any other one (a credential someone minted
