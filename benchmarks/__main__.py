@@ -13,12 +13,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fetchbench, fleet, footprint, nodebench, report, startcheck, stats
+from benchmarks import (
+    fetchbench,
+    fleet,
+    footprint,
+    nodebench,
+    placebench,
+    report,
+    startcheck,
+    stats,
+)
 from benchmarks.bed import MIB, Bed, BenchError
 from benchmarks.report import Row
 from tests.testbed import ceph
 
-SECTIONS = ("fetch", "resume", "reconcile", "fleet", "startcheck", "footprint")
+SECTIONS = ("fetch", "resume", "reconcile", "fleet", "placement", "startcheck", "footprint")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -49,6 +58,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "smallest size; bigger sizes run the baseline and no-change rounds, one per node",
     )
     p.add_argument("--concurrency", type=int, default=8, help="fleet: nodes at once (default 8)")
+    p.add_argument(
+        "--placement-nodes",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="placement: nodes that edgepin plan and apply place (default 1000); "
+        "apply runs --concurrency assignments at a time",
+    )
     p.add_argument(
         "--rounds",
         type=int,
@@ -385,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     bed: Bed | None = None
     try:
-        if only & {"fetch", "resume", "reconcile", "fleet"}:
+        if only & {"fetch", "resume", "reconcile", "fleet", "placement"}:
             log(f"starting the control plane in {run_dir}")
             bed = Bed(run_dir, shape=args.shape)
             t0 = time.monotonic()
@@ -442,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 raw["fleet" if i == 0 else f"fleet_{n}"] = res
                 rows += fleet_rows(res)
+        if bed and "placement" in only:
+            res = placebench.bench_placement(
+                bed, args.placement_nodes, args.concurrency, log, run_dir
+            )
+            raw[f"placement_{args.placement_nodes}"] = res
+            rows += placebench.rows(res)
         if bed is not None and only & {"fetch", "resume"} and args.ceph:
             log("stopping the file-store control plane; the Ceph one starts next")
             bed.down()

@@ -49,9 +49,13 @@ def payload(
     image_sha512: str,
     generation: int,
     assigned_at: str,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
-    """The signed bytes: canonical JSON (sorted keys, no spaces, ASCII)."""
+    """The signed bytes: canonical JSON (sorted keys, no spaces, ASCII). ``extra`` adds
+    fields the node does not read (a rollout's name and wave, the previous image), signed
+    with the rest so that the operator's tools can trust them; it cannot replace a field."""
     doc = {
+        **(extra or {}),
         "kind": KIND,
         "node": node,
         "node_name": node_name,
@@ -72,9 +76,10 @@ def sign(
     image_sha512: str,
     generation: int,
     assigned_at: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The record ``edgepin assign`` writes: readable fields, and the signed payload."""
-    data = payload(node, node_name, image_id, image_sha512, generation, assigned_at)
+    data = payload(node, node_name, image_id, image_sha512, generation, assigned_at, extra)
     signer = StreamSigner(key, HASH_METHOD)
     signer.update(data)
     return {

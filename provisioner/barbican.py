@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from provisioner.cloud import translate
-from provisioner.errors import AuthError, NotFoundError, ServiceUnavailableError
+from provisioner.errors import AuthError, EdgepinError, NotFoundError, ServiceUnavailableError
 
 
 def secret_id(ref_or_id: str) -> str:
@@ -73,7 +73,23 @@ def secret_meta(conn: Any, sid: str) -> dict[str, Any]:
     return meta
 
 
+class RequestTooLarge(EdgepinError):
+    """Barbican refused a request body larger than its ``max_allowed_request_size_in_bytes``
+    (25,000 bytes by default): a secret's ACL listing more than ~690 node users."""
+
+    def __init__(self, sid: str, doing: str) -> None:
+        super().__init__(
+            f"barbican: {doing} secret {sid} refused as too large (413): the ACL lists more "
+            "users than barbican.conf's max_allowed_request_size_in_bytes allows",
+            hint="raise [DEFAULT] max_allowed_request_size_in_bytes in barbican.conf to at "
+            "least 40 bytes per node sharing one image (see docs/production.md)",
+            secret_id=sid,
+        )
+
+
 def _check(status: int, sid: str, doing: str) -> None:
+    if status == 413:
+        raise RequestTooLarge(sid, doing)
     if status == 404:
         raise NotFoundError(f"barbican: secret {sid} does not exist", secret_id=sid)
     if status in (401, 403):

@@ -245,13 +245,26 @@ def _add_nodes(sub: Any) -> None:
 
     st = sub.add_parser(
         "status",
-        help="table of nodes: assignment, generation, member status, enrollment",
-        description="Show each node's assignment and generation, the Glance member status "
-        "its node reported (pending/accepted/rejected), whether it enrolled, and the state "
-        "of its credentials.",
+        help="table of nodes: labels, assignment, what they run, outcome, last seen",
+        description="Show each node's labels, its assignment and generation, what its last "
+        "report says (the image it runs, the outcome of its last reconcile and why, when it "
+        "was last seen), the Glance member status it set (pending/accepted/rejected), and "
+        "the state of its credentials; then the fleet in figures.",
     )
     st.add_argument("node_id", metavar="NODE_ID", nargs="?")
+    st.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only nodes with this label (repeat: all must match; KEY=A|B: either value)",
+    )
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.add_argument(
+        "--prometheus",
+        metavar="FILE",
+        help="write the same figures in Prometheus' text format to FILE (atomically, for a "
+        "textfile collector), or to standard output with -",
+    )
     st.set_defaults(handler=cmd_status, needs_cloud=True)
 
     r = sub.add_parser(
@@ -308,6 +321,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     from provisioner.node import cli as node_cli
 
     node_cli.add_parser(sub)
+    from provisioner import fleetcli
+
+    fleetcli.add_parsers(sub)
     for extra in _extra_commands:
         extra(sub)
     return parser
@@ -529,28 +545,21 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
+    from provisioner.fleetcli import status_table
+    from provisioner.operator.selector import from_args
     from provisioner.operator.status import status
 
-    rows = status(args.conn, args.edge_domain, args.node_id)
+    select = from_args(args.label) if args.label else None
+    rows = status(args.conn, args.edge_domain, args.node_id, select)
+    if args.prometheus:
+        from provisioner.fleetcli import write_prometheus
+
+        write_prometheus(rows, args.prometheus)
+        return 0
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
         return 0
-    table = Table(title=f"edgepin nodes ({args.edge_domain})")
-    for col in ("node", "image", "gen", "member status", "enrolled", "credential"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r["node"],
-            r["image_id"] or "-",
-            str(r["generation"] or "-"),
-            r["member_status"] or "-",
-            "yes" if r["enrolled"] else "no",
-            r["credential"],
-        )
-    Console(width=160).print(table)
+    status_table(rows, f"edgepin nodes ({args.edge_domain})")
     return 0
 
 

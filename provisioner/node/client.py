@@ -17,7 +17,7 @@ from typing import Any
 from cryptography import x509
 from keystoneauth1 import exceptions as ksa_exc
 
-from provisioner import assignment
+from provisioner import assignment, nodereport
 from provisioner.cloud import translate
 from provisioner.errors import (
     AuthError,
@@ -99,10 +99,9 @@ class NodeClient:
     def _endpoint(self, service_type: str) -> dict[str, str]:
         return {"service_type": service_type, "interface": self.ident.interface}
 
-    def assignment(self, pinned: dict[str, x509.Certificate]) -> model.Assignment | None:
-        """The node's assignment, if signed for it with a ``pinned`` certificate (else
-        ImageError or VerificationError); :class:`CredentialRefused` when Keystone refuses
-        the node."""
+    def project(self) -> dict[str, Any]:
+        """The node's project record (its assignment, its report image);
+        :class:`CredentialRefused` when Keystone refuses the node."""
         url = f"{self.ident.auth_url}/projects/{self.ident.project_id}"
         try:
             r = self.sess.get(url, raise_exc=False)
@@ -131,10 +130,24 @@ class NodeClient:
             raise CredentialRefused(r.status_code)
         check(r.status_code, "keystone", "the node's project", headers=r.headers)
         try:
-            raw = r.json()["project"].get(model.ASSIGNMENT_ATTR)
-        except (ValueError, KeyError, AttributeError, TypeError):
+            project = r.json()["project"]
+        except (ValueError, KeyError, TypeError):
             raise ServiceUnavailableError("keystone sent a malformed project record") from None
+        if not isinstance(project, dict):
+            raise ServiceUnavailableError("keystone sent a malformed project record")
+        return project
+
+    def verified_assignment(
+        self, project: dict[str, Any], pinned: dict[str, x509.Certificate]
+    ) -> model.Assignment | None:
+        """The project's assignment, if signed for this node with a ``pinned`` certificate
+        (else ImageError or VerificationError)."""
+        raw = project.get(model.ASSIGNMENT_ATTR)
         return assignment.verify(raw, pinned, self.ident.project_id, self.ident.node_id)
+
+    def assignment(self, pinned: dict[str, x509.Certificate]) -> model.Assignment | None:
+        """The node's assignment (:meth:`project`, then :meth:`verified_assignment`)."""
+        return self.verified_assignment(self.project(), pinned)
 
     def image(self, image_id: str) -> dict[str, Any]:
         """An image's metadata; ImageError when it does not exist or is not ours to see."""
@@ -199,5 +212,23 @@ class NodeClient:
             check(r.status_code, "glance", f"member status of {image_id}", headers=r.headers)
         except EdgepinError as e:  # reporting never breaks the node; the local status has it
             LOG.warning("report: member status %s for %s not set: %s", status, image_id, e.message)
+            return False
+        return True
+
+    def write_report(self, image_id: str, text: str) -> bool:
+        """Write the node's report into its report image (its one writable record);
+        False (logged) when it cannot: reporting never breaks the node."""
+        try:
+            with translate("glance", f"report image {image_id}"):
+                r = self.sess.patch(
+                    f"/v2/images/{image_id}",
+                    endpoint_filter=self._endpoint("image"),
+                    headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+                    json=[{"op": "add", "path": f"/{nodereport.PROPERTY}", "value": text}],
+                    raise_exc=False,
+                )
+            check(r.status_code, "glance", f"report image {image_id}", headers=r.headers)
+        except EdgepinError as e:
+            LOG.warning("report: not written to %s: %s", image_id, e.message)
             return False
         return True

@@ -44,6 +44,11 @@ SETTINGS: dict[str, tuple[str, str]] = {
         "its guest and destroys its keys and images (an unreachable control plane never "
         "counts)",
     ),
+    "EDGEPIN_REPORT_INTERVAL": (
+        "3600",
+        "seconds after which the node writes its report (facts, last outcome) to the "
+        "control plane again although nothing in it changed; a change is written at once",
+    ),
 }
 
 
@@ -64,6 +69,7 @@ class NodeConfig:
     domain_name: str = "edgepin-guest"
     http_timeout: float = 30.0
     revoke_grace: float = 3600.0
+    report_interval: float = 3600.0
 
     # ----------------------------------------------------------------- paths
     @property
@@ -180,6 +186,7 @@ def load(
             "domain_name": raw["EDGEPIN_DOMAIN_NAME"],
             "http_timeout": float(raw["EDGEPIN_HTTP_TIMEOUT"]),
             "revoke_grace": float(raw["EDGEPIN_REVOKE_GRACE"]),
+            "report_interval": float(raw["EDGEPIN_REPORT_INTERVAL"]),
         }
     except ValueError as e:
         raise ConfigError(f"bad setting: {e}") from None

@@ -34,10 +34,10 @@ from keystoneauth1.identity import v3
 
 from provisioner import seed, tpm, transport
 from provisioner.cloud import translate
-from provisioner.errors import AuthError, ConfigError, TrustError
+from provisioner.errors import AuthError, ConfigError, ServiceUnavailableError, TrustError
 from provisioner.node import ledger, state, token
 from provisioner.node.config import NodeConfig
-from provisioner.node.model import Enrollment, Ledger
+from provisioner.node.model import Enrollment, Ledger, report_image_of
 
 LOG = logging.getLogger(__name__)
 NODE_CREDENTIAL_NAME = "edgepin-node"
@@ -56,8 +56,14 @@ class Identity:
     ca_file: Path
 
 
-def access_rules(project_id: str) -> list[dict[str, str]]:
-    """The least a node needs, and nothing else."""
+def access_rules(project_id: str, report_image_id: str | None = None) -> list[dict[str, str]]:
+    """The least a node needs, and nothing else: with a report image, changing that one
+    image record (the node's report, provisioner/nodereport.py)."""
+    report = (
+        [{"service": "image", "method": "PATCH", "path": f"/v2/images/{report_image_id}"}]
+        if report_image_id
+        else []
+    )
     return [
         {"service": "identity", "method": "GET", "path": f"/v3/projects/{project_id}"},
         {"service": "image", "method": "GET", "path": "/v2/images"},
@@ -67,7 +73,21 @@ def access_rules(project_id: str) -> list[dict[str, str]]:
         {"service": "key-manager", "method": "GET", "path": "/v1/"},
         {"service": "key-manager", "method": "GET", "path": "/v1/secrets/*"},
         {"service": "key-manager", "method": "GET", "path": "/v1/secrets/*/payload"},
+        *report,
     ]
+
+
+def report_image(sess: Any, ident: Identity) -> str | None:
+    """The report image ``edgepin enroll`` made for the node, as its project names it (read
+    with the bootstrap credential, which may read the project); None for a project made by
+    an edgepin without reports."""
+    with translate("keystone", "the node's project"):
+        r = sess.get(f"{ident.auth_url}/projects/{ident.project_id}")
+    try:
+        project = r.json()["project"]
+    except (ValueError, KeyError, TypeError):
+        raise ServiceUnavailableError("keystone sent a malformed project record") from None
+    return report_image_of(project)
 
 
 def load_bundle(cfg: NodeConfig) -> dict[str, Any]:
@@ -263,6 +283,7 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
                 cfg, base64.b64decode(pending["sealed"]), "pending node credential"
             ).decode()
         sess = bootstrap_session()
+        report_id = report_image(sess, ident)
         with translate("keystone", "create the node credential"):
             # every other credential of the node's user goes first: one left by an attempt
             # that died before saving its id, or one minted by whoever held the bootstrap
@@ -275,7 +296,7 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
                         "description": f"edgepin node {ident.node_id}, sealed to its TPM",
                         "secret": node_secret,
                         "roles": [{"name": "member"}],
-                        "access_rules": access_rules(ident.project_id),
+                        "access_rules": access_rules(ident.project_id, report_id),
                     }
                 },
             )

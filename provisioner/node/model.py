@@ -23,6 +23,8 @@ MAX_VCPUS = 512
 MEMORY_MB = (16, 4 * 1024 * 1024)
 VERSION_SIZE = 64
 ASSIGNMENT_ATTR = "edgepin_assignment"  # the node project's attribute the operator writes
+# the node project's attribute that names the node's report image (provisioner/nodereport.py)
+REPORT_IMAGE_ATTR = "edgepin_report_image"
 
 
 class State(enum.StrEnum):
@@ -76,6 +78,12 @@ class Guest:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def report_image_of(project: Any) -> str | None:
+    """The report image a node project's record names, if it is an image id."""
+    value = project.get(REPORT_IMAGE_ATTR) if isinstance(project, dict) else None
+    return value if isinstance(value, str) and IMAGE_ID.fullmatch(value) else None
 
 
 def _printable(value: str) -> str:
@@ -178,6 +186,9 @@ class Counters:
     # a busy control plane (429, 5xx): no request before this moment; how many in a row
     quiet_until: float | None = None
     busy_streak: int = 0
+    # the last report written to the control plane: its digest and when (nodereport.due)
+    report_digest: str | None = None
+    report_sent_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,11 +217,13 @@ class Counters:
                     name,
                     {k: v for k, v in value.items() if isinstance(k, str) and valid(v)},
                 )
-        for name in ("last_success", "refused_since", "quiet_until"):
+        for name in ("last_success", "refused_since", "quiet_until", "report_sent_at"):
             if moment(raw.get(name)):
                 setattr(counters, name, float(raw[name]))
         if isinstance(raw.get("fetching"), str):
             counters.fetching = raw["fetching"]
+        if isinstance(raw.get("report_digest"), str):
+            counters.report_digest = raw["report_digest"]
         return counters
 
 

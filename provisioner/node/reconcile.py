@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
+from provisioner import nodereport
 from provisioner.errors import (
     AuthError,
     DigestMismatch,
@@ -34,7 +35,7 @@ from provisioner.errors import (
     TrustError,
     VerificationError,
 )
-from provisioner.node import credentials, domain, fetch, keys, ledger, report, state, token
+from provisioner.node import credentials, domain, facts, fetch, keys, ledger, report, state, token
 from provisioner.node.client import NodeClient
 from provisioner.node.config import NodeConfig
 from provisioner.node.decide import Observed, Plan, Step, back_off, decide, quiet
@@ -48,6 +49,7 @@ from provisioner.node.model import (
     State,
     Status,
     guest_from_image,
+    report_image_of,
 )
 
 LOG = logging.getLogger(__name__)
@@ -180,6 +182,7 @@ def _finish(run: Run, body: Callable[[], Outcome], where: str) -> Outcome:
             time.time(),
             random.random(),  # noqa: S311
         )
+    run.report(outcome)
     try:
         run.save()
     except EdgepinError as e:
@@ -242,6 +245,9 @@ class Run:
         self.conn: Any = None
         self.paused = False  # the control plane was busy: this run asked it nothing
         self.doing = "reconcile"  # or "import": what the log lines say
+        self.reached = False  # Keystone answered with the node's project
+        self.report_image: str | None = None  # where the node's report goes
+        self.facts: nodereport.Facts | None = None
 
     # ------------------------------------------------------------------ records
     def save(self) -> None:
@@ -265,6 +271,36 @@ class Run:
             self.counters.reported[image_id] = status
         else:
             self.counters.reported.pop(image_id, None)
+
+    def report(self, outcome: Outcome) -> None:
+        """Write the node's report (facts, this run's outcome) to its report image when it
+        differs from the last one written or is due again; only after Keystone answered in
+        this run, so that a node cut off or paused asks nothing more."""
+        led = self.ledger
+        if not self.reached or self.report_image is None or led is None:
+            return
+        current = led.current
+        seen = led.floor_image_id
+        rep = nodereport.NodeReport(
+            node=led.enrollment.node_id,
+            reported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            state=outcome.state,
+            reason=nodereport.clean_text(outcome.reason, nodereport.MAX_REASON),
+            error=outcome.error.reason if outcome.error else None,
+            assignment=nodereport.Ref(seen, led.highest_generation) if seen else None,
+            running=nodereport.Ref(current.image_id, current.generation) if current else None,
+            running_version=current.version if current else "",
+            facts=self.facts,
+        )
+        now = time.time()
+        counters = self.counters
+        if not nodereport.due(
+            rep, counters.report_digest, counters.report_sent_at, now, self.cfg.report_interval
+        ):
+            return
+        if self._client().write_report(self.report_image, rep.text()):
+            counters.report_digest, counters.report_sent_at = nodereport.digest(rep), now
+            LOG.info("reconcile: report written (%s)", outcome.state)
 
     # ------------------------------------------------------------------ the run
     def go(self) -> Outcome:
@@ -401,6 +437,7 @@ class Run:
             LOG.error("%s: %s", self.doing, e.message)
             return Outcome(State.FAILED, e.message, e)
         finally:
+            self.facts = facts.gather(cfg, self.conn, list(self._ledger().images))
             self.conn.close()
 
     def observe(self) -> Observed:
@@ -415,7 +452,11 @@ class Run:
             return Observed(now, problem=pause)
         try:
             pins = fetch.assignment_pins(self.cfg.assignment_certs_dir, self.cfg.pinned_certs_dir)
-            return Observed(time.time(), assignment=self._client().assignment(pins))
+            client = self._client()
+            project = client.project()
+            self.reached = True
+            self.report_image = report_image_of(project)
+            return Observed(time.time(), assignment=client.verified_assignment(project, pins))
         except EdgepinError as e:  # refused, unreachable, or an assignment that is no record
             LOG.warning("reconcile: the assignment cannot be read: %s", e.message)
             return Observed(time.time(), problem=e)

@@ -12,6 +12,7 @@ assignment-signing key (provisioner/assignment.py): the node runs nothing else.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from provisioner import assignment, barbican
 from provisioner.cloud import translate
-from provisioner.errors import ImageError, NotFoundError, UsageError, VerificationError
-from provisioner.operator import access, imagesecrets, nodes
+from provisioner.errors import (
+    EdgepinError,
+    ImageError,
+    NotFoundError,
+    UsageError,
+    VerificationError,
+)
+from provisioner.operator import access, imagesecrets, nodes, parallel
 from provisioner.operator.publish import REQUIRED_PROPERTIES
 from provisioner.operator.signingcert import load_key
 from provisioner.signing import fingerprint, load_certificate
@@ -191,6 +198,124 @@ def next_generation(
     return given, previous
 
 
+@dataclass(frozen=True)
+class Published:
+    """An image checked once for any number of assignments: its record and its secrets."""
+
+    image: dict[str, Any]
+    needed: imagesecrets.ImageSecrets
+
+    @property
+    def image_id(self) -> str:
+        return str(self.image["id"])
+
+
+def prepare(conn: Any, image_id: str) -> Published:
+    """Read and check an image and the two secrets it names (once per image)."""
+    image = get_image(conn, image_id)
+    check_image(image)
+    return Published(image, imagesecrets.image_secrets(conn, image))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One node to assign one image, at ``generation`` (None: the signed current + 1)."""
+
+    node: nodes.Node
+    published: Published
+    generation: int | None = None
+    extra: dict[str, Any] | None = None  # signed fields the node does not read (a rollout's)
+
+
+@dataclass
+class Done:
+    """What became of one :class:`Job`: the generation signed, or the error."""
+
+    node_id: str
+    image_id: str
+    generation: int | None = None
+    previous: dict[str, Any] | None = None
+    error: EdgepinError | None = None
+
+
+def assign_many(
+    conn: Any,
+    domain_id: str,
+    jobs: list[Job],
+    key: Any,
+    cert: x509.Certificate,
+    workers: int = parallel.WORKERS,
+    done: Callable[[Done], None] | None = None,
+) -> list[Done]:
+    """Assign many nodes at once, ``workers`` requests at a time, each step as ``assign``
+    does it for one, and the secrets' read ACLs derived once for all of them. A node that
+    fails keeps its error in its :class:`Done`; the others go on. Returns one per job, in
+    order; ``done`` is called as each node's assignment is written or fails."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    results = [Done(j.node.node_id, j.published.image_id) for j in jobs]
+    records: list[dict[str, Any] | None] = [None] * len(jobs)
+    olds: list[dict[str, list[str]]] = [{} for _ in jobs]
+
+    def first(i: int) -> None:
+        job, result = jobs[i], results[i]
+        node = job.node
+        try:
+            if node.user is None:
+                raise NotFoundError(
+                    f"node {node.node_id} has no user",
+                    hint="enroll it again with `edgepin enroll`",
+                )
+            raw = node.project.get(nodes.ASSIGNMENT_ATTR)
+            gen, result.previous = next_generation(
+                raw, cert, node.project_id, node.node_id, job.generation
+            )
+            image = job.published.image
+            sha = str(image["os_hash_value"])
+            # signed before anything changes: a key that cannot sign changes nothing
+            records[i] = assignment.sign(
+                key, cert, node.project_id, node.node_id, result.image_id, sha, gen, now, job.extra
+            )
+            result.generation = gen
+            olds[i] = node.grants
+            share(conn, result.image_id, node.project_id)
+            # the record first: the ACLs are derived from it
+            grants = {"images": [result.image_id], "secrets": job.published.needed.ids}
+            nodes.update_project(conn, node.project_id, {nodes.GRANTS_ATTR: grants})
+        except EdgepinError as e:
+            result.error = e
+            if done:
+                done(result)
+
+    parallel.bounded_map(first, range(len(jobs)), workers)
+    going = [i for i, r in enumerate(results) if r.error is None]
+    touched = {
+        s for i in going for s in (*jobs[i].published.needed.ids, *olds[i].get("secrets", []))
+    }
+    try:
+        access.sync(conn, domain_id, touched)
+    except EdgepinError as e:
+        for i in going:
+            results[i].error = e
+            if done:
+                done(results[i])
+        return results
+
+    def last(i: int) -> None:
+        job, result = jobs[i], results[i]
+        try:
+            for old_image in olds[i].get("images", []):
+                if old_image != result.image_id:
+                    unshare(conn, old_image, job.node.project_id)
+            nodes.update_project(conn, job.node.project_id, {nodes.ASSIGNMENT_ATTR: records[i]})
+        except EdgepinError as e:
+            result.error = e
+        if done:
+            done(result)
+
+    parallel.bounded_map(last, going, workers)
+    return results
+
+
 def assign(
     conn: Any,
     edge_domain: str,
@@ -205,27 +330,10 @@ def assign(
         raise NotFoundError(
             f"node {node_id} has no user", hint="enroll it again with `edgepin enroll`"
         )
-    image = get_image(conn, image_id)
-    check_image(image)
-    needed = imagesecrets.image_secrets(conn, image)
+    published = prepare(conn, image_id)
     key, cert = signer.load(conn)
-    raw = node.project.get(nodes.ASSIGNMENT_ATTR)
-    gen, previous = next_generation(raw, cert, node.project_id, node_id, generation)
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    sha = str(image["os_hash_value"])
-    # signed before anything changes: a key that cannot sign changes nothing
-    record = assignment.sign(key, cert, node.project_id, node_id, image_id, sha, gen, now)
-    old = node.grants
-
-    share(conn, image_id, node.project_id)
-    # the record first: the ACLs are derived from it
-    nodes.update_project(
-        conn, node.project_id, {nodes.GRANTS_ATTR: {"images": [image_id], "secrets": needed.ids}}
-    )
-    access.sync(conn, domain_id, [*needed.ids, *old.get("secrets", [])])
-    for old_image in old.get("images", []):
-        if old_image != image_id:
-            unshare(conn, old_image, node.project_id)
-
-    nodes.update_project(conn, node.project_id, {nodes.ASSIGNMENT_ATTR: record})
-    return Assigned(node_id, image_id, gen, previous)
+    (result,) = assign_many(conn, domain_id, [Job(node, published, generation)], key, cert, 1)
+    if result.error is not None:
+        raise result.error
+    assert result.generation is not None
+    return Assigned(node_id, image_id, result.generation, result.previous)

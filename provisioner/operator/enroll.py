@@ -24,7 +24,7 @@ from provisioner import seed, tpm
 from provisioner.cloud import translate
 from provisioner.errors import AuthError, TrustError, UsageError
 from provisioner.node.config import SETTINGS
-from provisioner.operator import nodes, tpmrecord, urls
+from provisioner.operator import nodes, reports, tpmrecord, urls
 
 DEFAULT_WINDOW_DAYS = 14
 
@@ -175,6 +175,8 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
         else:
             conn.identity.update_user(node.user_id, is_enabled=True)
         conn.identity.assign_project_role_to_user(node.project_id, node.user_id, member.id)
+    # where the node writes its report; its credential may change that record only
+    reports.ensure_report_image(conn, node)
 
     # An application credential is created by its user: set a one-time password that
     # lives only in this process, use it once, then replace it by another one nobody knows.

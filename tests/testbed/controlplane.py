@@ -312,6 +312,8 @@ use_stderr = true
 host_href = {cp.url("barbican")}
 db_auto_create = true
 sql_connection = {_sqlite(d / "barbican.db")}
+# a secret's read ACL lists every node sharing its image (~40 bytes each): room for 100,000
+max_allowed_request_size_in_bytes = 4000000
 [database]
 connection = {_sqlite(d / "barbican.db")}
 [secretstore]

@@ -78,6 +78,8 @@ FOREIGN_OPTIONS = {
     "--system-site-packages": "python3 -m venv",
     "--unrestricted": "GRUB's menuentry",
     "--user": "openstack application credential delete",
+    "--tags": "openstack project list",
+    "--tag": "openstack project set",
 }
 
 # where each kind of row belongs (named in failure messages)

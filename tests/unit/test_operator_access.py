@@ -197,3 +197,22 @@ def test_many_writers_with_random_delays_end_right(
         t.join(30)
     assert cloud.acls[KEY] == [f"u{i:02d}" for i in range(0, 16, 2)]
     assert cloud.acls[other] == [f"u{i:02d}" for i in range(1, 16, 2)]
+
+
+def test_an_acl_too_large_for_barbican_is_reported_at_once(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Barbican's 413 (the list is longer than max_allowed_request_size_in_bytes) is no busy
+    database: writing it again cannot help, so it is not."""
+    cloud.acls[KEY] = []
+    cloud.records = {"a": [KEY]}
+    writes = []
+
+    def too_large(client: Client, sid: str, users: list[str]) -> None:
+        writes.append(sid)
+        barbican._check(413, sid, "setting the ACL of")
+
+    monkeypatch.setattr(barbican, "set_acl_users", too_large)
+    with pytest.raises(barbican.RequestTooLarge) as e:
+        access.sync(None, "edge", [KEY], client=Client("X"))
+    assert writes == [KEY] and "max_allowed_request_size_in_bytes" in (e.value.hint or "")
