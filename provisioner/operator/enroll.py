@@ -195,8 +195,8 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
         for old in nodes.app_credentials(conn, node.user_id):
             nodes.delete_app_credential(conn, node.user_id, old["id"])
             rotated.append(old["id"])
-    expires_at = None
-    if not req.offline:
+        expires_at = None  # a node with no network could not renew it
+    else:
         expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=req.window_days)
         expires_at = expires.strftime("%Y-%m-%dT%H:%M:%S")
     spec = credential_spec(req.node_id, node.project_id, report_id, expires_at)
