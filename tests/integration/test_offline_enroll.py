@@ -118,8 +118,13 @@ def test_an_offline_enrolled_node_runs_from_a_bundle_and_joins_the_fleet_later(
     # rules, no expiry
     creds = credentials_of(admin, result["user_id"])
     assert [(c["id"], c["name"]) for c in creds] == [(result["node_credential_id"], "edgepin-node")]
-    assert creds[0]["unrestricted"] is False and creds[0]["expires_at"] is None
-    assert creds[0]["access_rules"], creds[0]
+    one = admin.identity.get(
+        f"/users/{result['user_id']}/application_credentials/{result['node_credential_id']}"
+    ).json()["application_credential"]
+    assert not one.get("unrestricted") and one["expires_at"] is None, one
+    assert {(r["service"], r["method"], r["path"]) for r in one["access_rules"]} >= {
+        ("identity", "GET", f"/v3/projects/{result['project_id']}")
+    }, one
     # its secret (unwrapped here as only this TPM can) is in the clear nowhere the factory
     # wrote or printed
     with tpm.Tpm.open(node.tpm.tcti) as t:
