@@ -111,7 +111,13 @@ def _add_nodes(sub: Any) -> None:
         description="Create the node's project and user in the edge domain and a bootstrap "
         "application credential that expires after --expires-in days; wrap its secret offline "
         "for the node's TPM (EK) under the PCR policy given; write a NoCloud seed image (vfat, "
-        "label CIDATA). Enrolling an existing node again rotates the bootstrap credential.",
+        "label CIDATA). Enrolling an existing node again rotates the bootstrap credential. "
+        "With --offline, for a node that never reaches the control plane, the seed carries "
+        "the node's own restricted credential instead (edgepin-node, the access rules a "
+        "node gives itself, no expiry), wrapped the same way: the node enrolls without "
+        "Keystone and runs from bundles; it reconciles and reports with that credential "
+        "whenever it reaches the control plane. Enrolling again deletes every earlier "
+        "credential of the node.",
     )
     e.add_argument("node_id", metavar="NODE_ID")
     ek = e.add_mutually_exclusive_group(required=True)
@@ -132,6 +138,12 @@ def _add_nodes(sub: Any) -> None:
     e.add_argument("--seed-out", type=Path, required=True, help="NoCloud seed image to write")
     e.add_argument(
         "--expires-in", type=int, default=14, help="bootstrap credential lifetime, days (14)"
+    )
+    e.add_argument(
+        "--offline",
+        action="store_true",
+        help="put the node's own credential (no expiry) in the seed instead of a bootstrap "
+        "credential: the node enrolls without reaching Keystone",
     )
     e.add_argument("--ca", type=Path, help="CA bundle the node pins (default: the cloud's cacert)")
     e.add_argument(
@@ -431,25 +443,33 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         pcr_values=None if args.pcr_values in (None, "zero") else Path(args.pcr_values),
         pcr_values_zero=args.pcr_values == "zero",
         window_days=args.expires_in,
+        offline=args.offline,
         edge_domain=args.edge_domain,
         ca_bundle=ca,
         interface=args.node_interface,
     )
     result = enroll(conn, req, auth_url, conn.config.get_region_name())
+    cred_key = "node_credential_id" if result.offline else "bootstrap_credential_id"
+    cred_line = (
+        f"node cred  {result.credential_id} (offline enrollment, no expiry)"
+        if result.offline
+        else f"bootstrap  {result.credential_id}, expires {result.expires_at} UTC"
+    )
     _print(
         args,
         {
             "node_id": result.node_id,
             "project_id": result.project_id,
             "user_id": result.user_id,
-            "bootstrap_credential_id": result.bootstrap_id,
+            cred_key: result.credential_id,
+            "offline": result.offline,
             "expires_at": result.expires_at,
             "rotated": result.rotated,
             "seed": str(result.seed),
         },
         [
             f"node       {result.node_id} (project {result.project_id})",
-            f"bootstrap  {result.bootstrap_id}, expires {result.expires_at} UTC",
+            cred_line,
             *([f"rotated    {', '.join(result.rotated)}"] if result.rotated else []),
             f"seed       {result.seed}",
         ],

@@ -10,12 +10,16 @@ altogether (``allow_userdata: false``), so nothing in a seed is ever run: the se
 ``user-data`` is an empty cloud-config only because NoCloud wants the file. The seed also
 holds ``edgepin-bundle.json``, the bundle as a file, for people and factory checks. It is
 built with mkfs.vfat and mtools, without mounting anything. The bundle holds no secret in
-the clear: the bootstrap credential's secret is wrapped for the node's TPM.
+the clear: its credential's secret is wrapped for the node's TPM. The credential is either
+a bootstrap credential the node uses once to create its own (``bootstrap``), or, for a
+node enrolled with ``edgepin enroll --offline``, the node's own restricted credential
+(``node_credential``), which the node seals without asking Keystone anything.
 """
 
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import os
 import subprocess
@@ -37,15 +41,31 @@ USER_DATA = (
 )
 
 
+class Credential(enum.StrEnum):
+    """The kind of credential a seed bundle wraps, named by its key in the bundle."""
+
+    BOOTSTRAP = "bootstrap"  # used once by the node to create its own credential
+    NODE = "node_credential"  # the node's own credential, made at the factory (offline)
+
+
+def credential(bundle: dict[str, Any]) -> tuple[Credential, dict[str, Any]]:
+    """Which credential a parsed bundle wraps, and its record (id, wrapped secret)."""
+    for kind in Credential:
+        if kind.value in bundle:
+            record: dict[str, Any] = bundle[kind.value]
+            return kind, record
+    raise ConfigError("seed bundle holds no credential")
+
+
 def encode_bundle(bundle: dict[str, Any]) -> str:
     return base64.b64encode(json.dumps(bundle, sort_keys=True).encode()).decode()
 
 
-def meta_data(node_id: str, bootstrap_id: str, bundle: dict[str, Any]) -> str:
-    """Each seed is its own cloud-init instance: a node given a new seed (its bootstrap
-    credential rotated before it enrolled) takes the new bundle at its next boot."""
+def meta_data(node_id: str, credential_id: str, bundle: dict[str, Any]) -> str:
+    """Each seed is its own cloud-init instance: a node given a new seed (its credential
+    rotated before it enrolled) takes the new bundle at its next boot."""
     return (
-        f"instance-id: edgepin-{node_id}-{bootstrap_id[:12]}\n"
+        f"instance-id: edgepin-{node_id}-{credential_id[:12]}\n"
         f"local-hostname: {node_id}\n"
         f"{META_KEY}: {encode_bundle(bundle)}\n"
     )
@@ -57,7 +77,7 @@ def write_seed(path: Path, node_id: str, bundle: dict[str, Any]) -> None:
         path,
         {
             "meta-data": meta_data(
-                node_id, str(bundle["bootstrap"]["application_credential_id"]), bundle
+                node_id, str(credential(bundle)[1]["application_credential_id"]), bundle
             ),
             "user-data": USER_DATA,
             "edgepin-bundle.json": json.dumps(bundle, indent=2, sort_keys=True) + "\n",
@@ -132,9 +152,7 @@ def parse_bundle(data: bytes) -> dict[str, Any]:
     if bundle.get("version") != BUNDLE_VERSION:
         raise ConfigError(f"seed bundle version {bundle.get('version')!r} is not supported")
     missing = [
-        k
-        for k in ("node_id", "project_id", "user_id", "auth_url", "bootstrap", "pcrs")
-        if k not in bundle
+        k for k in ("node_id", "project_id", "user_id", "auth_url", "pcrs") if k not in bundle
     ]
     if missing:
         raise ConfigError(f"seed bundle lacks {', '.join(missing)}")
@@ -154,15 +172,21 @@ def parse_bundle(data: bytes) -> dict[str, Any]:
         or not all(type(p) is int and 0 <= p <= 23 for p in pcrs)
     ):
         raise ConfigError("seed bundle: pcrs must be a non-empty list of PCR numbers 0..23")
-    boot = bundle["bootstrap"]
-    if not isinstance(boot, dict):
-        raise ConfigError("seed bundle: bootstrap is not an object")
-    _text(boot.get("application_credential_id"), "bootstrap.application_credential_id")
-    wrapped = _text(boot.get("wrapped"), "bootstrap.wrapped", size=1 << 16)
+    kinds = [kind for kind in Credential if kind.value in bundle]
+    if len(kinds) != 1:
+        raise ConfigError(
+            f"seed bundle must hold exactly one of {', '.join(k.value for k in Credential)}"
+        )
+    name = kinds[0].value
+    cred = bundle[name]
+    if not isinstance(cred, dict):
+        raise ConfigError(f"seed bundle: {name} is not an object")
+    _text(cred.get("application_credential_id"), f"{name}.application_credential_id")
+    wrapped = _text(cred.get("wrapped"), f"{name}.wrapped", size=1 << 16)
     try:
         base64.b64decode(wrapped, validate=True)
     except ValueError:
-        raise ConfigError("seed bundle: bootstrap.wrapped is not base64") from None
+        raise ConfigError(f"seed bundle: {name}.wrapped is not base64") from None
     return bundle
 
 

@@ -14,6 +14,11 @@ usable credential):
    the ledger (``provisioner.node.ledger``): from then on the node's identity (Keystone
    URL, project, user, the CA's and the sealed credential's digests) comes from the
    anchored ledger, never again from the seed.
+
+Offline enrollment (a seed from ``edgepin enroll --offline``): the seed wraps the node's own
+credential, made at the factory with the same access rules. Steps 2 and 3 become: unwrap
+it and seal it locally (``node-credential.json``); step 4 defines the anchor and writes the
+ledger without asking Keystone anything, then removes the seed's copy of the bundle.
 """
 
 from __future__ import annotations
@@ -234,7 +239,81 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
             hint="enroll again with --pcrs matching the host image's EDGEPIN_PCRS",
         )
     ident = identity(cfg, bundle)
-    boot = bundle["bootstrap"]
+    kind, cred = seed.credential(bundle)
+    if kind is seed.Credential.NODE:
+        final = _take_node_credential(cfg, cred)
+    else:
+        final = _create_node_credential(cfg, ident, cred)
+    done = ledger.enrollment(
+        {
+            "node_id": ident.node_id,
+            "project_id": ident.project_id,
+            "user_id": ident.user_id,
+            "auth_url": ident.auth_url,
+            "region": ident.region,
+            "interface": ident.interface,
+            "ca_sha256": _sha256_file(ident.ca_file),
+            "credential_id": final["id"],
+            "credential_sha256": hashlib.sha256(base64.b64decode(final["sealed"])).hexdigest(),
+            "pcrs": sorted(cfg.pcrs),
+            "enrolled_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    )
+    anchor.define()
+    ledger.save(cfg.state_dir, anchor, Ledger(enrollment=done))
+    record = {"phase": "done", **done.as_dict()}
+    state.write_json(_enrollment(cfg), record)
+    if kind is seed.Credential.NODE:
+        # the seed's copy wraps the live credential: the sealed one is all the node keeps
+        cfg.bundle_path.unlink(missing_ok=True)
+    LOG.info("enrollment passed")
+    return record
+
+
+def _unwrap(cfg: NodeConfig, wrapped_b64: str, what: str) -> str:
+    """The secret of a seed's credential, imported under the EK and unsealed under the PCR
+    policy; on other PCR values, TrustError with the values this node measures."""
+    try:
+        return _unseal(
+            cfg, base64.b64decode(wrapped_b64), what, kinds=(tpm.BlobKind.DUPLICATE,)
+        ).decode()
+    except TrustError as e:
+        if not e.fields.get("policy"):
+            raise
+        # the factory's way to learn them without a login: PCR values are
+        # measurements, not secrets
+        raise TrustError(
+            f"the seed's {what} is bound to other PCR values than this node measures",
+            hint=pcr_values_hint(cfg.pcrs, _pcr_values(cfg)),
+        ) from None
+
+
+def _take_node_credential(cfg: NodeConfig, cred: dict[str, Any]) -> dict[str, Any]:
+    """Offline enrollment: the seed wraps the node's own credential, made at the factory.
+    Unwrap it and seal it under the node's own storage key as the online path seals the
+    secret it makes; Keystone is not asked anything (idempotent)."""
+    cred_id = str(cred["application_credential_id"])
+    final = state.read_json(_final(cfg))
+    if final is not None and final.get("id") == cred_id:
+        return final
+    node_secret = _unwrap(cfg, cred["wrapped"], "node credential")
+    sealed = _seal(cfg, node_secret.encode())
+    del node_secret
+    final = {"id": cred_id, "sealed": base64.b64encode(sealed).decode(), "pcrs": list(cfg.pcrs)}
+    state.write_json(_final(cfg), final)
+    LOG.info(
+        "enrollment: node credential %s from the seed sealed to PCRs %s (offline)",
+        cred_id,
+        cfg.pcrs,
+    )
+    return final
+
+
+def _create_node_credential(
+    cfg: NodeConfig, ident: Identity, boot: dict[str, Any]
+) -> dict[str, Any]:
+    """Online enrollment: create the node's credential with the bootstrap credential,
+    then delete every other credential of the node's user, the bootstrap last."""
     final = state.read_json(_final(cfg))
 
     boot_session: Any = None
@@ -242,21 +321,7 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
     def bootstrap_session() -> Any:
         nonlocal boot_session
         if boot_session is None:
-            wrapped = base64.b64decode(boot["wrapped"])
-            try:
-                boot_secret = _unseal(
-                    cfg, wrapped, "bootstrap credential", kinds=(tpm.BlobKind.DUPLICATE,)
-                ).decode()
-            except TrustError as e:
-                if not e.fields.get("policy"):
-                    raise
-                # the factory's way to learn them without a login: PCR values are
-                # measurements, not secrets
-                raise TrustError(
-                    "the seed's bootstrap credential is bound to other PCR values than "
-                    "this node measures",
-                    hint=pcr_values_hint(cfg.pcrs, _pcr_values(cfg)),
-                ) from None
+            boot_secret = _unwrap(cfg, boot["wrapped"], "bootstrap credential")
             boot_session = make_session(
                 ident, boot["application_credential_id"], boot_secret, cfg.http_timeout
             )
@@ -326,27 +391,7 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
         if "refused the bootstrap credential" not in e.message:
             raise
         LOG.info("enrollment: the bootstrap credential is already gone")
-    done = ledger.enrollment(
-        {
-            "node_id": ident.node_id,
-            "project_id": ident.project_id,
-            "user_id": ident.user_id,
-            "auth_url": ident.auth_url,
-            "region": ident.region,
-            "interface": ident.interface,
-            "ca_sha256": _sha256_file(ident.ca_file),
-            "credential_id": final["id"],
-            "credential_sha256": hashlib.sha256(base64.b64decode(final["sealed"])).hexdigest(),
-            "pcrs": sorted(cfg.pcrs),
-            "enrolled_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-    )
-    anchor.define()
-    ledger.save(cfg.state_dir, anchor, Ledger(enrollment=done))
-    record = {"phase": "done", **done.as_dict()}
-    state.write_json(_enrollment(cfg), record)
-    LOG.info("enrollment passed")
-    return record
+    return final
 
 
 def _delete_all_but(sess: Any, ident: Identity, keep: set[str]) -> None:

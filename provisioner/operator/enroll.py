@@ -4,6 +4,12 @@ The factory station has no TPM: the bootstrap application credential's secret is
 wrapped offline for the node's endorsement key (a TPM2 duplication blob) under the PCR
 policy given, so that only that machine, in that measured state, can unseal it.
 Enrolling a node again rotates the bootstrap credential and deletes the old one.
+
+With ``offline``, the credential in the seed is the node's own: the restricted
+application credential ``edgepin-node`` with the access rules the node would give it
+itself (``provisioner.node.credentials.access_rules``), without expiry, wrapped the same
+way. The node then enrolls without reaching Keystone. Its secret exists only in this
+process's memory; enrolling again deletes every earlier credential of the node's user.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from provisioner import seed, tpm
 from provisioner.cloud import translate
 from provisioner.errors import AuthError, TrustError, UsageError
 from provisioner.node.config import SETTINGS
+from provisioner.node.credentials import access_rules
 from provisioner.operator import nodes, reports, tpmrecord, urls
 
 DEFAULT_WINDOW_DAYS = 14
@@ -40,6 +47,9 @@ class EnrollRequest:
     pcr_values: Path | None = None  # JSON {"7": "hex"}; the literal "zero" means reset values
     pcr_values_zero: bool = False
     window_days: int = DEFAULT_WINDOW_DAYS
+    # the node's own restricted credential in the seed instead of a bootstrap credential:
+    # the node enrolls without reaching Keystone
+    offline: bool = False
     edge_domain: str = "edge"
     ca_bundle: Path | None = None  # the control plane's CA that the node pins
     interface: str = "public"  # the catalog interface the node uses
@@ -50,10 +60,11 @@ class Enrolled:
     node_id: str
     project_id: str
     user_id: str
-    bootstrap_id: str
-    expires_at: str
+    credential_id: str  # the bootstrap credential, or the node's own (offline)
+    expires_at: str | None  # None: the offline node credential does not expire
     rotated: list[str]
     seed: Path
+    offline: bool = False
 
 
 def parse_pcrs(text: str) -> tuple[int, ...]:
@@ -176,15 +187,121 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
             conn.identity.update_user(node.user_id, is_enabled=True)
         conn.identity.assign_project_role_to_user(node.project_id, node.user_id, member.id)
     # where the node writes its report; its credential may change that record only
-    reports.ensure_report_image(conn, node)
+    report_id = reports.ensure_report_image(conn, node)
+    if req.offline:
+        # the node's final credential is made here: its name is unique per user, so every
+        # earlier credential of the node's user (bootstrap or node credential) goes first
+        rotated = []
+        for old in nodes.app_credentials(conn, node.user_id):
+            nodes.delete_app_credential(conn, node.user_id, old["id"])
+            rotated.append(old["id"])
+        expires_at = None  # a node with no network could not renew it
+    else:
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=req.window_days)
+        expires_at = expires.strftime("%Y-%m-%dT%H:%M:%S")
+    spec = credential_spec(req.node_id, node.project_id, report_id, expires_at)
+    cred, revoked_at = _create_as_node_user(conn, node, spec)
+    if not req.offline:
+        # rotation: every older bootstrap credential goes
+        rotated = []
+        for old in nodes.app_credentials(conn, node.user_id):
+            if old["name"].startswith(nodes.BOOTSTRAP_PREFIX) and old["id"] != cred["id"]:
+                nodes.delete_app_credential(conn, node.user_id, old["id"])
+                rotated.append(old["id"])
 
-    # An application credential is created by its user: set a one-time password that
-    # lives only in this process, use it once, then replace it by another one nobody knows.
+    try:
+        wrapped = tpm.wrap_for_ek(ek_pem, cred.pop("secret").encode(), pcr_values)
+    except tpm.TpmError as e:
+        nodes.delete_app_credential(conn, node.user_id, cred["id"])
+        raise TrustError(f"cannot wrap the credential for this EK: {e}") from None
+
+    kind = seed.Credential.NODE if req.offline else seed.Credential.BOOTSTRAP
+    record: dict[str, Any] = {
+        "application_credential_id": cred["id"],
+        "wrapped": base64.b64encode(wrapped).decode(),
+    }
+    if expires_at is not None:
+        record["expires_at"] = expires_at
+    bundle: dict[str, Any] = {
+        "version": seed.BUNDLE_VERSION,
+        "node_id": req.node_id,
+        "project_id": node.project_id,
+        "user_id": node.user_id,
+        "user_domain_id": domain_id,
+        "auth_url": auth_url,
+        "region": region,
+        "interface": req.interface,
+        "ca_pem": ca_pem,
+        "pcrs": list(req.pcrs),
+        "pcr_bank": "sha256",
+        kind.value: record,
+    }
+    try:
+        seed.write_seed(req.seed_out, req.node_id, bundle)
+    except Exception:
+        nodes.delete_app_credential(conn, node.user_id, cred["id"])
+        raise
+    nodes.update_project(
+        conn,
+        node.project_id,
+        {
+            # an offline enrollment has no bootstrap credential: nothing expires
+            "edgepin_bootstrap_expires_at": expires_at or "",
+            "edgepin_enrolled_for": _ek_fingerprint(ek_pem),
+            # what a key is wrapped for later (air-gapped bundles): public, not secret
+            tpmrecord.TPM_ATTR: target.as_record(),
+        },
+    )
+    # that second password change revoked the user's tokens with one-second precision too:
+    # a token the node issues with the new credential within that second would be
+    # refused, so the command returns only once it has passed (a node enrolling at once, as
+    # in a test or at a factory station, is not refused)
+    time.sleep(max(0.0, 1.1 - (time.monotonic() - revoked_at)))
+    return Enrolled(
+        req.node_id,
+        node.project_id,
+        node.user_id,
+        cred["id"],
+        expires_at,
+        rotated,
+        req.seed_out,
+        req.offline,
+    )
+
+
+def credential_spec(
+    node_id: str, project_id: str, report_id: str | None, expires_at: str | None
+) -> dict[str, Any]:
+    """The application credential enroll creates for the node's user (pure): a bootstrap
+    credential expiring at ``expires_at`` (unrestricted: it must create the node's own), or,
+    with no expiry (offline enrollment), the node's own credential ``edgepin-node`` with
+    the access rules the node gives it when it enrolls online, and no more power: a
+    restricted credential cannot create or delete application credentials."""
+    if expires_at is None:
+        return {
+            "name": nodes.NODE_CREDENTIAL_NAME,
+            "description": f"edgepin node {node_id}, enrolled offline, sealed to its TPM",
+            "roles": [{"name": "member"}],
+            "access_rules": access_rules(project_id, report_id),
+        }
+    return {
+        "name": f"{nodes.BOOTSTRAP_PREFIX}-{secrets.token_hex(4)}",
+        "description": "edgepin bootstrap: single use, deleted by the node after enrollment",
+        "expires_at": expires_at,
+        "unrestricted": True,  # it must create the node's own credential
+        "roles": [{"name": "member"}],
+    }
+
+
+def _create_as_node_user(conn: Any, node: nodes.Node, spec: dict[str, Any]) -> tuple[Any, float]:
+    """Create the application credential ``spec`` as the node's user; the credential (its
+    secret included, only in memory) and when the one-time password was replaced.
+
+    An application credential is created by its user: set a one-time password that lives
+    only in this process, use it once, then replace it by another one nobody knows."""
     password = secrets.token_urlsafe(32)
     with translate("keystone", "set the node user's one-time password"):
         conn.identity.update_user(node.user_id, password=password)
-    expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=req.window_days)
-    expires_at = expires.strftime("%Y-%m-%dT%H:%M:%S")
     # Keystone revokes the user's tokens on a password change with one-second precision:
     # a token issued within the same second would be born revoked.
     time.sleep(1.1)
@@ -203,83 +320,22 @@ def enroll(conn: Any, req: EnrollRequest, auth_url: str, region: str | None) -> 
         ),
         verify=conn.session.verify,
     )
-    with translate("keystone", "create the bootstrap credential"):
+    with translate("keystone", f"create the credential {spec['name']}"):
         try:
+            # log=False: the answer holds the credential's secret
             r = user_session.post(
                 f"{identity_url}/users/{node.user_id}/application_credentials",
-                json={
-                    "application_credential": {
-                        "name": f"{nodes.BOOTSTRAP_PREFIX}-{secrets.token_hex(4)}",
-                        "description": "edgepin bootstrap: single use, deleted by the node "
-                        "after enrollment",
-                        "expires_at": expires_at,
-                        "unrestricted": True,  # it must create the node's own credential
-                        "roles": [{"name": "member"}],
-                    }
-                },
+                json={"application_credential": spec},
+                log=False,
             )
             cred = r.json()["application_credential"]
         finally:
             conn.identity.update_user(node.user_id, password=secrets.token_urlsafe(32))
             revoked_at = time.monotonic()
             del password
-    if not cred.get("secret"):
+    if not isinstance(cred, dict) or not cred.get("secret"):
         raise AuthError("keystone returned no application credential secret")
-
-    # rotation: every older bootstrap credential goes
-    rotated = []
-    for old in nodes.app_credentials(conn, node.user_id):
-        if old["name"].startswith(nodes.BOOTSTRAP_PREFIX) and old["id"] != cred["id"]:
-            nodes.delete_app_credential(conn, node.user_id, old["id"])
-            rotated.append(old["id"])
-
-    try:
-        wrapped = tpm.wrap_for_ek(ek_pem, cred["secret"].encode(), pcr_values)
-    except tpm.TpmError as e:
-        nodes.delete_app_credential(conn, node.user_id, cred["id"])
-        raise TrustError(f"cannot wrap the credential for this EK: {e}") from None
-
-    bundle: dict[str, Any] = {
-        "version": seed.BUNDLE_VERSION,
-        "node_id": req.node_id,
-        "project_id": node.project_id,
-        "user_id": node.user_id,
-        "user_domain_id": domain_id,
-        "auth_url": auth_url,
-        "region": region,
-        "interface": req.interface,
-        "ca_pem": ca_pem,
-        "pcrs": list(req.pcrs),
-        "pcr_bank": "sha256",
-        "bootstrap": {
-            "application_credential_id": cred["id"],
-            "expires_at": expires_at,
-            "wrapped": base64.b64encode(wrapped).decode(),
-        },
-    }
-    try:
-        seed.write_seed(req.seed_out, req.node_id, bundle)
-    except Exception:
-        nodes.delete_app_credential(conn, node.user_id, cred["id"])
-        raise
-    nodes.update_project(
-        conn,
-        node.project_id,
-        {
-            "edgepin_bootstrap_expires_at": expires_at,
-            "edgepin_enrolled_for": _ek_fingerprint(ek_pem),
-            # what a key is wrapped for later (air-gapped bundles): public, not secret
-            tpmrecord.TPM_ATTR: target.as_record(),
-        },
-    )
-    # that second password change revoked the user's tokens with one-second precision too:
-    # a token the node issues with the new bootstrap credential within that second would be
-    # refused, so the command returns only once it has passed (a node enrolling at once, as
-    # in a test or at a factory station, is not refused)
-    time.sleep(max(0.0, 1.1 - (time.monotonic() - revoked_at)))
-    return Enrolled(
-        req.node_id, node.project_id, node.user_id, cred["id"], expires_at, rotated, req.seed_out
-    )
+    return cred, revoked_at
 
 
 def ek_fingerprint(pem: bytes) -> str:

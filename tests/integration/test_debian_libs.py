@@ -151,3 +151,12 @@ def test_bundles_on_debian_trixies_libraries() -> None:
         f"{bundles}::test_a_bundle_runs_the_guest_with_no_network_and_the_node_reports_it_later",
         f"{bundles}::test_a_bundle_for_another_node_a_tampered_truncated_or_older_one_is_refused",
     )
+
+
+def test_offline_enrollment_on_debian_trixies_libraries() -> None:
+    """A node enrolled with `edgepin enroll --offline`: its seed unwrapped and sealed, the
+    refusals of a seed for another TPM or other PCR values, a bundle run with the control
+    plane stopped and the reconcile that joins the fleet, with `edgepin node ...` on
+    Debian's library versions."""
+    env = {**os.environ, "EDGEPIN_TEST_NODE_PYTHONPATH": str(LIBS)}
+    child_pytest(env, str(ROOT / "tests" / "integration" / "test_offline_enroll.py"))

@@ -91,8 +91,11 @@ class VirtualNode:
     def node(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         # EDGEPIN_TEST_NODE_PYTHONPATH: the node's commands (only they) run with these
         # libraries first, e.g. Debian's versions (tests/integration/test_debian_libs.py)
+        # the libraries go before the rest of the path, which still finds the provisioner
+        # under test (a worktree on PYTHONPATH, say)
         libs = os.environ.get("EDGEPIN_TEST_NODE_PYTHONPATH")
-        env = {"PYTHONPATH": libs} if libs else None
+        path = [libs, os.environ.get("PYTHONPATH")] if libs else []
+        env = {"PYTHONPATH": os.pathsep.join(p for p in path if p)} if libs else None
         r = run_edgepin(["node", "--root", str(self.root), *args], env, timeout=timeout)
         named = "-".join(Path(a).name if "/" in a else a for a in args)
         log = self.root / "test-logs" / f"{len(self.logs):03d}-{named}.log"

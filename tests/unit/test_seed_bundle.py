@@ -34,8 +34,42 @@ def good() -> dict[str, Any]:
     }
 
 
+def offline() -> dict[str, Any]:
+    """A seed of `edgepin enroll --offline`: the node's own credential, wrapped."""
+    bundle = good()
+    bundle["node_credential"] = bundle.pop("bootstrap")
+    return bundle
+
+
 def test_a_good_bundle_parses() -> None:
     assert seed.parse_bundle(json.dumps(good()).encode()) == good()
+    assert seed.credential(good()) == (seed.Credential.BOOTSTRAP, good()["bootstrap"])
+
+
+def test_an_offline_bundle_parses_and_names_the_node_credential() -> None:
+    assert seed.parse_bundle(json.dumps(offline()).encode()) == offline()
+    kind, cred = seed.credential(offline())
+    assert kind is seed.Credential.NODE
+    assert cred == offline()["node_credential"]
+
+
+@pytest.mark.parametrize(
+    "bundle",
+    [
+        {**good(), "node_credential": good()["bootstrap"]},  # both
+        {k: v for k, v in good().items() if k != "bootstrap"},  # neither
+        {**offline(), "node_credential": []},
+        {**offline(), "node_credential": {"application_credential_id": "x", "wrapped": "*"}},
+        {**offline(), "node_credential": {"wrapped": good()["bootstrap"]["wrapped"]}},
+        {
+            **offline(),
+            "node_credential": {"application_credential_id": "\x1b[2J", "wrapped": "eA=="},
+        },
+    ],
+)
+def test_a_bundle_holds_exactly_one_well_formed_credential(bundle: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        seed.parse_bundle(json.dumps(bundle).encode())
 
 
 @pytest.mark.parametrize(
@@ -83,6 +117,30 @@ def test_any_field_replaced_gives_a_bundle_or_a_config_error(fields: dict[str, A
     except ConfigError:
         return
     assert parsed["auth_url"].startswith("https://") and parsed["pcrs"]
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from([good(), offline()]),
+    st.dictionaries(
+        st.sampled_from([*good(), "node_credential"]),
+        json_values | st.none().map(lambda _: {"application_credential_id": "x", "wrapped": ""}),
+        max_size=6,
+    ),
+    st.sets(st.sampled_from(["bootstrap", "node_credential"])),
+)
+def test_any_credential_fields_give_one_credential_or_a_config_error(
+    base: dict[str, Any], fields: dict[str, Any], dropped: set[str]
+) -> None:
+    bundle = {k: v for k, v in {**base, **fields}.items() if k not in dropped}
+    try:
+        parsed = seed.parse_bundle(json.dumps(bundle).encode())
+    except ConfigError:
+        return
+    kind, cred = seed.credential(parsed)
+    assert [k for k in seed.Credential if k.value in parsed] == [kind]
+    assert isinstance(cred["application_credential_id"], str)
+    base64.b64decode(cred["wrapped"], validate=True)
 
 
 def test_the_bundle_travels_in_meta_data_and_comes_back_from_cloud_inits_instance_data() -> None:
