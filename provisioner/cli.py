@@ -173,31 +173,9 @@ def _add_nodes(sub: Any) -> None:
     )
     a.add_argument("node_id", metavar="NODE_ID")
     a.add_argument("image_id", metavar="IMAGE_ID")
-    a.add_argument(
-        "--assignment-cert-id",
-        default=_env("EDGEPIN_ASSIGNMENT_CERT_ID") or _env("EDGEPIN_SIGNING_CERT_ID"),
-        help="Barbican UUID of the certificate whose key signs the assignment, pinned on the "
-        "node (env EDGEPIN_ASSIGNMENT_CERT_ID, else EDGEPIN_SIGNING_CERT_ID)",
-    )
-    a.add_argument(
-        "--assignment-key-id",
-        default=_env("EDGEPIN_ASSIGNMENT_KEY_ID") or _env("EDGEPIN_SIGNING_KEY_ID"),
-        help="Barbican UUID of the private key that signs the assignment "
-        "(env EDGEPIN_ASSIGNMENT_KEY_ID, else EDGEPIN_SIGNING_KEY_ID)",
-    )
-    a.add_argument(
-        "--assignment-key-file",
-        type=Path,
-        default=_env("EDGEPIN_ASSIGNMENT_KEY_FILE"),
-        help="the signing key as an unencrypted PEM file on this machine instead, kept off "
-        "the control plane (env EDGEPIN_ASSIGNMENT_KEY_FILE); needs --assignment-cert-file",
-    )
-    a.add_argument(
-        "--assignment-cert-file",
-        type=Path,
-        default=_env("EDGEPIN_ASSIGNMENT_CERT_FILE"),
-        help="the PEM certificate of --assignment-key-file (env EDGEPIN_ASSIGNMENT_CERT_FILE)",
-    )
+    from provisioner.fleetcli import add_signer_arguments
+
+    add_signer_arguments(a)
     a.add_argument(
         "--generation",
         type=int,
@@ -478,23 +456,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
-    from provisioner.operator.assign import AssignmentSigner, assign
+    from provisioner.fleetcli import signer_from_args
+    from provisioner.operator.assign import assign
 
-    files = args.assignment_key_file, args.assignment_cert_file
-    if any(files) and not all(files):
-        raise UsageError("--assignment-key-file and --assignment-cert-file go together")
-    if all(files):
-        signer = AssignmentSigner(key_file=files[0], cert_file=files[1])
-    elif args.assignment_cert_id and args.assignment_key_id:
-        signer = AssignmentSigner(args.assignment_cert_id, args.assignment_key_id)
-    else:
-        raise UsageError(
-            "assign needs --assignment-cert-id and --assignment-key-id (or the image-signing "
-            "EDGEPIN_SIGNING_CERT_ID and EDGEPIN_SIGNING_KEY_ID), or --assignment-key-file and "
-            "--assignment-cert-file: nodes run only signed assignments",
-            hint="create a key with `edgepin signing-cert create` and pin its certificate in "
-            "the host image (./build.sh image --assignment-cert FILE)",
-        )
+    signer = signer_from_args(args, "assign")
     if args.generation is not None and not 1 <= args.generation <= 2**62:
         raise UsageError("--generation must be a whole number from 1 to 2**62")
     result = assign(

@@ -28,8 +28,8 @@ def add_signer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--assignment-cert-id",
         default=_env("EDGEPIN_ASSIGNMENT_CERT_ID") or _env("EDGEPIN_SIGNING_CERT_ID"),
-        help="Barbican UUID of the certificate whose key signs the assignments "
-        "(env EDGEPIN_ASSIGNMENT_CERT_ID, else EDGEPIN_SIGNING_CERT_ID)",
+        help="Barbican UUID of the certificate whose key signs the assignments, pinned on "
+        "the nodes (env EDGEPIN_ASSIGNMENT_CERT_ID, else EDGEPIN_SIGNING_CERT_ID)",
     )
     p.add_argument(
         "--assignment-key-id",
@@ -41,8 +41,8 @@ def add_signer_arguments(p: argparse.ArgumentParser) -> None:
         "--assignment-key-file",
         type=Path,
         default=_env("EDGEPIN_ASSIGNMENT_KEY_FILE"),
-        help="the signing key as an unencrypted PEM file instead, kept off the control plane "
-        "(env EDGEPIN_ASSIGNMENT_KEY_FILE); needs --assignment-cert-file",
+        help="the signing key as an unencrypted PEM file on this machine instead, kept off "
+        "the control plane (env EDGEPIN_ASSIGNMENT_KEY_FILE); needs --assignment-cert-file",
     )
     p.add_argument(
         "--assignment-cert-file",
@@ -52,7 +52,8 @@ def add_signer_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def signer_from_args(args: argparse.Namespace) -> Any:
+def signer_from_args(args: argparse.Namespace, command: str) -> Any:
+    """The assignment signer that ``command``'s options (:func:`add_signer_arguments`) name."""
     from provisioner.operator.assign import AssignmentSigner
 
     files = args.assignment_key_file, args.assignment_cert_file
@@ -63,9 +64,11 @@ def signer_from_args(args: argparse.Namespace) -> Any:
     if args.assignment_cert_id and args.assignment_key_id:
         return AssignmentSigner(args.assignment_cert_id, args.assignment_key_id)
     raise UsageError(
-        "apply needs --assignment-cert-id and --assignment-key-id (or the image-signing "
+        f"{command} needs --assignment-cert-id and --assignment-key-id (or the image-signing "
         "EDGEPIN_SIGNING_CERT_ID and EDGEPIN_SIGNING_KEY_ID), or --assignment-key-file and "
-        "--assignment-cert-file: nodes run only signed assignments"
+        "--assignment-cert-file: nodes run only signed assignments",
+        hint="create a key with `edgepin signing-cert create` and pin its certificate in "
+        "the host image (./build.sh image --assignment-cert FILE)",
     )
 
 
@@ -183,7 +186,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if not 1 <= args.workers <= 64:
         raise UsageError("--workers must be from 1 to 64")
     placement = _placement(args.file)
-    signer = signer_from_args(args)
+    signer = signer_from_args(args, "apply")
     if placement.rollout is not None:
         return _rollout(args, placement, signer)
     if args.resume or args.abort or args.step:

@@ -18,33 +18,13 @@ import pytest
 
 from provisioner import tpm
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.node import VirtualNode, run_edgepin
+from tests.testbed.node import VirtualNode, node_status, ok, run_edgepin, wait_marker
 from tests.testbed.operator import Signer, assign, enroll_node
 from tests.testbed.swtpm import Swtpm
 
 pytestmark = pytest.mark.integration
 
 SERVICES = ("keystone", "glance", "barbican")
-
-
-def ok(r: Any) -> None:
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
-
-
-def status(node: VirtualNode) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(node.status_path.read_text())
-    return data
-
-
-def wait_marker(node: VirtualNode, marker: str, timeout: float = 60) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if node.serial_log.exists() and marker.encode() in node.serial_log.read_bytes():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"marker {marker} not seen on the guest's console")
 
 
 def project_of(node: VirtualNode) -> str:
@@ -129,7 +109,7 @@ def test_a_bundle_runs_the_guest_with_no_network_and_the_node_reports_it_later(
         r = node.node("import", str(stick))
         ok(r)
         wait_marker(node, v1["marker"])
-        st = status(node)
+        st = node_status(node)
         assert (st["state"], st["image_id"], st["generation"]) == ("running", v1["image_id"], 1)
         assert st["bytes_fetched_total"] == 0
         # the same stick again: nothing to do, the guest is left as it runs
@@ -139,7 +119,7 @@ def test_a_bundle_runs_the_guest_with_no_network_and_the_node_reports_it_later(
         assert guest_active(node)
         # a reconcile with no network keeps it running from the local copy
         ok(node.node("reconcile"))
-        assert status(node)["state"] == "offline"
+        assert node_status(node)["state"] == "offline"
     finally:
         for service in SERVICES:
             controlplane.start_service(service)
@@ -150,7 +130,7 @@ def test_a_bundle_runs_the_guest_with_no_network_and_the_node_reports_it_later(
     # the control plane heard nothing yet; the first reconcile that reaches it reports
     assert member_status(admin, v1["image_id"], node) == "pending"
     ok(node.node("reconcile"))
-    st = status(node)
+    st = node_status(node)
     assert (st["state"], st["image_id"], st["bytes_fetched_total"]) == (
         "running",
         v1["image_id"],
@@ -203,7 +183,7 @@ def test_a_bundle_for_another_node_a_tampered_truncated_or_older_one_is_refused(
         r = node.node("import", str(path))
         assert r.returncode == code and why in r.stderr, f"{r.stdout}\n{r.stderr}"
         assert "Traceback" not in r.stderr
-        st = status(node)
+        st = node_status(node)
         assert (st["state"], st["image_id"]) == ("refused", v1["image_id"]), st
         assert guest_active(node)
         assert not [p.name for p in images.iterdir() if p.name.startswith(".")]
@@ -289,21 +269,22 @@ def test_a_bundle_for_another_node_a_tampered_truncated_or_older_one_is_refused(
     assert (
         '--pcr-values FILE`, FILE holding this node\'s PCR values: {"7": "' + "0" * 64 in r.stderr
     )
-    assert (status(node)["state"], status(node)["image_id"]) == ("refused", v1["image_id"])
+    st = node_status(node)
+    assert (st["state"], st["image_id"]) == ("refused", v1["image_id"])
     assert guest_active(node)
 
     # the genuine bundle: switched to v2, the previous guest kept for rollback
     r = node.node("import", str(good.parent))
     ok(r)
     wait_marker(node, v2["marker"])
-    st = status(node)
+    st = node_status(node)
     assert (st["state"], st["image_id"], st["generation"]) == ("running", v2["image_id"], 2)
     assert st["previous_image_id"] == v1["image_id"]
 
     # an older bundle, genuine and signed for this node: refused as a rollback
     r = node.node("import", str(older))
     assert r.returncode == 10 and "rollback attack" in r.stderr, r.stdout + r.stderr
-    st = status(node)
+    st = node_status(node)
     assert (st["state"], st["image_id"]) == ("refused", v2["image_id"])
     assert guest_active(node)
 

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import secrets
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,29 +21,10 @@ from provisioner.operator.signingcert import load_key
 from provisioner.signing import load_certificate
 from tests.integration.conftest import make_signer
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.node import VirtualNode, run_edgepin
+from tests.testbed.node import VirtualNode, node_status, ok, run_edgepin, wait_marker
 from tests.testbed.operator import Signer, assign, enroll_node, signed_assignment
 
 pytestmark = pytest.mark.integration
-
-
-def status(node: VirtualNode) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(node.status_path.read_text())
-    return data
-
-
-def ok(r: Any) -> None:
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
-
-
-def wait_marker(node: VirtualNode, marker: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if node.serial_log.exists() and marker.encode() in node.serial_log.read_bytes():
-            return
-        time.sleep(0.25)
-    tail = node.serial_log.read_bytes()[-800:] if node.serial_log.exists() else b"(no log)"
-    raise AssertionError(f"marker {marker} not seen; serial tail:\n{tail.decode(errors='replace')}")
 
 
 def app_credentials(admin: Any, node: VirtualNode) -> list[dict[str, Any]]:
@@ -111,7 +91,7 @@ def test_seed_to_running_guest_then_nothing_to_do(
     assign(cli_env, node, pub["image_id"])
     ok(node.node("reconcile"))
     wait_marker(node, pub["marker"])
-    st = status(node)
+    st = node_status(node)
     assert st["state"] == "running" and st["image_id"] == pub["image_id"]
     assert st["generation"] == 1
     assert member_status(admin, pub["image_id"], node) == "accepted"
@@ -122,7 +102,7 @@ def test_seed_to_running_guest_then_nothing_to_do(
 
     # a second run downloads nothing and mints nothing
     ok(node.node("reconcile"))
-    assert status(node)["bytes_fetched_total"] == fetched
+    assert node_status(node)["bytes_fetched_total"] == fetched
     assert app_credentials(admin, node) == creds
 
     # the domain XML is pinned and carries the key only by reference
@@ -175,7 +155,7 @@ def test_the_node_keeps_its_token_in_memory_and_a_revoked_node_is_refused_at_onc
     assert kept.stat().st_mode & 0o777 == 0o600
     assert token.filesystem_of(kept) == "tmpfs"
     token_id = json.loads(json.loads(kept.read_text())["auth_state"])["auth_token"]
-    assert status(node)["state"] == "waiting"
+    assert node_status(node)["state"] == "waiting"
 
     # a reconcile with nothing to do: one request to Keystone, with the kept token
     before = len(keystone_requests(controlplane))
@@ -202,7 +182,7 @@ def test_the_node_keeps_its_token_in_memory_and_a_revoked_node_is_refused_at_onc
     assert app_credentials(admin, node) == []
     r = node.node("reconcile")
     assert r.returncode == 4, r.stdout + r.stderr
-    st = status(node)
+    st = node_status(node)
     assert (st["state"], st["error"]) == ("offline", "auth"), st
     assert not kept.exists()  # an invalidated token is forgotten
 
@@ -237,7 +217,7 @@ def test_only_an_assignment_signed_for_this_node_is_run(
         )
         r = node.node("reconcile")
         assert r.returncode == code and why in r.stderr, r.stdout + r.stderr
-        st = status(node)
+        st = node_status(node)
         assert st["state"] == "refused" and st["image_id"] == v1["image_id"], st
         conn = libvirt.open(node.libvirtd.uri)
         try:
@@ -265,7 +245,7 @@ def test_only_an_assignment_signed_for_this_node_is_run(
         f"/projects/{project}", json={"project": {"edgepin_assignment": json.dumps(readable)}}
     )
     ok(node.node("reconcile"))
-    assert status(node)["image_id"] == v1["image_id"]
+    assert node_status(node)["image_id"] == v1["image_id"]
     assert not (node.root / f"var/lib/edgepin/images/{v2['image_id']}.qcow2").exists()
     # the signed payload changed: the signature no longer verifies
     payload = json.loads(base64.b64decode(signed["signed"]["payload"]))
@@ -288,7 +268,7 @@ def test_only_an_assignment_signed_for_this_node_is_run(
     assign(cli_env, node, v3["image_id"])
     ok(node.node("reconcile"))
     wait_marker(node, v3["marker"])
-    assert status(node)["image_id"] == v3["image_id"]
+    assert node_status(node)["image_id"] == v3["image_id"]
 
 
 def test_offline_reboot_update_rollback_and_rollback_attack(
@@ -319,7 +299,7 @@ def test_offline_reboot_update_rollback_and_rollback_attack(
     try:
         r = node.node("reconcile")
         assert r.returncode == 0, r.stderr
-        assert status(node)["state"] == "offline"
+        assert node_status(node)["state"] == "offline"
         wait_marker(node, v1["marker"])
     finally:
         for service in ("keystone", "glance", "barbican"):
@@ -330,7 +310,7 @@ def test_offline_reboot_update_rollback_and_rollback_attack(
     assign(cli_env, node, v2["image_id"])
     ok(node.node("reconcile"))
     wait_marker(node, v2["marker"])
-    st = status(node)
+    st = node_status(node)
     assert st["image_id"] == v2["image_id"] and st["previous_image_id"] == v1["image_id"]
     images = sorted(p.name for p in (node.root / "var/lib/edgepin/images").iterdir())
     assert images == sorted([f"{v1['image_id']}.qcow2", f"{v2['image_id']}.qcow2"])
@@ -340,7 +320,7 @@ def test_offline_reboot_update_rollback_and_rollback_attack(
     assign(cli_env, node, bad["image_id"])
     r = node.node("reconcile")
     assert r.returncode == 11, r.stdout + r.stderr
-    st = status(node)
+    st = node_status(node)
     assert st["state"] == "rolled-back" and st["image_id"] == v2["image_id"]
     assert member_status(admin, bad["image_id"], node) == "rejected"
     conn = libvirt.open(node.libvirtd.uri)
@@ -363,7 +343,7 @@ def test_offline_reboot_update_rollback_and_rollback_attack(
     r = record(signed_assignment(admin, signer, project, node.name, v1["image_id"], 1))
     assert r.returncode == 10
     assert "rollback attack" in r.stderr
-    assert status(node)["image_id"] == v2["image_id"]
+    assert node_status(node)["image_id"] == v2["image_id"]
 
     # the highest generation seen (3, the image that was rolled back) names one image only
     r = record(signed_assignment(admin, signer, project, node.name, v1["image_id"], 3))
@@ -377,7 +357,7 @@ def test_offline_reboot_update_rollback_and_rollback_attack(
     ):
         r = record(hostile)
         assert r.returncode == 7 and "Traceback" not in r.stderr, r.stdout + r.stderr
-        st = status(node)
+        st = node_status(node)
         assert st["state"] == "refused" and st["image_id"] == v2["image_id"], st
     conn = libvirt.open(node.libvirtd.uri)
     try:
@@ -421,7 +401,7 @@ def test_pcr_change_refuses_and_foreign_domain_removed(
     assert r.returncode == 9
     assert "measured boot state differs" in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("edgepin: error")]) == 1
-    st = status(node)
+    st = node_status(node)
     assert st["state"] == "refused" and "measured boot state" in st["reason"]
     conn = libvirt.open(node.libvirtd.uri)
     try:
@@ -488,7 +468,7 @@ def test_interrupted_download_resumes_with_range(
     images.mkdir(parents=True, exist_ok=True)
     (images / f"{pub['image_id']}.partial").write_bytes(data[:half])
     ok(node.node("reconcile"))
-    st = status(node)
+    st = node_status(node)
     assert st["state"] == "running"
     assert st["bytes_fetched_total"] == len(data) - half
     wait_marker(node, pub["marker"])
@@ -497,10 +477,10 @@ def test_interrupted_download_resumes_with_range(
     v2 = publish(version="2")
     size2 = len(admin.image.get(f"/images/{v2['image_id']}/file").content)
     (images / f"{v2['image_id']}.partial").write_bytes(os.urandom(size2 // 2))
-    before = status(node)["bytes_fetched_total"]
+    before = node_status(node)["bytes_fetched_total"]
     assign(cli_env, node, v2["image_id"])
     ok(node.node("reconcile"))
-    st = status(node)
+    st = node_status(node)
     assert st["image_id"] == v2["image_id"]
     assert st["bytes_fetched_total"] - before == size2 - size2 // 2 + size2
     r = node.node("status")
@@ -544,7 +524,7 @@ def test_edits_to_the_state_partition_give_an_attacker_nothing(
     def refused(code: int, words: str) -> None:
         r = node.node("reconcile")
         assert r.returncode == code and words in r.stderr, f"{r.returncode}: {r.stderr}"
-        assert status(node)["state"] in ("refused", "failed"), status(node)
+        assert node_status(node)["state"] in ("refused", "failed"), node_status(node)
 
     # an older, genuine copy of node.json (generation 1): refused, the running guest kept
     (var / "node.json").write_bytes(old_ledger)
@@ -581,13 +561,13 @@ def test_edits_to_the_state_partition_give_an_attacker_nothing(
     conn = libvirt.open(node.libvirtd.uri)
     conn.lookupByName("edgepin-guest").destroy()
     conn.close()
-    fetched = status(node)["bytes_fetched_total"]
+    fetched = node_status(node)["bytes_fetched_total"]
     refused(8, "the local copy of image")
     assert not guest()[0], "a swapped image was started"
     assert not (images / f"{second['image_id']}.qcow2").exists()
     ok(node.node("reconcile"))
     wait_marker(node, second["marker"])
-    st = status(node)
+    st = node_status(node)
     assert st["state"] == "running" and st["image_id"] == second["image_id"]
     assert st["bytes_fetched_total"] > fetched
 
@@ -602,7 +582,7 @@ def test_edits_to_the_state_partition_give_an_attacker_nothing(
     refused(8, "the sealed key of image")
     assert not guest()[0], "a guest was started with a swapped key blob"
     ok(node.node("reconcile"))
-    assert status(node)["state"] == "running"
+    assert node_status(node)["state"] == "running"
 
 
 def test_a_node_seeded_for_other_pcr_values_says_its_own_and_takes_a_new_seed(

@@ -17,34 +17,13 @@ import pytest
 
 from provisioner import seed, tpm
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.node import VirtualNode, run_edgepin
+from tests.testbed.node import VirtualNode, node_status, ok, run_edgepin, wait_marker
 from tests.testbed.operator import Signer, assign
 from tests.testbed.swtpm import Swtpm
 
 pytestmark = pytest.mark.integration
 
 SERVICES = ("keystone", "glance", "barbican")
-
-
-def ok(r: Any) -> Any:
-    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
-    return r
-
-
-def status(node: VirtualNode) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(node.status_path.read_text())
-    return data
-
-
-def wait_marker(node: VirtualNode, marker: str, timeout: float = 60) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if node.serial_log.exists() and marker.encode() in node.serial_log.read_bytes():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"marker {marker} not seen on the guest's console")
 
 
 def enroll_offline(
@@ -163,10 +142,10 @@ def test_an_offline_enrolled_node_runs_from_a_bundle_and_joins_the_fleet_later(
         # the guest from the bundle alone
         ok(node.node("import", str(stick)))
         wait_marker(node, v1["marker"])
-        st = status(node)
+        st = node_status(node)
         assert (st["state"], st["image_id"], st["generation"]) == ("running", v1["image_id"], 1)
         ok(node.node("reconcile"))
-        assert status(node)["state"] == "offline"
+        assert node_status(node)["state"] == "offline"
     assert files_holding(node.root / "var", secret) == []
     assert files_holding(node.root / "run", secret) == []
 
@@ -174,7 +153,7 @@ def test_an_offline_enrolled_node_runs_from_a_bundle_and_joins_the_fleet_later(
     r = admin.image.get(f"/images/{v1['image_id']}/members/{result['project_id']}")
     assert r.json()["status"] == "pending"
     ok(node.node("reconcile"))
-    st = status(node)
+    st = node_status(node)
     assert (st["state"], st["image_id"], st["bytes_fetched_total"]) == (
         "running",
         v1["image_id"],

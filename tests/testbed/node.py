@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,26 @@ class VirtualNode:
     @property
     def status_path(self) -> Path:
         return self.root / "run" / "edgepin" / "status.json"
+
+
+def ok(r: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    """``r``, which must have exited 0 (else its output says why)."""
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def node_status(node: VirtualNode) -> dict[str, Any]:
+    """The status file the node's last command wrote."""
+    data: dict[str, Any] = json.loads(node.status_path.read_text())
+    return data
+
+
+def wait_marker(node: VirtualNode, marker: str, timeout: float = 60) -> None:
+    """Wait until the guest prints ``marker`` on its serial console."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node.serial_log.exists() and marker.encode() in node.serial_log.read_bytes():
+            return
+        time.sleep(0.25)
+    tail = node.serial_log.read_bytes()[-800:] if node.serial_log.exists() else b"(no log)"
+    raise AssertionError(f"marker {marker} not seen; serial tail:\n{tail.decode(errors='replace')}")
