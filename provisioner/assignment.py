@@ -96,6 +96,16 @@ def sign(
     }
 
 
+def _decode(raw: Any) -> Any:
+    """The record as JSON decodes it (an object given as such is taken as is)."""
+    if isinstance(raw, str | bytes) and len(raw) > MAX_RECORD:
+        raise ImageError("the assignment record is too long")
+    try:
+        return json.loads(raw) if isinstance(raw, str | bytes) else raw
+    except (ValueError, RecursionError):
+        raise ImageError("the assignment record is not JSON") from None
+
+
 def verify(
     raw: Any, pinned: dict[str, x509.Certificate], node: str, node_name: str
 ) -> Assignment | None:
@@ -104,12 +114,7 @@ def verify(
     there is none."""
     if raw is None or raw == "":
         return None
-    if isinstance(raw, str | bytes) and len(raw) > MAX_RECORD:
-        raise ImageError("the assignment record is too long")
-    try:
-        data = json.loads(raw) if isinstance(raw, str | bytes) else raw
-    except (ValueError, RecursionError):
-        raise ImageError("the assignment record is not JSON") from None
+    data = _decode(raw)
     if not isinstance(data, dict):
         raise ImageError("the assignment record is not an object")
     signed = data.get("signed")
@@ -151,12 +156,7 @@ def read_signed(raw: Any, node: str, node_name: str) -> tuple[Assignment, str]:
     what the node would refuse before that: no record, no signature, another node."""
     if raw is None or raw == "":
         raise ImageError("there is no assignment record")
-    if isinstance(raw, str | bytes) and len(raw) > MAX_RECORD:
-        raise ImageError("the assignment record is too long")
-    try:
-        data = json.loads(raw) if isinstance(raw, str | bytes) else raw
-    except (ValueError, RecursionError):
-        raise ImageError("the assignment record is not JSON") from None
+    data = _decode(raw)
     signed = data.get("signed") if isinstance(data, dict) else None
     if not isinstance(signed, dict) or not all(
         isinstance(signed.get(k), str) for k in SIGNED_FIELDS
