@@ -24,13 +24,13 @@ import pytest
 
 from tests.integration.conftest import make_publisher, make_signer
 from tests.integration.test_faults import image_endpoint
-from tests.integration.test_node import member_status, status, wait_marker
+from tests.integration.test_node import member_status
 from tests.testbed.ceph import GLANCE_USER, IMAGES_POOL, CephError
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.guest import build_initramfs
 from tests.testbed.libvirtd import Libvirtd
-from tests.testbed.node import VirtualNode
+from tests.testbed.node import VirtualNode, node_status, wait_marker
 from tests.testbed.operator import Signer, assign, enroll_node
 from tests.testbed.swtpm import SwtpmFactory
 
@@ -192,7 +192,7 @@ def test_first_boot_to_a_running_guest(bed: Bed, cli_env: dict[str, str], admin:
     assign(cli_env, node, bed.v1["image_id"])
     ok(node.node("reconcile"))
     wait_marker(node, bed.v1["marker"])
-    st = status(node)
+    st = node_status(node)
     assert st["state"] == "running" and st["image_id"] == bed.v1["image_id"]
     assert member_status(admin, bed.v1["image_id"], node) == "accepted"
     assert st["bytes_fetched_total"] > 0
@@ -203,7 +203,7 @@ def test_update(bed: Bed, cli_env: dict[str, str], publish: Callable[..., dict[s
     assign(cli_env, bed.node, v2["image_id"])
     ok(bed.node.node("reconcile"))
     wait_marker(bed.node, v2["marker"])
-    st = status(bed.node)
+    st = node_status(bed.node)
     assert st["state"] == "running" and st["image_id"] == v2["image_id"]
     assert st["generation"] == 2
 
@@ -220,7 +220,7 @@ def test_cut_download_restarts_from_zero_once_and_converges(
     image_id = v3["image_id"]
     size = int(admin.image.get(f"/images/{image_id}").json()["size"])
     assign(cli_env, bed.node, image_id)
-    before = status(bed.node)["bytes_fetched_total"]
+    before = node_status(bed.node)["bytes_fetched_total"]
     images = bed.node.root / "var/lib/edgepin/images"
     tls = cp.run_dir / "tls"
     proxy = FaultProxy(cp.url("glance"), cp.ca_path, tls / "server.pem", tls / "server-key.pem")
@@ -231,7 +231,7 @@ def test_cut_download_restarts_from_zero_once_and_converges(
             r = bed.node.node("reconcile")
             assert r.returncode == 5, r.stdout + r.stderr
             assert "resumes on the next run" in r.stderr
-            assert status(bed.node)["state"] == "offline"
+            assert node_status(bed.node)["state"] == "offline"
             kept = (images / f"{image_id}.partial").stat().st_size
             assert 0 < kept < size
             assert not (images / f"{image_id}.qcow2").exists()  # never a partial image
@@ -249,7 +249,7 @@ def test_cut_download_restarts_from_zero_once_and_converges(
     assert any('" 400 ' in line for line in refused), refused[-4:]
     assert "restarting from byte 0" in bed.node.logs[-1].read_text()
     wait_marker(bed.node, v3["marker"])
-    st = status(bed.node)
+    st = node_status(bed.node)
     assert st["state"] == "running" and st["image_id"] == image_id
     # the whole image once more (a resume would have fetched size - kept)
     assert size <= st["bytes_fetched_total"] - before <= size * 1.05

@@ -34,11 +34,11 @@ from provisioner.node.fetch import CHUNK
 from provisioner.operator.assign import grant
 from provisioner.operator.signingcert import load_key
 from provisioner.signing import StreamSigner
-from tests.integration.test_node import member_status, status, wait_marker
+from tests.integration.test_node import member_status
 from tests.testbed.controlplane import ControlPlane, make_ca
 from tests.testbed.faultproxy import FaultProxy, Seen
 from tests.testbed.libvirtd import Libvirtd
-from tests.testbed.node import EDGEPIN, VirtualNode
+from tests.testbed.node import EDGEPIN, VirtualNode, node_status, wait_marker
 from tests.testbed.operator import Signer, assign, enroll_node, signed_assignment
 from tests.testbed.swtpm import SwtpmFactory
 
@@ -113,7 +113,7 @@ def refused(
     assert "Traceback" not in r.stderr
     expected = running or current(bed)
     assert guest_image(bed.node) == expected, "the running guest was harmed"
-    return status(bed.node)
+    return node_status(bed.node)
 
 
 def current(bed: Bed) -> str:
@@ -268,7 +268,7 @@ def test_truncated_then_resumed(
     pub = publish(version="cut")
     size = len(encrypted_bytes(admin, pub["image_id"]))
     assign(cli_env, bed.node, pub["image_id"])
-    before = status(bed.node)["bytes_fetched_total"]
+    before = node_status(bed.node)["bytes_fetched_total"]
     with image_endpoint(admin, proxy.url):
         proxy.fault = ("reset", size // 2)
         st = refused(bed, bed.node.node("reconcile"), 5, "resumes on the next run")
@@ -279,7 +279,7 @@ def test_truncated_then_resumed(
         mark = len(proxy.seen)
         r = bed.node.node("reconcile")
     assert r.returncode == 0, r.stderr
-    st = status(bed.node)
+    st = node_status(bed.node)
     assert st["image_id"] == pub["image_id"]
     assert st["bytes_fetched_total"] - before <= size * 1.05
     # resumed, not restarted: one request for the rest, from where the kept bytes end
@@ -387,7 +387,7 @@ def test_hostile_property_values(bed: Bed, admin: Any, signer: Signer) -> None:
     assert "<hostdev" not in xml and "passwd" not in xml and "ENTITY" not in xml
     # printed on consoles: control characters (here a bell) are dropped
     shown = "".join(c for c in props["edgepin_version"] if c.isprintable())[:64]
-    assert status(bed.node)["version"] == shown and "\x07" not in shown
+    assert node_status(bed.node)["version"] == shown and "\x07" not in shown
     # back to a clean v1 for the next cases
     force_assign(admin, bed, bed.v1["image_id"])
     assert bed.node.node("reconcile").returncode == 0
@@ -480,7 +480,7 @@ def test_no_assignment_at_all(
         enroll_node(node, cli_env, signer, run_dir)
         assert node.node("enroll").returncode == 0
         r = node.node("reconcile")
-        assert r.returncode == 0 and status(node)["state"] == "waiting"
+        assert r.returncode == 0 and node_status(node)["state"] == "waiting"
     finally:
         node.tpm.stop()
 
@@ -509,7 +509,7 @@ def test_assignment_changes_during_download(
         proxy.fault = None
         r = bed.node.node("reconcile")
     assert r.returncode == 0, r.stderr
-    assert status(bed.node)["image_id"] == b["image_id"]
+    assert node_status(bed.node)["image_id"] == b["image_id"]
     wait_marker(bed.node, b["marker"])
 
 
@@ -549,7 +549,7 @@ def test_glance_5xx_and_slow(
         seen = len(proxy.seen)
         r = bed.node.node("reconcile")
         assert r.returncode == 0, r.stdout + r.stderr
-        st = status(bed.node)
+        st = node_status(bed.node)
         assert st["state"] == "offline" and "asks it nothing before" in st["reason"], st
         assert len(proxy.seen) == seen and guest_image(bed.node) == current(bed)
         time.sleep(max(0.0, kept["quiet_until"] - time.time()) + 0.5)
@@ -557,7 +557,7 @@ def test_glance_5xx_and_slow(
         proxy.fault = ("slow", 2 * 1024 * 1024)
         r = bed.node.node("reconcile")
     assert r.returncode == 0, r.stderr
-    assert status(bed.node)["image_id"] == pub["image_id"]
+    assert node_status(bed.node)["image_id"] == pub["image_id"]
 
 
 def test_barbican_down(
@@ -576,7 +576,7 @@ def test_barbican_down(
     finally:
         controlplane.start_service("barbican")
     assert bed.node.node("reconcile").returncode == 0
-    assert status(bed.node)["image_id"] == pub["image_id"]
+    assert node_status(bed.node)["image_id"] == pub["image_id"]
 
 
 def test_keystone_down(bed: Bed, controlplane: ControlPlane) -> None:
@@ -587,7 +587,7 @@ def test_keystone_down(bed: Bed, controlplane: ControlPlane) -> None:
     finally:
         controlplane.start_service("keystone")
     assert r.returncode == 0
-    assert status(bed.node)["state"] == "offline"
+    assert node_status(bed.node)["state"] == "offline"
     assert guest_image(bed.node) == current(bed)
 
 
@@ -642,7 +642,7 @@ def converged(
     assert "edgepin: error" not in out and "Traceback" not in out, out
     trouble = re.search(r"\b401\b|unauthori[sz]ed|expired|token", out, re.IGNORECASE)
     assert trouble is None, f"{trouble.group()!r} in the node's output:\n{out}"
-    st = status(bed.node)
+    st = node_status(bed.node)
     assert (st["state"], st["image_id"], st["error"]) == ("running", pub["image_id"], None), st
     images = bed.node.root / "var/lib/edgepin/images"
     assert (images / f"{pub['image_id']}.qcow2").exists()  # verified and renamed
@@ -672,7 +672,7 @@ def test_token_expires_during_long_download(
         image_endpoint(admin, proxy.url),
     ):
         case("keystone-token-expires-mid-download")
-        before = status(bed.node)["bytes_fetched_total"]
+        before = node_status(bed.node)["bytes_fetched_total"]
         issued0, seen0 = tokens_issued(controlplane), len(proxy.seen)
         proxy.fault = ("slow", size_a / (lifetime + 10))
         r = bed.node.node("reconcile")
@@ -696,7 +696,7 @@ def test_token_expires_during_long_download(
             timeout=30,
         )
         assert gone.status_code == 401, "glance still takes the download's token"
-        assert status(bed.node)["bytes_fetched_total"] - before == size_a
+        assert node_status(bed.node)["bytes_fetched_total"] - before == size_a
         figures["long"] = {
             "size": size_a,
             "download_s": round(d.ended - d.started, 1),
@@ -708,7 +708,7 @@ def test_token_expires_during_long_download(
 
         case("keystone-token-expired-then-cut")
         force_assign(admin, bed, b["image_id"])  # with admin's hour-long token
-        before = status(bed.node)["bytes_fetched_total"]
+        before = node_status(bed.node)["bytes_fetched_total"]
         issued0, seen0 = tokens_issued(controlplane), len(proxy.seen)
         rate = size_b / (lifetime + 10)
         cut_at = int(rate * (lifetime + 5))  # ~5 s after the token expired
@@ -739,7 +739,7 @@ def test_token_expires_during_long_download(
         assert new is not None and when(new["issued_at"]) >= expired_at - 1
         sent = first.sent + resume.sent
         assert sent <= size_b + 2 * CHUNK, f"{sent} bytes sent for an image of {size_b}"
-        assert status(bed.node)["bytes_fetched_total"] - before <= size_b
+        assert node_status(bed.node)["bytes_fetched_total"] - before <= size_b
         figures["cut"] = {
             "size": size_b,
             "cut_at": cut_at,
@@ -858,7 +858,7 @@ def test_disk_full_during_download(
         subprocess.run(["umount", "-l", str(images)], check=True)
     r = bed.node.node("reconcile")
     assert r.returncode == 0, r.stderr
-    assert status(bed.node)["image_id"] == pub["image_id"]
+    assert node_status(bed.node)["image_id"] == pub["image_id"]
 
 
 def test_kill_9_anywhere_converges(
@@ -879,7 +879,7 @@ def test_kill_9_anywhere_converges(
         proc.wait()
         r = bed.node.node("reconcile")
         assert r.returncode == 0, f"iteration {i}: {r.stdout}{r.stderr}"
-        assert status(bed.node)["image_id"] == pub["image_id"]
+        assert node_status(bed.node)["image_id"] == pub["image_id"]
         assert guest_image(bed.node) == pub["image_id"]
         leftovers = [p.name for p in (bed.node.root / "var/lib/edgepin").rglob(".*.tmp")]
         assert leftovers == []
@@ -981,7 +981,7 @@ def test_revoked_node_stops_its_guest_and_destroys_its_keys_after_the_grace_peri
         r = node.node("reconcile")
         assert r.returncode == 4, r.stdout + r.stderr
         assert "refused the node credential" in r.stderr
-        first = status(node)
+        first = node_status(node)
         assert first["state"] == "offline" and first["error"] == "auth", first
         assert guest_image(node) == pub["image_id"], "the guest was stopped within the grace"
 
@@ -993,14 +993,14 @@ def test_revoked_node_stops_its_guest_and_destroys_its_keys_after_the_grace_peri
         finally:
             controlplane.start_service("keystone")
         assert r.returncode == 0, r.stdout + r.stderr
-        assert status(node)["state"] == "offline"
+        assert node_status(node)["state"] == "offline"
         assert guest_image(node) == pub["image_id"]
         assert list((var / "keys").glob("*.sealed"))
 
         # refused again, and for longer than the grace period since the first refusal
         r = node.node("reconcile")
         assert r.returncode == 4, r.stdout + r.stderr
-        revoked = status(node)
+        revoked = node_status(node)
         assert revoked["state"] == "revoked" and revoked["image_id"] is None, revoked
         assert "keys and images destroyed" in revoked["reason"]
         assert guest_image(node) is None
@@ -1012,7 +1012,7 @@ def test_revoked_node_stops_its_guest_and_destroys_its_keys_after_the_grace_peri
         )
         # and it stays so: nothing to start, nothing fetched
         r = node.node("reconcile")
-        assert r.returncode == 4 and status(node)["state"] == "revoked"
+        assert r.returncode == 4 and node_status(node)["state"] == "revoked"
         assert not list((var / "images").glob("*"))
     finally:
         node.tpm.stop()
