@@ -516,13 +516,17 @@ def test_a_rollout_goes_wave_by_wave_halts_on_a_timeout_resumes_and_survives_ctr
     # all but one report
     late = wave[-1]
     runs(wave[:-1])
-    # waiting for the late node's report, it shows its progress; Ctrl-C loses nothing
+    # waiting for the late node's report, it shows its progress; Ctrl-C loses nothing.
+    # The command gets SIGINT's default disposition, as at a terminal: a suite started as
+    # a background job of a non-interactive shell (CI) passes SIGINT on ignored, and a
+    # command that inherits an ignored SIGINT rightly keeps ignoring it.
     proc = subprocess.Popen(
         [EDGEPIN, "apply", str(f), "--poll", "0.5"],
         env={**os.environ, **cli_env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stderr is not None
     shown = [proc.stderr.readline()]
