@@ -53,10 +53,10 @@ import pytest
 from provisioner import barbican
 from provisioner.seed import write_nocloud
 from provisioner.signing import fingerprint, load_certificate
-from tests.image.conftest import IMAGE_PCRS, ImageSigner, qemu_node_enroll_args
 from tests.testbed import disk
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.disk import write_state_files
+from tests.testbed.hostimage import IMAGE_PCRS, ImageSigner, qemu_node_enroll_args
 from tests.testbed.node import run_edgepin
 from tests.testbed.operator import Signer
 from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
