@@ -594,4 +594,7 @@ def test_11_a_node_without_any_network_runs_its_guest_from_its_seed_and_a_bundle
         vm.stop()
     console = vm.console()
     assert f"EDGEPIN-GUEST-MARKER {v1['marker']}" in console, vm.tail()
-    assert "fetch: image" not in console, "a node without a network fetched"
+    # the boot's reconcile found no network; the image came from the stick, not Glance
+    assert "control plane unreachable" in console, vm.tail()
+    assert f"fetch: image {v1['image_id']} copied and verified" in console, vm.tail()
+    assert re.search(r"fetch: image \S+ verified", console) is None, "downloaded with no network"
