@@ -29,6 +29,10 @@ The scenarios run in order on one node, as a field node would live them:
 9. the disk booted with another TPM: the vault is not opened, nothing of the node runs;
 10. after all of it, the genuine disk, TPM and firmware, offline: the guest starts from the
     local copy (nothing above harmed it, its key or the node's state).
+11. another node of the same model, at a site without any network (no network card at
+    all): enrolled at the factory with `edgepin enroll --offline` and the PCR values the
+    first node said, it boots with its factory seed and a USB stick holding its bundle,
+    enrolls with no Keystone, imports the bundle and runs the guest.
 Each boot leaves its serial log and a timeline in out/results/node-image/.
 """
 
@@ -49,10 +53,10 @@ import pytest
 from provisioner import barbican
 from provisioner.seed import write_nocloud
 from provisioner.signing import fingerprint, load_certificate
-from tests.image.conftest import IMAGE_PCRS, ImageSigner, qemu_node_enroll_args
 from tests.testbed import disk
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.disk import write_state_files
+from tests.testbed.hostimage import IMAGE_PCRS, ImageSigner, qemu_node_enroll_args
 from tests.testbed.node import run_edgepin
 from tests.testbed.operator import Signer
 from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
@@ -86,6 +90,9 @@ class Node:
     user_id: str = ""
     # a copy of the disk as it was before the bad assignments (test_3), for test_5
     older_disk: Path | None = None
+    # the PCR values this image measures on this firmware, as the node said them (what a
+    # factory learns from a reference node and enrolls every node of the model with)
+    pcr_values: Path | None = None
 
     def boot(self, label: str, **changes: Any) -> None:
         for k, v in changes.items():
@@ -159,6 +166,7 @@ def node(
     said = n.wait(PCR_VALUES_SAID)
     vm.stop()
     measured.write_text(said.group(1))
+    n.pcr_values = measured
     enroll(measured)
     yield n
     vm.stop()
@@ -533,3 +541,60 @@ def test_10_after_all_of_it_the_genuine_node_runs_its_guest(node: Node, v1: dict
     console = node.vm.console()
     assert "does not match the record in the TPM" not in console, node.vm.tail()
     assert "measured boot state differs" not in console, node.vm.tail()
+
+
+def test_11_a_node_without_any_network_runs_its_guest_from_its_seed_and_a_bundle(
+    node: Node,
+    v1: dict[str, Any],
+    host_image: Path,
+    vm_tpms: SwtpmFactory,
+    run_dir: Path,
+    cli_env: dict[str, str],
+    pinned_signer: Signer,
+) -> None:
+    node.vm.stop()
+    assert node.pcr_values is not None, "the fixture kept no PCR values"
+    name = f"q{secrets.token_hex(3)}"
+    tpm = vm_tpms.create(name)
+    work = run_dir / "qemu-nodes" / name
+    work.mkdir(parents=True)
+    (work / "ek.pem").write_bytes(tpm.ek_cert_pem())
+    (work / "ek-ca.pem").write_bytes(tpm.ca_cert_pem())
+    seed = work / "seed.img"
+    # at the factory: the node's identity and its own credential, wrapped for its EK under
+    # the PCR values of its model, and its assignment and bundle made from the records
+    enroll_args = qemu_node_enroll_args(name, work, node.pcr_values, seed)
+    r = run_edgepin([*enroll_args, "--offline"], cli_env)
+    assert r.returncode == 0, r.stderr
+    ids = ["--assignment-cert-id", pinned_signer.cert_id]
+    ids += ["--assignment-key-id", pinned_signer.key_id]
+    r = run_edgepin(["assign", name, v1["image_id"], *ids], cli_env)
+    assert r.returncode == 0, r.stderr
+    r = run_edgepin(["bundle", name, "--out", str(work / "bundles")], cli_env)
+    assert r.returncode == 0, r.stderr
+    stick = disk.usb_stick(work / "stick.img", "EDGEPIN", [work / "bundles" / f"edgepin-{name}"])
+    vm = HostVm(
+        name,
+        host_image,
+        work / "vm",
+        firmware="uefi",
+        tpm=tpm,
+        seed=seed,
+        nic=False,
+        media=[stick],
+        milestones=TIMELINE,
+    )
+    offline = Node(name, vm, "", node.results, node.timelines)
+    try:
+        offline.boot("no-network")
+        offline.wait(rf"enrolled: node {name}")
+        offline.wait(rf"import: bundle \S+: image {v1['image_id']}, generation \d+")
+        offline.wait(rf"running: guest {v1['image_id']} running \(generation \d+, from a bundle")
+    finally:
+        vm.stop()
+    console = vm.console()
+    assert f"EDGEPIN-GUEST-MARKER {v1['marker']}" in console, vm.tail()
+    # the boot's reconcile found no network; the image came from the stick, not Glance
+    assert "control plane unreachable" in console, vm.tail()
+    assert f"fetch: image {v1['image_id']} copied and verified" in console, vm.tail()
+    assert re.search(r"fetch: image \S+ verified", console) is None, "downloaded with no network"

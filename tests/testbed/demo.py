@@ -51,15 +51,16 @@ def edgepin(args: list[str], cp: ControlPlane) -> subprocess.CompletedProcess[st
 
 def up() -> int:
     from provisioner import barbican
-    from tests.image.conftest import (
+    from tests.testbed.guest import build_tiny_guest
+    from tests.testbed.hostimage import (
         IMAGE_PCRS,
+        HostImageError,
         build_image,
         image_args,
         image_signer_material,
         is_current,
         qemu_node_enroll_args,
     )
-    from tests.testbed.guest import build_tiny_guest
     from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
     from tests.testbed.swtpm import SwtpmFactory
 
@@ -84,7 +85,10 @@ def up() -> int:
         else "building the host image (./build.sh image; a few minutes, log in "
         f"{out / 'edgepin-host.log'})"
     )
-    image = build_image(out, image_args(signer))
+    try:
+        image = build_image(out, image_args(signer))
+    except HostImageError as e:
+        raise SystemExit(f"demo: {e}") from None
     size = image.stat().st_size / 2**20
     step(f"host image: {image} ({size:.0f} MiB)")
 

@@ -224,3 +224,16 @@ def esp_file_of(disk: Path, path: str, work: Path) -> bytes:
         return esp_file(raw, path)
     finally:
         raw.unlink(missing_ok=True)
+
+
+def usb_stick(path: Path, label: str, folders: list[Path]) -> Path:
+    """A raw FAT32 filesystem image labelled ``label`` holding ``folders`` (each copied
+    whole to its root): what a person writes to a USB stick, here for a QEMU drive."""
+    content = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
+    # FAT32 wants at least 33 MiB; room for the FATs and the clusters' slack
+    kib = max(64 * 1024, (content * 5 // 4) // 1024 + 16 * 1024)
+    path.unlink(missing_ok=True)
+    _run(["mkfs.vfat", "-C", "-F", "32", "-n", label, str(path), str(kib)])
+    for folder in folders:
+        _run(["mcopy", "-s", "-i", str(path), str(folder), "::"])
+    return path

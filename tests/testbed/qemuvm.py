@@ -76,6 +76,10 @@ class HostVm:
     # QEMU user networking: the guest reaches the host's loopback as 10.0.2.2;
     # "user,id=n0,restrict=on" cuts the node off (the control plane out of reach)
     netdev: str = "user,id=n0"
+    # False: no network card at all (a site without a network)
+    nic: bool = True
+    # more read-only media (raw filesystem images, e.g. a USB stick's), in this order
+    media: list[Path] = field(default_factory=list)
     append_args: list[str] = field(default_factory=list)
     # milestones on the console (name -> regex); wait_for notes when each first shows
     milestones: dict[str, str] = field(default_factory=dict)
@@ -139,10 +143,8 @@ class HostVm:
             f"file:{self.serial_log}",
             "-drive",
             f"file={self.disk},if=virtio,format=qcow2,cache=unsafe",
-            "-netdev",
-            self.netdev,
-            "-device",
-            "virtio-net-pci,netdev=n0",
+            *(["-netdev", self.netdev, "-device", "virtio-net-pci,netdev=n0"] if self.nic else []),
+            *(["-nic", "none"] if not self.nic else []),
             "-no-reboot",
         ]
         if self.accel == "tcg":
@@ -165,6 +167,8 @@ class HostVm:
             ]
         if self.seed is not None:
             cmd += ["-drive", f"file={self.seed},if=virtio,format=raw,readonly=on"]
+        for medium in self.media:
+            cmd += ["-drive", f"file={medium},if=virtio,format=raw,readonly=on"]
         if self.tpm is not None:
             sock = self.tpm.start_for_qemu()
             cmd += [
