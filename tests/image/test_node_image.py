@@ -60,7 +60,7 @@ from tests.testbed.hostimage import IMAGE_PCRS, ImageSigner, qemu_node_enroll_ar
 from tests.testbed.node import run_edgepin
 from tests.testbed.operator import Signer
 from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
-from tests.testbed.swtpm import SwtpmFactory
+from tests.testbed.swtpm import Swtpm, SwtpmFactory
 
 pytestmark = pytest.mark.image
 INCREMENTAL = True  # one node lives the scenarios in order (see conftest)
@@ -125,6 +125,18 @@ def pinned_signer(admin: Any, image_signer: ImageSigner) -> Signer:
     return Signer(cert_id, key_id, fingerprint(cert), image_signer.cert_pem)
 
 
+def new_machine(vm_tpms: SwtpmFactory, run_dir: Path) -> tuple[str, Swtpm, Path]:
+    """A new machine's name, its swtpm, and its folder holding the EK certificate and CA
+    as the factory reads them (what ``qemu_node_enroll_args`` takes)."""
+    name = f"q{secrets.token_hex(3)}"
+    tpm = vm_tpms.create(name)
+    work = run_dir / "qemu-nodes" / name
+    work.mkdir(parents=True)
+    (work / "ek.pem").write_bytes(tpm.ek_cert_pem())
+    (work / "ek-ca.pem").write_bytes(tpm.ca_cert_pem())
+    return name, tpm, work
+
+
 @pytest.fixture(scope="module")
 def node(
     host_image: Path,
@@ -133,13 +145,7 @@ def node(
     results_dir: Path,
     cli_env: dict[str, str],
 ) -> Iterator[Node]:
-    name = f"q{secrets.token_hex(3)}"
-    tpm = vm_tpms.create(name)
-    work = run_dir / "qemu-nodes" / name
-    work.mkdir(parents=True)
-    ek, ekca = work / "ek.pem", work / "ek-ca.pem"
-    ek.write_bytes(tpm.ek_cert_pem())
-    ekca.write_bytes(tpm.ca_cert_pem())
+    name, tpm, work = new_machine(vm_tpms, run_dir)
     seed = work / "seed.img"
     guessed, measured = work / "guessed-pcrs.json", work / "measured-pcrs.json"
     guessed.write_text(json.dumps({p: "00" * 32 for p in IMAGE_PCRS.split(",")}))
@@ -203,11 +209,11 @@ def publish_signed(
     return result
 
 
-def assign(cli_env: dict[str, str], node: Node, image_id: str, signer: Signer) -> None:
+def assign(cli_env: dict[str, str], name: str, image_id: str, signer: Signer) -> None:
     """``edgepin assign``, the assignment signed with ``signer`` (the pinned one: the image
     pins no assignment certificate, so its image-signing certificate signs assignments)."""
     ids = ["--assignment-cert-id", signer.cert_id, "--assignment-key-id", signer.key_id]
-    r = run_edgepin(["assign", node.name, image_id, *ids], cli_env)
+    r = run_edgepin(["assign", name, image_id, *ids], cli_env)
     assert r.returncode == 0, r.stderr
 
 
@@ -225,7 +231,7 @@ def v1(
 def test_1_first_boot_enrolls_fetches_verifies_and_runs_the_guest(
     node: Node, v1: dict[str, Any], cli_env: dict[str, str], admin: Any, pinned_signer: Signer
 ) -> None:
-    assign(cli_env, node, v1["image_id"], pinned_signer)
+    assign(cli_env, node.name, v1["image_id"], pinned_signer)
     node.boot("first-boot")
     node.wait(r"enrolled: node " + node.name)
     node.wait(rf"fetch: image {v1['image_id']} verified")
@@ -297,7 +303,7 @@ def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
     node.wait(rf"running: guest {v1['image_id']} running")
     # signed by a certificate Barbican offers but the image does not pin
     unpinned = publish_signed(cli_env, tiny_guest, signer, "unpinned")
-    assign(cli_env, node, unpinned["image_id"], pinned_signer)
+    assign(cli_env, node.name, unpinned["image_id"], pinned_signer)
     node.wait(rf"refused: .*{unpinned['image_id']}|image {unpinned['image_id']} refused", 600)
     # the end of that reconcile, which reported the refusal before it printed this line (a
     # "current:" line of an earlier reconcile would not do)
@@ -309,7 +315,7 @@ def test_3_bad_assignments_are_refused_and_the_guest_keeps_running(
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0xFF
     stored.write_bytes(bytes(data))
-    assign(cli_env, node, tampered["image_id"], pinned_signer)
+    assign(cli_env, node.name, tampered["image_id"], pinned_signer)
     node.wait(rf"image {tampered['image_id']} refused: .*os_hash_value", 600)
     node.wait(rf"image {tampered['image_id']} refused[\s\S]*current: image {v1['image_id']}", 120)
     assert member_status(admin, tampered["image_id"], node.project_id) == "rejected"
@@ -554,22 +560,14 @@ def test_11_a_node_without_any_network_runs_its_guest_from_its_seed_and_a_bundle
 ) -> None:
     node.vm.stop()
     assert node.pcr_values is not None, "the fixture kept no PCR values"
-    name = f"q{secrets.token_hex(3)}"
-    tpm = vm_tpms.create(name)
-    work = run_dir / "qemu-nodes" / name
-    work.mkdir(parents=True)
-    (work / "ek.pem").write_bytes(tpm.ek_cert_pem())
-    (work / "ek-ca.pem").write_bytes(tpm.ca_cert_pem())
+    name, tpm, work = new_machine(vm_tpms, run_dir)
     seed = work / "seed.img"
     # at the factory: the node's identity and its own credential, wrapped for its EK under
     # the PCR values of its model, and its assignment and bundle made from the records
     enroll_args = qemu_node_enroll_args(name, work, node.pcr_values, seed)
     r = run_edgepin([*enroll_args, "--offline"], cli_env)
     assert r.returncode == 0, r.stderr
-    ids = ["--assignment-cert-id", pinned_signer.cert_id]
-    ids += ["--assignment-key-id", pinned_signer.key_id]
-    r = run_edgepin(["assign", name, v1["image_id"], *ids], cli_env)
-    assert r.returncode == 0, r.stderr
+    assign(cli_env, name, v1["image_id"], pinned_signer)
     r = run_edgepin(["bundle", name, "--out", str(work / "bundles")], cli_env)
     assert r.returncode == 0, r.stderr
     stick = disk.usb_stick(work / "stick.img", "EDGEPIN", [work / "bundles" / f"edgepin-{name}"])
