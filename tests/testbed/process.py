@@ -104,8 +104,10 @@ def stop_group(pid: int, timeout: float, *, ours: Callable[[int], bool] | None =
     nothing more is done if the group no longer exists."""
 
     def gone() -> bool:
-        _reap(pid)
-        return not alive(pid) and not group_alive(pid)
+        if alive(pid):
+            return False
+        _reap(pid)  # a zombie now, so collected at once (reaping first would race its exit)
+        return not group_alive(pid)
 
     _stop(pid, timeout, os.killpg, gone, ours)
 
@@ -115,8 +117,10 @@ def stop_process(pid: int, timeout: float, *, ours: Callable[[int], bool] | None
     ``timeout`` seconds, SIGKILL, up to KILL_SETTLE seconds more; reaped if our child."""
 
     def gone() -> bool:
-        _reap(pid)
-        return not alive(pid)
+        if alive(pid):
+            return False
+        _reap(pid)  # as in stop_group: check, then reap
+        return True
 
     _stop(pid, timeout, os.kill, gone, ours)
 
