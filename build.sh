@@ -202,6 +202,10 @@ Options:
   --reconcile-interval T   systemd time span between reconciles (default 5min)
   --virt-type kvm|qemu     libvirt domain type on the node (default kvm)
   --health-timeout SECONDS time a new guest has to show its health marker (default 120)
+  --guest-network bridge|none
+                           the guest's network: bridge puts the host's wired interfaces
+                           and the guest on the bridge br0, the site's LAN (default);
+                           none gives the guest no network device
   --pins FILE              rebuild with exactly the package versions of a pin file
                            (out/edgepin-host.pins.json of an earlier build)
   --raw                    also write a raw image, for writing to disks
@@ -255,7 +259,7 @@ needs_host_shims() {
 
 cmd_image() {
     local release="${DIB_RELEASE:-trixie}" ca="" certs=() acerts=() pcrs=4,7,8,9 reserved=0 interval=5min
-    local virt=kvm health=120 pins="" raw=0 qa=0 out="$ROOT/out"
+    local virt=kvm health=120 guestnet=bridge pins="" raw=0 qa=0 out="$ROOT/out"
     while (($#)); do
         case "$1" in
             --release) release="$2"; shift 2 ;;
@@ -267,6 +271,7 @@ cmd_image() {
             --reconcile-interval) interval="$2"; shift 2 ;;
             --virt-type) virt="$2"; shift 2 ;;
             --health-timeout) health="$2"; shift 2 ;;
+            --guest-network) guestnet="$2"; shift 2 ;;
             --pins) pins="$(realpath "$2")"; shift 2 ;;
             --raw) raw=1; shift ;;
             --qa-check) qa=1; shift ;;
@@ -282,6 +287,7 @@ cmd_image() {
     [[ -z "$pins" || -f "$pins" ]] || die "--pins: no such file: $pins"
     [[ "$virt" == kvm || "$virt" == qemu ]] || die "--virt-type must be kvm or qemu"
     [[ "$health" =~ ^[0-9]+$ && "$health" -gt 0 ]] || die "--health-timeout must be a whole number of seconds"
+    [[ "$guestnet" == bridge || "$guestnet" == none ]] || die "--guest-network must be bridge or none"
 
     ensure_apt "${IMAGE_APT_PACKAGES[@]}"
     ensure_project_venv
@@ -338,6 +344,7 @@ cmd_image() {
         export DIB_EDGEPIN_RECONCILE_INTERVAL="$interval"
         export DIB_EDGEPIN_VIRT_TYPE="$virt"
         export DIB_EDGEPIN_HEALTH_TIMEOUT="$health"
+        export DIB_EDGEPIN_GUEST_NETWORK="$guestnet"
         export DIB_EDGEPIN_QA_CHECK="$qa"
         if [[ -n "$pins" ]]; then export DIB_DPKG_MANIFEST="$pins"; fi
         mkdir -p "$TMP_DIR"
@@ -387,6 +394,7 @@ cmd_image() {
         --setting "pcrs=$pcrs" --setting "reserved_cpus=$reserved" \
         --setting "reconcile_interval=$interval" --setting "virt_type=$virt" \
         --setting "health_timeout=$health" --setting "qa_check=$qa" \
+        --setting "guest_network=$guestnet" \
         --setting "ca_sha256=$ca_sum" --setting "signing_certs_sha256=${cert_sums%,}" \
         --setting "assignment_certs_sha256=${acert_sums%,}" \
         --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims" \

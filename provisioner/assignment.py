@@ -5,7 +5,8 @@ anyone who can write project attributes (a Keystone admin, a compromised Keyston
 change it. So the operator signs what the node needs to know, and the node acts only on
 that: this node (its project id), the image id, the image's sha512 (Glance's
 ``os_hash_value``, which the fetched bytes are checked against), the generation and when it
-was made, and the node's name (its id in edgepin, which the node keeps from its enrollment):
+was made, the guest network the image declares (:class:`~provisioner.node.model.GuestNetwork`),
+and the node's name (its id in edgepin, which the node keeps from its enrollment):
 a project renamed to another node's name in Keystone does not make an assignment for one
 node valid for the other. The signature is RSA-PSS or ECDSA over SHA-512 of a canonical
 JSON payload, with a key whose certificate is pinned on the node:
@@ -31,7 +32,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from provisioner.errors import ImageError, VerificationError
-from provisioner.node.model import IMAGE_ID, MAX_GENERATION, Assignment
+from provisioner.node.model import (
+    IMAGE_ID,
+    MAX_GENERATION,
+    Assignment,
+    GuestNetwork,
+    guest_network,
+)
 from provisioner.signing import StreamSigner, StreamVerifier, fingerprint, key_type_for
 
 KIND = "edgepin-assignment/1"
@@ -50,12 +57,15 @@ def payload(
     generation: int,
     assigned_at: str,
     extra: dict[str, Any] | None = None,
+    network: GuestNetwork | None = None,
 ) -> bytes:
-    """The signed bytes: canonical JSON (sorted keys, no spaces, ASCII). ``extra`` adds
+    """The signed bytes: canonical JSON (sorted keys, no spaces, ASCII). ``network`` is the
+    guest network the image declares (absent when it declares none). ``extra`` adds
     fields the node does not read (a rollout's name and wave, the previous image), signed
     with the rest so that the operator's tools can trust them; it cannot replace a field."""
     doc = {
-        **(extra or {}),
+        **{k: v for k, v in (extra or {}).items() if k != "network"},
+        **({"network": str(network)} if network is not None else {}),
         "kind": KIND,
         "node": node,
         "node_name": node_name,
@@ -77,9 +87,10 @@ def sign(
     generation: int,
     assigned_at: str,
     extra: dict[str, Any] | None = None,
+    network: GuestNetwork | None = None,
 ) -> dict[str, Any]:
     """The record ``edgepin assign`` writes: readable fields, and the signed payload."""
-    data = payload(node, node_name, image_id, image_sha512, generation, assigned_at, extra)
+    data = payload(node, node_name, image_id, image_sha512, generation, assigned_at, extra, network)
     signer = StreamSigner(key, HASH_METHOD)
     signer.update(data)
     return {
@@ -199,4 +210,4 @@ def _payload(body: bytes, node: str, node_name: str) -> Assignment:
         raise ImageError("the assignment's generation is not a whole number in range")
     if not isinstance(at, str) or len(at) > 64 or not at.isprintable():
         raise ImageError("the assignment's time is not valid")
-    return Assignment(image_id, gen, sha, at)
+    return Assignment(image_id, gen, sha, at, guest_network(doc.get("network")))

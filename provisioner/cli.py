@@ -65,6 +65,14 @@ def _add_publish(sub: Any) -> None:
         help="a line the guest prints on its serial console when healthy; nodes wait for it",
     )
     p.add_argument(
+        "--network",
+        choices=("lan", "none"),
+        help="the network the guest needs, signed into every assignment of the image: lan "
+        "(the site's network, through the node's guest attachment; a node built without "
+        "one refuses the image) or none (no network device). Not given: the node's "
+        "guest attachment, if it has one",
+    )
+    p.add_argument(
         "--key-deletion-policy",
         choices=("on_image_deletion", "do_not_delete"),
         default="on_image_deletion",
@@ -375,6 +383,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             signing_key_id=args.signing_key_id,
             hash_method=args.hash_method,
             health_marker=args.health_marker,
+            network=args.network,
             key_deletion_policy=args.key_deletion_policy,
             luks_iter_time_ms=args.luks_iter_time,
             work_dir=args.work_dir,

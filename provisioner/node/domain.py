@@ -19,6 +19,7 @@ import libvirt
 
 from provisioner.errors import GuestError
 from provisioner.node.config import NodeConfig
+from provisioner.node.model import GuestNetwork
 
 LOG = logging.getLogger(__name__)
 NAMESPACE = "https://edgepin.dev/xmlns/guest/1"
@@ -32,6 +33,8 @@ class GuestSpec:
     disk: Path
     vcpus: int
     memory_mb: int
+    network: GuestNetwork | None = None  # what the signed assignment declared
+    node_id: str = ""  # the node's name: its guest's MAC address is derived from it
 
 
 def secret_uuid(spec: GuestSpec) -> str:
@@ -47,6 +50,31 @@ def guest_cpus(cfg: NodeConfig, host_cpus: list[int], vcpus: int) -> list[int]:
             f"({len(host_cpus)} online, reserved {sorted(cfg.reserved_cpus)})"
         )
     return free[:vcpus]
+
+
+def attachment(cfg: NodeConfig, declared: GuestNetwork | None) -> tuple[str, str] | None:
+    """The libvirt attachment (``bridge``/``network``, name) of a guest that declared
+    ``declared``, or None for no network device; GuestError for an image that needs the
+    site's network on a node built without a guest attachment."""
+    if declared is GuestNetwork.NONE:
+        return None
+    if cfg.network == "none":
+        if declared is GuestNetwork.LAN:
+            raise GuestError(
+                "the image needs the site's network (lan); this node has no guest "
+                "attachment (EDGEPIN_NETWORK=none)"
+            )
+        return None
+    kind, name = cfg.network.split(":", 1)
+    return kind, name
+
+
+def guest_mac(node_id: str) -> str:
+    """A locally administered MAC address for the guest, the same at every start of any
+    image on this node (its DHCP lease and the site's view of it stay), different from
+    node to node (every node names its one domain alike)."""
+    digest = uuid.uuid5(UUID_NS, f"mac:{node_id}").bytes
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
 def build_xml(cfg: NodeConfig, spec: GuestSpec, host_cpus: list[int]) -> str:
@@ -81,9 +109,11 @@ def build_xml(cfg: NodeConfig, spec: GuestSpec, host_cpus: list[int]) -> str:
     enc = ET.SubElement(src, "encryption", {"format": "luks"})
     ET.SubElement(enc, "secret", {"type": "passphrase", "uuid": secret_uuid(spec)})
     ET.SubElement(disk, "target", {"dev": "vda", "bus": "virtio"})
-    if cfg.network != "none":
-        kind, name = cfg.network.split(":", 1)
+    attach = attachment(cfg, spec.network)
+    if attach is not None:
+        kind, name = attach
         iface = ET.SubElement(dev, "interface", {"type": kind})
+        ET.SubElement(iface, "mac", {"address": guest_mac(spec.node_id)})
         ET.SubElement(iface, "source", {kind: name})
         ET.SubElement(iface, "model", {"type": "virtio"})
     serial = ET.SubElement(dev, "serial", {"type": "pty"})
@@ -168,8 +198,15 @@ def stop(cfg: NodeConfig, conn: Any) -> None:
         raise GuestError(f"cannot stop the guest: {e}") from None
 
 
-def check_fits(cfg: NodeConfig, conn: Any, vcpus: int, memory_mb: int) -> None:
+def check_fits(
+    cfg: NodeConfig,
+    conn: Any,
+    vcpus: int,
+    memory_mb: int,
+    network: GuestNetwork | None = None,
+) -> None:
     """Refuse, before any download, a guest this host cannot run."""
+    attachment(cfg, network)
     guest_cpus(cfg, host_cpus(conn), vcpus)
     if memory_mb > host_memory_mb(conn):
         raise GuestError(f"image wants {memory_mb} MiB; the host has {host_memory_mb(conn)} MiB")
@@ -177,7 +214,7 @@ def check_fits(cfg: NodeConfig, conn: Any, vcpus: int, memory_mb: int) -> None:
 
 def start(cfg: NodeConfig, conn: Any, spec: GuestSpec, passphrase: bytes) -> Any:
     """Define the domain from the XML, hand QEMU the key, start it."""
-    check_fits(cfg, conn, spec.vcpus, spec.memory_mb)
+    check_fits(cfg, conn, spec.vcpus, spec.memory_mb, spec.network)
     xml = build_xml(cfg, spec, host_cpus(conn))
     dom, _ = current(cfg, conn)
     if dom is not None and dom.isActive():

@@ -191,6 +191,9 @@ def _guest(value: Any, what: str) -> Guest | None:
     if not isinstance(value, dict):
         raise _fail(f"{what} is not an object")
     marker = value.get("health_marker")
+    network = value.get("network")
+    if network is not None and network not in set(model.GuestNetwork):
+        raise _fail(f"{what}.network is not one of {', '.join(model.GuestNetwork)}")
     return Guest(
         image_id=_str(value.get("image_id"), f"{what}.image_id", IMAGE_ID),
         generation=_int(value.get("generation"), f"{what}.generation"),
@@ -198,6 +201,7 @@ def _guest(value: Any, what: str) -> Guest | None:
         memory_mb=_int(value.get("memory_mb"), f"{what}.memory_mb", *model.MEMORY_MB),
         health_marker=None if marker is None else _str(marker, f"{what}.health_marker", size=256),
         version=_str(value.get("version", ""), f"{what}.version", size=model.VERSION_SIZE),
+        network=None if network is None else model.GuestNetwork(network),
     )
 
 

@@ -41,6 +41,30 @@ class State(enum.StrEnum):
     REVOKED = "revoked"  # keystone has refused the node past the grace period: keys destroyed
 
 
+class GuestNetwork(enum.StrEnum):
+    """The network an image declares it needs (``edgepin publish --network``), signed into
+    each assignment of it by ``edgepin assign``; an image that declares none gets the
+    node's guest attachment (``EDGEPIN_NETWORK``), if it has one."""
+
+    LAN = "lan"  # the site's network, through the node's guest attachment
+    NONE = "none"  # no network device at all
+
+
+NETWORK_PROPERTY = "edgepin_network"  # the Glance property the operator's tools read
+
+
+def guest_network(value: Any) -> GuestNetwork | None:
+    """A declared network (absent: None), or ImageError."""
+    if value is None:
+        return None
+    try:
+        return GuestNetwork(value)
+    except ValueError:
+        raise ImageError(
+            f"the declared guest network is not one of {', '.join(GuestNetwork)}"
+        ) from None
+
+
 class MemberStatus(enum.StrEnum):
     """What the node tells Glance about an image shared with it."""
 
@@ -57,6 +81,7 @@ class Assignment:
     generation: int
     image_sha512: str
     assigned_at: str
+    network: GuestNetwork | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,7 @@ class Guest:
     memory_mb: int
     health_marker: str | None = None
     version: str = ""
+    network: GuestNetwork | None = None  # as the signed assignment declared it
 
     def disk(self, images_dir: Path) -> Path:
         return images_dir / f"{self.image_id}.qcow2"

@@ -541,6 +541,8 @@ class Run:
             guest.disk(self.cfg.images_dir),
             guest.vcpus,
             guest.memory_mb,
+            guest.network,
+            led.enrollment.node_id,
         )
         try:
             domain.start(self.cfg, self.conn, spec, passphrase)
@@ -577,8 +579,8 @@ class Run:
             image = source.image(image_id)
             fetch.check_properties(image)
             fetch.check_assigned(image, assignment)
-            guest = guest_from_image(image, gen)
-            domain.check_fits(self.cfg, self.conn, guest.vcpus, guest.memory_mb)
+            guest = replace(guest_from_image(image, gen), network=assignment.network)
+            domain.check_fits(self.cfg, self.conn, guest.vcpus, guest.memory_mb, guest.network)
             known = self._ledger().images.get(image_id)
             if not (
                 guest.disk(self.cfg.images_dir).exists()

@@ -30,6 +30,7 @@ from provisioner.errors import (
     UsageError,
     VerificationError,
 )
+from provisioner.node import model
 from provisioner.operator import access, imagesecrets, nodes, parallel
 from provisioner.operator.publish import REQUIRED_PROPERTIES
 from provisioner.operator.signingcert import load_key
@@ -117,6 +118,13 @@ def check_image(image: dict[str, Any]) -> None:
         raise ImageError(f"image {image['id']} is {image.get('status')}, not active")
     if image.get("disk_format") != "qcow2" or image.get("os_hash_algo") != "sha512":
         raise ImageError(f"image {image['id']} is not a qcow2 with a sha512 hash")
+    try:
+        model.guest_network(image.get(model.NETWORK_PROPERTY))
+    except ImageError as e:
+        raise ImageError(
+            f"image {image['id']}: {model.NETWORK_PROPERTY}: {e.message}",
+            hint="publish it again with `edgepin publish --network`",
+        ) from None
 
 
 def share(conn: Any, image_id: str, project_id: str) -> None:
@@ -272,8 +280,18 @@ def assign_many(
             image = job.published.image
             sha = str(image["os_hash_value"])
             # signed before anything changes: a key that cannot sign changes nothing
+            network = model.guest_network(image.get(model.NETWORK_PROPERTY))
             records[i] = assignment.sign(
-                key, cert, node.project_id, node.node_id, result.image_id, sha, gen, now, job.extra
+                key,
+                cert,
+                node.project_id,
+                node.node_id,
+                result.image_id,
+                sha,
+                gen,
+                now,
+                job.extra,
+                network,
             )
             result.generation = gen
             olds[i] = node.grants

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from provisioner import barbican, qemuimg
 from provisioner.cloud import translate
 from provisioner.errors import EdgepinError, ImageError, UsageError, VerificationError
+from provisioner.node.model import NETWORK_PROPERTY, guest_network
 from provisioner.operator.imagesecrets import passphrase_name, signing_certificate
 from provisioner.operator.signingcert import load_key
 from provisioner.progress import step, transfer
@@ -62,6 +63,7 @@ class PublishRequest:
     signing_key_id: str
     hash_method: str = "SHA-512"
     health_marker: str | None = None
+    network: str | None = None  # edgepin_network: lan or none (provisioner.node.model)
     key_deletion_policy: str = "on_image_deletion"
     luks_iter_time_ms: int = 1000
     work_dir: Path | None = None
@@ -169,6 +171,8 @@ def publish(conn: Any, req: PublishRequest) -> Published:
             }
             if req.health_marker:
                 properties["edgepin_health_marker"] = req.health_marker
+            if req.network:
+                properties[NETWORK_PROPERTY] = str(guest_network(req.network))
             with translate("glance", "create image"):
                 r = conn.image.post(
                     "/images",

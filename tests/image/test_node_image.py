@@ -5,7 +5,9 @@ test bed on the host's loopback), against the real Keystone, Glance and Barbican
 The scenarios run in order on one node, as a field node would live them:
 0. (the fixture) a boot with a seed bound to guessed PCR values: the node prints the values
    it measures on its console, and takes the seed made with them at its next boot;
-1. first boot: enroll, fetch, verify, define, and the nested guest's marker;
+1. first boot: enroll, fetch, verify, define, and the nested guest's marker; the guest,
+   whose image declares the site's network, gets its own address on the node's network
+   by DHCP (through the node's bridge) and reaches a service there;
 2. a reboot with the control plane out of reach: the guest starts from the cache;
 3. someone with the disk and a USB stick (a certificate and an empty PCR selection planted
    on the state partition, a seed with commands), then bad assignments (an unpinned
@@ -39,6 +41,7 @@ Each boot leaves its serial log and a timeline in out/results/node-image/.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 import secrets
@@ -60,6 +63,7 @@ from tests.testbed.hostimage import IMAGE_PCRS, ImageSigner, qemu_node_enroll_ar
 from tests.testbed.node import run_edgepin
 from tests.testbed.operator import Signer
 from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
+from tests.testbed.site import HOST_FROM_USER_NET, SiteService, site_service
 from tests.testbed.swtpm import Swtpm, SwtpmFactory
 
 pytestmark = pytest.mark.image
@@ -179,10 +183,16 @@ def node(
 
 
 def publish_signed(
-    cli_env: dict[str, str], tiny_guest: Callable[..., Path], signer: Signer, version: str
+    cli_env: dict[str, str],
+    tiny_guest: Callable[..., Path],
+    signer: Signer,
+    version: str,
+    site: SiteService | None = None,
 ) -> dict[str, Any]:
+    """Publish a tiny guest; with ``site``, one that needs the site's network (``--network
+    lan``) and asks ``site`` for ``/<marker>/<its address>`` once it has one."""
     marker = f"m{secrets.token_hex(5)}"
-    guest = tiny_guest(marker, "run")
+    guest = tiny_guest(marker, "run", site.url if site else None)
     r = run_edgepin(
         [
             "publish",
@@ -199,6 +209,7 @@ def publish_signed(
             f"EDGEPIN-GUEST-MARKER {marker}",
             "--luks-iter-time",
             "100",
+            *(["--network", "lan"] if site else []),
             "--json",
         ],
         cli_env,
@@ -222,14 +233,28 @@ def member_status(admin: Any, image_id: str, project_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
+def site() -> Iterator[SiteService]:
+    with site_service() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
 def v1(
-    cli_env: dict[str, str], tiny_guest: Callable[..., Path], pinned_signer: Signer
+    cli_env: dict[str, str],
+    tiny_guest: Callable[..., Path],
+    pinned_signer: Signer,
+    site: SiteService,
 ) -> dict[str, Any]:
-    return publish_signed(cli_env, tiny_guest, pinned_signer, "1")
+    return publish_signed(cli_env, tiny_guest, pinned_signer, "1", site)
 
 
 def test_1_first_boot_enrolls_fetches_verifies_and_runs_the_guest(
-    node: Node, v1: dict[str, Any], cli_env: dict[str, str], admin: Any, pinned_signer: Signer
+    node: Node,
+    v1: dict[str, Any],
+    cli_env: dict[str, str],
+    admin: Any,
+    pinned_signer: Signer,
+    site: SiteService,
 ) -> None:
     assign(cli_env, node.name, v1["image_id"], pinned_signer)
     node.boot("first-boot")
@@ -244,6 +269,14 @@ def test_1_first_boot_enrolls_fetches_verifies_and_runs_the_guest(
     assert all(timeline[k] is not None for k in TIMELINE), timeline
     order = [timeline[k] for k in TIMELINE]
     assert order == sorted(order), f"milestones out of order: {timeline}"
+    # the image declared the site's network (signed into the assignment): the nested
+    # guest, bridged through the node's br0 onto the node's network, got an address of
+    # its own by DHCP and reached a service there
+    asked = site.wait_for(f"/{v1['marker']}/", 300)
+    address = ipaddress.ip_address(asked.rsplit("/", 1)[1])
+    assert address in ipaddress.ip_network("10.0.2.0/24"), asked
+    # QEMU's user network leases 10.0.2.15 first: the node's own br0 took it at boot
+    assert str(address) not in (HOST_FROM_USER_NET, "10.0.2.15"), asked
 
 
 def test_2_reboot_with_the_control_plane_out_of_reach(node: Node, v1: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from provisioner import assignment
 from provisioner.errors import ImageError, VerificationError
-from provisioner.node.model import IMAGE_ID, Assignment
+from provisioner.node.model import IMAGE_ID, Assignment, GuestNetwork
 from provisioner.signing import StreamSigner, fingerprint
 from tests.certs import self_signed
 from tests.unit.fakes import IMAGE_A, IMAGE_B, json_values
@@ -205,3 +205,44 @@ def test_any_record_gives_an_assignment_or_edgepins_own_error(raw: Any) -> None:
     except (ImageError, VerificationError):
         return
     assert got is None or (IMAGE_ID.fullmatch(got.image_id) and got.image_sha512 == SHA)
+
+
+def sign_payload(doc: dict[str, Any]) -> dict[str, Any]:
+    """A record whose payload is ``doc``, signed with the pinned key."""
+    data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    s = StreamSigner(KEY, "SHA-512")
+    s.update(data)
+    block = {
+        "payload": base64.b64encode(data).decode(),
+        "signature": s.signature(),
+        "certificate_sha256": fingerprint(CERT),
+        "key_type": "ECC_SECP384R1",
+    }
+    return {"signed": block}
+
+
+def test_the_guest_network_the_image_declares_is_signed_with_the_rest() -> None:
+    for network in GuestNetwork:
+        record = assignment.sign(KEY, CERT, NODE, NAME, IMAGE_A, SHA, 3, AT, None, network)
+        got = assignment.verify(record, PINNED, NODE, NAME)
+        assert got == Assignment(IMAGE_A, 3, SHA, AT, network)
+    # none declared: none in the payload, and the node's own attachment applies
+    assert assignment.verify(signed(), PINNED, NODE, NAME).network is None  # type: ignore[union-attr]
+    # a rollout's extra fields cannot declare one
+    record = assignment.sign(KEY, CERT, NODE, NAME, IMAGE_A, SHA, 3, AT, {"network": "lan"})
+    assert assignment.verify(record, PINNED, NODE, NAME).network is None  # type: ignore[union-attr]
+    body = json.loads(base64.b64decode(signed()["signed"]["payload"]))
+    with pytest.raises(ImageError, match="guest network"):
+        assignment.verify(sign_payload({**body, "network": "vlan:7"}), PINNED, NODE, NAME)
+
+
+@settings(max_examples=200)
+@given(json_values)
+def test_any_signed_network_gives_a_declared_one_or_edgepins_own_error(value: Any) -> None:
+    body = json.loads(base64.b64decode(signed()["signed"]["payload"]))
+    try:
+        got = assignment.verify(sign_payload({**body, "network": value}), PINNED, NODE, NAME)
+    except ImageError:
+        assert value is not None and value not in list(GuestNetwork)
+        return
+    assert got is not None and got.network == (None if value is None else GuestNetwork(value))

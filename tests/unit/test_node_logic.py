@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from provisioner.errors import ConfigError, GuestError
 from provisioner.node import config, domain, report
-from provisioner.node.model import State, Status
+from provisioner.node.model import GuestNetwork, State, Status
 
 pytestmark = pytest.mark.unit
 
@@ -123,3 +124,27 @@ def test_a_foreign_domain_that_vanishes_is_removed_and_one_that_cannot_be_is_an_
     assert domain.remove_others(cfg, _Conn(_Vanishing(libvirt.VIR_ERR_NO_DOMAIN))) == ["intruder"]
     with pytest.raises(GuestError, match="cannot remove foreign domain"):
         domain.remove_others(cfg, _Conn(_Vanishing(libvirt.VIR_ERR_OPERATION_FAILED)))
+
+
+def test_the_guest_gets_the_network_its_image_declares_and_the_node_provides() -> None:
+    lan = config.NodeConfig(network="bridge:br0")
+    declared = {None: True, GuestNetwork.LAN: True, GuestNetwork.NONE: False}
+    for network, has_nic in declared.items():
+        s = replace(spec(), network=network, node_id="node-0042")
+        xml = domain.build_xml(lan, s, [0, 1])
+        assert ('<source bridge="br0" />' in xml) is has_nic, network
+        assert ("<interface" in xml) is has_nic, network
+    # the MAC address: fixed for a node across images and starts, another on another node
+    one = domain.build_xml(lan, replace(spec("a"), node_id="node-0042"), [0, 1])
+    two = domain.build_xml(lan, replace(spec("b", vcpus=1), node_id="node-0042"), [0, 1])
+    other = domain.build_xml(lan, replace(spec("a"), node_id="node-0043"), [0, 1])
+    mac = domain.guest_mac("node-0042")
+    assert f'<mac address="{mac}" />' in one and f'<mac address="{mac}" />' in two
+    assert mac not in other and mac.startswith("52:54:00:")
+    # a node built without a guest attachment: no device, and an image that needs the
+    # site's network is refused before anything is fetched
+    bare = config.NodeConfig(network="none")
+    assert "<interface" not in domain.build_xml(bare, spec(), [0, 1])
+    with pytest.raises(GuestError, match=r"needs the site's network \(lan\)"):
+        domain.attachment(bare, GuestNetwork.LAN)
+    assert domain.attachment(bare, GuestNetwork.NONE) is None
