@@ -675,3 +675,47 @@ def test_the_installed_node_command_imports_no_openstacksdk(tmp_path: Path) -> N
         assert not [m for m in imported if m.split(".")[0] == "openstack"], args
         if args[-1] == "reconcile":
             assert {"keystoneauth1", "libvirt", "provisioner.node.reconcile"} <= set(imported)
+
+
+def test_an_image_that_needs_the_site_network_is_refused_by_a_node_without_one(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    admin: Any,
+) -> None:
+    node = virtual_node  # EDGEPIN_NETWORK=none: a node built with --guest-network none
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    quiet = publish(version="1", extra=["--network", "none"])
+    assign(cli_env, node, quiet["image_id"])
+    # the Glance property changed after the assignment was signed: the node reads the
+    # declaration only from the signed assignment, so this changes nothing
+    r = admin.image.patch(
+        f"/images/{quiet['image_id']}",
+        json=[{"op": "replace", "path": "/edgepin_network", "value": "lan"}],
+        headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+    )
+    assert r.status_code == 200, r.text
+    ok(node.node("reconcile"))
+    wait_marker(node, quiet["marker"])
+    conn = libvirt.open(node.libvirtd.uri)
+    try:
+        assert "<interface" not in conn.lookupByName("edgepin-guest").XMLDesc(0)
+    finally:
+        conn.close()
+
+    lan = publish(version="2", extra=["--network", "lan"])
+    assign(cli_env, node, lan["image_id"])
+    r = node.node("reconcile")
+    assert r.returncode == 11, r.stderr  # a guest this host cannot run, as too many vCPUs
+    assert "the image needs the site's network (lan); this node has no guest attachment" in (
+        r.stderr
+    )
+    st = node_status(node)
+    assert st["state"] == "refused" and st["image_id"] == quiet["image_id"], st
+    assert member_status(admin, lan["image_id"], node) == "rejected"
+    # refused before anything was fetched; the running guest untouched
+    assert not (node.root / f"var/lib/edgepin/images/{lan['image_id']}.qcow2").exists()
+    assert not list((node.root / "var/lib/edgepin/images").glob("*.partial"))
