@@ -5,7 +5,8 @@ anyone who can write project attributes (a Keystone admin, a compromised Keyston
 change it. So the operator signs what the node needs to know, and the node acts only on
 that: this node (its project id), the image id, the image's sha512 (Glance's
 ``os_hash_value``, which the fetched bytes are checked against), the generation and when it
-was made, the guest network the image declares (:class:`~provisioner.node.model.GuestNetwork`),
+was made, the guest network and the USB devices the image declares
+(:class:`~provisioner.node.model.GuestNetwork`, vendor:product ids),
 and the node's name (its id in edgepin, which the node keeps from its enrollment):
 a project renamed to another node's name in Keystone does not make an assignment for one
 node valid for the other. The signature is RSA-PSS or ECDSA over SHA-512 of a canonical
@@ -38,6 +39,7 @@ from provisioner.node.model import (
     Assignment,
     GuestNetwork,
     guest_network,
+    usb_ids,
 )
 from provisioner.signing import StreamSigner, StreamVerifier, fingerprint, key_type_for
 
@@ -58,14 +60,17 @@ def payload(
     assigned_at: str,
     extra: dict[str, Any] | None = None,
     network: GuestNetwork | None = None,
+    usb: tuple[str, ...] = (),
 ) -> bytes:
     """The signed bytes: canonical JSON (sorted keys, no spaces, ASCII). ``network`` is the
-    guest network the image declares (absent when it declares none). ``extra`` adds
+    guest network the image declares (absent when it declares none), ``usb`` the USB devices
+    it asks for (absent when none). ``extra`` adds
     fields the node does not read (a rollout's name and wave, the previous image), signed
     with the rest so that the operator's tools can trust them; it cannot replace a field."""
     doc = {
-        **{k: v for k, v in (extra or {}).items() if k != "network"},
+        **{k: v for k, v in (extra or {}).items() if k not in ("network", "usb")},
         **({"network": str(network)} if network is not None else {}),
+        **({"usb": list(usb)} if usb else {}),
         "kind": KIND,
         "node": node,
         "node_name": node_name,
@@ -88,9 +93,12 @@ def sign(
     assigned_at: str,
     extra: dict[str, Any] | None = None,
     network: GuestNetwork | None = None,
+    usb: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The record ``edgepin assign`` writes: readable fields, and the signed payload."""
-    data = payload(node, node_name, image_id, image_sha512, generation, assigned_at, extra, network)
+    data = payload(
+        node, node_name, image_id, image_sha512, generation, assigned_at, extra, network, usb
+    )
     signer = StreamSigner(key, HASH_METHOD)
     signer.update(data)
     return {
@@ -210,4 +218,7 @@ def _payload(body: bytes, node: str, node_name: str) -> Assignment:
         raise ImageError("the assignment's generation is not a whole number in range")
     if not isinstance(at, str) or len(at) > 64 or not at.isprintable():
         raise ImageError("the assignment's time is not valid")
-    return Assignment(image_id, gen, sha, at, guest_network(doc.get("network")))
+    usb = doc.get("usb")
+    if usb is not None and not isinstance(usb, list):
+        raise ImageError("the assignment's USB devices are not a list")
+    return Assignment(image_id, gen, sha, at, guest_network(doc.get("network")), usb_ids(usb))

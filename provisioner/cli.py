@@ -73,6 +73,15 @@ def _add_publish(sub: Any) -> None:
         "guest attachment, if it has one",
     )
     p.add_argument(
+        "--usb",
+        action="append",
+        default=[],
+        metavar="VENDOR:PRODUCT",
+        help="a USB device the guest is given (hex ids as lsusb prints them, such as "
+        "0627:0001), signed into every assignment of the image; a node without it refuses "
+        "the image. Repeat for several",
+    )
+    p.add_argument(
         "--key-deletion-policy",
         choices=("on_image_deletion", "do_not_delete"),
         default="on_image_deletion",
@@ -384,6 +393,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             hash_method=args.hash_method,
             health_marker=args.health_marker,
             network=args.network,
+            usb=tuple(args.usb),
             key_deletion_policy=args.key_deletion_policy,
             luks_iter_time_ms=args.luks_iter_time,
             work_dir=args.work_dir,

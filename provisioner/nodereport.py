@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioner.errors import EdgepinError, Reason
-from provisioner.node.model import IMAGE_ID, MAX_GENERATION, State
+from provisioner.node.model import IMAGE_ID, MAX_GENERATION, USB_ID, State
 
 KIND = "edgepin-node-report/1"
 PROPERTY = "edgepin_report"  # the report image's property that holds the report
@@ -32,6 +32,7 @@ MAX_TEXT = 16384  # characters of a report: a real one is under 4 KiB
 MAX_REASON = 512
 MAX_FLAGS = 512
 MAX_LOCAL_IMAGES = 8
+MAX_USB_DEVICES = 64
 MAX_CPUS = 65536
 MAX_MB = 2**40  # a mebibyte count: a petabyte is 2**30
 DISK_QUANTUM_MB = 256  # free disk is reported in steps of this: small writes change nothing
@@ -61,6 +62,7 @@ class Facts:
     virt_type: str  # kvm, or qemu (software emulation)
     edgepin_version: str
     local_images: tuple[str, ...]  # images on the node's disk (current, previous)
+    usb: tuple[str, ...] = ()  # USB devices plugged in (vendor:product), hubs included
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +77,7 @@ class Facts:
             "virt_type": self.virt_type,
             "edgepin_version": self.edgepin_version,
             "local_images": list(self.local_images),
+            "usb": list(self.usb),
         }
 
 
@@ -241,6 +244,15 @@ def _facts(value: Any) -> Facts | None:
     images = value.get("local_images")
     if not isinstance(images, list) or len(images) > MAX_LOCAL_IMAGES:
         raise ReportError(f"facts.local_images is not a list of at most {MAX_LOCAL_IMAGES}")
+    usb = value.get("usb", [])
+    if (
+        not isinstance(usb, list)
+        or len(usb) > MAX_USB_DEVICES
+        or not all(isinstance(u, str) and USB_ID.fullmatch(u) for u in usb)
+    ):
+        raise ReportError(
+            f"facts.usb is not a list of at most {MAX_USB_DEVICES} vendor:product ids"
+        )
     cpus = _int(value, "cpus", MAX_CPUS)
     guest_cpus = _int(value, "guest_cpus", MAX_CPUS)
     if guest_cpus > cpus:
@@ -260,4 +272,5 @@ def _facts(value: Any) -> Facts | None:
         virt_type=str(virt_type),
         edgepin_version=_text(value, "edgepin_version", 64),
         local_images=tuple(sorted({_image_id(i, "facts.local_images") for i in images})),
+        usb=tuple(sorted(set(usb))),
     )

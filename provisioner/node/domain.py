@@ -19,7 +19,7 @@ import libvirt
 
 from provisioner.errors import GuestError
 from provisioner.node.config import NodeConfig
-from provisioner.node.model import GuestNetwork
+from provisioner.node.model import USB_ID, GuestNetwork
 
 LOG = logging.getLogger(__name__)
 NAMESPACE = "https://edgepin.dev/xmlns/guest/1"
@@ -34,6 +34,7 @@ class GuestSpec:
     vcpus: int
     memory_mb: int
     network: GuestNetwork | None = None  # what the signed assignment declared
+    usb: tuple[str, ...] = ()  # vendor:product ids, as the signed assignment declared
     node_id: str = ""  # the node's name: its guest's MAC address is derived from it
 
 
@@ -67,6 +68,35 @@ def attachment(cfg: NodeConfig, declared: GuestNetwork | None) -> tuple[str, str
         return None
     kind, name = cfg.network.split(":", 1)
     return kind, name
+
+
+def usb_present(root: Path) -> tuple[str, ...]:
+    """The vendor:product ids of the USB devices plugged into this host (sysfs under
+    ``root``), sorted, each once; hubs included."""
+    found = set()
+    for dev in (root / "sys" / "bus" / "usb" / "devices").glob("*"):
+        try:
+            vendor = (dev / "idVendor").read_text().strip()
+            product = (dev / "idProduct").read_text().strip()
+        except OSError:
+            continue  # an interface, not a device
+        ident = f"{vendor}:{product}".lower()
+        if USB_ID.fullmatch(ident):
+            found.add(ident)
+    return tuple(sorted(found))
+
+
+def check_usb(cfg: NodeConfig, wanted: tuple[str, ...]) -> None:
+    """GuestError naming each USB device the image asks for that this host does not have."""
+    if not wanted:
+        return
+    present = usb_present(cfg.root)
+    missing = [u for u in wanted if u not in present]
+    if missing:
+        raise GuestError(
+            f"the image needs USB device {', '.join(missing)}, which this node does not have",
+            present=",".join(present)[:200],
+        )
 
 
 def guest_mac(node_id: str) -> str:
@@ -116,6 +146,14 @@ def build_xml(cfg: NodeConfig, spec: GuestSpec, host_cpus: list[int]) -> str:
         ET.SubElement(iface, "mac", {"address": guest_mac(spec.node_id)})
         ET.SubElement(iface, "source", {kind: name})
         ET.SubElement(iface, "model", {"type": "virtio"})
+    for ident in spec.usb:
+        vendor, product = ident.split(":")
+        hostdev = ET.SubElement(
+            dev, "hostdev", {"mode": "subsystem", "type": "usb", "managed": "yes"}
+        )
+        source = ET.SubElement(hostdev, "source")
+        ET.SubElement(source, "vendor", {"id": f"0x{vendor}"})
+        ET.SubElement(source, "product", {"id": f"0x{product}"})
     serial = ET.SubElement(dev, "serial", {"type": "pty"})
     ET.SubElement(serial, "log", {"file": str(cfg.serial_log), "append": "off"})
     ET.SubElement(serial, "target", {"port": "0"})
@@ -204,9 +242,11 @@ def check_fits(
     vcpus: int,
     memory_mb: int,
     network: GuestNetwork | None = None,
+    usb: tuple[str, ...] = (),
 ) -> None:
     """Refuse, before any download, a guest this host cannot run."""
     attachment(cfg, network)
+    check_usb(cfg, usb)
     guest_cpus(cfg, host_cpus(conn), vcpus)
     if memory_mb > host_memory_mb(conn):
         raise GuestError(f"image wants {memory_mb} MiB; the host has {host_memory_mb(conn)} MiB")
@@ -214,7 +254,7 @@ def check_fits(
 
 def start(cfg: NodeConfig, conn: Any, spec: GuestSpec, passphrase: bytes) -> Any:
     """Define the domain from the XML, hand QEMU the key, start it."""
-    check_fits(cfg, conn, spec.vcpus, spec.memory_mb, spec.network)
+    check_fits(cfg, conn, spec.vcpus, spec.memory_mb, spec.network, spec.usb)
     xml = build_xml(cfg, spec, host_cpus(conn))
     dom, _ = current(cfg, conn)
     if dom is not None and dom.isActive():

@@ -1,7 +1,7 @@
 """What the node is, for placement: CPUs, memory, free disk for images, CPU model and flags,
-host OS and edgepin's version. Read at every reconcile (cheap: two libvirt calls, two small
-files and a statvfs) and sent in the node's report when it changed
-(:mod:`provisioner.nodereport`)."""
+host OS and edgepin's version, the USB devices plugged in. Read at every reconcile (cheap:
+two libvirt calls, two small files, a statvfs and the USB devices' ids in sysfs) and sent
+in the node's report when it changed (:mod:`provisioner.nodereport`)."""
 
 from __future__ import annotations
 
@@ -88,4 +88,5 @@ def gather(cfg: NodeConfig, conn: Any, local_images: list[str]) -> nodereport.Fa
         virt_type=cfg.virt_type,
         edgepin_version=__version__,
         local_images=tuple(sorted(set(local_images)))[: nodereport.MAX_LOCAL_IMAGES],
+        usb=domain.usb_present(cfg.root)[: nodereport.MAX_USB_DEVICES],
     )

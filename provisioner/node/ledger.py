@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from provisioner.errors import StateError, TrustError
+from provisioner.errors import ImageError, StateError, TrustError
 from provisioner.node import model, state
 from provisioner.node.model import Enrollment, Guest, ImageRecord, Ledger
 from provisioner.tpm import ANCHOR_NV_SIZE
@@ -202,7 +202,19 @@ def _guest(value: Any, what: str) -> Guest | None:
         health_marker=None if marker is None else _str(marker, f"{what}.health_marker", size=256),
         version=_str(value.get("version", ""), f"{what}.version", size=model.VERSION_SIZE),
         network=None if network is None else model.GuestNetwork(network),
+        usb=_usb(value.get("usb"), f"{what}.usb"),
     )
+
+
+def _usb(value: Any, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _fail(f"{what} is not a list")
+    try:
+        return model.usb_ids(value)
+    except ImageError:
+        raise _fail(f"{what} is not a list of vendor:product ids") from None
 
 
 def _image(value: Any, what: str) -> ImageRecord:

@@ -65,6 +65,29 @@ def guest_network(value: Any) -> GuestNetwork | None:
         ) from None
 
 
+USB_ID = re.compile(r"[0-9a-f]{4}:[0-9a-f]{4}")  # vendor:product, as lsusb prints them
+MAX_USB = 16  # devices one image may ask for
+USB_PROPERTY = "edgepin_usb"  # the Glance property: comma-separated vendor:product ids
+
+
+def usb_ids(value: Any) -> tuple[str, ...]:
+    """The USB devices an image asks for, sorted and each once: from a list (the signed
+    assignment) or comma-separated text (the Glance property); none: (). ImageError."""
+    if value is None or value == "" or value == []:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > MAX_USB:
+        raise ImageError(f"the declared USB devices are not a list of at most {MAX_USB}")
+    ids = set()
+    for item in items:
+        if not isinstance(item, str) or not USB_ID.fullmatch(item.strip()):
+            raise ImageError(
+                "a declared USB device is not vendor:product in hex (such as 0627:0001)"
+            )
+        ids.add(item.strip())
+    return tuple(sorted(ids))
+
+
 class MemberStatus(enum.StrEnum):
     """What the node tells Glance about an image shared with it."""
 
@@ -82,6 +105,7 @@ class Assignment:
     image_sha512: str
     assigned_at: str
     network: GuestNetwork | None = None
+    usb: tuple[str, ...] = ()  # vendor:product ids the guest is given
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,7 @@ class Guest:
     health_marker: str | None = None
     version: str = ""
     network: GuestNetwork | None = None  # as the signed assignment declared it
+    usb: tuple[str, ...] = ()  # the USB devices it is given, as the assignment declared
 
     def disk(self, images_dir: Path) -> Path:
         return images_dir / f"{self.image_id}.qcow2"

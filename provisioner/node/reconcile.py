@@ -541,8 +541,9 @@ class Run:
             guest.disk(self.cfg.images_dir),
             guest.vcpus,
             guest.memory_mb,
-            guest.network,
-            led.enrollment.node_id,
+            network=guest.network,
+            usb=guest.usb,
+            node_id=led.enrollment.node_id,
         )
         try:
             domain.start(self.cfg, self.conn, spec, passphrase)
@@ -579,8 +580,12 @@ class Run:
             image = source.image(image_id)
             fetch.check_properties(image)
             fetch.check_assigned(image, assignment)
-            guest = replace(guest_from_image(image, gen), network=assignment.network)
-            domain.check_fits(self.cfg, self.conn, guest.vcpus, guest.memory_mb, guest.network)
+            guest = replace(
+                guest_from_image(image, gen), network=assignment.network, usb=assignment.usb
+            )
+            domain.check_fits(
+                self.cfg, self.conn, guest.vcpus, guest.memory_mb, guest.network, guest.usb
+            )
             known = self._ledger().images.get(image_id)
             if not (
                 guest.disk(self.cfg.images_dir).exists()

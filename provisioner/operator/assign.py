@@ -118,13 +118,17 @@ def check_image(image: dict[str, Any]) -> None:
         raise ImageError(f"image {image['id']} is {image.get('status')}, not active")
     if image.get("disk_format") != "qcow2" or image.get("os_hash_algo") != "sha512":
         raise ImageError(f"image {image['id']} is not a qcow2 with a sha512 hash")
-    try:
-        model.guest_network(image.get(model.NETWORK_PROPERTY))
-    except ImageError as e:
-        raise ImageError(
-            f"image {image['id']}: {model.NETWORK_PROPERTY}: {e.message}",
-            hint="publish it again with `edgepin publish --network`",
-        ) from None
+    for prop, read in (
+        (model.NETWORK_PROPERTY, model.guest_network),
+        (model.USB_PROPERTY, model.usb_ids),
+    ):
+        try:
+            read(image.get(prop))
+        except ImageError as e:
+            raise ImageError(
+                f"image {image['id']}: {prop}: {e.message}",
+                hint="publish it again with `edgepin publish`",
+            ) from None
 
 
 def share(conn: Any, image_id: str, project_id: str) -> None:
@@ -292,6 +296,7 @@ def assign_many(
                 now,
                 job.extra,
                 network,
+                model.usb_ids(image.get(model.USB_PROPERTY)),
             )
             result.generation = gen
             olds[i] = node.grants

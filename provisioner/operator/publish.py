@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from provisioner import barbican, qemuimg
 from provisioner.cloud import translate
 from provisioner.errors import EdgepinError, ImageError, UsageError, VerificationError
-from provisioner.node.model import NETWORK_PROPERTY, guest_network
+from provisioner.node.model import NETWORK_PROPERTY, USB_PROPERTY, guest_network, usb_ids
 from provisioner.operator.imagesecrets import passphrase_name, signing_certificate
 from provisioner.operator.signingcert import load_key
 from provisioner.progress import step, transfer
@@ -64,6 +64,7 @@ class PublishRequest:
     hash_method: str = "SHA-512"
     health_marker: str | None = None
     network: str | None = None  # edgepin_network: lan or none (provisioner.node.model)
+    usb: tuple[str, ...] = ()  # edgepin_usb: vendor:product ids
     key_deletion_policy: str = "on_image_deletion"
     luks_iter_time_ms: int = 1000
     work_dir: Path | None = None
@@ -112,6 +113,10 @@ def _chunks(path: Path, on_chunk: Callable[[bytes], None]) -> Iterator[bytes]:
 def publish(conn: Any, req: PublishRequest) -> Published:
     if req.vcpus < 1 or req.memory_mb < 64:
         raise UsageError("--vcpus must be >= 1 and --memory >= 64 (MiB)")
+    try:
+        usb_ids(list(req.usb))
+    except ImageError as e:
+        raise UsageError(f"--usb: {e.message}") from None
     src_format = detect_format(req.guest)
     virtual_size = int(qemuimg.info(req.guest)["virtual-size"])
     step("reading the signing key and certificate from Barbican")
@@ -173,6 +178,8 @@ def publish(conn: Any, req: PublishRequest) -> Published:
                 properties["edgepin_health_marker"] = req.health_marker
             if req.network:
                 properties[NETWORK_PROPERTY] = str(guest_network(req.network))
+            if req.usb:
+                properties[USB_PROPERTY] = ",".join(usb_ids(list(req.usb)))
             with translate("glance", "create image"):
                 r = conn.image.post(
                     "/images",

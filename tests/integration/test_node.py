@@ -677,7 +677,7 @@ def test_the_installed_node_command_imports_no_openstacksdk(tmp_path: Path) -> N
             assert {"keystoneauth1", "libvirt", "provisioner.node.reconcile"} <= set(imported)
 
 
-def test_an_image_that_needs_the_site_network_is_refused_by_a_node_without_one(
+def test_an_image_that_needs_the_site_network_or_a_usb_device_is_refused_by_a_node_without_it(
     virtual_node: VirtualNode,
     cli_env: dict[str, str],
     signer: Signer,
@@ -719,3 +719,14 @@ def test_an_image_that_needs_the_site_network_is_refused_by_a_node_without_one(
     # refused before anything was fetched; the running guest untouched
     assert not (node.root / f"var/lib/edgepin/images/{lan['image_id']}.qcow2").exists()
     assert not list((node.root / "var/lib/edgepin/images").glob("*.partial"))
+
+    # a USB device the node does not have (its root has no USB device in sysfs): the same
+    usb = publish(version="3", extra=["--usb", "0627:0001"])
+    assign(cli_env, node, usb["image_id"])
+    r = node.node("reconcile")
+    assert r.returncode == 11, r.stderr
+    assert "the image needs USB device 0627:0001, which this node does not have" in r.stderr
+    assert node_status(node)["image_id"] == quiet["image_id"]
+    assert member_status(admin, usb["image_id"], node) == "rejected"
+    assert not (node.root / f"var/lib/edgepin/images/{usb['image_id']}.qcow2").exists()
+    wait_marker(node, quiet["marker"])  # still there, from the guest that kept running

@@ -246,3 +246,17 @@ def test_any_signed_network_gives_a_declared_one_or_edgepins_own_error(value: An
         assert value is not None and value not in list(GuestNetwork)
         return
     assert got is not None and got.network == (None if value is None else GuestNetwork(value))
+
+
+def test_the_usb_devices_the_image_declares_are_signed_with_the_rest() -> None:
+    usb = ("0627:0001", "1d6b:0002")
+    record = assignment.sign(KEY, CERT, NODE, NAME, IMAGE_A, SHA, 3, AT, None, None, usb)
+    got = assignment.verify(record, PINNED, NODE, NAME)
+    assert got == Assignment(IMAGE_A, 3, SHA, AT, None, usb)
+    # a rollout's extra fields cannot add one
+    record = assignment.sign(KEY, CERT, NODE, NAME, IMAGE_A, SHA, 3, AT, {"usb": ["dead:beef"]})
+    assert assignment.verify(record, PINNED, NODE, NAME).usb == ()  # type: ignore[union-attr]
+    body = json.loads(base64.b64decode(signed()["signed"]["payload"]))
+    for bad in ("0627:0001", ["0627:1"], ["x" * 9]):
+        with pytest.raises(ImageError):
+            assignment.verify(sign_payload({**body, "usb": bad}), PINNED, NODE, NAME)

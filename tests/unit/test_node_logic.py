@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from provisioner.errors import ConfigError, GuestError
+from provisioner.errors import ConfigError, GuestError, ImageError
 from provisioner.node import config, domain, report
-from provisioner.node.model import GuestNetwork, State, Status
+from provisioner.node.model import USB_ID, GuestNetwork, State, Status, usb_ids
+from tests.unit.fakes import json_values
 
 pytestmark = pytest.mark.unit
 
@@ -148,3 +152,30 @@ def test_the_guest_gets_the_network_its_image_declares_and_the_node_provides() -
     with pytest.raises(GuestError, match=r"needs the site's network \(lan\)"):
         domain.attachment(bare, GuestNetwork.LAN)
     assert domain.attachment(bare, GuestNetwork.NONE) is None
+
+
+def test_the_guest_gets_exactly_the_usb_devices_its_image_declares(tmp_path: Path) -> None:
+    sysfs = tmp_path / "sys" / "bus" / "usb" / "devices"
+    for name, vendor, product in (("1-1", "0627", "0001"), ("usb1", "1d6b", "0002")):
+        (sysfs / name).mkdir(parents=True)
+        (sysfs / name / "idVendor").write_text(f"{vendor}\n")
+        (sysfs / name / "idProduct").write_text(f"{product}\n")
+    (sysfs / "1-1:1.0").mkdir()  # an interface: no ids
+    cfg = config.NodeConfig(root=tmp_path)
+    assert domain.usb_present(tmp_path) == ("0627:0001", "1d6b:0002")
+    domain.check_usb(cfg, ("0627:0001",))
+    with pytest.raises(GuestError, match="needs USB device 046d:c52b, which this node"):
+        domain.check_usb(cfg, ("0627:0001", "046d:c52b"))
+    xml = domain.build_xml(cfg, replace(spec(), usb=("0627:0001",)), [0, 1])
+    assert xml.count("<hostdev") == 1
+    assert '<vendor id="0x0627" />' in xml and '<product id="0x0001" />' in xml
+    assert "<hostdev" not in domain.build_xml(cfg, spec(), [0, 1])
+
+
+@given(st.one_of(json_values, st.text(max_size=40)))
+def test_any_declared_usb_value_gives_ids_or_edgepins_own_error(value: Any) -> None:
+    try:
+        ids = usb_ids(value)
+    except ImageError:
+        return
+    assert list(ids) == sorted(set(ids)) and all(USB_ID.fullmatch(i) for i in ids)
