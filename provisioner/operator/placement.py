@@ -37,8 +37,8 @@ from typing import Any
 import yaml
 
 from provisioner import nodereport
-from provisioner.errors import UsageError
-from provisioner.node.model import IMAGE_ID, MAX_VCPUS, MEMORY_MB
+from provisioner.errors import ImageError, UsageError
+from provisioner.node.model import IMAGE_ID, MAX_VCPUS, MEMORY_MB, USB_PROPERTY, usb_ids
 from provisioner.operator.labels import NAME, Labels
 from provisioner.operator.selector import Selector
 
@@ -254,6 +254,7 @@ class Image:
     vcpus: int
     memory_mb: int
     size: int  # bytes
+    usb: tuple[str, ...] = ()  # the USB devices it asks for (edgepin_usb)
 
     def text(self) -> str:
         return f"{self.name} {self.version}"
@@ -272,6 +273,10 @@ def image_of(record: Mapping[str, Any]) -> Image:
         ) from None
     if not (1 <= vcpus <= MAX_VCPUS and MEMORY_MB[0] <= memory <= MEMORY_MB[1]):
         raise PlacementError(f"image {image_id}", f"{vcpus} vCPUs, {memory} MiB: out of range")
+    try:
+        usb = usb_ids(record.get(USB_PROPERTY))
+    except ImageError as e:
+        raise PlacementError(f"image {image_id}", f"{USB_PROPERTY}: {e.message}") from None
     return Image(
         image_id=image_id,
         name=nodereport.clean_text(str(record.get("name") or ""), 255),
@@ -279,6 +284,7 @@ def image_of(record: Mapping[str, Any]) -> Image:
         vcpus=vcpus,
         memory_mb=memory,
         size=max(size, 0),
+        usb=usb,
     )
 
 
@@ -410,6 +416,9 @@ def misfit(node: NodeView, image: Image, rule: Rule) -> str | None:
     missing = [f for f in rule.cpu_flags if f not in facts.cpu_flags]
     if missing:
         return f"the node's CPU lacks {', '.join(missing)}"
+    absent = [u for u in image.usb if u not in facts.usb]
+    if absent:
+        return f"{image.text()} needs USB device {', '.join(absent)}; the node has none"
     return None
 
 

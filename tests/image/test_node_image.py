@@ -70,6 +70,7 @@ pytestmark = pytest.mark.image
 INCREMENTAL = True  # one node lives the scenarios in order (see conftest)
 
 # power-on -> kernel -> first-boot unit -> enrolled -> image verified -> guest running
+USB_KEYBOARD = "0627:0001"  # QEMU's usb-kbd: vendor QEMU, product HID
 TIMELINE = {
     "firmware": r"BdsDxe|UEFI|SeaBIOS",
     "kernel": r"Linux version \d",
@@ -166,7 +167,15 @@ def node(
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
     vm = HostVm(
-        name, host_image, work / "vm", firmware="uefi", tpm=tpm, seed=seed, milestones=TIMELINE
+        name,
+        host_image,
+        work / "vm",
+        firmware="uefi",
+        tpm=tpm,
+        seed=seed,
+        milestones=TIMELINE,
+        # a USB keyboard (QEMU's, 0627:0001) plugged into the node, which v1 asks for
+        append_args=["-device", "qemu-xhci,id=xhci", "-device", "usb-kbd,bus=xhci.0"],
     )
     n = Node(name, vm, project_id, results, {}, user_id=user_id)
     # the factory does not know what this model measures into its PCRs: a first boot
@@ -190,7 +199,8 @@ def publish_signed(
     site: SiteService | None = None,
 ) -> dict[str, Any]:
     """Publish a tiny guest; with ``site``, one that needs the site's network (``--network
-    lan``) and asks ``site`` for ``/<marker>/<its address>`` once it has one."""
+    lan``) and asks ``site`` for ``/<marker>/<its address>`` once it has one, and the
+    node's USB keyboard (``--usb``)."""
     marker = f"m{secrets.token_hex(5)}"
     guest = tiny_guest(marker, "run", site.url if site else None)
     r = run_edgepin(
@@ -209,7 +219,7 @@ def publish_signed(
             f"EDGEPIN-GUEST-MARKER {marker}",
             "--luks-iter-time",
             "100",
-            *(["--network", "lan"] if site else []),
+            *(["--network", "lan", "--usb", USB_KEYBOARD] if site else []),
             "--json",
         ],
         cli_env,
@@ -277,6 +287,11 @@ def test_1_first_boot_enrolls_fetches_verifies_and_runs_the_guest(
     assert address in ipaddress.ip_network("10.0.2.0/24"), asked
     # QEMU's user network leases 10.0.2.15 first: the node's own br0 took it at boot
     assert str(address) not in (HOST_FROM_USER_NET, "10.0.2.15"), asked
+    # the image also asked for the node's USB keyboard: the node has it (its report says
+    # so) and the guest started with it (libvirt refuses to start a domain whose USB
+    # host device it cannot find)
+    rows = json.loads(run_edgepin(["status", node.name, "--json"], cli_env).stdout)
+    assert USB_KEYBOARD in rows[0]["report"]["report"]["facts"]["usb"], rows
 
 
 def test_2_reboot_with_the_control_plane_out_of_reach(node: Node, v1: dict[str, Any]) -> None:

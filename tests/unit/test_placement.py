@@ -192,6 +192,25 @@ def test_no_rule_selects_it() -> None:
     assert (e.action, e.reason) == (Action.LEFT_OUT, "no rule selects it (labels: s=x,t=1)")
 
 
+def test_a_node_without_a_usb_device_the_image_asks_for_is_left_out() -> None:
+    record = {"id": IMAGE_A, "name": "cam", "edgepin_version": "1", "edgepin_usb": "0627:0001"}
+    cam = placement.image_of(record)
+    assert cam.usb == ("0627:0001",)
+    with pytest.raises(PlacementError, match="edgepin_usb"):
+        placement.image_of({**record, "edgepin_usb": "keyboard"})
+    p = placement.parse(
+        {"placement": 1, "rules": [{"name": "a", "select": {"s": "x"}, "image": {"id": IMAGE_A}}]}
+    )
+    with_it = nodereport.Facts(**{**FACTS.as_dict(), "usb": ("0627:0001", "1d6b:0002")})
+    fleet = [
+        view("n-1", {"s": "x"}, report=report(facts=with_it)),
+        view("n-2", {"s": "x"}),
+    ]
+    got = {e.node: (e.action, e.reason) for e in placement.plan(fleet, p, [cam]).entries}
+    assert got["n-1"] == (Action.ASSIGN, "a places cam 1")
+    assert got["n-2"] == (Action.LEFT_OUT, "cam 1 needs USB device 0627:0001; the node has none")
+
+
 def test_a_rule_whose_image_is_not_one_published_image_is_an_error() -> None:
     p = placement.load(FILE)
     with pytest.raises(PlacementError, match=f"no active edgepin image is {IMAGE_C}"):
