@@ -142,6 +142,22 @@ def new_machine(vm_tpms: SwtpmFactory, run_dir: Path) -> tuple[str, Swtpm, Path]
     return name, tpm, work
 
 
+def model_vm(name: str, image: Path, work: Path, tpm: Swtpm, seed: Path, **changes: Any) -> HostVm:
+    """A QEMU machine of the module's hardware model: UEFI with Secure Boot, its swtpm, its
+    seed, and a USB keyboard (QEMU's, 0627:0001) plugged in, which v1 asks for."""
+    return HostVm(
+        name,
+        image,
+        work / "vm",
+        firmware="uefi",
+        tpm=tpm,
+        seed=seed,
+        milestones=TIMELINE,
+        append_args=["-device", "qemu-xhci,id=xhci", "-device", "usb-kbd,bus=xhci.0"],
+        **changes,
+    )
+
+
 @pytest.fixture(scope="module")
 def node(
     host_image: Path,
@@ -166,17 +182,7 @@ def node(
     results = results_dir / "node-image"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
-    vm = HostVm(
-        name,
-        host_image,
-        work / "vm",
-        firmware="uefi",
-        tpm=tpm,
-        seed=seed,
-        milestones=TIMELINE,
-        # a USB keyboard (QEMU's, 0627:0001) plugged into the node, which v1 asks for
-        append_args=["-device", "qemu-xhci,id=xhci", "-device", "usb-kbd,bus=xhci.0"],
-    )
+    vm = model_vm(name, host_image, work, tpm, seed)
     n = Node(name, vm, project_id, results, {}, user_id=user_id)
     # the factory does not know what this model measures into its PCRs: a first boot
     # with a seed bound to guessed values prints the node's own on the console (there is
@@ -619,17 +625,7 @@ def test_11_a_node_without_any_network_runs_its_guest_from_its_seed_and_a_bundle
     r = run_edgepin(["bundle", name, "--out", str(work / "bundles")], cli_env)
     assert r.returncode == 0, r.stderr
     stick = disk.usb_stick(work / "stick.img", "EDGEPIN", [work / "bundles" / f"edgepin-{name}"])
-    vm = HostVm(
-        name,
-        host_image,
-        work / "vm",
-        firmware="uefi",
-        tpm=tpm,
-        seed=seed,
-        nic=False,
-        media=[stick],
-        milestones=TIMELINE,
-    )
+    vm = model_vm(name, host_image, work, tpm, seed, nic=False, media=[stick])
     offline = Node(name, vm, "", node.results, node.timelines)
     try:
         offline.boot("no-network")

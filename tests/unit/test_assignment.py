@@ -137,24 +137,14 @@ def test_malformed_signed_blocks_are_refused_with_edgepins_errors() -> None:
 
 
 def test_a_signed_payload_of_another_kind_or_with_a_bad_time_is_refused() -> None:
-    def sign_doc(doc: dict[str, Any]) -> dict[str, Any]:
-        data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        s = StreamSigner(KEY, "SHA-512")
-        s.update(data)
-        block = {
-            "payload": base64.b64encode(data).decode(),
-            "signature": s.signature(),
-            "certificate_sha256": fingerprint(CERT),
-            "key_type": "ECC_SECP384R1",
-        }
-        return {"signed": block}
-
     body = json.loads(base64.b64decode(signed()["signed"]["payload"]))
     with pytest.raises(VerificationError, match="not an edgepin assignment"):
-        assignment.verify(sign_doc({**body, "kind": "edgepin-image/1"}), PINNED, NODE, NAME)
+        assignment.verify(sign_payload({**body, "kind": "edgepin-image/1"}), PINNED, NODE, NAME)
     with pytest.raises(ImageError, match="time"):
-        assignment.verify(sign_doc({**body, "assigned_at": "\x1b[2J"}), PINNED, NODE, NAME)
-    assert assignment.verify(sign_doc(body), PINNED, NODE, NAME) == Assignment(IMAGE_A, 3, SHA, AT)
+        assignment.verify(sign_payload({**body, "assigned_at": "\x1b[2J"}), PINNED, NODE, NAME)
+    assert assignment.verify(sign_payload(body), PINNED, NODE, NAME) == Assignment(
+        IMAGE_A, 3, SHA, AT
+    )
 
 
 def test_assignment_certificates_are_pinned_apart_or_the_image_ones_sign(tmp_path: Path) -> None:
