@@ -70,7 +70,6 @@ pytestmark = pytest.mark.image
 INCREMENTAL = True  # one node lives the scenarios in order (see conftest)
 
 # power-on -> kernel -> first-boot unit -> enrolled -> image verified -> guest running
-USB_KEYBOARD = "0627:0001"  # QEMU's usb-kbd: vendor QEMU, product HID
 TIMELINE = {
     "firmware": r"BdsDxe|UEFI|SeaBIOS",
     "kernel": r"Linux version \d",
@@ -143,8 +142,8 @@ def new_machine(vm_tpms: SwtpmFactory, run_dir: Path) -> tuple[str, Swtpm, Path]
 
 
 def model_vm(name: str, image: Path, work: Path, tpm: Swtpm, seed: Path, **changes: Any) -> HostVm:
-    """A QEMU machine of the module's hardware model: UEFI with Secure Boot, its swtpm, its
-    seed, and a USB keyboard (QEMU's, 0627:0001) plugged in, which v1 asks for."""
+    """A QEMU machine of the module's hardware model: UEFI with Secure Boot, its swtpm and
+    its seed."""
     return HostVm(
         name,
         image,
@@ -153,7 +152,6 @@ def model_vm(name: str, image: Path, work: Path, tpm: Swtpm, seed: Path, **chang
         tpm=tpm,
         seed=seed,
         milestones=TIMELINE,
-        append_args=["-device", "qemu-xhci,id=xhci", "-device", "usb-kbd,bus=xhci.0"],
         **changes,
     )
 
@@ -205,8 +203,7 @@ def publish_signed(
     site: SiteService | None = None,
 ) -> dict[str, Any]:
     """Publish a tiny guest; with ``site``, one that needs the site's network (``--network
-    lan``) and asks ``site`` for ``/<marker>/<its address>`` once it has one, and the
-    node's USB keyboard (``--usb``)."""
+    lan``) and asks ``site`` for ``/<marker>/<its address>`` once it has one."""
     marker = f"m{secrets.token_hex(5)}"
     guest = tiny_guest(marker, "run", site.url if site else None)
     r = run_edgepin(
@@ -225,7 +222,7 @@ def publish_signed(
             f"EDGEPIN-GUEST-MARKER {marker}",
             "--luks-iter-time",
             "100",
-            *(["--network", "lan", "--usb", USB_KEYBOARD] if site else []),
+            *(["--network", "lan"] if site else []),
             "--json",
         ],
         cli_env,
@@ -293,11 +290,6 @@ def test_1_first_boot_enrolls_fetches_verifies_and_runs_the_guest(
     assert address in ipaddress.ip_network("10.0.2.0/24"), asked
     # QEMU's user network leases 10.0.2.15 first: the node's own br0 took it at boot
     assert str(address) not in (HOST_FROM_USER_NET, "10.0.2.15"), asked
-    # the image also asked for the node's USB keyboard: the node has it (its report says
-    # so) and the guest started with it (libvirt refuses to start a domain whose USB
-    # host device it cannot find)
-    rows = json.loads(run_edgepin(["status", node.name, "--json"], cli_env).stdout)
-    assert USB_KEYBOARD in rows[0]["report"]["report"]["facts"]["usb"], rows
 
 
 def test_2_reboot_with_the_control_plane_out_of_reach(node: Node, v1: dict[str, Any]) -> None:
