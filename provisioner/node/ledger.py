@@ -192,7 +192,9 @@ def _guest(value: Any, what: str) -> Guest | None:
         raise _fail(f"{what} is not an object")
     marker = value.get("health_marker")
     network = value.get("network")
-    if network is not None and network not in set(model.GuestNetwork):
+    if network is not None and (
+        not isinstance(network, str) or network not in set(model.GuestNetwork)
+    ):
         raise _fail(f"{what}.network is not one of {', '.join(model.GuestNetwork)}")
     return Guest(
         image_id=_str(value.get("image_id"), f"{what}.image_id", IMAGE_ID),

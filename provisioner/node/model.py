@@ -80,11 +80,12 @@ def usb_ids(value: Any) -> tuple[str, ...]:
         raise ImageError(f"the declared USB devices are not a list of at most {MAX_USB}")
     ids = set()
     for item in items:
-        if not isinstance(item, str) or not USB_ID.fullmatch(item.strip()):
+        ident = item.strip().lower() if isinstance(item, str) else None
+        if ident is None or not USB_ID.fullmatch(ident):
             raise ImageError(
                 "a declared USB device is not vendor:product in hex (such as 0627:0001)"
             )
-        ids.add(item.strip())
+        ids.add(ident)
     return tuple(sorted(ids))
 
 

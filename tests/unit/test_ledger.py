@@ -265,3 +265,26 @@ def test_the_host_image_gates_cloud_init_on_the_provisioners_anchor_index() -> N
     ):
         line = next(ln for ln in script.read_text().splitlines() if "ENROLLED_INDEX=" in ln)
         assert int(line.split("=", 1)[1], 16) == tpm.ANCHOR_NV_INDEX, script
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(
+        st.sampled_from(["network", "usb", "health_marker", "version", "vcpus"]),
+        json_values,
+        max_size=3,
+    )
+)
+def test_a_guest_with_any_field_replaced_parses_or_is_refused(fields: dict[str, Any]) -> None:
+    book = Ledger(enrollment(), current=entry(IMAGE_A, 1))
+    raw = ledger.as_dict(book)
+    raw["current"] = {**raw["current"], **fields}
+    try:
+        data = json.dumps(raw, allow_nan=False).encode()
+    except ValueError:
+        return
+    try:
+        parsed = ledger.parse(data)
+    except TrustError:
+        return
+    assert parsed.current is not None and ledger.parse(ledger.encode(parsed)) == parsed

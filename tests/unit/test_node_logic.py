@@ -170,6 +170,8 @@ def test_the_guest_gets_exactly_the_usb_devices_its_image_declares(tmp_path: Pat
     assert xml.count("<hostdev") == 1
     assert '<vendor id="0x0627" />' in xml and '<product id="0x0001" />' in xml
     assert "<hostdev" not in domain.build_xml(cfg, spec(), [0, 1])
+    # as lsusb or a person writes them: case and spaces do not matter, each counts once
+    assert usb_ids("0627:ABCD, 0627:0001,0627:abcd") == ("0627:0001", "0627:abcd")
 
 
 @given(st.one_of(json_values, st.text(max_size=40)))
