@@ -82,6 +82,11 @@ pip_q() {
 
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die() { printf 'build.sh: error: %s\n' "$*" >&2; exit 1; }
+# a systemd time span (systemd.time(7)): numbers with units, such as 1h, 15min or "1h 30min"
+timespan() {
+    local unit='(usec|us|msec|ms|seconds|second|sec|s|minutes|minute|min|m|hours|hour|hr|h|days|day|d|weeks|week|w)'
+    [[ "$1" =~ ^([0-9]+(\.[0-9]+)?\ ?$unit?\ ?)+$ ]]
+}
 
 # --------------------------------------------------------------------- setup
 
@@ -199,7 +204,11 @@ Options:
                            assignments too)
   --pcrs LIST              PCRs to seal to (default 4,7,8,9)
   --reserved-cpus LIST     host CPUs kept for the host (default 0)
-  --reconcile-interval T   systemd time span between reconciles (default 5min)
+  --reconcile-interval T   systemd time span between reconciles (default 1h: the
+                           sizing in docs/performance.md; a node also reconciles at
+                           every boot)
+  --reconcile-delay T      random delay added to each timer-driven reconcile, so that
+                           a site's nodes do not call at the same second (default 10min)
   --virt-type kvm|qemu     libvirt domain type on the node (default kvm)
   --health-timeout SECONDS time a new guest has to show its health marker (default 120)
   --guest-network bridge|none
@@ -258,8 +267,8 @@ needs_host_shims() {
 }
 
 cmd_image() {
-    local release="${DIB_RELEASE:-trixie}" ca="" certs=() acerts=() pcrs=4,7,8,9 reserved=0 interval=5min
-    local virt=kvm health=120 guestnet=none pins="" raw=0 qa=0 out="$ROOT/out"
+    local release="${DIB_RELEASE:-trixie}" ca="" certs=() acerts=() pcrs=4,7,8,9 reserved=0 interval=1h
+    local delay=10min virt=kvm health=120 guestnet=none pins="" raw=0 qa=0 out="$ROOT/out"
     while (($#)); do
         case "$1" in
             --release) release="$2"; shift 2 ;;
@@ -269,6 +278,7 @@ cmd_image() {
             --pcrs) pcrs="$2"; shift 2 ;;
             --reserved-cpus) reserved="$2"; shift 2 ;;
             --reconcile-interval) interval="$2"; shift 2 ;;
+            --reconcile-delay) delay="$2"; shift 2 ;;
             --virt-type) virt="$2"; shift 2 ;;
             --health-timeout) health="$2"; shift 2 ;;
             --guest-network) guestnet="$2"; shift 2 ;;
@@ -285,6 +295,9 @@ cmd_image() {
     for f in "${certs[@]}"; do [[ -f "$f" ]] || die "--signing-cert: no such file: $f"; done
     for f in "${acerts[@]}"; do [[ -f "$f" ]] || die "--assignment-cert: no such file: $f"; done
     [[ -z "$pins" || -f "$pins" ]] || die "--pins: no such file: $pins"
+    timespan "$interval" && [[ "$interval" =~ [1-9] ]] ||
+        die "--reconcile-interval must be a systemd time span above zero, such as 1h or 15min"
+    timespan "$delay" || die "--reconcile-delay must be a systemd time span, such as 10min or 0"
     [[ "$virt" == kvm || "$virt" == qemu ]] || die "--virt-type must be kvm or qemu"
     [[ "$health" =~ ^[0-9]+$ && "$health" -gt 0 ]] || die "--health-timeout must be a whole number of seconds"
     [[ "$guestnet" == bridge || "$guestnet" == none ]] || die "--guest-network must be bridge or none"
@@ -342,6 +355,7 @@ cmd_image() {
         export DIB_EDGEPIN_PCRS="$pcrs"
         export DIB_EDGEPIN_RESERVED_CPUS="$reserved"
         export DIB_EDGEPIN_RECONCILE_INTERVAL="$interval"
+        export DIB_EDGEPIN_RECONCILE_DELAY="$delay"
         export DIB_EDGEPIN_VIRT_TYPE="$virt"
         export DIB_EDGEPIN_HEALTH_TIMEOUT="$health"
         export DIB_EDGEPIN_GUEST_NETWORK="$guestnet"
@@ -392,7 +406,8 @@ cmd_image() {
         --setting "release=$release" --setting "mirror=$mirror" \
         --setting "source_date_epoch=$SOURCE_DATE_EPOCH" \
         --setting "pcrs=$pcrs" --setting "reserved_cpus=$reserved" \
-        --setting "reconcile_interval=$interval" --setting "virt_type=$virt" \
+        --setting "reconcile_interval=$interval" --setting "reconcile_delay=$delay" \
+        --setting "virt_type=$virt" \
         --setting "health_timeout=$health" --setting "qa_check=$qa" \
         --setting "guest_network=$guestnet" \
         --setting "ca_sha256=$ca_sum" --setting "signing_certs_sha256=${cert_sums%,}" \

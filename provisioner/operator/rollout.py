@@ -6,7 +6,7 @@ The placement file's ``rollout`` section::
       name: web-1.4              # names the rollout in every assignment it signs
       canary: {count: 2}         # or {percent: 1}, or {select: {hw: lab}}
       waves: [{percent: 10}, {by: site}, {count: 500}]  # then every node left: one last wave
-      deadline: 30m              # how long a node has to report, from its assignment
+      deadline: 2h               # how long a node has to report, from its assignment
       max_rejected: 0            # per wave: more rejections than this halt (or "5%")
       max_timeouts: 0            # per wave: more nodes without a verdict by their deadline
 

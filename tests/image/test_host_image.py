@@ -216,6 +216,8 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     # no login on any console, no setuid-root program for a user who is not root
     assert got["gettys"] == "", f"getty running: {got['gettys']}"
     assert got["unit-docs-missing"] == "", got["unit-docs-missing"]
+    # --reconcile-interval 20s, --reconcile-delay 1min (hostimage.image_args)
+    assert got["reconcile-timer"] == "OnUnitActiveUSec=20s 1min", got["reconcile-timer"]
     assert got["getty-ttyS0"] == "masked", got
     allowed_setuid = {"/usr/lib/dbus-1.0/dbus-daemon-launch-helper"}
     setuid = set(filter(None, got["setuid"].split(",")))

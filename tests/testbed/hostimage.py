@@ -143,6 +143,8 @@ def image_args(material: ImageSigner) -> list[str]:
         IMAGE_PCRS,
         "--reconcile-interval",
         "20s",
+        "--reconcile-delay",
+        "1min",
         # the nested guest runs in software emulation inside software emulation: its
         # kernel takes minutes to reach the marker
         "--health-timeout",
