@@ -1,13 +1,15 @@
 """1. Fetch and 2. resume: edgepin's fetch against ``curl -o`` and the naive chain.
 
-- ``curl``: ``curl -o FILE`` of the image, alone (the baseline);
+- ``curl``: ``curl -o FILE`` of the image, alone (the baseline for throughput and memory);
+- ``curl | openssl``: ``curl`` piped into ``openssl dgst -sha512``, the least work a
+  verified download must do (the baseline for CPU-seconds per GiB: TLS and SHA-512);
 - ``edgepin``: provisioner.node.fetch in its own process: download, sha512, signature,
   fsync, qemu-img check, rename;
 - ``naive``: openstacksdk ``download_image`` to a file, then ``sha512sum``, then
   ``qemu-img check`` (which needs the image's key from Barbican to open a LUKS qcow2).
 
-Runs are interleaved (curl, edgepin, naive, curl, ...) so that drift on the shared machine
-hits all three alike; one warm-up curl first puts the image in the page cache for all.
+Runs are interleaved (curl, curl | openssl, edgepin, naive, curl, ...) so that drift on the
+shared machine hits all alike; one warm-up curl first puts the image in the page cache for all.
 """
 
 from __future__ import annotations
@@ -46,6 +48,26 @@ def _curl(
     if r.returncode != 0:
         raise BenchError(f"curl failed: {r.stderr.decode(errors='replace')[-300:]}")
     return r
+
+
+def _curl_sha512(bed: Bed, image_id: str, header: Path) -> tuple[procstat.Run, str]:
+    """curl into ``openssl dgst -sha512``: TLS and the hash, nothing written."""
+    url = f"{bed.cp.url('glance')}/v2/images/{image_id}/file"
+    r = procstat.run(
+        [
+            "bash",
+            "-c",
+            "set -o pipefail; "
+            'curl -sS --fail --cacert "$1" -H "@$2" "$3" | openssl dgst -sha512 -r',
+            "curl-sha512",
+            str(bed.cp.ca_path),
+            str(header),
+            url,
+        ]
+    )
+    if r.returncode != 0:
+        raise BenchError(f"curl | openssl failed: {r.stderr.decode(errors='replace')[-300:]}")
+    return r, r.stdout.split()[0].decode()
 
 
 def _edgepin(
@@ -120,6 +142,8 @@ def bench_fetch(bed: Bed, size: int, runs: int, log: Any) -> dict[str, Any]:
     out.unlink()
     times: dict[str, list[float]] = {"curl": [], "edgepin": [], "naive": []}
     rss: dict[str, list[int]] = {"curl": [], "edgepin": [], "naive": []}
+    # CPU-seconds (user + system) of the client side, all its processes and threads
+    cpu: dict[str, list[float]] = {"curl_sha512": [], "edgepin": [], "edgepin_fetch": []}
     in_process: list[float] = []
     glance_cpu: list[float] = []
     glance_pgid = bed.service_pgids()["glance"]
@@ -132,6 +156,11 @@ def bench_fetch(bed: Bed, size: int, runs: int, log: Any) -> dict[str, Any]:
         times["curl"].append(r.seconds)
         rss["curl"].append(r.max_rss_kib)
 
+        r, digest = _curl_sha512(bed, image_id, header)
+        if digest != image["os_hash_value"]:
+            raise BenchError("curl | openssl: the sha512 differs from os_hash_value")
+        cpu["curl_sha512"].append(r.cpu_seconds)
+
         images_dir = work / "images"
         cpu0 = procstat.group_cpu_seconds(glance_pgid)
         r, res = _edgepin(bed, image, images_dir, bed.cp.url("glance"))
@@ -140,6 +169,8 @@ def bench_fetch(bed: Bed, size: int, runs: int, log: Any) -> dict[str, Any]:
             raise BenchError(f"edgepin fetch failed: {res.get('error')}")
         shutil.rmtree(images_dir)
         in_process.append(res["fetch_seconds"])
+        cpu["edgepin"].append(r.cpu_seconds)
+        cpu["edgepin_fetch"].append(res["fetch_cpu_seconds"])
         times["edgepin"].append(r.seconds)
         rss["edgepin"].append(r.max_rss_kib)
 
@@ -166,6 +197,15 @@ def bench_fetch(bed: Bed, size: int, runs: int, log: Any) -> dict[str, Any]:
         methods["edgepin"]["in_process_seconds_median"] = t
         methods["edgepin"]["in_process_mib_per_s"] = stats.throughput(real, t)
         methods["edgepin"]["in_process_vs_curl"] = stats.ratio(base_t, t)
+    if cpu["curl_sha512"]:
+        gib = real / (1024 * MIB)
+        base_cpu = stats.median(cpu["curl_sha512"]) / gib
+        methods["curl_sha512"] = {"cpu_seconds_per_gib": base_cpu, "cpu_all": cpu["curl_sha512"]}
+        for key, values in (("cpu", cpu["edgepin"]), ("fetch_cpu", cpu["edgepin_fetch"])):
+            per_gib = stats.median(values) / gib
+            methods["edgepin"][f"{key}_seconds_per_gib"] = per_gib
+            methods["edgepin"][f"{key}_vs_curl_sha512"] = stats.ratio(per_gib, base_cpu)
+            methods["edgepin"][f"{key}_all"] = values
     if glance_cpu:
         methods["edgepin"]["glance_cpu_seconds_per_gib"] = stats.median(glance_cpu) / (
             real / (1024 * MIB)

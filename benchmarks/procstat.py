@@ -20,6 +20,8 @@ GNU_TIME = shutil.which("time", path="/usr/bin:/bin")
 class Run:
     seconds: float
     max_rss_kib: int
+    # user + system CPU of the program and every child it waited for (wait4's rusage)
+    cpu_seconds: float
     returncode: int
     stdout: bytes
     stderr: bytes
@@ -75,7 +77,8 @@ def run(
             text = rss.read().strip().splitlines()
             # "Command exited with non-zero status N" comes first when it failed
             max_rss = int(text[-1]) if text and text[-1].isdigit() else max_rss
-    return Run(seconds, max_rss, proc.returncode, stdout, stderr)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Run(seconds, max_rss, cpu, proc.returncode, stdout, stderr)
 
 
 def _wait4(pid: int, timeout: float) -> tuple[int, int, resource.struct_rusage]:

@@ -11,10 +11,20 @@ the first link of the naive chain.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+def _cpu_seconds() -> float:
+    """CPU of this process (all its threads) and of the children it waited for (qemu-img)."""
+    me, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def edgepin_fetch(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -31,6 +41,7 @@ def edgepin_fetch(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     cert = load_certificate(Path(cfg["cert_pem"]).read_bytes())
     t0 = time.monotonic()
+    cpu0 = _cpu_seconds()
     try:
         ident = Identity("bench", "", "", cfg["endpoint"], None, "public", Path(cfg["ca"]))
         client = NodeClient(sess, ident)
@@ -40,6 +51,7 @@ def edgepin_fetch(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "ok": True,
         "fetch_seconds": time.monotonic() - t0,
+        "fetch_cpu_seconds": _cpu_seconds() - cpu0,
         "bytes_fetched": r.bytes_fetched,
         "resumed_from": r.resumed_from,
         "restarted": r.restarted,
