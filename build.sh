@@ -213,8 +213,8 @@ Options:
   --health-timeout SECONDS time a new guest has to show its health marker (default 120)
   --guest-network bridge|none
                            the guest's network: bridge puts the host's wired interfaces
-                           and the guest on the bridge br0, the site's LAN; none gives
-                           the guest no network device (default)
+                           and the guest on the bridge br0, the site's LAN (default);
+                           none gives the guest no network device
   --pins FILE              rebuild with exactly the package versions of a pin file
                            (out/edgepin-host.pins.json of an earlier build)
   --raw                    also write a raw image, for writing to disks
@@ -268,7 +268,7 @@ needs_host_shims() {
 
 cmd_image() {
     local release="${DIB_RELEASE:-trixie}" ca="" certs=() acerts=() pcrs=4,7,8,9 reserved=0 interval=1h
-    local delay=10min virt=kvm health=120 guestnet=none pins="" raw=0 qa=0 out="$ROOT/out"
+    local delay=10min virt=kvm health=120 guestnet=bridge pins="" raw=0 qa=0 out="$ROOT/out"
     while (($#)); do
         case "$1" in
             --release) release="$2"; shift 2 ;;

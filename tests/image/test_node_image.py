@@ -5,7 +5,9 @@ test bed on the host's loopback), against the real Keystone, Glance and Barbican
 The scenarios run in order on one node, as a field node would live them:
 0. (the fixture) a boot with a seed bound to guessed PCR values: the node prints the values
    it measures on its console, and takes the seed made with them at its next boot;
-1. first boot: enroll, fetch, verify, define, and the nested guest's marker;
+1. first boot: enroll, fetch, verify, define, and the nested guest's marker; the guest,
+   whose image declares the site's network, gets its own address on the node's network
+   by DHCP (through the node's bridge) and reaches a service there;
 2. a reboot with the control plane out of reach: the guest starts from the cache;
 3. someone with the disk and a USB stick (a certificate and an empty PCR selection planted
    on the state partition, a seed with commands), then bad assignments (an unpinned
@@ -39,6 +41,7 @@ Each boot leaves its serial log and a timeline in out/results/node-image/.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 import secrets
@@ -60,12 +63,14 @@ from tests.testbed.hostimage import IMAGE_PCRS, ImageSigner, qemu_node_enroll_ar
 from tests.testbed.node import run_edgepin
 from tests.testbed.operator import Signer
 from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
+from tests.testbed.site import HOST_FROM_USER_NET, SiteService, site_service
 from tests.testbed.swtpm import Swtpm, SwtpmFactory
 
 pytestmark = pytest.mark.image
 INCREMENTAL = True  # one node lives the scenarios in order (see conftest)
 
 # power-on -> kernel -> first-boot unit -> enrolled -> image verified -> guest running
+USB_KEYBOARD = "0627:0001"  # QEMU's usb-kbd: vendor QEMU, product HID
 TIMELINE = {
     "firmware": r"BdsDxe|UEFI|SeaBIOS",
     "kernel": r"Linux version \d",
@@ -137,6 +142,22 @@ def new_machine(vm_tpms: SwtpmFactory, run_dir: Path) -> tuple[str, Swtpm, Path]
     return name, tpm, work
 
 
+def model_vm(name: str, image: Path, work: Path, tpm: Swtpm, seed: Path, **changes: Any) -> HostVm:
+    """A QEMU machine of the module's hardware model: UEFI with Secure Boot, its swtpm, its
+    seed, and a USB keyboard (QEMU's, 0627:0001) plugged in, which v1 asks for."""
+    return HostVm(
+        name,
+        image,
+        work / "vm",
+        firmware="uefi",
+        tpm=tpm,
+        seed=seed,
+        milestones=TIMELINE,
+        append_args=["-device", "qemu-xhci,id=xhci", "-device", "usb-kbd,bus=xhci.0"],
+        **changes,
+    )
+
+
 @pytest.fixture(scope="module")
 def node(
     host_image: Path,
@@ -161,9 +182,7 @@ def node(
     results = results_dir / "node-image"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
-    vm = HostVm(
-        name, host_image, work / "vm", firmware="uefi", tpm=tpm, seed=seed, milestones=TIMELINE
-    )
+    vm = model_vm(name, host_image, work, tpm, seed)
     n = Node(name, vm, project_id, results, {}, user_id=user_id)
     # the factory does not know what this model measures into its PCRs: a first boot
     # with a seed bound to guessed values prints the node's own on the console (there is
@@ -179,10 +198,17 @@ def node(
 
 
 def publish_signed(
-    cli_env: dict[str, str], tiny_guest: Callable[..., Path], signer: Signer, version: str
+    cli_env: dict[str, str],
+    tiny_guest: Callable[..., Path],
+    signer: Signer,
+    version: str,
+    site: SiteService | None = None,
 ) -> dict[str, Any]:
+    """Publish a tiny guest; with ``site``, one that needs the site's network (``--network
+    lan``) and asks ``site`` for ``/<marker>/<its address>`` once it has one, and the
+    node's USB keyboard (``--usb``)."""
     marker = f"m{secrets.token_hex(5)}"
-    guest = tiny_guest(marker, "run")
+    guest = tiny_guest(marker, "run", site.url if site else None)
     r = run_edgepin(
         [
             "publish",
@@ -199,6 +225,7 @@ def publish_signed(
             f"EDGEPIN-GUEST-MARKER {marker}",
             "--luks-iter-time",
             "100",
+            *(["--network", "lan", "--usb", USB_KEYBOARD] if site else []),
             "--json",
         ],
         cli_env,
@@ -222,14 +249,28 @@ def member_status(admin: Any, image_id: str, project_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
+def site() -> Iterator[SiteService]:
+    with site_service() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
 def v1(
-    cli_env: dict[str, str], tiny_guest: Callable[..., Path], pinned_signer: Signer
+    cli_env: dict[str, str],
+    tiny_guest: Callable[..., Path],
+    pinned_signer: Signer,
+    site: SiteService,
 ) -> dict[str, Any]:
-    return publish_signed(cli_env, tiny_guest, pinned_signer, "1")
+    return publish_signed(cli_env, tiny_guest, pinned_signer, "1", site)
 
 
 def test_1_first_boot_enrolls_fetches_verifies_and_runs_the_guest(
-    node: Node, v1: dict[str, Any], cli_env: dict[str, str], admin: Any, pinned_signer: Signer
+    node: Node,
+    v1: dict[str, Any],
+    cli_env: dict[str, str],
+    admin: Any,
+    pinned_signer: Signer,
+    site: SiteService,
 ) -> None:
     assign(cli_env, node.name, v1["image_id"], pinned_signer)
     node.boot("first-boot")
@@ -244,6 +285,19 @@ def test_1_first_boot_enrolls_fetches_verifies_and_runs_the_guest(
     assert all(timeline[k] is not None for k in TIMELINE), timeline
     order = [timeline[k] for k in TIMELINE]
     assert order == sorted(order), f"milestones out of order: {timeline}"
+    # the image declared the site's network (signed into the assignment): the nested
+    # guest, bridged through the node's br0 onto the node's network, got an address of
+    # its own by DHCP and reached a service there
+    asked = site.wait_for(f"/{v1['marker']}/", 300)
+    address = ipaddress.ip_address(asked.rsplit("/", 1)[1])
+    assert address in ipaddress.ip_network("10.0.2.0/24"), asked
+    # QEMU's user network leases 10.0.2.15 first: the node's own br0 took it at boot
+    assert str(address) not in (HOST_FROM_USER_NET, "10.0.2.15"), asked
+    # the image also asked for the node's USB keyboard: the node has it (its report says
+    # so) and the guest started with it (libvirt refuses to start a domain whose USB
+    # host device it cannot find)
+    rows = json.loads(run_edgepin(["status", node.name, "--json"], cli_env).stdout)
+    assert USB_KEYBOARD in rows[0]["report"]["report"]["facts"]["usb"], rows
 
 
 def test_2_reboot_with_the_control_plane_out_of_reach(node: Node, v1: dict[str, Any]) -> None:
@@ -571,17 +625,7 @@ def test_11_a_node_without_any_network_runs_its_guest_from_its_seed_and_a_bundle
     r = run_edgepin(["bundle", name, "--out", str(work / "bundles")], cli_env)
     assert r.returncode == 0, r.stderr
     stick = disk.usb_stick(work / "stick.img", "EDGEPIN", [work / "bundles" / f"edgepin-{name}"])
-    vm = HostVm(
-        name,
-        host_image,
-        work / "vm",
-        firmware="uefi",
-        tpm=tpm,
-        seed=seed,
-        nic=False,
-        media=[stick],
-        milestones=TIMELINE,
-    )
+    vm = model_vm(name, host_image, work, tpm, seed, nic=False, media=[stick])
     offline = Node(name, vm, "", node.results, node.timelines)
     try:
         offline.boot("no-network")

@@ -41,11 +41,12 @@ def libvirtd(libvirtd_factory: Callable[[str], Libvirtd]) -> Iterator[Libvirtd]:
 
 @pytest.fixture(scope="session")
 def tiny_guest(run_dir: Path, cache_dir: Path) -> Callable[..., Path]:
-    """Build a tiny guest: ``tiny_guest(marker, behaviour="run") -> Path`` (qcow2)."""
+    """Build a tiny guest: ``tiny_guest(marker, behaviour="run", net_url=None) -> Path``
+    (qcow2; see tests/testbed/guest.py for ``net_url``)."""
     counter = itertools.count()
 
-    def build(marker: str, behaviour: str = "run") -> Path:
+    def build(marker: str, behaviour: str = "run", net_url: str | None = None) -> Path:
         out = run_dir / "guests" / f"{marker}-{behaviour}-{next(counter)}.qcow2"
-        return build_tiny_guest(cache_dir, out, marker, behaviour)
+        return build_tiny_guest(cache_dir, out, marker, behaviour, net_url)
 
     return build

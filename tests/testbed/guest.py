@@ -4,7 +4,11 @@ Debian's cloud kernel (from ``apt-get download``) and a busybox initramfs go on 
 partition of an MBR disk booted by syslinux, all without mounting anything (mkfs.vfat
 --offset, mcopy, ``syslinux --offset``). The guest prints ``EDGEPIN-GUEST-MARKER
 <marker>`` on its serial console, then keeps running (``run``), powers off (``poweroff``)
-or panics (``panic``).
+or panics (``panic``). Given ``net_url``, a running guest also loads Debian's virtio-net
+modules from the same kernel package, takes an address by DHCP on ``eth0`` (busybox's
+udhcpc) and asks ``<net_url>/<marker>/<its address>`` until that works (an HTTP/1.0 GET
+through busybox's nc: its wget crashed in this initramfs): the server behind ``net_url``
+sees that the guest got an address and reached it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,36 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 MARKER_PREFIX = "EDGEPIN-GUEST-MARKER"
 PART_OFFSET = 1024 * 1024
 DISK_MIB = 48
 BEHAVIOURS = ("run", "poweroff", "panic")
+# the virtio PCI network driver and what it needs (all modules in Debian's cloud kernel),
+# in loading order
+NET_MODULES = (
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+)
+# busybox udhcpc calls this with the lease in its environment
+DHCP_SCRIPT = """#!/bin/busybox sh
+case "$1" in
+bound|renew)
+    ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" up
+    [ -n "$router" ] && route add default gw "${router%% *}" dev "$interface"
+    echo "$ip" > /addr
+    ;;
+esac
+exit 0
+"""
 
 
 def _run(args: list[str], cwd: Path | None = None) -> bytes:
@@ -66,7 +94,43 @@ def extract_vmlinuz(deb: Path, out: Path) -> None:
     raise RuntimeError(f"no vmlinuz in {deb}")
 
 
-def init_script(marker: str, behaviour: str) -> str:
+def net_modules(deb: Path) -> dict[str, bytes]:
+    """The network modules (NET_MODULES) from the kernel package, by name."""
+    data = _run(["dpkg-deb", "--fsys-tarfile", str(deb)])
+    found: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if name.endswith(".ko") and name.removesuffix(".ko") in NET_MODULES:
+                f = tar.extractfile(member)
+                assert f is not None
+                found[name.removesuffix(".ko")] = f.read()
+    missing = [m for m in NET_MODULES if m not in found]
+    if missing:
+        raise RuntimeError(f"{deb.name} has no uncompressed {', '.join(missing)} module")
+    return found
+
+
+def net_script(marker: str, net_url: str) -> str:
+    """Bring eth0 up by DHCP and tell ``net_url`` the address, until it answers."""
+    modules = " ".join(NET_MODULES)
+    url = urllib.parse.urlsplit(net_url)
+    host, port = url.hostname, url.port
+    return (
+        "net() {\n"
+        f"    for m in {modules}; do insmod /lib/$m.ko 2>/dev/null; done\n"
+        "    ifconfig lo up; ifconfig eth0 up || return 1\n"
+        "    udhcpc -i eth0 -s /bin/dhcp -n -q -t 5 -T 2 >/dev/null 2>&1 || return 1\n"
+        "    addr=$(cat /addr)\n"
+        f"    printf 'GET /{marker}/%s HTTP/1.0\\r\\n\\r\\n' \"$addr\" | nc -w 10 {host} {port}"
+        " | grep -q '^HTTP/1.. 200' || return 1\n"
+        '    say "network: $addr reached the test service"\n'
+        "}\n"
+        "( n=0; while [ $n -lt 60 ] && ! net; do n=$((n+1)); sleep 5; done ) &\n"
+    )
+
+
+def init_script(marker: str, behaviour: str, net_url: str | None = None) -> str:
     tail = {
         "run": 'n=0\nwhile true; do n=$((n+1)); say "heartbeat $n"; sleep 5; done\n',
         "poweroff": "sleep 1\npoweroff -f\n",
@@ -78,7 +142,9 @@ def init_script(marker: str, behaviour: str) -> str:
         "mount -t proc proc /proc\nmount -t sysfs sys /sys\n"
         "mount -t devtmpfs dev /dev 2>/dev/null\n"
         'say() { echo "$*" > /dev/ttyS0; }\n'
-        f'say "{MARKER_PREFIX} {marker}"\n' + tail
+        f'say "{MARKER_PREFIX} {marker}"\n'
+        + (net_script(marker, net_url) if net_url and behaviour == "run" else "")
+        + tail
     )
 
 
@@ -99,7 +165,9 @@ def _cpio_newc(files: dict[str, tuple[int, bytes]]) -> bytes:
     return out.getvalue()
 
 
-def build_initramfs(marker: str, behaviour: str) -> bytes:
+def build_initramfs(
+    marker: str, behaviour: str, net_url: str | None = None, modules: dict[str, bytes] | None = None
+) -> bytes:
     busybox = Path("/bin/busybox").read_bytes()
     files = {
         "bin": (0o040755, b""),
@@ -107,24 +175,34 @@ def build_initramfs(marker: str, behaviour: str) -> bytes:
         "proc": (0o040755, b""),
         "sys": (0o040755, b""),
         "bin/busybox": (0o100755, busybox),
-        "init": (0o100755, init_script(marker, behaviour).encode()),
+        "init": (0o100755, init_script(marker, behaviour, net_url).encode()),
     }
+    if net_url:
+        files["lib"] = (0o040755, b"")
+        files["bin/dhcp"] = (0o100755, DHCP_SCRIPT.encode())
+        for name, data in (modules or {}).items():
+            files[f"lib/{name}.ko"] = (0o100644, data)
     return gzip.compress(_cpio_newc(files), mtime=0)
 
 
-def build_tiny_guest(cache_dir: Path, out: Path, marker: str, behaviour: str = "run") -> Path:
-    """Build the bootable qcow2 (cached by marker, behaviour and kernel)."""
+def build_tiny_guest(
+    cache_dir: Path, out: Path, marker: str, behaviour: str = "run", net_url: str | None = None
+) -> Path:
+    """Build the bootable qcow2 (cached by marker, behaviour, network URL and kernel)."""
     if behaviour not in BEHAVIOURS:
         raise ValueError(f"behaviour must be one of {BEHAVIOURS}")
     deb = kernel_package(cache_dir)
-    key = hashlib.sha256(f"{marker}\0{behaviour}\0{deb.name}\0v1".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{marker}\0{behaviour}\0{net_url}\0{deb.name}\0{NET_MODULES}\0v5".encode()
+    ).hexdigest()[:16]
     cached = cache_dir / "guest-images" / f"{key}.qcow2"
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="edgepin-guest-") as tmp:
             t = Path(tmp)
             extract_vmlinuz(deb, t / "vmlinuz")
-            (t / "initrd.gz").write_bytes(build_initramfs(marker, behaviour))
+            modules = net_modules(deb) if net_url else None
+            (t / "initrd.gz").write_bytes(build_initramfs(marker, behaviour, net_url, modules))
             (t / "syslinux.cfg").write_text(
                 "serial 0 115200\ndefault guest\nprompt 0\ntimeout 1\n"
                 "label guest\n  kernel /vmlinuz\n  initrd /initrd.gz\n"
