@@ -6,7 +6,8 @@ change it. So the operator signs what the node needs to know, and the node acts 
 that: this node (its project id), the image id, the image's sha512 (Glance's
 ``os_hash_value``, which the fetched bytes are checked against), the generation and when it
 was made, the guest network and the USB devices the image declares
-(:class:`~provisioner.node.model.GuestNetwork`, vendor:product ids),
+(:class:`~provisioner.node.model.GuestNetwork`, vendor:product ids), the vCPUs, memory and
+health marker it asks for (:class:`~provisioner.node.model.GuestResources`),
 and the node's name (its id in edgepin, which the node keeps from its enrollment):
 a project renamed to another node's name in Keystone does not make an assignment for one
 node valid for the other. The signature is RSA-PSS or ECDSA over SHA-512 of a canonical
@@ -38,7 +39,9 @@ from provisioner.node.model import (
     MAX_GENERATION,
     Assignment,
     GuestNetwork,
+    GuestResources,
     guest_network,
+    guest_resources,
     usb_ids,
 )
 from provisioner.signing import StreamSigner, StreamVerifier, fingerprint, key_type_for
@@ -61,16 +64,19 @@ def payload(
     extra: dict[str, Any] | None = None,
     network: GuestNetwork | None = None,
     usb: tuple[str, ...] = (),
+    resources: GuestResources | None = None,
 ) -> bytes:
     """The signed bytes: canonical JSON (sorted keys, no spaces, ASCII). ``network`` is the
     guest network the image declares (absent when it declares none), ``usb`` the USB devices
-    it asks for (absent when none). ``extra`` adds
+    it asks for (absent when none), ``resources`` its vCPUs, memory and health marker.
+    ``extra`` adds
     fields the node does not read (a rollout's name and wave, the previous image), signed
     with the rest so that the operator's tools can trust them; it cannot replace a field."""
     doc = {
-        **{k: v for k, v in (extra or {}).items() if k not in ("network", "usb")},
+        **{k: v for k, v in (extra or {}).items() if k not in ("network", "usb", "resources")},
         **({"network": str(network)} if network is not None else {}),
         **({"usb": list(usb)} if usb else {}),
+        **({"resources": resources.as_dict()} if resources is not None else {}),
         "kind": KIND,
         "node": node,
         "node_name": node_name,
@@ -94,10 +100,20 @@ def sign(
     extra: dict[str, Any] | None = None,
     network: GuestNetwork | None = None,
     usb: tuple[str, ...] = (),
+    resources: GuestResources | None = None,
 ) -> dict[str, Any]:
     """The record ``edgepin assign`` writes: readable fields, and the signed payload."""
     data = payload(
-        node, node_name, image_id, image_sha512, generation, assigned_at, extra, network, usb
+        node,
+        node_name,
+        image_id,
+        image_sha512,
+        generation,
+        assigned_at,
+        extra,
+        network,
+        usb,
+        resources,
     )
     signer = StreamSigner(key, HASH_METHOD)
     signer.update(data)
@@ -221,4 +237,13 @@ def _payload(body: bytes, node: str, node_name: str) -> Assignment:
     usb = doc.get("usb")
     if usb is not None and not isinstance(usb, list):
         raise ImageError("the assignment's USB devices are not a list")
-    return Assignment(image_id, gen, sha, at, guest_network(doc.get("network")), usb_ids(usb))
+    resources = doc.get("resources")
+    return Assignment(
+        image_id,
+        gen,
+        sha,
+        at,
+        guest_network(doc.get("network")),
+        usb_ids(usb),
+        None if resources is None else guest_resources(resources),
+    )

@@ -107,6 +107,49 @@ class Assignment:
     assigned_at: str
     network: GuestNetwork | None = None
     usb: tuple[str, ...] = ()  # vendor:product ids the guest is given
+    # the vCPUs, memory and health marker the image asks for, as signed; None in a record
+    # signed by an edgepin that did not sign them (the image's properties then decide)
+    resources: GuestResources | None = None
+
+
+@dataclass(frozen=True)
+class GuestResources:
+    """What an image asks of the node besides its network and devices: vCPUs, memory and the
+    line that shows it healthy. Read from the image's properties by ``edgepin assign`` and
+    signed into the assignment; the node takes them from there."""
+
+    vcpus: int
+    memory_mb: int
+    health_marker: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def guest_resources(value: Any) -> GuestResources:
+    """The signed ``resources`` object of an assignment, checked; ImageError."""
+    if not isinstance(value, dict) or not set(value) <= {"vcpus", "memory_mb", "health_marker"}:
+        raise ImageError("the assignment's guest resources are not an object of known fields")
+    vcpus, memory, marker = value.get("vcpus"), value.get("memory_mb"), value.get("health_marker")
+    if type(vcpus) is not int or type(memory) is not int:
+        raise ImageError("the assignment's vCPUs and memory are not whole numbers")
+    _check_resources(vcpus, memory, marker, None)
+    return GuestResources(vcpus, memory, marker)
+
+
+def _check_resources(vcpus: int, memory: int, marker: Any, image_id: str | None) -> None:
+    where = {"image_id": image_id} if image_id else {}
+    if not (1 <= vcpus <= MAX_VCPUS) or not (MEMORY_MB[0] <= memory <= MEMORY_MB[1]):
+        raise ImageError(
+            f"vCPUs {vcpus} or memory {memory} MiB out of range",
+            vcpus=vcpus,
+            memory_mb=memory,
+            **where,
+        )
+    if marker is not None and (
+        not isinstance(marker, str) or not marker or not marker.isprintable() or len(marker) > 256
+    ):
+        raise ImageError("edgepin_health_marker is not printable text", **where)
 
 
 @dataclass(frozen=True)
@@ -155,18 +198,8 @@ def guest_from_image(image: dict[str, Any], generation: int) -> Guest:
         raise ImageError(
             "edgepin_vcpus / edgepin_memory_mb are not numbers", image_id=image_id
         ) from None
-    if not (1 <= vcpus <= MAX_VCPUS) or not (MEMORY_MB[0] <= memory <= MEMORY_MB[1]):
-        raise ImageError(
-            f"vCPUs {vcpus} or memory {memory} MiB out of range",
-            image_id=image_id,
-            vcpus=vcpus,
-            memory_mb=memory,
-        )
     marker = image.get("edgepin_health_marker")
-    if marker is not None and (
-        not isinstance(marker, str) or not marker or not marker.isprintable() or len(marker) > 256
-    ):
-        raise ImageError("edgepin_health_marker is not printable text", image_id=image_id)
+    _check_resources(vcpus, memory, marker, image_id)
     version = image.get("edgepin_version", "")
     return Guest(
         image_id=image_id,
@@ -176,6 +209,28 @@ def guest_from_image(image: dict[str, Any], generation: int) -> Guest:
         health_marker=marker,
         version=_printable(version if isinstance(version, str) else str(version))[:VERSION_SIZE],
     )
+
+
+def resources_of(image: dict[str, Any]) -> GuestResources:
+    """The vCPUs, memory and health marker an image's properties ask for (checked, as the
+    node checks them); ImageError."""
+    g = guest_from_image(image, 0)
+    return GuestResources(g.vcpus, g.memory_mb, g.health_marker)
+
+
+def assigned_guest(image: dict[str, Any], assignment: Assignment) -> Guest:
+    """The guest an assignment asks for: the image's properties (checked), overridden by
+    what the assignment signed (network, USB devices and, when signed, vCPUs, memory and
+    health marker). A property changed in Glance after signing changes nothing."""
+    guest = replace(
+        guest_from_image(image, assignment.generation),
+        network=assignment.network,
+        usb=assignment.usb,
+    )
+    r = assignment.resources
+    if r is None:
+        return guest
+    return replace(guest, vcpus=r.vcpus, memory_mb=r.memory_mb, health_marker=r.health_marker)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from provisioner.node.model import (
     MemberStatus,
     State,
     Status,
-    guest_from_image,
+    assigned_guest,
     report_image_of,
 )
 
@@ -575,14 +575,12 @@ class Run:
     def stage(self, assignment: Assignment, source: ImageSource) -> Guest | Outcome:
         """Bring the assigned image and its key onto the node, verified, beside the running
         guest; the guest to switch to, or why not (nothing running is touched)."""
-        image_id, gen = assignment.image_id, assignment.generation
+        image_id = assignment.image_id
         try:
             image = source.image(image_id)
             fetch.check_properties(image)
             fetch.check_assigned(image, assignment)
-            guest = replace(
-                guest_from_image(image, gen), network=assignment.network, usb=assignment.usb
-            )
+            guest = assigned_guest(image, assignment)
             domain.check_fits(
                 self.cfg, self.conn, guest.vcpus, guest.memory_mb, guest.network, guest.usb
             )

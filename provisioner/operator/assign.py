@@ -297,6 +297,7 @@ def assign_many(
                 job.extra,
                 network,
                 model.usb_ids(image.get(model.USB_PROPERTY)),
+                model.resources_of(image),
             )
             result.generation = gen
             olds[i] = node.grants

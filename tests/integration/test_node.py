@@ -690,21 +690,29 @@ def test_an_image_that_needs_the_site_network_or_a_usb_device_is_refused_by_a_no
     ok(node.node("enroll"))
     quiet = publish(version="1", extra=["--network", "none"])
     assign(cli_env, node, quiet["image_id"])
-    # the Glance property changed after the assignment was signed: the node reads the
-    # declaration only from the signed assignment, so this changes nothing
+    # Glance properties changed after the assignment was signed: the node reads the network,
+    # vCPUs, memory and health marker only from the signed assignment, so this changes
+    # nothing (a marker the guest never prints would roll it back; 4096 MiB would not fit)
     r = admin.image.patch(
         f"/images/{quiet['image_id']}",
-        json=[{"op": "replace", "path": "/edgepin_network", "value": "lan"}],
+        json=[
+            {"op": "replace", "path": "/edgepin_network", "value": "lan"},
+            {"op": "replace", "path": "/edgepin_memory_mb", "value": "4096"},
+            {"op": "add", "path": "/edgepin_health_marker", "value": "NEVER-PRINTED"},
+        ],
         headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
     )
     assert r.status_code == 200, r.text
     ok(node.node("reconcile"))
     wait_marker(node, quiet["marker"])
+    assert node_status(node)["state"] == "running"
     conn = libvirt.open(node.libvirtd.uri)
     try:
-        assert "<interface" not in conn.lookupByName("edgepin-guest").XMLDesc(0)
+        xml = conn.lookupByName("edgepin-guest").XMLDesc(0)
     finally:
         conn.close()
+    assert "<interface" not in xml
+    assert "<memory unit='KiB'>262144</memory>" in xml, xml  # --memory 256, as signed
 
     lan = publish(version="2", extra=["--network", "lan"])
     assign(cli_env, node, lan["image_id"])

@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 from provisioner import assignment
 from provisioner.errors import ImageError, VerificationError
-from provisioner.node.model import IMAGE_ID, Assignment, GuestNetwork
+from provisioner.node.model import (
+    IMAGE_ID,
+    MAX_VCPUS,
+    MEMORY_MB,
+    Assignment,
+    GuestNetwork,
+    GuestResources,
+    assigned_guest,
+)
 from provisioner.signing import StreamSigner, fingerprint
 from tests.certs import self_signed
 from tests.unit.fakes import IMAGE_A, IMAGE_B, json_values
@@ -250,3 +258,73 @@ def test_the_usb_devices_the_image_declares_are_signed_with_the_rest() -> None:
     for bad in ("0627:0001", ["0627:1"], ["x" * 9]):
         with pytest.raises(ImageError):
             assignment.verify(sign_payload({**body, "usb": bad}), PINNED, NODE, NAME)
+
+
+def test_the_vcpus_memory_and_health_marker_are_signed_and_win_over_glance() -> None:
+    want = GuestResources(2, 512, "READY")
+    record = assignment.sign(KEY, CERT, NODE, NAME, IMAGE_A, SHA, 3, AT, None, None, (), want)
+    got = assignment.verify(record, PINNED, NODE, NAME)
+    assert got == Assignment(IMAGE_A, 3, SHA, AT, None, (), want)
+    # the image's properties, changed in Glance after signing, change nothing
+    image = {
+        "id": IMAGE_A,
+        "edgepin_vcpus": "64",
+        "edgepin_memory_mb": "16",
+        "edgepin_health_marker": "NEVER",
+    }
+    guest = assigned_guest(image, got)
+    assert (guest.vcpus, guest.memory_mb, guest.health_marker) == (2, 512, "READY")
+    assert guest.generation == 3
+    # a record signed without them (an older edgepin): the image's properties decide
+    old = assignment.verify(signed(), PINNED, NODE, NAME)
+    assert old is not None and old.resources is None
+    guest = assigned_guest(image, old)
+    assert (guest.vcpus, guest.memory_mb, guest.health_marker) == (64, 16, "NEVER")
+    # a rollout's extra fields cannot set them
+    record = assignment.sign(
+        KEY, CERT, NODE, NAME, IMAGE_A, SHA, 3, AT, {"resources": {"vcpus": 9, "memory_mb": 99}}
+    )
+    assert assignment.verify(record, PINNED, NODE, NAME).resources is None  # type: ignore[union-attr]
+    # no health marker: none in the payload
+    body = json.loads(base64.b64decode(signed()["signed"]["payload"]))
+    got = assignment.verify(
+        sign_payload({**body, "resources": {"vcpus": 1, "memory_mb": 64}}), PINNED, NODE, NAME
+    )
+    assert got is not None and got.resources == GuestResources(1, 64, None)
+    for bad in (
+        {"vcpus": 0, "memory_mb": 64},
+        {"vcpus": True, "memory_mb": 64},
+        {"vcpus": 1, "memory_mb": "64"},
+        {"vcpus": 1, "memory_mb": 64, "health_marker": "\x1b[2J"},
+        {"vcpus": 1, "memory_mb": 64, "cpu_model": "host"},
+        [1, 64],
+    ):
+        with pytest.raises(ImageError):
+            assignment.verify(sign_payload({**body, "resources": bad}), PINNED, NODE, NAME)
+
+
+@settings(max_examples=300)
+@given(
+    st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {"vcpus": st.integers(-2, MAX_VCPUS + 2), "memory_mb": st.integers(-1, 1 << 23)},
+            optional={"health_marker": st.one_of(st.text(max_size=300), json_values)},
+        ),
+    )
+)
+def test_any_signed_resources_give_checked_ones_or_edgepins_own_error(value: Any) -> None:
+    body = json.loads(base64.b64decode(signed()["signed"]["payload"]))
+    try:
+        got = assignment.verify(sign_payload({**body, "resources": value}), PINNED, NODE, NAME)
+    except ImageError:
+        return
+    assert got is not None
+    r = got.resources
+    if value is None:
+        assert r is None
+        return
+    assert r is not None and 1 <= r.vcpus <= MAX_VCPUS
+    assert MEMORY_MB[0] <= r.memory_mb <= MEMORY_MB[1]
+    assert r.health_marker is None or (r.health_marker.isprintable() and r.health_marker)
+    assert r == GuestResources(value["vcpus"], value["memory_mb"], value.get("health_marker"))
