@@ -83,7 +83,7 @@ class HostVm:
     # milestones on the console (name -> regex); wait_for notes when each first shows
     milestones: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
-    # boots that may be retried when the kernel panics before userspace (see wait_for)
+    # how many times this machine was started (the serial log and stderr are per boot)
     boots: int = 0
     boot_started: float = 0.0
     seen: dict[str, float] = field(default_factory=dict)
