@@ -11,7 +11,7 @@ the first link of the naive chain.
 from __future__ import annotations
 
 import json
-import resource
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,11 +20,8 @@ from typing import Any
 
 def _cpu_seconds() -> float:
     """CPU of this process (all its threads) and of the children it waited for (qemu-img)."""
-    me, children = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def edgepin_fetch(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[2]
 TIMER = REPO / "provisioner/units/edgepin-reconcile.timer"
 ENVIRONMENT = REPO / "elements/edgepin-provisioner/environment.d/10-edgepin-provisioner.bash"
