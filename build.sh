@@ -44,7 +44,9 @@ Commands:
   image [OPTIONS]          build the host image into out/ (the default);
                            ./build.sh image --help for its options
   test [PYTEST ARGS...]    install what the tests need, run ruff, mypy and the whole
-                           pytest suite; pass pytest arguments to select, e.g.
+                           pytest suite (the image tier in a second session beside
+                           the others, its output in out/test-image.log); pass pytest
+                           arguments to run one session of your selection, e.g.
                            ./build.sh test -m unit
   controlplane up|down|status [OPTIONS]
                            run the test bed's Keystone, Glance and Barbican by hand
@@ -65,6 +67,9 @@ Environment:
   EDGEPIN_SERVICES_CEPH_VENV  the same for the Ceph tier (default .venv-services-ceph)
   EDGEPIN_PYTHON           Python used to create the venvs (default python3, >= 3.11)
   CI                       when set, a test run fails if any test was skipped
+  EDGEPIN_TEST_RUN_DIR     where a test session keeps what it makes (default: a pytest
+                           temporary folder); ./build.sh test with no argument gives
+                           the image tier its image/ and the others other/
 
 Every command installs what is missing first and is idempotent: a second run
 installs nothing.
@@ -203,7 +208,8 @@ Options:
                            several (with none, the image-signing certificates sign
                            assignments too)
   --pcrs LIST              PCRs to seal to (default 4,7,8,9)
-  --reserved-cpus LIST     host CPUs kept for the host (default 0)
+  --reserved-cpus LIST     host CPUs kept for the host, such as 0 or 0,1 (default 0);
+                           none gives the guest every CPU (a one-CPU machine)
   --reconcile-interval T   systemd time span between reconciles (default 1h: the
                            sizing in docs/performance.md; a node also reconciles at
                            every boot)
@@ -215,6 +221,11 @@ Options:
                            the guest's network: bridge puts the host's wired interfaces
                            and the guest on the bridge br0, the site's LAN (default);
                            none gives the guest no network device
+  --host-network ADDRESS/PREFIX|none
+                           the host's address on brhost, the network with only the
+                           host and the guest on it (for images published with
+                           --network host; the host leases the guest an address),
+                           default 192.168.254.1/24; none: no such network
   --pins FILE              rebuild with exactly the package versions of a pin file
                            (out/edgepin-host.pins.json of an earlier build)
   --raw                    also write a raw image, for writing to disks
@@ -268,7 +279,7 @@ needs_host_shims() {
 
 cmd_image() {
     local release="${DIB_RELEASE:-trixie}" ca="" certs=() acerts=() pcrs=4,7,8,9 reserved=0 interval=1h
-    local delay=10min virt=kvm health=120 guestnet=bridge pins="" raw=0 qa=0 out="$ROOT/out"
+    local delay=10min virt=kvm health=120 guestnet=bridge hostnet=192.168.254.1/24 pins="" raw=0 qa=0 out="$ROOT/out"
     while (($#)); do
         case "$1" in
             --release) release="$2"; shift 2 ;;
@@ -282,6 +293,7 @@ cmd_image() {
             --virt-type) virt="$2"; shift 2 ;;
             --health-timeout) health="$2"; shift 2 ;;
             --guest-network) guestnet="$2"; shift 2 ;;
+            --host-network) hostnet="$2"; shift 2 ;;
             --pins) pins="$(realpath "$2")"; shift 2 ;;
             --raw) raw=1; shift ;;
             --qa-check) qa=1; shift ;;
@@ -295,12 +307,16 @@ cmd_image() {
     for f in "${certs[@]}"; do [[ -f "$f" ]] || die "--signing-cert: no such file: $f"; done
     for f in "${acerts[@]}"; do [[ -f "$f" ]] || die "--assignment-cert: no such file: $f"; done
     [[ -z "$pins" || -f "$pins" ]] || die "--pins: no such file: $pins"
+    [[ "$reserved" == none || "$reserved" =~ ^[0-9]+(,[0-9]+)*$ ]] ||
+        die "--reserved-cpus must be a list of CPU numbers such as 0 or 0,1, or none"
     timespan "$interval" && [[ "$interval" =~ [1-9] ]] ||
         die "--reconcile-interval must be a systemd time span above zero, such as 1h or 15min"
     timespan "$delay" || die "--reconcile-delay must be a systemd time span, such as 10min or 0"
     [[ "$virt" == kvm || "$virt" == qemu ]] || die "--virt-type must be kvm or qemu"
     [[ "$health" =~ ^[0-9]+$ && "$health" -gt 0 ]] || die "--health-timeout must be a whole number of seconds"
     [[ "$guestnet" == bridge || "$guestnet" == none ]] || die "--guest-network must be bridge or none"
+    [[ "$hostnet" == none || "$hostnet" =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}/([89]|1[0-9]|2[0-9]|30)$ ]] ||
+        die "--host-network must be an IPv4 address with its prefix length (8-30), such as 192.168.254.1/24, or none"
 
     ensure_apt "${IMAGE_APT_PACKAGES[@]}"
     ensure_project_venv
@@ -359,6 +375,7 @@ cmd_image() {
         export DIB_EDGEPIN_VIRT_TYPE="$virt"
         export DIB_EDGEPIN_HEALTH_TIMEOUT="$health"
         export DIB_EDGEPIN_GUEST_NETWORK="$guestnet"
+        export DIB_EDGEPIN_HOST_NETWORK_ADDRESS="$hostnet"
         export DIB_EDGEPIN_QA_CHECK="$qa"
         if [[ -n "$pins" ]]; then export DIB_DPKG_MANIFEST="$pins"; fi
         mkdir -p "$TMP_DIR"
@@ -409,7 +426,7 @@ cmd_image() {
         --setting "reconcile_interval=$interval" --setting "reconcile_delay=$delay" \
         --setting "virt_type=$virt" \
         --setting "health_timeout=$health" --setting "qa_check=$qa" \
-        --setting "guest_network=$guestnet" \
+        --setting "guest_network=$guestnet" --setting "host_network=$hostnet" \
         --setting "ca_sha256=$ca_sum" --setting "signing_certs_sha256=${cert_sums%,}" \
         --setting "assignment_certs_sha256=${acert_sums%,}" \
         --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims" \
@@ -426,14 +443,50 @@ cmd_test() {
     "$VENV/bin/ruff" format --check .
     log "mypy --strict provisioner/"
     "$VENV/bin/mypy" --strict provisioner/
-    log "pytest $*"
     local rc=0
-    "$VENV/bin/python" -m pytest "$@" || rc=$?
-    if ((rc == 5)); then
-        die "pytest collected no tests (exit 5): that is a failure, not a pass"
+    if (($#)); then
+        log "pytest $*"
+        "$VENV/bin/python" -m pytest "$@" || rc=$?
+        ((rc != 5)) || die "pytest collected no tests (exit 5): that is a failure, not a pass"
+    else
+        test_tiers || rc=$?
     fi
     log "tests finished in $((SECONDS - start)) s (exit $rc)"
     return "$rc"
+}
+
+# The whole suite as two pytest sessions at once: the image tier (whose QEMU nodes keep one
+# core busy, one emulator thread) beside the unit, integration and Ceph tiers. Those mostly
+# wait (their guests' boots, timers, services), and took as long beside the image tier as
+# without it; the image tier is the longer, so the other session runs at a lower CPU
+# priority (nice 10) and takes what the image tier leaves. Each session has its own run
+# directory and prints its slowest steps; the image tier's output goes to
+# out/test-image.log and is printed when both are done.
+test_tiers() {
+    local log="$ROOT/out/test-image.log" pid rc_rest=0 rc_image=0
+    local run="${EDGEPIN_TEST_RUN_DIR:-}"
+    mkdir -p "$ROOT/out"
+    log "pytest -m image, beside the other tiers (its output: out/test-image.log)"
+    (
+        if [[ -n "$run" ]]; then export EDGEPIN_TEST_RUN_DIR="$run/image"; fi
+        exec "$VENV/bin/python" -m pytest -m image --durations=25
+    ) >"$log" 2>&1 &
+    pid=$!
+    trap 'kill -TERM "$pid" 2>/dev/null || true' EXIT
+    log "pytest -m 'not image'"
+    (
+        if [[ -n "$run" ]]; then export EDGEPIN_TEST_RUN_DIR="$run/other"; fi
+        exec nice -n 10 "$VENV/bin/python" -m pytest -m "not image" --durations=15
+    ) || rc_rest=$?
+    log "waiting for the image tier"
+    wait "$pid" || rc_image=$?
+    trap - EXIT
+    log "the image tier's output (out/test-image.log):"
+    cat "$log" >&2
+    ((rc_rest != 5 && rc_image != 5)) ||
+        die "a pytest session collected no tests (exit 5): that is a failure, not a pass"
+    log "unit, integration and Ceph tiers: exit $rc_rest; image tier: exit $rc_image"
+    ((rc_rest == 0 && rc_image == 0))
 }
 
 cmd_controlplane() {

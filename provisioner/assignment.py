@@ -42,6 +42,7 @@ from provisioner.node.model import (
     GuestResources,
     guest_network,
     guest_resources,
+    pci_selectors,
     usb_ids,
 )
 from provisioner.signing import StreamSigner, StreamVerifier, fingerprint, key_type_for
@@ -65,17 +66,24 @@ def payload(
     network: GuestNetwork | None = None,
     usb: tuple[str, ...] = (),
     resources: GuestResources | None = None,
+    pci: tuple[str, ...] = (),
 ) -> bytes:
     """The signed bytes: canonical JSON (sorted keys, no spaces, ASCII). ``network`` is the
     guest network the image declares (absent when it declares none), ``usb`` the USB devices
-    it asks for (absent when none), ``resources`` its vCPUs, memory and health marker.
+    it asks for (absent when none), ``pci`` its PCI devices (addresses or classes; absent
+    when none), ``resources`` its vCPUs, memory and health marker.
     ``extra`` adds
     fields the node does not read (a rollout's name and wave, the previous image), signed
     with the rest so that the operator's tools can trust them; it cannot replace a field."""
     doc = {
-        **{k: v for k, v in (extra or {}).items() if k not in ("network", "usb", "resources")},
+        **{
+            k: v
+            for k, v in (extra or {}).items()
+            if k not in ("network", "usb", "pci", "resources")
+        },
         **({"network": str(network)} if network is not None else {}),
         **({"usb": list(usb)} if usb else {}),
+        **({"pci": list(pci)} if pci else {}),
         **({"resources": resources.as_dict()} if resources is not None else {}),
         "kind": KIND,
         "node": node,
@@ -101,6 +109,7 @@ def sign(
     network: GuestNetwork | None = None,
     usb: tuple[str, ...] = (),
     resources: GuestResources | None = None,
+    pci: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The record ``edgepin assign`` writes: readable fields, and the signed payload."""
     data = payload(
@@ -114,6 +123,7 @@ def sign(
         network,
         usb,
         resources,
+        pci,
     )
     signer = StreamSigner(key, HASH_METHOD)
     signer.update(data)
@@ -237,6 +247,9 @@ def _payload(body: bytes, node: str, node_name: str) -> Assignment:
     usb = doc.get("usb")
     if usb is not None and not isinstance(usb, list):
         raise ImageError("the assignment's USB devices are not a list")
+    pci = doc.get("pci")
+    if pci is not None and not isinstance(pci, list):
+        raise ImageError("the assignment's PCI devices are not a list")
     resources = doc.get("resources")
     return Assignment(
         image_id,
@@ -245,5 +258,6 @@ def _payload(body: bytes, node: str, node_name: str) -> Assignment:
         at,
         guest_network(doc.get("network")),
         usb_ids(usb),
-        None if resources is None else guest_resources(resources),
+        pci=pci_selectors(pci),
+        resources=None if resources is None else guest_resources(resources),
     )

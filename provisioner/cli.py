@@ -20,8 +20,17 @@ from typing import Any
 
 from provisioner import __version__
 from provisioner.errors import EdgepinError, UsageError
+from provisioner.node.model import guest_network
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def _network(text: str) -> str:
+    """``--network``: checked here, so that a typo is refused before anything is uploaded."""
+    try:
+        return str(guest_network(text))
+    except EdgepinError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _env(name: str) -> str | None:
@@ -66,11 +75,14 @@ def _add_publish(sub: Any) -> None:
     )
     p.add_argument(
         "--network",
-        choices=("lan", "none"),
+        type=_network,
+        metavar="lan|vlan:N|host|none",
         help="the network the guest needs, signed into every assignment of the image: lan "
-        "(the site's network, through the node's guest attachment; a node built without "
-        "one refuses the image) or none (no network device). Not given: the node's "
-        "guest attachment, if it has one",
+        "(the site's network, through the node's guest attachment), vlan:N (the same, "
+        "in VLAN N from 1 to 4094: tagged on the site's network, untagged for the guest), "
+        "host (a network with only the node's host on it, which leases the guest an "
+        "address) or none (no network device). A node built without the network refuses "
+        "the image. Not given: the node's guest attachment, if it has one",
     )
     p.add_argument(
         "--usb",
@@ -80,6 +92,17 @@ def _add_publish(sub: Any) -> None:
         help="a USB device the guest is given (hex ids as lsusb prints them, such as "
         "0627:0001), signed into every assignment of the image; a node without it refuses "
         "the image. Repeat for several",
+    )
+    p.add_argument(
+        "--pci",
+        action="append",
+        default=[],
+        metavar="ADDRESS|class:CODE",
+        help="a PCI device the guest is given (VFIO), signed into every assignment of the "
+        "image: its address as lspci -D prints it (such as 0000:03:00.0) or its class "
+        "(such as class:0c03, a USB controller; class:0200, an Ethernet controller), which "
+        "exactly one device of the node must have. A node without it, or with several of "
+        "that class, refuses the image. Repeat for several",
     )
     p.add_argument(
         "--key-deletion-policy",
@@ -394,6 +417,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             health_marker=args.health_marker,
             network=args.network,
             usb=tuple(args.usb),
+            pci=tuple(args.pci),
             key_deletion_policy=args.key_deletion_policy,
             luks_iter_time_ms=args.luks_iter_time,
             work_dir=args.work_dir,

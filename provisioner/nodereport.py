@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioner.errors import EdgepinError, Reason
-from provisioner.node.model import IMAGE_ID, MAX_GENERATION, USB_ID, State
+from provisioner.node.model import IMAGE_ID, MAX_GENERATION, PCI_FACT, USB_ID, State
 
 KIND = "edgepin-node-report/1"
 PROPERTY = "edgepin_report"  # the report image's property that holds the report
@@ -33,6 +33,7 @@ MAX_REASON = 512
 MAX_FLAGS = 512
 MAX_LOCAL_IMAGES = 8
 MAX_USB_DEVICES = 64
+MAX_PCI_DEVICES = 128
 MAX_CPUS = 65536
 MAX_MB = 2**40  # a mebibyte count: a petabyte is 2**30
 DISK_QUANTUM_MB = 256  # free disk is reported in steps of this: small writes change nothing
@@ -63,6 +64,9 @@ class Facts:
     edgepin_version: str
     local_images: tuple[str, ...]  # images on the node's disk (current, previous)
     usb: tuple[str, ...] = ()  # USB devices plugged in (vendor:product), hubs included
+    # PCI devices a guest may be given (not the host's disks' or up interfaces'):
+    # ADDRESS=CLASS (six hex digits), by address
+    pci: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +82,7 @@ class Facts:
             "edgepin_version": self.edgepin_version,
             "local_images": list(self.local_images),
             "usb": list(self.usb),
+            "pci": list(self.pci),
         }
 
 
@@ -229,6 +234,20 @@ def _ref(value: Any, what: str) -> Ref | None:
     return Ref(image_id, _int(value, "generation", MAX_GENERATION))
 
 
+def _devices(
+    doc: dict[str, Any], key: str, limit: int, valid: re.Pattern[str], what: str
+) -> tuple[str, ...]:
+    """A list of device names under ``facts.<key>`` (absent: none), sorted, each once."""
+    items = doc.get(key, [])
+    if (
+        not isinstance(items, list)
+        or len(items) > limit
+        or not all(isinstance(i, str) and valid.fullmatch(i) for i in items)
+    ):
+        raise ReportError(f"facts.{key} is not a list of at most {limit} {what}")
+    return tuple(sorted(set(items)))
+
+
 def _facts(value: Any) -> Facts | None:
     if value is None:
         return None
@@ -244,15 +263,8 @@ def _facts(value: Any) -> Facts | None:
     images = value.get("local_images")
     if not isinstance(images, list) or len(images) > MAX_LOCAL_IMAGES:
         raise ReportError(f"facts.local_images is not a list of at most {MAX_LOCAL_IMAGES}")
-    usb = value.get("usb", [])
-    if (
-        not isinstance(usb, list)
-        or len(usb) > MAX_USB_DEVICES
-        or not all(isinstance(u, str) and USB_ID.fullmatch(u) for u in usb)
-    ):
-        raise ReportError(
-            f"facts.usb is not a list of at most {MAX_USB_DEVICES} vendor:product ids"
-        )
+    usb = _devices(value, "usb", MAX_USB_DEVICES, USB_ID, "vendor:product ids")
+    pci = _devices(value, "pci", MAX_PCI_DEVICES, PCI_FACT, "ADDRESS=CLASS entries")
     cpus = _int(value, "cpus", MAX_CPUS)
     guest_cpus = _int(value, "guest_cpus", MAX_CPUS)
     if guest_cpus > cpus:
@@ -272,5 +284,6 @@ def _facts(value: Any) -> Facts | None:
         virt_type=str(virt_type),
         edgepin_version=_text(value, "edgepin_version", 64),
         local_images=tuple(sorted({_image_id(i, "facts.local_images") for i in images})),
-        usb=tuple(sorted(set(usb))),
+        usb=usb,
+        pci=pci,
     )

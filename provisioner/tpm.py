@@ -67,6 +67,7 @@ VAULT_NV_INDEX = 0x0100E9D1
 VAULT_KEY_SIZE = 64
 BANKS = {"sha256": (0x000B, hashlib.sha256)}
 EK_CERT_RSA_NV_INDEX = 0x01C00002
+EK_CERT_READ_CHUNK = 512  # bytes per NV_Read: within every TPM's NV buffer (1024 is common)
 # TPM_RC_PCR_CHANGED is transient, not a refusal: between PolicyPCR and the command that
 # uses the session the TPM compares one update counter shared by the PCRs (on swtpm every
 # PCR from 0 to 15, whether in the selection or not), not the selection's values, and a
@@ -537,6 +538,35 @@ class Tpm:
             [TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=digest))]
         )
         self.esys.pcr_extend(ESYS_TR.PCR0 + pcr, values)
+
+    def ek_certificate(self) -> bytes | None:
+        """The RSA EK certificate the TPM's vendor stored in NV (index 0x01c00002), as
+        stored (DER); None when the TPM keeps none there. Read with the owner's empty
+        authorization, in pieces the TPM's NV buffer holds."""
+        from tpm2_pytss.constants import ESYS_TR, TPMA_NV
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+        try:
+            handle = self.esys.tr_from_tpmpublic(EK_CERT_RSA_NV_INDEX)
+        except TSS2_Exception:
+            return None  # not defined
+        try:
+            public, _name = self.esys.nv_read_public(handle)
+            size = int(public.nvPublic.dataSize)
+            attributes = int(public.nvPublic.attributes)
+            # the owner's (empty) authorization where the index allows it, else its own
+            auth = ESYS_TR.OWNER if attributes & int(TPMA_NV.OWNERREAD) else handle
+            data = b""
+            while len(data) < size:
+                piece = min(EK_CERT_READ_CHUNK, size - len(data))
+                data += bytes(
+                    self.esys.nv_read(handle, piece, len(data), auth, session1=ESYS_TR.PASSWORD)
+                )
+            return data
+        except TSS2_Exception as e:
+            raise TpmError(f"the TPM's EK certificate could not be read: {e}") from None
+        finally:
+            self._close(handle)
 
     def ek_public_pem(self) -> bytes:
         handle = self._ek()

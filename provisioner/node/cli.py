@@ -114,7 +114,13 @@ def cmd_vault(args: argparse.Namespace) -> int:
 def cmd_seed(args: argparse.Namespace) -> int:
     from provisioner.node import credentials
 
-    print(credentials.take_seed(_cfg(args)))
+    cfg = _cfg(args)
+    done = credentials.take_seed(cfg)
+    print(done)
+    if done.startswith("no seed"):
+        # an unenrolled node without a seed: what the factory needs to enroll it
+        for line in credentials.factory_lines(cfg):
+            print(line)
     return 0
 
 

@@ -35,7 +35,16 @@ SETTINGS: dict[str, tuple[str, str]] = {
     ),
     "EDGEPIN_RESERVED_CPUS": ("0", "host CPUs kept for the host; the guest gets the others"),
     "EDGEPIN_HEALTH_TIMEOUT": ("120", "seconds a new guest has to become healthy"),
-    "EDGEPIN_NETWORK": ("none", "guest network: none, or 'network:NAME' / 'bridge:NAME'"),
+    "EDGEPIN_NETWORK": (
+        "none",
+        "the guest's attachment to the site's network (images declaring lan or vlan:N, "
+        "and images declaring nothing): none, or 'network:NAME' / 'bridge:NAME'",
+    ),
+    "EDGEPIN_HOST_NETWORK": (
+        "none",
+        "the network with only the host on it (images declaring host): none, or "
+        "'network:NAME' / 'bridge:NAME'",
+    ),
     "EDGEPIN_DOMAIN_NAME": ("edgepin-guest", "name of the one libvirt domain"),
     "EDGEPIN_HTTP_TIMEOUT": ("30", "seconds before an unanswered request fails"),
     "EDGEPIN_REVOKE_GRACE": (
@@ -66,6 +75,7 @@ class NodeConfig:
     reserved_cpus: frozenset[int] = frozenset({0})
     health_timeout: float = 120.0
     network: str = "none"
+    host_network: str = "none"
     domain_name: str = "edgepin-guest"
     http_timeout: float = 30.0
     revoke_grace: float = 3600.0
@@ -183,6 +193,7 @@ def load(
             "reserved_cpus": _int_set(raw["EDGEPIN_RESERVED_CPUS"], "EDGEPIN_RESERVED_CPUS"),
             "health_timeout": float(raw["EDGEPIN_HEALTH_TIMEOUT"]),
             "network": raw["EDGEPIN_NETWORK"],
+            "host_network": raw["EDGEPIN_HOST_NETWORK"],
             "domain_name": raw["EDGEPIN_DOMAIN_NAME"],
             "http_timeout": float(raw["EDGEPIN_HTTP_TIMEOUT"]),
             "revoke_grace": float(raw["EDGEPIN_REVOKE_GRACE"]),
@@ -200,7 +211,9 @@ def load(
             raise ConfigError(f"unknown override {key}")
         if value is not None:
             values[key] = value
-    net = values["network"]
-    if net != "none" and not (net.startswith("network:") or net.startswith("bridge:")):
-        raise ConfigError("EDGEPIN_NETWORK must be none, network:NAME or bridge:NAME")
+    for key, setting in (("network", "EDGEPIN_NETWORK"), ("host_network", "EDGEPIN_HOST_NETWORK")):
+        net = values[key]
+        kind, _, name = net.partition(":")
+        if net != "none" and (kind not in ("network", "bridge") or not name):
+            raise ConfigError(f"{setting} must be none, network:NAME or bridge:NAME")
     return NodeConfig(**values)

@@ -106,6 +106,29 @@ def load_bundle(cfg: NodeConfig) -> dict[str, Any]:
     return seed.parse_bundle(data)
 
 
+def factory_lines(cfg: NodeConfig) -> list[str]:
+    """What the factory reads off the console of a node that has no seed and is not
+    enrolled (there is no login; an enrolled node gives nothing): its EK certificate from
+    the TPM's NV (DER, base64; absent when the TPM keeps none), its EK public key (PEM,
+    base64) and its PCR values (the JSON ``edgepin enroll --pcr-values FILE`` takes). None
+    of it is secret. Never raises: a TPM that cannot be read gives one line that says so."""
+    try:
+        with tpm.Tpm.open(cfg.tcti) as t:
+            if t.anchor_defined():
+                return []  # enrolled: nothing for the factory
+            cert = t.ek_certificate()
+            public = t.ek_public_pem()
+            pcrs = {str(p): v.hex() for p, v in sorted(t.read_pcrs(cfg.pcrs).items())}
+    except Exception as e:  # the seed unit reports it and goes on
+        return [f"factory: the TPM could not be read: {str(e)[:200]}"]
+    lines = []
+    if cert is not None:
+        lines.append(f"factory: ek-cert {base64.b64encode(cert).decode()}")
+    lines.append(f"factory: ek-pub {base64.b64encode(public).decode()}")
+    lines.append(f"factory: pcrs {json.dumps(pcrs, sort_keys=True, separators=(',', ':'))}")
+    return lines
+
+
 def take_seed(cfg: NodeConfig) -> str:
     """Copy the bundle of the NoCloud seed that cloud-init read (its instance data) to
     ``cfg.bundle_path``, on a node that is not enrolled; what was done, in a sentence.

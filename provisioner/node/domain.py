@@ -8,6 +8,7 @@ libvirtd restart, so libvirt's autostart is not used) and undefined right after 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -19,7 +20,7 @@ import libvirt
 
 from provisioner.errors import GuestError
 from provisioner.node.config import NodeConfig
-from provisioner.node.model import USB_ID, GuestNetwork
+from provisioner.node.model import PCI_ADDRESS, USB_ID, GuestNetwork, pci_matches
 
 LOG = logging.getLogger(__name__)
 NAMESPACE = "https://edgepin.dev/xmlns/guest/1"
@@ -35,6 +36,7 @@ class GuestSpec:
     memory_mb: int
     network: GuestNetwork | None = None  # what the signed assignment declared
     usb: tuple[str, ...] = ()  # vendor:product ids, as the signed assignment declared
+    pci: tuple[str, ...] = ()  # PCI addresses and classes, as the signed assignment declared
     node_id: str = ""  # the node's name: its guest's MAC address is derived from it
 
 
@@ -55,14 +57,22 @@ def guest_cpus(cfg: NodeConfig, host_cpus: list[int], vcpus: int) -> list[int]:
 
 def attachment(cfg: NodeConfig, declared: GuestNetwork | None) -> tuple[str, str] | None:
     """The libvirt attachment (``bridge``/``network``, name) of a guest that declared
-    ``declared``, or None for no network device; GuestError for an image that needs the
-    site's network on a node built without a guest attachment."""
-    if declared is GuestNetwork.NONE:
+    ``declared``, or None for no network device; GuestError for an image that needs a
+    network this node was built without."""
+    if declared == GuestNetwork.NONE:
         return None
-    if cfg.network == "none":
-        if declared is GuestNetwork.LAN:
+    if declared == GuestNetwork.HOST:
+        if cfg.host_network == "none":
             raise GuestError(
-                "the image needs the site's network (lan); this node has no guest "
+                "the image needs the network with the host (host); this node has none "
+                "(EDGEPIN_HOST_NETWORK=none)"
+            )
+        kind, name = cfg.host_network.split(":", 1)
+        return kind, name
+    if cfg.network == "none":
+        if declared is not None:
+            raise GuestError(
+                f"the image needs the site's network ({declared}); this node has no guest "
                 "attachment (EDGEPIN_NETWORK=none)"
             )
         return None
@@ -84,6 +94,81 @@ def usb_present(root: Path) -> tuple[str, ...]:
         if USB_ID.fullmatch(ident):
             found.add(ident)
     return tuple(sorted(found))
+
+
+def pci_present(root: Path) -> dict[str, str]:
+    """The PCI devices of this host (sysfs under ``root``): address -> class, six hex
+    digits (class, subclass, programming interface), as ``lspci -Dn`` prints them."""
+    found = {}
+    for dev in (root / "sys" / "bus" / "pci" / "devices").glob("*"):
+        try:
+            code = (dev / "class").read_text().strip().lower()
+        except OSError:
+            continue
+        if PCI_ADDRESS.fullmatch(dev.name) and re.fullmatch(r"0x[0-9a-f]{6}", code):
+            found[dev.name] = code[2:]
+    return dict(sorted(found.items()))
+
+
+def pci_in_use(root: Path) -> frozenset[str]:
+    """The PCI devices the host itself uses: every device on the way to one of its disks
+    (``/sys/block``) or to a network interface that is up, bridges included."""
+    used: set[str] = set()
+    sys = root / "sys"
+    links = [b / "device" for b in (sys / "block").glob("*")]
+    for net in (sys / "class" / "net").glob("*"):
+        try:
+            if (net / "operstate").read_text().strip() == "up":
+                links.append(net / "device")
+        except OSError:
+            continue
+    for link in links:
+        try:
+            path = link.resolve(strict=True)
+        except OSError:
+            continue
+        used.update(p for p in path.parts if PCI_ADDRESS.fullmatch(p))
+    return frozenset(used)
+
+
+def pci_free(root: Path) -> dict[str, str]:
+    """The PCI devices a guest may be given: this host's, but those it uses."""
+    in_use = pci_in_use(root)
+    return {a: c for a, c in pci_present(root).items() if a not in in_use}
+
+
+def pci_chosen(cfg: NodeConfig, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """The address of the one device each selector names, in the order asked, among the
+    devices the host does not use (:func:`pci_in_use`); GuestError for a device this host
+    does not have or uses, a class more than one free device has (the image must name one
+    by address: a class is never a guess) or one device asked for twice."""
+    if not wanted:
+        return ()
+    present = pci_present(cfg.root)
+    in_use = pci_in_use(cfg.root)
+    free = {a: c for a, c in present.items() if a not in in_use}
+    chosen: list[str] = []
+    for selector in wanted:
+        matches = pci_matches(selector, free)
+        if not matches:
+            used = pci_matches(selector, present)
+            raise GuestError(
+                f"the image needs PCI device {selector}, which the host uses "
+                f"({', '.join(used[:8])}: one of its disks, a network interface that is up, "
+                "or a bridge on the way to them)"
+                if used
+                else f"the image needs PCI device {selector}, which this node does not have",
+                present=",".join(f"{a}={c}" for a, c in free.items())[:300],
+            )
+        if len(matches) > 1:
+            raise GuestError(
+                f"the image needs PCI device {selector}, and this node has {len(matches)} "
+                f"({', '.join(matches[:8])}): the image must name one by its address"
+            )
+        if matches[0] in chosen:
+            raise GuestError(f"the image names PCI device {matches[0]} twice")
+        chosen.append(matches[0])
+    return tuple(chosen)
 
 
 def check_usb(cfg: NodeConfig, wanted: tuple[str, ...]) -> None:
@@ -127,6 +212,9 @@ def build_xml(cfg: NodeConfig, spec: GuestSpec, host_cpus: list[int]) -> str:
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", {"arch": "x86_64", "machine": "pc"}).text = "hvm"
     ET.SubElement(os_el, "boot", {"dev": "hd"})
+    # the firmware's console on the serial port too (QEMU's -machine graphics=off): what a
+    # boot loader or firmware-level guest writes there reaches the serial log
+    ET.SubElement(os_el, "bios", {"useserial": "yes"})
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
     ET.SubElement(dom, "on_poweroff").text = "destroy"
@@ -145,6 +233,11 @@ def build_xml(cfg: NodeConfig, spec: GuestSpec, host_cpus: list[int]) -> str:
         iface = ET.SubElement(dev, "interface", {"type": kind})
         ET.SubElement(iface, "mac", {"address": guest_mac(spec.node_id)})
         ET.SubElement(iface, "source", {kind: name})
+        if spec.network is not None and spec.network.vlan is not None:
+            # the guest's port is an untagged member of this VLAN only: the bridge tags its
+            # frames on the uplink and lets no other VLAN's frames reach it
+            vlan = ET.SubElement(iface, "vlan")
+            ET.SubElement(vlan, "tag", {"id": str(spec.network.vlan)})
         ET.SubElement(iface, "model", {"type": "virtio"})
     for ident in spec.usb:
         vendor, product = ident.split(":")
@@ -154,6 +247,25 @@ def build_xml(cfg: NodeConfig, spec: GuestSpec, host_cpus: list[int]) -> str:
         source = ET.SubElement(hostdev, "source")
         ET.SubElement(source, "vendor", {"id": f"0x{vendor}"})
         ET.SubElement(source, "product", {"id": f"0x{product}"})
+    for address in pci_chosen(cfg, spec.pci):
+        # managed: libvirt detaches the device from the host's driver (binding it to
+        # vfio-pci) while the guest runs, and gives it back after
+        dom_, bus, slot_fn = address.split(":")
+        slot, function = slot_fn.split(".")
+        hostdev = ET.SubElement(
+            dev, "hostdev", {"mode": "subsystem", "type": "pci", "managed": "yes"}
+        )
+        source = ET.SubElement(hostdev, "source")
+        ET.SubElement(
+            source,
+            "address",
+            {
+                "domain": f"0x{dom_}",
+                "bus": f"0x{bus}",
+                "slot": f"0x{slot}",
+                "function": f"0x{function}",
+            },
+        )
     serial = ET.SubElement(dev, "serial", {"type": "pty"})
     ET.SubElement(serial, "log", {"file": str(cfg.serial_log), "append": "off"})
     ET.SubElement(serial, "target", {"port": "0"})
@@ -243,10 +355,12 @@ def check_fits(
     memory_mb: int,
     network: GuestNetwork | None = None,
     usb: tuple[str, ...] = (),
+    pci: tuple[str, ...] = (),
 ) -> None:
     """Refuse, before any download, a guest this host cannot run."""
     attachment(cfg, network)
     check_usb(cfg, usb)
+    pci_chosen(cfg, pci)
     guest_cpus(cfg, host_cpus(conn), vcpus)
     if memory_mb > host_memory_mb(conn):
         raise GuestError(f"image wants {memory_mb} MiB; the host has {host_memory_mb(conn)} MiB")
@@ -254,7 +368,7 @@ def check_fits(
 
 def start(cfg: NodeConfig, conn: Any, spec: GuestSpec, passphrase: bytes) -> Any:
     """Define the domain from the XML, hand QEMU the key, start it."""
-    check_fits(cfg, conn, spec.vcpus, spec.memory_mb, spec.network, spec.usb)
+    check_fits(cfg, conn, spec.vcpus, spec.memory_mb, spec.network, spec.usb, spec.pci)
     xml = build_xml(cfg, spec, host_cpus(conn))
     dom, _ = current(cfg, conn)
     if dom is not None and dom.isActive():
@@ -282,7 +396,29 @@ def start(cfg: NodeConfig, conn: Any, spec: GuestSpec, passphrase: bytes) -> Any
                 secret.undefine()  # QEMU has the key now; libvirt need not keep it
             except libvirt.libvirtError:
                 pass
+    given = passed_through(xml)
+    if given:
+        LOG.info("guest %s has the host's %s", spec.image_id, ", ".join(given))
     return dom
+
+
+def passed_through(xml: str) -> list[str]:
+    """The host devices a domain's XML gives its guest, as ``PCI 0000:00:04.0`` and ``USB
+    0627:0001``, in the XML's order."""
+    given = []
+    for hostdev in ET.fromstring(xml).iter("hostdev"):  # noqa: S314 - build_xml's own
+        source = hostdev.find("source")
+        if source is None:
+            continue
+        if hostdev.get("type") == "pci" and (a := source.find("address")) is not None:
+            parts = [a.get(k, "0x0")[2:] for k in ("domain", "bus", "slot", "function")]
+            d, b, s, f = (int(x, 16) for x in parts)
+            given.append(f"PCI {d:04x}:{b:02x}:{s:02x}.{f:x}")
+        elif hostdev.get("type") == "usb":
+            v, p = source.find("vendor"), source.find("product")
+            if v is not None and p is not None:
+                given.append(f"USB {v.get('id', '')[2:]}:{p.get('id', '')[2:]}")
+    return given
 
 
 def running(cfg: NodeConfig, conn: Any, image_id: str | None = None) -> bool:

@@ -89,4 +89,7 @@ def gather(cfg: NodeConfig, conn: Any, local_images: list[str]) -> nodereport.Fa
         edgepin_version=__version__,
         local_images=tuple(sorted(set(local_images)))[: nodereport.MAX_LOCAL_IMAGES],
         usb=domain.usb_present(cfg.root)[: nodereport.MAX_USB_DEVICES],
+        pci=tuple(f"{a}={c}" for a, c in domain.pci_free(cfg.root).items())[
+            : nodereport.MAX_PCI_DEVICES
+        ],
     )

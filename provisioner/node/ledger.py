@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -191,11 +192,10 @@ def _guest(value: Any, what: str) -> Guest | None:
     if not isinstance(value, dict):
         raise _fail(f"{what} is not an object")
     marker = value.get("health_marker")
-    network = value.get("network")
-    if network is not None and (
-        not isinstance(network, str) or network not in set(model.GuestNetwork)
-    ):
-        raise _fail(f"{what}.network is not one of {', '.join(model.GuestNetwork)}")
+    try:
+        network = model.guest_network(value.get("network"))
+    except ImageError:
+        raise _fail(f"{what}.network is not one of {model.NETWORK_FORMS}") from None
     return Guest(
         image_id=_str(value.get("image_id"), f"{what}.image_id", IMAGE_ID),
         generation=_int(value.get("generation"), f"{what}.generation"),
@@ -203,20 +203,25 @@ def _guest(value: Any, what: str) -> Guest | None:
         memory_mb=_int(value.get("memory_mb"), f"{what}.memory_mb", *model.MEMORY_MB),
         health_marker=None if marker is None else _str(marker, f"{what}.health_marker", size=256),
         version=_str(value.get("version", ""), f"{what}.version", size=model.VERSION_SIZE),
-        network=None if network is None else model.GuestNetwork(network),
-        usb=_usb(value.get("usb"), f"{what}.usb"),
+        network=network,
+        usb=_devices(value.get("usb"), f"{what}.usb", model.usb_ids, "vendor:product ids"),
+        pci=_devices(
+            value.get("pci"), f"{what}.pci", model.pci_selectors, "PCI addresses and classes"
+        ),
     )
 
 
-def _usb(value: Any, what: str) -> tuple[str, ...]:
+def _devices(
+    value: Any, what: str, read: Callable[[Any], tuple[str, ...]], form: str
+) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
         raise _fail(f"{what} is not a list")
     try:
-        return model.usb_ids(value)
+        return read(value)
     except ImageError:
-        raise _fail(f"{what} is not a list of vendor:product ids") from None
+        raise _fail(f"{what} is not a list of {form}") from None
 
 
 def _image(value: Any, what: str) -> ImageRecord:

@@ -13,7 +13,7 @@ import enum
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from provisioner.errors import ImageError
 
@@ -41,14 +41,46 @@ class State(enum.StrEnum):
     REVOKED = "revoked"  # keystone has refused the node past the grace period: keys destroyed
 
 
-class GuestNetwork(enum.StrEnum):
+NETWORK_FORMS = "lan, none, host or vlan:N (N from 1 to 4094)"
+_NETWORK = re.compile(r"lan|none|host|vlan:([1-9][0-9]{0,3})")
+
+
+class GuestNetwork(str):
     """The network an image declares it needs (``edgepin publish --network``), signed into
     each assignment of it by ``edgepin assign``; an image that declares none gets the
-    node's guest attachment (``EDGEPIN_NETWORK``), if it has one."""
+    node's guest attachment (``EDGEPIN_NETWORK``), if it has one.
 
-    LAN = "lan"  # the site's network, through the node's guest attachment
-    NONE = "none"  # no network device at all
+    ``lan``: the site's network, through the node's guest attachment; ``vlan:N``: the
+    same, with the guest's frames in VLAN N (tagged on the uplink, untagged for the guest);
+    ``host``: a network with only the host on it (``EDGEPIN_HOST_NETWORK``); ``none``: no
+    network device. Text, so that it is stored and signed as it is written; constructing
+    one checks it (ImageError)."""
 
+    __slots__ = ()
+    LAN: ClassVar[GuestNetwork]
+    NONE: ClassVar[GuestNetwork]
+    HOST: ClassVar[GuestNetwork]
+
+    def __new__(cls, value: object) -> GuestNetwork:
+        m = _NETWORK.fullmatch(value) if isinstance(value, str) else None
+        if m is None or (m.group(1) is not None and int(m.group(1)) > 4094):
+            raise ImageError(f"the declared guest network is not one of {NETWORK_FORMS}")
+        return super().__new__(cls, value)
+
+    @property
+    def vlan(self) -> int | None:
+        """The VLAN id of ``vlan:N``, else None."""
+        return int(self[5:]) if self.startswith("vlan:") else None
+
+    @property
+    def site(self) -> bool:
+        """Whether it needs the site's network (``lan`` or a VLAN on it)."""
+        return self == "lan" or self.vlan is not None
+
+
+GuestNetwork.LAN = GuestNetwork("lan")
+GuestNetwork.NONE = GuestNetwork("none")
+GuestNetwork.HOST = GuestNetwork("host")
 
 NETWORK_PROPERTY = "edgepin_network"  # the Glance property the operator's tools read
 
@@ -57,12 +89,7 @@ def guest_network(value: Any) -> GuestNetwork | None:
     """A declared network (absent: None), or ImageError."""
     if value is None:
         return None
-    try:
-        return GuestNetwork(value)
-    except ValueError:
-        raise ImageError(
-            f"the declared guest network is not one of {', '.join(GuestNetwork)}"
-        ) from None
+    return GuestNetwork(value)
 
 
 USB_ID = re.compile(r"[0-9a-f]{4}:[0-9a-f]{4}")  # vendor:product, as lsusb prints them
@@ -70,23 +97,61 @@ MAX_USB = 16  # devices one image may ask for
 USB_PROPERTY = "edgepin_usb"  # the Glance property: comma-separated vendor:product ids
 
 
-def usb_ids(value: Any) -> tuple[str, ...]:
-    """The USB devices an image asks for, sorted and each once: from a list (the signed
+def _declared(
+    value: Any, limit: int, what: str, valid: re.Pattern[str], form: str
+) -> tuple[str, ...]:
+    """Devices an image declares, sorted and each once, lowercase: from a list (the signed
     assignment) or comma-separated text (the Glance property); none: (). ImageError."""
     if value is None or value == "" or value == []:
         return ()
     items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list) or len(items) > MAX_USB:
-        raise ImageError(f"the declared USB devices are not a list of at most {MAX_USB}")
-    ids = set()
+    if not isinstance(items, list) or len(items) > limit:
+        raise ImageError(f"the declared {what} devices are not a list of at most {limit}")
+    found = set()
     for item in items:
-        ident = item.strip().lower() if isinstance(item, str) else None
-        if ident is None or not USB_ID.fullmatch(ident):
-            raise ImageError(
-                "a declared USB device is not vendor:product in hex (such as 0627:0001)"
-            )
-        ids.add(ident)
-    return tuple(sorted(ids))
+        text = item.strip().lower() if isinstance(item, str) else None
+        if text is None or not valid.fullmatch(text):
+            raise ImageError(f"a declared {what} device is not {form}")
+        found.add(text)
+    return tuple(sorted(found))
+
+
+def usb_ids(value: Any) -> tuple[str, ...]:
+    """The USB devices an image asks for (vendor:product ids), as :func:`_declared` reads
+    them."""
+    return _declared(value, MAX_USB, "USB", USB_ID, "vendor:product in hex (such as 0627:0001)")
+
+
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]")  # domain:bus:slot.fn
+PCI_CLASS = re.compile(r"class:[0-9a-f]{4}(?:[0-9a-f]{2})?")  # class+subclass[+prog-if]
+PCI_SELECTOR = re.compile(f"{PCI_ADDRESS.pattern}|{PCI_CLASS.pattern}")
+MAX_PCI = 8  # devices one image may ask for
+PCI_PROPERTY = "edgepin_pci"  # the Glance property: comma-separated selectors
+
+
+def pci_selectors(value: Any) -> tuple[str, ...]:
+    """The PCI devices an image asks for, as :func:`_declared` reads them: an address
+    (``0000:03:00.0``, as lspci -D prints it) or a class (``class:0c03``: class and
+    subclass, or with the programming interface, ``class:0c0330``)."""
+    return _declared(
+        value,
+        MAX_PCI,
+        "PCI",
+        PCI_SELECTOR,
+        "an address (such as 0000:03:00.0) or a class (such as class:0c03)",
+    )
+
+
+PCI_FACT = re.compile(r"([0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7])=([0-9a-f]{6})")
+
+
+def pci_matches(selector: str, present: dict[str, str]) -> list[str]:
+    """The addresses of the devices in ``present`` (address -> six-digit class) that
+    ``selector`` (an address, or ``class:`` and a class prefix) names."""
+    if selector.startswith("class:"):
+        code = selector[len("class:") :]
+        return [a for a, c in sorted(present.items()) if c.startswith(code)]
+    return [selector] if selector in present else []
 
 
 class MemberStatus(enum.StrEnum):
@@ -110,6 +175,7 @@ class Assignment:
     # the vCPUs, memory and health marker the image asks for, as signed; None in a record
     # signed by an edgepin that did not sign them (the image's properties then decide)
     resources: GuestResources | None = None
+    pci: tuple[str, ...] = ()  # PCI selectors (addresses, classes) the guest is given
 
 
 @dataclass(frozen=True)
@@ -164,6 +230,7 @@ class Guest:
     version: str = ""
     network: GuestNetwork | None = None  # as the signed assignment declared it
     usb: tuple[str, ...] = ()  # the USB devices it is given, as the assignment declared
+    pci: tuple[str, ...] = ()  # the PCI devices it is given (selectors), as declared
 
     def disk(self, images_dir: Path) -> Path:
         return images_dir / f"{self.image_id}.qcow2"
@@ -226,6 +293,7 @@ def assigned_guest(image: dict[str, Any], assignment: Assignment) -> Guest:
         guest_from_image(image, assignment.generation),
         network=assignment.network,
         usb=assignment.usb,
+        pci=assignment.pci,
     )
     r = assignment.resources
     if r is None:

@@ -543,6 +543,7 @@ class Run:
             guest.memory_mb,
             network=guest.network,
             usb=guest.usb,
+            pci=guest.pci,
             node_id=led.enrollment.node_id,
         )
         try:
@@ -582,7 +583,13 @@ class Run:
             fetch.check_assigned(image, assignment)
             guest = assigned_guest(image, assignment)
             domain.check_fits(
-                self.cfg, self.conn, guest.vcpus, guest.memory_mb, guest.network, guest.usb
+                self.cfg,
+                self.conn,
+                guest.vcpus,
+                guest.memory_mb,
+                guest.network,
+                guest.usb,
+                guest.pci,
             )
             known = self._ledger().images.get(image_id)
             if not (

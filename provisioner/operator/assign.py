@@ -121,6 +121,7 @@ def check_image(image: dict[str, Any]) -> None:
     for prop, read in (
         (model.NETWORK_PROPERTY, model.guest_network),
         (model.USB_PROPERTY, model.usb_ids),
+        (model.PCI_PROPERTY, model.pci_selectors),
     ):
         try:
             read(image.get(prop))
@@ -298,6 +299,7 @@ def assign_many(
                 network,
                 model.usb_ids(image.get(model.USB_PROPERTY)),
                 model.resources_of(image),
+                model.pci_selectors(image.get(model.PCI_PROPERTY)),
             )
             result.generation = gen
             olds[i] = node.grants

@@ -38,7 +38,16 @@ import yaml
 
 from provisioner import nodereport
 from provisioner.errors import ImageError, UsageError
-from provisioner.node.model import IMAGE_ID, MAX_VCPUS, MEMORY_MB, USB_PROPERTY, usb_ids
+from provisioner.node.model import (
+    IMAGE_ID,
+    MAX_VCPUS,
+    MEMORY_MB,
+    PCI_PROPERTY,
+    USB_PROPERTY,
+    pci_matches,
+    pci_selectors,
+    usb_ids,
+)
 from provisioner.operator.labels import NAME, Labels
 from provisioner.operator.selector import Selector
 
@@ -255,6 +264,7 @@ class Image:
     memory_mb: int
     size: int  # bytes
     usb: tuple[str, ...] = ()  # the USB devices it asks for (edgepin_usb)
+    pci: tuple[str, ...] = ()  # the PCI devices it asks for (edgepin_pci)
 
     def text(self) -> str:
         return f"{self.name} {self.version}"
@@ -277,6 +287,10 @@ def image_of(record: Mapping[str, Any]) -> Image:
         usb = usb_ids(record.get(USB_PROPERTY))
     except ImageError as e:
         raise PlacementError(f"image {image_id}", f"{USB_PROPERTY}: {e.message}") from None
+    try:
+        pci = pci_selectors(record.get(PCI_PROPERTY))
+    except ImageError as e:
+        raise PlacementError(f"image {image_id}", f"{PCI_PROPERTY}: {e.message}") from None
     return Image(
         image_id=image_id,
         name=nodereport.clean_text(str(record.get("name") or ""), 255),
@@ -285,6 +299,7 @@ def image_of(record: Mapping[str, Any]) -> Image:
         memory_mb=memory,
         size=max(size, 0),
         usb=usb,
+        pci=pci,
     )
 
 
@@ -419,6 +434,11 @@ def misfit(node: NodeView, image: Image, rule: Rule) -> str | None:
     absent = [u for u in image.usb if u not in facts.usb]
     if absent:
         return f"{image.text()} needs USB device {', '.join(absent)}; the node has none"
+    present = dict(d.split("=", 1) for d in facts.pci)
+    for selector in image.pci:
+        found = len(pci_matches(selector, present))
+        if found != 1:
+            return f"{image.text()} needs PCI device {selector}; the node has {found}"
     return None
 
 

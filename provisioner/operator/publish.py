@@ -30,7 +30,14 @@ from cryptography.hazmat.primitives import serialization
 from provisioner import barbican, qemuimg
 from provisioner.cloud import translate
 from provisioner.errors import EdgepinError, ImageError, UsageError, VerificationError
-from provisioner.node.model import NETWORK_PROPERTY, USB_PROPERTY, guest_network, usb_ids
+from provisioner.node.model import (
+    NETWORK_PROPERTY,
+    PCI_PROPERTY,
+    USB_PROPERTY,
+    guest_network,
+    pci_selectors,
+    usb_ids,
+)
 from provisioner.operator.imagesecrets import passphrase_name, signing_certificate
 from provisioner.operator.signingcert import load_key
 from provisioner.progress import step, transfer
@@ -63,8 +70,9 @@ class PublishRequest:
     signing_key_id: str
     hash_method: str = "SHA-512"
     health_marker: str | None = None
-    network: str | None = None  # edgepin_network: lan or none (provisioner.node.model)
+    network: str | None = None  # edgepin_network: lan, vlan:N, host or none
     usb: tuple[str, ...] = ()  # edgepin_usb: vendor:product ids
+    pci: tuple[str, ...] = ()  # edgepin_pci: PCI addresses and classes
     key_deletion_policy: str = "on_image_deletion"
     luks_iter_time_ms: int = 1000
     work_dir: Path | None = None
@@ -117,6 +125,10 @@ def publish(conn: Any, req: PublishRequest) -> Published:
         usb_ids(list(req.usb))
     except ImageError as e:
         raise UsageError(f"--usb: {e.message}") from None
+    try:
+        pci_selectors(list(req.pci))
+    except ImageError as e:
+        raise UsageError(f"--pci: {e.message}") from None
     src_format = detect_format(req.guest)
     virtual_size = int(qemuimg.info(req.guest)["virtual-size"])
     step("reading the signing key and certificate from Barbican")
@@ -180,6 +192,8 @@ def publish(conn: Any, req: PublishRequest) -> Published:
                 properties[NETWORK_PROPERTY] = str(guest_network(req.network))
             if req.usb:
                 properties[USB_PROPERTY] = ",".join(usb_ids(list(req.usb)))
+            if req.pci:
+                properties[PCI_PROPERTY] = ",".join(pci_selectors(list(req.pci)))
             with translate("glance", "create image"):
                 r = conn.image.post(
                     "/images",

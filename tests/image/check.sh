@@ -26,6 +26,35 @@ for u in $(systemctl list-unit-files --type=service --no-legend 'cloud-*' | awk 
     systemctl show -p ExecCondition --value "$u" | grep -q /usr/lib/edgepin-host/cloud-init-gate \
         || ungated="$ungated,$u"
 done
+# the guest networks: br0 filters VLANs and its uplink carries them (VLAN 1 untagged, as
+# the PVID); brhost holds the host's address, with nothing forwarded to the site; and a
+# throwaway domain with two ports on br0, one in VLAN 42 (as a guest of an image published
+# with vlan:42), which libvirt makes an untagged member of VLAN 42 and of nothing else, and
+# one as a lan guest's, an untagged member of VLAN 1 only
+uplink=$(ls /sys/class/net/br0/brif 2>/dev/null | grep -v '^vnet' | head -1)
+vlan_probe=$(python3 - <<'PY' 2>&1 | tail -1
+import json, subprocess, time
+import libvirt
+from xml.etree import ElementTree as ET
+conn = libvirt.open("qemu:///system")
+dom = conn.createXML("""<domain type='qemu'><name>edgepin-qa-vlan</name>
+<memory unit='MiB'>32</memory><os><type arch='x86_64' machine='pc'>hvm</type></os>
+<devices><interface type='bridge'><source bridge='br0'/><vlan><tag id='42'/></vlan>
+<model type='virtio'/></interface><interface type='bridge'><source bridge='br0'/>
+<model type='virtio'/></interface></devices></domain>""", 0)
+try:
+    ports = []
+    for iface in ET.fromstring(dom.XMLDesc(0)).findall("devices/interface"):
+        tap = iface.find("target").get("dev")
+        out = subprocess.run(["bridge", "-j", "vlan", "show", "dev", tap],
+                             capture_output=True, text=True, check=True).stdout
+        vlans = [v for port in json.loads(out) for v in port["vlans"]]
+        ports.append(",".join(f"{v['vlan']}:{'+'.join(v.get('flags', []))}" for v in vlans) or "-")
+    print(" ".join(ports))
+finally:
+    dom.destroy()
+PY
+)
 report=$(
 echo "EDGEPIN-CHECK system=$(systemctl is-system-running)"
 echo "EDGEPIN-CHECK failed=$(systemctl list-units --failed --plain --no-legend | awk '{print $1}' | paste -sd, -)"
@@ -103,6 +132,24 @@ echo "EDGEPIN-CHECK enrolled-gate=$? $(cat /run/edgepin-host/cloud-init 2>&1)"
 timeout 60 systemctl restart cloud-final.service >/dev/null 2>&1
 echo "EDGEPIN-CHECK enrolled-cloud-final=$(systemctl show -p Result --value cloud-final.service)"
 tpm2_nvundefine -T "$TPM" -C o "$ENROLLED_INDEX" >/dev/null 2>&1
+echo "EDGEPIN-CHECK br0-vlan-filtering=$(cat /sys/class/net/br0/bridge/vlan_filtering 2>&1)"
+# as ranges of VLANs with the same flags (iproute2's JSON lists each VLAN on its own)
+echo "EDGEPIN-CHECK uplink-vlans=$uplink $(bridge -j vlan show dev "$uplink" 2>&1 | python3 -c '
+import json, sys
+ranges = []
+for port in json.load(sys.stdin):
+    for v in port["vlans"]:
+        first, last = v["vlan"], v.get("vlanEnd", v["vlan"])
+        flags = "+".join(v.get("flags", [])) or "tagged"
+        if ranges and ranges[-1][2] == flags and ranges[-1][1] + 1 == first:
+            ranges[-1][1] = last
+        else:
+            ranges.append([first, last, flags])
+print(",".join(f"{a} {b} {f}" for a, b, f in ranges))
+' 2>&1)"
+echo "EDGEPIN-CHECK guest-vlan-port=$vlan_probe"
+echo "EDGEPIN-CHECK brhost=$(ip -4 -o addr show dev brhost 2>&1 | awk '{print $4}')"
+echo "EDGEPIN-CHECK ip-forward=$(cat /proc/sys/net/ipv4/ip_forward)"
 echo "EDGEPIN-CHECK-END"
 )
 printf '\n%s\n' "$report" >/dev/console

@@ -74,10 +74,16 @@ def make_publisher(
         behaviour: str = "run",
         extra: list[str] | None = None,
         signer_: Signer | None = None,
+        kind: str = "linux",
+        health_marker: bool = False,
     ) -> dict[str, Any]:
+        """``kind``: the guest's (``tiny_guest``); ``health_marker``: the image names the
+        guest's marker line as its health marker (the node waits for it on a switch)."""
         s = signer_ or signer
         marker = f"m{secrets.token_hex(5)}"
-        guest = tiny_guest(marker, behaviour)
+        guest = tiny_guest(marker, behaviour, kind=kind)
+        if health_marker:
+            extra = [*(extra or []), "--health-marker", f"EDGEPIN-GUEST-MARKER {marker}"]
         r = run_edgepin(
             [
                 "publish",

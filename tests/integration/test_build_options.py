@@ -59,3 +59,22 @@ def test_a_good_time_span_passes_the_check(tmp_path: Path, value: str) -> None:
     assert done.returncode == 1, done
     assert "time span" not in done.stderr
     assert "--pins: no such file" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["", "all", "0-3", "0,", ",1", "0;1", "-1"])
+def test_a_bad_reserved_cpu_list_is_refused_before_anything_is_built(
+    tmp_path: Path, value: str
+) -> None:
+    done = build_image(tmp_path, "--reserved-cpus", value)
+    assert done.returncode == 1, done
+    assert "build.sh: error: --reserved-cpus must be a list of CPU numbers" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "0,1", "2,3,10", "none"])
+def test_a_good_reserved_cpu_list_passes_the_check(tmp_path: Path, value: str) -> None:
+    missing = tmp_path / "no-such-pins.json"
+    done = build_image(tmp_path, "--reserved-cpus", value, "--pins", str(missing))
+    assert done.returncode == 1, done
+    assert "--reserved-cpus" not in done.stderr
+    assert "--pins: no such file" in done.stderr

@@ -133,6 +133,32 @@ def test_seed_to_running_guest_then_nothing_to_do(
         node.bootstrap_session(controlplane.ca_path).get_token()
 
 
+@pytest.mark.parametrize("kind", ["bare", "ipxe"])
+def test_a_guest_with_no_kernel_is_run_and_reported_healthy(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    kind: str,
+) -> None:
+    """The image tier's cheap guests: a boot sector that prints its marker line and halts,
+    and iPXE running a script (whose output reaches the serial console only because the
+    domain sends the BIOS console there). To the node each is an encrypted disk like any
+    other, and the switch's health check sees its marker."""
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    pub = publish(version="1", kind=kind, health_marker=True)
+    assign(cli_env, node, pub["image_id"])
+    r = node.node("reconcile")
+    ok(r)
+    assert re.search(rf"switched to image {pub['image_id']}.*reported healthy", r.stderr), r.stderr
+    wait_marker(node, pub["marker"])
+    st = node_status(node)
+    assert st["state"] == "running" and st["image_id"] == pub["image_id"]
+
+
 def keystone_requests(controlplane: ControlPlane) -> list[str]:
     """The request lines in Keystone's access log so far, e.g. "POST /v3/auth/tokens"."""
     log = controlplane.run_dir / "keystone" / "access.log"
@@ -738,3 +764,71 @@ def test_an_image_that_needs_the_site_network_or_a_usb_device_is_refused_by_a_no
     assert member_status(admin, usb["image_id"], node) == "rejected"
     assert not (node.root / f"var/lib/edgepin/images/{usb['image_id']}.qcow2").exists()
     wait_marker(node, quiet["marker"])  # still there, from the guest that kept running
+
+    # the network with only the host (the node has none: EDGEPIN_HOST_NETWORK=none), a VLAN
+    # of the site's network (no guest attachment) and a PCI device (its root has no PCI
+    # device in sysfs): each refused the same way, before anything is fetched
+    for n, (args, refusal) in enumerate(
+        (
+            (["--network", "host"], "the image needs the network with the host (host)"),
+            (["--network", "vlan:42"], "the image needs the site's network (vlan:42)"),
+            (["--pci", "class:00ff"], "needs PCI device class:00ff, which this node does not"),
+        )
+    ):
+        needy = publish(version=f"4.{n}", extra=args)
+        assign(cli_env, node, needy["image_id"])
+        r = node.node("reconcile")
+        assert r.returncode == 11, r.stderr
+        assert refusal in r.stderr, r.stderr
+        assert node_status(node)["image_id"] == quiet["image_id"]
+        assert member_status(admin, needy["image_id"], node) == "rejected"
+        assert not (node.root / f"var/lib/edgepin/images/{needy['image_id']}.qcow2").exists()
+    wait_marker(node, quiet["marker"])
+
+
+def test_a_node_without_a_seed_prints_what_the_factory_enrolls_it_with(
+    virtual_node: VirtualNode, cli_env: dict[str, str], signer: Signer, run_dir: Path
+) -> None:
+    """The factory's path without a login: a node booted with no seed prints its EK
+    certificate, EK public key and PCR values on its console; enrolled with exactly those,
+    it enrolls; enrolled, it prints nothing of the kind."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    node = virtual_node
+    node.configure(pcrs="4,7")
+    node.pin_certificate(signer.pem)
+    r = node.node("seed")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("no seed: cloud-init found none"), r.stdout
+    said = dict(
+        line.removeprefix("factory: ").split(" ", 1)
+        for line in r.stdout.splitlines()
+        if line.startswith("factory: ")
+    )
+    assert set(said) == {"ek-cert", "ek-pub", "pcrs"}, r.stdout
+    cert = base64.b64decode(said["ek-cert"], validate=True)
+    # the certificate swtpm_setup stored in the TPM's NV, read here another way
+    pem = x509.load_der_x509_certificate(cert).public_bytes(serialization.Encoding.PEM)
+    assert pem == x509.load_pem_x509_certificate(node.tpm.ek_cert_pem()).public_bytes(
+        serialization.Encoding.PEM
+    )
+    said_pub = serialization.load_pem_public_key(base64.b64decode(said["ek-pub"], validate=True))
+    cert_pub = serialization.load_pem_public_key(tpm.ek_public_pem_from_cert(cert))
+    assert said_pub.public_numbers() == cert_pub.public_numbers()  # type: ignore[union-attr]
+    assert json.loads(said["pcrs"]) == {"4": "00" * 32, "7": "00" * 32}  # nothing measured
+
+    # at the factory: exactly what the console said, as files
+    ek, values, ekca = run_dir / "console-ek.der", run_dir / "console-pcrs.json", run_dir / "ca"
+    ek.write_bytes(cert)
+    values.write_text(said["pcrs"])
+    ekca.write_bytes(node.tpm.ca_cert_pem())
+    seed = run_dir / f"{node.name}.factory-seed.img"
+    args = ["enroll", node.name, "--ek-cert", str(ek), "--ek-ca", str(ekca), "--pcrs", "4,7"]
+    r = run_edgepin([*args, "--pcr-values", str(values), "--seed-out", str(seed)], cli_env)
+    assert r.returncode == 0, r.stderr
+    node.install_seed(seed)
+    ok(node.node("enroll"))
+    r = node.node("seed")
+    assert r.returncode == 0, r.stderr
+    assert "factory:" not in r.stdout, r.stdout

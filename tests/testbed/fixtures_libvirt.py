@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.guest import build_tiny_guest
+from tests.testbed.guest import build_bare_guest, build_ipxe_guest, build_tiny_guest
 from tests.testbed.libvirtd import Libvirtd
 from tests.testbed.process import alive
 
@@ -41,12 +41,27 @@ def libvirtd(libvirtd_factory: Callable[[str], Libvirtd]) -> Iterator[Libvirtd]:
 
 @pytest.fixture(scope="session")
 def tiny_guest(run_dir: Path, cache_dir: Path) -> Callable[..., Path]:
-    """Build a tiny guest: ``tiny_guest(marker, behaviour="run", net_url=None) -> Path``
-    (qcow2; see tests/testbed/guest.py for ``net_url``)."""
+    """Build a tiny guest: ``tiny_guest(marker, behaviour="run", net_url=None, kind="linux")
+    -> Path`` (qcow2; tests/testbed/guest.py). ``kind``: ``linux`` (Debian's kernel and a
+    busybox initramfs; with ``net_url``, DHCP and a GET of that URL), ``ipxe`` (iPXE and a
+    script; ``net_url`` a URL as for linux, or ``host`` for a lease from the host) or
+    ``bare`` (a boot sector that prints the marker and halts). The last two only run."""
     counter = itertools.count()
 
-    def build(marker: str, behaviour: str = "run", net_url: str | None = None) -> Path:
+    def build(
+        marker: str, behaviour: str = "run", net_url: str | None = None, kind: str = "linux"
+    ) -> Path:
         out = run_dir / "guests" / f"{marker}-{behaviour}-{next(counter)}.qcow2"
+        if kind not in ("linux", "ipxe", "bare"):
+            raise ValueError(f"no tiny guest of kind {kind!r}: linux, ipxe or bare")
+        if kind != "linux" and behaviour != "run":
+            raise ValueError(f"a {kind} guest only runs")
+        if kind == "bare":
+            if net_url:
+                raise ValueError("a bare guest has no network")
+            return build_bare_guest(cache_dir, out, marker)
+        if kind == "ipxe":
+            return build_ipxe_guest(cache_dir, out, marker, net_url)
         return build_tiny_guest(cache_dir, out, marker, behaviour, net_url)
 
     return build

@@ -146,9 +146,9 @@ def image_args(material: ImageSigner) -> list[str]:
         "--reconcile-delay",
         "1min",
         # the nested guest runs in software emulation inside software emulation: its
-        # kernel takes minutes to reach the marker
+        # kernel took 700 s to reach the marker with the other tiers running beside
         "--health-timeout",
-        "900",
+        "1500",
         # the unit that runs test_host_image's check script (never in a node's image)
         "--qa-check",
     ]

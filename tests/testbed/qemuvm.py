@@ -37,7 +37,7 @@ FIRMWARE = {
 
 # The whole image tier's wall-clock budget, counted from the first boot: software
 # emulation is slow and a hung boot must not eat CI's limit. Every wait is cut to it.
-BUDGET_SECONDS = float(os.environ.get("EDGEPIN_IMAGE_TIER_BUDGET", "3600"))
+BUDGET_SECONDS = float(os.environ.get("EDGEPIN_IMAGE_TIER_BUDGET", "4500"))
 # what a node prints on its console when its seed is bound to other PCR values than it
 # measures: the factory reads them there (the node has no login) and enrolls it again
 PCR_VALUES_SAID = r"PCR values: (\{[^}\r\n]*\})"

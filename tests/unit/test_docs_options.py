@@ -80,6 +80,7 @@ FOREIGN_OPTIONS = {
     "--user": "openstack application credential delete",
     "--tags": "openstack project list",
     "--tag": "openstack project set",
+    "--durations": "pytest",
 }
 
 # where each kind of row belongs (named in failure messages)

@@ -270,8 +270,12 @@ def test_the_host_image_gates_cloud_init_on_the_provisioners_anchor_index() -> N
 @settings(max_examples=300)
 @given(
     st.dictionaries(
-        st.sampled_from(["network", "usb", "health_marker", "version", "vcpus"]),
-        json_values,
+        st.sampled_from(["network", "usb", "pci", "health_marker", "version", "vcpus"]),
+        st.one_of(
+            json_values,
+            st.sampled_from(["vlan:42", "host", "vlan:0"]),
+            st.lists(st.sampled_from(["0000:03:00.0", "class:0c03", "class:0c", "0627:0001"])),
+        ),
         max_size=3,
     )
 )

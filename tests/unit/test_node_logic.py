@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree as ET
 
 import pytest
 from hypothesis import given
@@ -12,7 +13,16 @@ from hypothesis import strategies as st
 
 from provisioner.errors import ConfigError, GuestError, ImageError
 from provisioner.node import config, domain, report
-from provisioner.node.model import USB_ID, GuestNetwork, State, Status, usb_ids
+from provisioner.node.model import (
+    PCI_ADDRESS,
+    PCI_CLASS,
+    USB_ID,
+    GuestNetwork,
+    State,
+    Status,
+    pci_selectors,
+    usb_ids,
+)
 from tests.unit.fakes import json_values
 
 pytestmark = pytest.mark.unit
@@ -45,6 +55,8 @@ def test_domain_xml_is_deterministic_and_pinned() -> None:
     assert '<vcpupin vcpu="0" cpuset="1" />' in a
     assert '<emulatorpin cpuset="0" />' in a
     assert domain.secret_uuid(spec()) in a
+    # the firmware's console goes to the serial port, which libvirt logs for the health check
+    assert '<bios useserial="yes" />' in a
 
 
 def test_domain_xml_escapes_hostile_values() -> None:
@@ -152,6 +164,41 @@ def test_the_guest_gets_the_network_its_image_declares_and_the_node_provides() -
     with pytest.raises(GuestError, match=r"needs the site's network \(lan\)"):
         domain.attachment(bare, GuestNetwork.LAN)
     assert domain.attachment(bare, GuestNetwork.NONE) is None
+    with pytest.raises(GuestError, match=r"needs the site's network \(vlan:42\)"):
+        domain.attachment(bare, GuestNetwork("vlan:42"))
+    with pytest.raises(GuestError, match=r"needs the network with the host \(host\)"):
+        domain.attachment(bare, GuestNetwork.HOST)
+
+
+def test_a_guest_in_a_vlan_is_tagged_on_the_site_bridge_and_a_host_guest_is_on_brhost() -> None:
+    cfg = config.NodeConfig(network="bridge:br0", host_network="bridge:brhost")
+    vlan = domain.build_xml(cfg, replace(spec(), network=GuestNetwork("vlan:42")), [0, 1])
+    iface = ET.fromstring(vlan).find("devices/interface")  # noqa: S314 - our own XML
+    assert iface is not None and iface.get("type") == "bridge"
+    assert iface.find("source").get("bridge") == "br0"  # type: ignore[union-attr]
+    assert [t.get("id") for t in iface.findall("vlan/tag")] == ["42"]
+    # lan: the same bridge, untagged (no <vlan>)
+    lan = domain.build_xml(cfg, replace(spec(), network=GuestNetwork.LAN), [0, 1])
+    assert "<vlan" not in lan and '<source bridge="br0" />' in lan
+    host = domain.build_xml(cfg, replace(spec(), network=GuestNetwork.HOST), [0, 1])
+    assert '<source bridge="brhost" />' in host and "<vlan" not in host
+    assert '<source bridge="br0" />' not in host
+    # nothing declared: the site's attachment, never the host's network
+    plain = domain.build_xml(cfg, spec(), [0, 1])
+    assert '<source bridge="br0" />' in plain and "brhost" not in plain
+    # the host network on a node whose site attachment is none
+    only_host = config.NodeConfig(network="none", host_network="bridge:brhost")
+    assert domain.attachment(only_host, GuestNetwork.HOST) == ("bridge", "brhost")
+    assert domain.attachment(only_host, None) is None
+
+
+@pytest.mark.parametrize(
+    "value", ["bridge:", "network:", "br0", "bridge", "macvtap:eth0", "bridge br0", ""]
+)
+def test_a_bad_network_setting_is_refused_by_the_config(tmp_path: Path, value: str) -> None:
+    for setting in ("EDGEPIN_NETWORK", "EDGEPIN_HOST_NETWORK"):
+        with pytest.raises(ConfigError, match=f"{setting} must be none"):
+            config.load(tmp_path, environ={setting: value})
 
 
 def test_the_guest_gets_exactly_the_usb_devices_its_image_declares(tmp_path: Path) -> None:
@@ -172,6 +219,96 @@ def test_the_guest_gets_exactly_the_usb_devices_its_image_declares(tmp_path: Pat
     assert "<hostdev" not in domain.build_xml(cfg, spec(), [0, 1])
     # as lsusb or a person writes them: case and spaces do not matter, each counts once
     assert usb_ids("0627:ABCD, 0627:0001,0627:abcd") == ("0627:0001", "0627:abcd")
+
+
+def _pci_device(root: Path, address: str, code: str) -> None:
+    dev = root / "sys" / "bus" / "pci" / "devices" / address
+    dev.mkdir(parents=True)
+    (dev / "class").write_text(f"0x{code}\n")
+
+
+def test_the_guest_gets_exactly_the_pci_devices_its_image_declares(tmp_path: Path) -> None:
+    for address, code in (
+        ("0000:00:01.0", "030000"),  # display
+        ("0000:00:02.0", "020000"),  # the uplink: Ethernet
+        ("0000:00:03.0", "020000"),  # a second Ethernet controller
+        ("0000:00:1d.0", "0c0330"),  # a USB 3 (xHCI) controller
+        ("0000:00:1f.3", "040300"),  # audio
+    ):
+        _pci_device(tmp_path, address, code)
+    cfg = config.NodeConfig(root=tmp_path)
+    assert domain.pci_present(tmp_path)["0000:00:1d.0"] == "0c0330"
+    # by class: the one device of that class; by address: that device
+    assert domain.pci_chosen(cfg, ("class:0c03",)) == ("0000:00:1d.0",)
+    assert domain.pci_chosen(cfg, ("class:0c0330", "0000:00:03.0")) == (
+        "0000:00:1d.0",
+        "0000:00:03.0",
+    )
+    # a class two devices have is refused: it could take the host's uplink
+    with pytest.raises(GuestError, match=r"needs PCI device class:0200, and this node has 2"):
+        domain.pci_chosen(cfg, ("class:0200",))
+    with pytest.raises(GuestError, match=r"needs PCI device 0000:05:00\.0, which this node does"):
+        domain.pci_chosen(cfg, ("0000:05:00.0",))
+    with pytest.raises(GuestError, match="needs PCI device class:0108, which this node does"):
+        domain.check_fits(cfg, None, 1, 64, None, (), ("class:0108",))
+    with pytest.raises(GuestError, match=r"names PCI device 0000:00:1f\.3 twice"):
+        domain.pci_chosen(cfg, ("0000:00:1f.3", "class:0403"))
+    # the host's own: its disk's controller, its uplink (up) and the bridge before it
+    devices = tmp_path / "sys" / "devices" / "pci0000:00"
+    (devices / "0000:00:04.0" / "virtio1").mkdir(parents=True)
+    (devices / "0000:00:1c.0" / "0000:01:00.0").mkdir(parents=True)
+    for address, code in (("0000:00:04.0", "010000"), ("0000:00:1c.0", "060400")):
+        _pci_device(tmp_path, address, code)
+    _pci_device(tmp_path, "0000:01:00.0", "020000")
+    (tmp_path / "sys" / "block" / "vda").mkdir(parents=True)
+    (tmp_path / "sys" / "block" / "vda" / "device").symlink_to(devices / "0000:00:04.0" / "virtio1")
+    for name, target, state in (
+        ("enp1s0", devices / "0000:00:1c.0" / "0000:01:00.0", "up"),
+        ("enp0s3", tmp_path / "sys" / "bus" / "pci" / "devices" / "0000:00:03.0", "down"),
+    ):
+        (tmp_path / "sys" / "class" / "net" / name).mkdir(parents=True)
+        (tmp_path / "sys" / "class" / "net" / name / "device").symlink_to(target)
+        (tmp_path / "sys" / "class" / "net" / name / "operstate").write_text(f"{state}\n")
+    assert domain.pci_in_use(tmp_path) == {"0000:00:04.0", "0000:00:1c.0", "0000:01:00.0"}
+    for selector in ("0000:00:04.0", "class:0100", "0000:01:00.0", "class:0604"):
+        with pytest.raises(GuestError, match="which the host uses"):
+            domain.pci_chosen(cfg, (selector,))
+    # a class counts the devices the host does not use: of the three Ethernet controllers,
+    # 0000:00:02.0 and 0000:00:03.0 (its interface is down) are free
+    with pytest.raises(GuestError, match=r"class:0200, and this node has 2 \(0000:00:02.0, "):
+        domain.pci_chosen(cfg, ("class:0200",))
+    assert domain.pci_chosen(cfg, ("0000:00:03.0",)) == ("0000:00:03.0",)
+    assert "0000:01:00.0" not in domain.pci_free(tmp_path)
+    assert domain.pci_free(tmp_path)["0000:00:03.0"] == "020000"
+    xml = domain.build_xml(cfg, replace(spec(), pci=("class:0c03", "0000:00:03.0")), [0, 1])
+    root = ET.fromstring(xml)  # noqa: S314 - our own XML
+    found = [
+        (h.get("type"), h.get("managed"), dict(h.find("source/address").attrib))  # type: ignore[union-attr]
+        for h in root.findall("devices/hostdev")
+    ]
+    assert found == [
+        ("pci", "yes", {"domain": "0x0000", "bus": "0x00", "slot": "0x1d", "function": "0x0"}),
+        ("pci", "yes", {"domain": "0x0000", "bus": "0x00", "slot": "0x03", "function": "0x0"}),
+    ]
+    assert "<hostdev" not in domain.build_xml(cfg, spec(), [0, 1])
+    # what the node says it gave the guest, read back from that XML
+    with_usb = domain.build_xml(
+        cfg, replace(spec(), pci=("class:0c03",), usb=("0627:0001",)), [0, 1]
+    )
+    assert domain.passed_through(with_usb) == ["USB 0627:0001", "PCI 0000:00:1d.0"]
+    assert domain.passed_through(domain.build_xml(cfg, spec(), [0, 1])) == []
+    # as lspci or a person writes them: case and spaces do not matter, each counts once
+    assert pci_selectors("0000:00:1D.0, class:0C03,class:0c03") == ("0000:00:1d.0", "class:0c03")
+
+
+@given(st.one_of(json_values, st.text(max_size=40), st.lists(st.text(max_size=14), max_size=9)))
+def test_any_declared_pci_value_gives_selectors_or_edgepins_own_error(value: Any) -> None:
+    try:
+        got = pci_selectors(value)
+    except ImageError:
+        return
+    assert list(got) == sorted(set(got)) and len(got) <= 8
+    assert all(PCI_ADDRESS.fullmatch(x) or PCI_CLASS.fullmatch(x) for x in got)
 
 
 @given(st.one_of(json_values, st.text(max_size=40)))

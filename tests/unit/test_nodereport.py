@@ -4,6 +4,7 @@ text gives a report of that node or a ReportError, nothing else)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def test_a_report_reads_back_as_written() -> None:
         report(),
         report(facts=None, running=None, assignment=None, running_version=""),
         report(state=State.REFUSED, error=Reason.GUEST, reason="image wants 8 vCPUs"),
+        report(facts=replace(FACTS, pci=("0000:00:1d.0=0c0330",))),
     ):
         assert nodereport.parse(r.text(), "node-1") == r
     # canonical: sorted keys, no spaces
@@ -80,6 +82,9 @@ def test_a_report_for_another_node_or_malformed_is_refused() -> None:
         ("facts", {**FACTS.as_dict(), "virt_type": "lxc"}),
         ("facts", {**FACTS.as_dict(), "memory_mb": 2**41}),
         ("facts", {**FACTS.as_dict(), "local_images": ["x"]}),
+        ("facts", {**FACTS.as_dict(), "pci": ["0000:00:1d.0"]}),
+        ("facts", {**FACTS.as_dict(), "pci": ["0000:00:1d.0=0c03"]}),
+        ("facts", {**FACTS.as_dict(), "pci": "0000:00:1d.0=0c0330"}),
         ("facts", []),
     ):
         with pytest.raises(nodereport.ReportError):

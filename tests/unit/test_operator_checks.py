@@ -189,3 +189,24 @@ def cred(name: str, cid: str = "") -> dict[str, Any]:
 def test_unexpected_credentials(names: list[str], unexpected: list[str]) -> None:
     creds = [cred(n, f"{n}-{i}") for i, n in enumerate(names)]
     assert [c["name"] for c in status.unexpected_credentials(creds)] == unexpected
+
+
+@pytest.mark.parametrize("value", ["lan", "none", "host", "vlan:1", "vlan:4094"])
+def test_publish_takes_each_form_of_network(value: str) -> None:
+    from provisioner.cli import build_parser
+
+    args = ["publish", "guest.qcow2", "--name", "g", "--version", "1", "--network", value]
+    assert build_parser(args).parse_args(args).network == value
+
+
+@pytest.mark.parametrize("value", ["vlan:0", "vlan:4095", "vlan:007", "wifi", "LAN", "vlan"])
+def test_publish_refuses_a_bad_network_before_anything_is_uploaded(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from provisioner.cli import build_parser
+
+    args = ["publish", "guest.qcow2", "--name", "g", "--version", "1", "--network", value]
+    with pytest.raises(SystemExit) as exited:
+        build_parser(args).parse_args(args)
+    assert exited.value.code == 2
+    assert "lan, none, host or vlan:N (N from 1 to 4094)" in capsys.readouterr().err

@@ -4,6 +4,7 @@ PlacementError) and a pure, deterministic plan that explains every node left out
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -209,6 +210,28 @@ def test_a_node_without_a_usb_device_the_image_asks_for_is_left_out() -> None:
     got = {e.node: (e.action, e.reason) for e in placement.plan(fleet, p, [cam]).entries}
     assert got["n-1"] == (Action.ASSIGN, "a places cam 1")
     assert got["n-2"] == (Action.LEFT_OUT, "cam 1 needs USB device 0627:0001; the node has none")
+
+
+def test_a_node_without_exactly_one_pci_device_the_image_asks_for_is_left_out() -> None:
+    record = {"id": IMAGE_A, "name": "nvr", "edgepin_version": "1", "edgepin_pci": "class:0c03"}
+    nvr = placement.image_of(record)
+    assert nvr.pci == ("class:0c03",)
+    with pytest.raises(PlacementError, match="edgepin_pci"):
+        placement.image_of({**record, "edgepin_pci": "usb-controller"})
+    p = placement.parse(
+        {"placement": 1, "rules": [{"name": "a", "select": {"s": "x"}, "image": {"id": IMAGE_A}}]}
+    )
+    one = ("0000:00:02.0=020000", "0000:00:1d.0=0c0330")
+    two = (*one, "0000:00:1e.0=0c0320")
+    fleet = [
+        view("n-1", {"s": "x"}, report=report(facts=replace(FACTS, pci=one))),
+        view("n-2", {"s": "x"}, report=report(facts=replace(FACTS, pci=two))),
+        view("n-3", {"s": "x"}),
+    ]
+    got = {e.node: (e.action, e.reason) for e in placement.plan(fleet, p, [nvr]).entries}
+    assert got["n-1"] == (Action.ASSIGN, "a places nvr 1")
+    assert got["n-2"] == (Action.LEFT_OUT, "nvr 1 needs PCI device class:0c03; the node has 2")
+    assert got["n-3"] == (Action.LEFT_OUT, "nvr 1 needs PCI device class:0c03; the node has 0")
 
 
 def test_a_rule_whose_image_is_not_one_published_image_is_an_error() -> None:

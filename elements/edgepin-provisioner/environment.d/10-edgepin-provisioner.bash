@@ -12,3 +12,5 @@ export DIB_EDGEPIN_VIRT_TYPE=${DIB_EDGEPIN_VIRT_TYPE:-kvm}
 export DIB_EDGEPIN_HEALTH_TIMEOUT=${DIB_EDGEPIN_HEALTH_TIMEOUT:-120}
 # the guest's network: bridge (the site's LAN through br0) or none (see README.rst)
 export DIB_EDGEPIN_GUEST_NETWORK=${DIB_EDGEPIN_GUEST_NETWORK:-bridge}
+# the network with only the host on it: the host's address/prefix on brhost, or none
+export DIB_EDGEPIN_HOST_NETWORK_ADDRESS=${DIB_EDGEPIN_HOST_NETWORK_ADDRESS:-192.168.254.1/24}
