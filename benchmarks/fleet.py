@@ -5,7 +5,9 @@ node's least-privilege access rules) and its own assignment; the image is shared
 its project. No TPM, no libvirt: a simulated node runs the provisioner's own protocol
 code (``credentials.make_session`` + ``NodeClient.assignment``, and in the
 "metadata" round ``NodeClient.image`` + ``fetch.check_properties``), with a new
-session per reconcile, as the node's timer-started process has.
+session per reconcile, as the node's timer-started process has. A reconcile with a
+kept token is what a node does between token issues (``provisioner/node/token.py``): a
+new process, a new TLS connection, the token it kept from its last run, one request.
 
 Baseline: the same nodes each make one unauthenticated HTTPS GET of Keystone's
 version document on a new connection: the floor of any request to this control plane.
@@ -13,6 +15,7 @@ version document on a new connection: the floor of any request to this control p
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import random
 import secrets
@@ -76,7 +79,13 @@ def _retry(call: Callable[[], Any], attempts: int = 8) -> Any:
 
 
 def _make_node(
-    bed: Bed, admin: Any, domain_id: str, member_id: str, image_id: str, signs: _AssignmentKey
+    bed: Bed,
+    admin: Any,
+    domain_id: str,
+    member_id: str,
+    image_id: str,
+    signs: _AssignmentKey,
+    share: bool,
 ) -> SimNode:
     name = f"bench-{secrets.token_hex(5)}"
     project = _retry(lambda: admin.identity.create_project(name=name, domain_id=domain_id))
@@ -111,7 +120,8 @@ def _make_node(
     )
     cred_id = r.json()["application_credential"]["id"]
     sess.session.close()
-    _retry(lambda: assign.share(admin, image_id, project.id))
+    if share:
+        _retry(lambda: assign.share(admin, image_id, project.id))
     _retry(
         lambda: nodes.update_project(
             admin, project.id, {nodes.ASSIGNMENT_ATTR: signs.record(project.id, name, image_id)}
@@ -130,13 +140,27 @@ def _make_node(
 
 
 def make_fleet(
-    bed: Bed, n: int, image_id: str, log: Callable[[str], None], fleet: list[SimNode] | None = None
+    bed: Bed,
+    n: int,
+    image_id: str,
+    log: Callable[[str], None],
+    fleet: list[SimNode] | None = None,
+    *,
+    share: bool = True,
+    workers: int = 2,
 ) -> list[SimNode]:
-    """Enroll simulated nodes until there are ``n`` (those in ``fleet`` are kept).
+    """Enroll simulated nodes until there are ``n`` (those in ``fleet`` are kept),
+    ``workers`` at a time.
 
-    Set-up only: Keystone runs with its cache on while the nodes are created (each admin
-    call validates the admin's token, ~0.4 s of Keystone CPU without the cache: ~5 s a
-    node, ~1 s with it, measured here) and is restarted without it before any round.
+    With ``share`` the image is shared with each node's project, which only the round that
+    reads the image's metadata needs: Glance reads the image's whole member list on every
+    new member, so sharing one image with 10,000 projects alone takes half an hour here
+    (docs/performance.md, placement).
+
+    Set-up only: on the plain bed Keystone runs with its cache on while the nodes are
+    created (each admin call validates the admin's token, ~0.4 s of Keystone CPU without
+    the cache: ~5 s a node, ~1 s with it, measured here) and is restarted without it
+    before any round; the production-shaped bed has its cache on throughout.
     """
     made: list[SimNode] = list(fleet or [])
     if len(made) >= n:
@@ -155,15 +179,20 @@ def make_fleet(
     def one(_: int) -> None:
         if not hasattr(local, "admin"):
             local.admin = bed.cp.admin_connection()
-        node = _make_node(bed, local.admin, domain_id, member_id, image_id, signs)
+        node = _make_node(bed, local.admin, domain_id, member_id, image_id, signs, share)
         with lock:
             made.append(node)
-            if len(made) % 50 == 0:
-                log(f"fleet: {len(made)}/{n} nodes enrolled")
+            if len(made) % 500 == 0 or len(made) == n:
+                log(f"fleet: {len(made)}/{n} nodes enrolled ({time.monotonic() - t0:.0f}s)")
 
-    with bed.cp.reconfigured("keystone", "cache", KEYSTONE_CACHE):
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(one, range(n - len(made))))
+    t0 = time.monotonic()
+    cache = (
+        contextlib.nullcontext()
+        if bed.shape == "production"
+        else bed.cp.reconfigured("keystone", "cache", KEYSTONE_CACHE)
+    )
+    with cache, ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, range(n - len(made))))
     return made
 
 
@@ -175,7 +204,8 @@ def _baseline(node: SimNode) -> None:
         sess.session.close()
 
 
-def _reconcile(node: SimNode, metadata: bool) -> None:
+def _reconcile(node: SimNode, metadata: bool, kept: dict[str, str] | None = None) -> None:
+    """A reconcile that issues a token; with ``kept``, the node keeps that token there."""
     sess = credentials.make_session(node.ident, node.cred_id, node.secret, 30.0)
     try:
         client = NodeClient(sess, node.ident)
@@ -186,31 +216,23 @@ def _reconcile(node: SimNode, metadata: bool) -> None:
             image = client.image(a.image_id)
             fetch.check_properties(image)
             fetch.check_assigned(image, a)
+        if kept is not None:
+            kept[node.ident.node_id] = sess.auth.get_auth_state()
     finally:
         sess.session.close()
 
 
-class _CachedSessions:
-    """One authenticated session per node, kept across reconciles: what a node does with
-    the token it keeps in /run/edgepin (provisioner/node/token.py) for the token's lifetime."""
-
-    def __init__(self) -> None:
-        self.sessions: dict[str, Any] = {}
-
-    def warm(self, node: SimNode) -> None:
-        sess = credentials.make_session(node.ident, node.cred_id, node.secret, 30.0)
-        sess.get_token()
-        self.sessions[node.ident.node_id] = sess
-
-    def reconcile(self, node: SimNode) -> None:
-        sess = self.sessions[node.ident.node_id]
+def _reconcile_kept(node: SimNode, kept: dict[str, str]) -> None:
+    """A reconcile with the token the node kept: a new session (the node's timer starts a
+    new process), the kept token restored, one request on a new TLS connection."""
+    sess = credentials.make_session(node.ident, node.cred_id, node.secret, 30.0)
+    try:
+        sess.auth.set_auth_state(kept[node.ident.node_id])
         a = NodeClient(sess, node.ident).assignment(node.pins)
         if not a or a.generation != node.generation:
             raise BenchError(f"node {node.ident.node_id} read a wrong assignment")
-
-    def close(self) -> None:
-        for sess in self.sessions.values():
-            sess.session.close()
+    finally:
+        sess.session.close()
 
 
 def _round(
@@ -285,52 +307,45 @@ def bench_fleet(
     fleet: list[SimNode] | None = None,
     variants: bool = True,
 ) -> tuple[dict[str, Any], list[SimNode]]:
-    """Baseline and no-change rounds on ``n`` nodes; with ``variants``, also the
-    image-metadata, kept-token (and Keystone-cache) rounds. Returns the nodes, so that a
-    bigger fleet can grow from them."""
+    """Baseline, no-change (a new token each) and kept-token rounds on ``n`` nodes; with
+    ``variants``, also the image-metadata (and Keystone-cache) rounds. Returns the nodes,
+    so that a bigger fleet can grow from them (only the first size shares the image)."""
     t0 = time.monotonic()
     have = len(fleet or [])
-    fleet = make_fleet(bed, n, image_id, log, fleet)
+    fleet = make_fleet(bed, n, image_id, log, fleet, share=variants, workers=concurrency)
     setup = time.monotonic() - t0
     log(f"fleet: {n - have} nodes enrolled in {setup:.0f}s ({n} in all); baseline round")
     base = _round(bed, fleet, rounds, concurrency, _baseline)
-    log(f"fleet N={n}: no-change reconciles, {rounds} round(s)")
-    nochange = _round(bed, fleet, rounds, concurrency, lambda node: _reconcile(node, False))
+    log(f"fleet N={n}: no-change reconciles issuing a token, {rounds} round(s)")
+    kept: dict[str, str] = {}
+    nochange = _round(bed, fleet, rounds, concurrency, lambda node: _reconcile(node, False, kept))
+    log(f"fleet N={n}: no-change reconciles with the kept token, {rounds} round(s)")
+    kept_token = _round(bed, fleet, rounds, concurrency, lambda node: _reconcile_kept(node, kept))
     result: dict[str, Any] = {
         "nodes": n,
         "rounds": rounds,
         "concurrency": concurrency,
         "setup_seconds": setup,
         "setup_nodes": n - have,
+        "setup_workers": concurrency,
         "setup_with_keystone_cache": True,
+        "image_shared": variants,
         "baseline": base,
         "nochange": nochange,
+        "kept_token": kept_token,
     }
     if not variants:
         return result, fleet
     log("fleet: reconciles that also read the image metadata (an assignment change)")
     result["metadata"] = _round(bed, fleet, 1, concurrency, lambda node: _reconcile(node, True))
-    log("fleet: no-change reconciles with a kept token (what a node does between reconciles)")
-    cached = _CachedSessions()
-    try:
-        with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(cached.warm, fleet))
-        result["kept_token"] = _round(bed, fleet, rounds, concurrency, cached.reconcile)
-    finally:
-        cached.close()
-    if with_keystone_cache:
+    if with_keystone_cache and bed.shape != "production":
         log("fleet: Keystone with its cache on: no-change reconciles, then with a kept token")
         with bed.cp.reconfigured("keystone", "cache", KEYSTONE_CACHE):
+            kept = {}
             result["keystone_cache_nochange"] = _round(
-                bed, fleet, rounds, concurrency, lambda node: _reconcile(node, False), True
+                bed, fleet, rounds, concurrency, lambda node: _reconcile(node, False, kept), True
             )
-            cached = _CachedSessions()
-            try:
-                with ThreadPoolExecutor(concurrency) as pool:
-                    list(pool.map(cached.warm, fleet))
-                result["keystone_cache_kept_token"] = _round(
-                    bed, fleet, rounds, concurrency, cached.reconcile, True
-                )
-            finally:
-                cached.close()
+            result["keystone_cache_kept_token"] = _round(
+                bed, fleet, rounds, concurrency, lambda node: _reconcile_kept(node, kept), True
+            )
     return result, fleet

@@ -116,7 +116,9 @@ class VirtualNode:
         bundle = json.loads((self.root / BUNDLE_PATH.lstrip("/")).read_text())
         boot = bundle["bootstrap"]
         with tpm.Tpm.open(self.tpm.tcti) as t:
-            secret = t.unseal(base64.b64decode(boot["wrapped"]), bundle["pcrs"], ("duplicate",))
+            secret = t.unseal(
+                base64.b64decode(boot["wrapped"]), bundle["pcrs"], (tpm.BlobKind.DUPLICATE,)
+            )
         return session.Session(
             auth=v3.ApplicationCredential(
                 auth_url=bundle["auth_url"],
