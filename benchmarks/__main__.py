@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -401,6 +402,27 @@ def ceph_sections(
     return rows
 
 
+def _commit() -> str:
+    """The checkout's commit, ``+changes`` when its tracked files differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + ("+changes" if changed else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     # stop cleanly (control plane, swtpm, libvirtd down) on Ctrl-C and on SIGTERM,
@@ -415,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "command": " ".join(["./build.sh bench", *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": _commit(),
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "loadavg_start": os.getloadavg(),

@@ -106,15 +106,26 @@ def _round(per_second: float, errors: int = 0) -> dict[str, Any]:
 
 
 def test_fleet_rows_without_variants_and_resume_rows() -> None:
-    """A bigger fleet runs only the baseline and no-change rounds; its rows say so, and
-    a failed reconcile shows in the table instead of vanishing."""
+    """A bigger fleet runs the baseline, new-token and kept-token rounds, not the metadata
+    round; the kept token (what a node does) comes first with its goal, and a failed
+    reconcile shows in the table instead of vanishing."""
     from benchmarks.__main__ import fleet_rows, resume_row
 
-    res = {"nodes": 1000, "baseline": _round(200.0), "nochange": _round(2.0, errors=3)}
-    rows = {r.metric: r for r in fleet_rows(res)}
-    assert rows["reconciles/s (no change)"].ratio == 0.01
-    assert rows["failed reconciles (no change)"].value == 3
-    assert not any(m.startswith(("kept token", "with image metadata")) for m in rows)
+    res = {
+        "nodes": 1000,
+        "baseline": _round(200.0),
+        "nochange": _round(2.0, errors=3),
+        "kept_token": _round(60.0),
+    }
+    got = fleet_rows(res)
+    rows = {r.metric: r for r in got}
+    kept = "no change, kept token (what a node does)"
+    assert got[0].metric == f"{kept}: reconciles/s" and got[0].goal == ">= 50/s"
+    assert got[0].ratio == 0.3
+    assert rows["no change, issuing a token: reconciles/s"].ratio == 0.01
+    assert rows["no change, issuing a token: failed reconciles"].value == 3
+    assert rows[f"{kept}: failed reconciles"].value == 0
+    assert not any(m.startswith("with image metadata") for m in rows)
     assert {r.section for r in rows.values()} == {"fleet N=1000"}
 
     common = {"image_bytes": 100, "transferred_bytes": 150}
@@ -126,3 +137,36 @@ def test_fleet_rows_without_variants_and_resume_rows() -> None:
         "resume, file", {**common, "transferred_vs_size": 1.02, "restarted_from_zero": False}
     )
     assert file.goal == "<= 1.05" and file.ratio == 1.02
+
+
+def test_the_markdown_table_names_its_run_and_escapes_cells() -> None:
+    from benchmarks.report import Row, markdown
+
+    meta = {
+        "command": "./build.sh bench --only fleet",
+        "commit": "abc1234",
+        "started": "2026-12-05T00:00:00+0000",
+        "finished": "2026-12-05T00:10:00+0000",
+        "cpus": 2,
+        "loadavg_start": [0.5, 0.4, 0.3],
+        "loadavg_end": [1.25, 1.0, 0.9],
+    }
+    rows = [
+        Row("fleet N=10", "kept token: reconciles/s", 61.234, "/s", "bare GET /v3", 120.0, 0.51),
+        Row("fetch", "curl | openssl", 2.5, "s", goal=">= 50/s"),
+        Row("boot", "no results", None, ""),
+    ]
+    text = markdown(meta, rows, "20261205T001000")
+    lines = text.splitlines()
+    assert lines[0] == (
+        "Run `20261205T001000`: `./build.sh bench --only fleet` at commit abc1234, "
+        "2026-12-05T00:00:00+0000 to 2026-12-05T00:10:00+0000, 2 CPUs, load average 0.5-1.2"
+    )
+    assert lines[4] == (
+        "| fleet N=10 | kept token: reconciles/s | 61.2 /s | bare GET /v3 = 120 | 0.51x |  |"
+    )
+    assert lines[5] == "| fetch | curl \\| openssl | 2.5 s |  |  | >= 50/s |"
+    assert lines[6] == "| boot | no results | - |  |  |  |"
+    assert all(line.count(" | ") == 5 for line in lines[4:])
+    failed = markdown({**meta, "failed": "BenchError: x"}, rows, "n")
+    assert "FAILED: BenchError: x" in failed.splitlines()[0]
