@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import requests
+from keystoneauth1 import exceptions as ks_exceptions
 from keystoneauth1 import session as ks_session
 from keystoneauth1.identity import v3
 
@@ -285,3 +286,69 @@ def _cmdline(pid: int) -> str:
         return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_bulk_identities_are_nodes_as_keystone_serves_them(
+    controlplane: ControlPlane, admin: Any
+) -> None:
+    """The fleet benchmark's set-up (Keystone's managers, no API) gives each node what
+    enrollment gives it: a credential that issues a token for its own project only, with
+    its roles (the implied reader included: Glance asks for it) and its access rules."""
+    import json
+    import uuid
+
+    from provisioner.node import credentials
+
+    domain_id = admin.identity.find_domain("edge", ignore_missing=False).id
+    member_id = admin.identity.find_role("member", ignore_missing=False).id
+    records = []
+    for _ in range(3):
+        project_id = uuid.uuid4().hex
+        records.append(
+            {
+                "project_id": project_id,
+                "name": f"bulk-{secrets.token_hex(5)}",
+                "domain_id": domain_id,
+                "role_id": member_id,
+                "cred_id": uuid.uuid4().hex,
+                "cred_name": credentials.NODE_CREDENTIAL_NAME,
+                "secret": secrets.token_urlsafe(48),
+                "access_rules": credentials.access_rules(project_id),
+                "attrs": {"edgepin_assignment": json.dumps({"for": project_id})},
+            }
+        )
+    counts: list[int] = []
+    made = controlplane.bulk_identities(records, counts.append)
+    assert sorted(counts) == [1, 2, 3]
+    assert {m["project_id"] for m in made} == {r["project_id"] for r in records}
+    glance = controlplane.url("glance")
+    for rec, other in zip(records, records[1:] + records[:1], strict=True):
+        auth = v3.ApplicationCredential(
+            auth_url=controlplane.auth_url,
+            application_credential_id=rec["cred_id"],
+            application_credential_secret=rec["secret"],
+        )
+        sess = ks_session.Session(auth=auth, verify=str(controlplane.ca_path))
+        ks = controlplane.auth_url
+        mine = sess.get(f"{ks}/projects/{rec['project_id']}", raise_exc=False)
+        assert mine.status_code == 200, mine.text
+        assert json.loads(mine.json()["project"]["edgepin_assignment"]) == {
+            "for": rec["project_id"]
+        }
+        roles = set(sess.auth.get_access(sess).role_names)
+        assert {"member", "reader"} <= roles
+        assert sess.get(f"{glance}/v2/images", raise_exc=False).status_code == 200
+        theirs = sess.get(f"{ks}/projects/{other['project_id']}", raise_exc=False)
+        assert theirs.status_code in (401, 403)
+        outside = sess.get(f"{glance}/v2/schemas/image", raise_exc=False)
+        assert outside.status_code in (401, 403)
+        wrong = v3.ApplicationCredential(
+            auth_url=controlplane.auth_url,
+            application_credential_id=rec["cred_id"],
+            application_credential_secret=other["secret"],
+        )
+        bad = ks_session.Session(auth=wrong, verify=str(controlplane.ca_path))
+        with pytest.raises(ks_exceptions.Unauthorized):
+            bad.get(f"{ks}/projects/{rec['project_id']}")
+        sess.session.close()
+        bad.session.close()
