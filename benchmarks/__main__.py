@@ -278,6 +278,12 @@ def fleet_rows(res: dict[str, Any]) -> list[Row]:
                 b["client_cpu_seconds_per_reconcile"] * 1000,
             )
         )
+        if m.get("memcached"):
+            mc = m["memcached"]
+            gets = mc["get_hits"] + mc["get_misses"]
+            hits = 100.0 * mc["get_hits"] / gets if gets else None
+            rows.append(Row(sec, f"{label}: memcached gets that hit", hits, "%"))
+            rows.append(Row(sec, f"{label}: memcached evictions", mc["evictions"], ""))
     for key, label in (
         ("keystone_cache_nochange", "keystone cache on"),
         ("keystone_cache_kept_token", "keystone cache on + kept token"),

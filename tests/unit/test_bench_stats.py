@@ -115,7 +115,10 @@ def test_fleet_rows_without_variants_and_resume_rows() -> None:
         "nodes": 1000,
         "baseline": _round(200.0),
         "nochange": _round(2.0, errors=3),
-        "kept_token": _round(60.0),
+        "kept_token": {
+            **_round(60.0),
+            "memcached": {"get_hits": 900, "get_misses": 100, "evictions": 7},
+        },
     }
     got = fleet_rows(res)
     rows = {r.metric: r for r in got}
@@ -125,6 +128,9 @@ def test_fleet_rows_without_variants_and_resume_rows() -> None:
     assert rows["no change, issuing a token: reconciles/s"].ratio == 0.01
     assert rows["no change, issuing a token: failed reconciles"].value == 3
     assert rows[f"{kept}: failed reconciles"].value == 0
+    assert rows[f"{kept}: memcached gets that hit"].value == 90.0
+    assert rows[f"{kept}: memcached evictions"].value == 7
+    assert "no change, issuing a token: memcached evictions" not in rows
     assert not any(m.startswith("with image metadata") for m in rows)
     assert {r.section for r in rows.values()} == {"fleet N=1000"}
 
