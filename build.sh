@@ -441,8 +441,8 @@ cmd_test() {
     "$VENV/bin/ruff" check .
     log "ruff format --check"
     "$VENV/bin/ruff" format --check .
-    log "mypy --strict provisioner/"
-    "$VENV/bin/mypy" --strict provisioner/
+    log "mypy --strict provisioner/ benchmarks/"
+    "$VENV/bin/mypy" --strict provisioner/ benchmarks/
     local rc=0
     if (($#)); then
         log "pytest $*"

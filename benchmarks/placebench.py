@@ -17,6 +17,7 @@ same parallelism (the least any tool writes to change a fleet: one record per no
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
@@ -144,7 +145,7 @@ def bench_placement(
     singles = []
     for p in paper[:SINGLE_ASSIGNS]:
         wall, _, _ = _measured(
-            bed, lambda p=p: _edgepin(bed, env, "assign", p.name, other["id"], "--json")
+            bed, functools.partial(_edgepin, bed, env, "assign", p.name, other["id"], "--json")
         )
         singles.append(wall)
     single = stats.median(singles)
@@ -169,7 +170,7 @@ def bench_placement(
 def rows(res: dict[str, Any]) -> list[Any]:
     from benchmarks.report import Row
 
-    n = res["nodes"]
+    n: int = res["nodes"]
     sec = f"placement N={n}"
     a, w = res["apply"], res["baseline_write"]
 

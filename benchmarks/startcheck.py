@@ -6,6 +6,7 @@ against a script that imports only keystoneauth1, libvirt and cryptography)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -73,13 +74,13 @@ def bench(run_dir: Path, size_mib: int, runs: int, log: Callable[[str], None]) -
         saves, plain = [], []
         for gen in range(1, 4 * runs + 1):
             book2 = Ledger(enrollment, highest_generation=gen)
-            saves.append(_timed(lambda b=book2: ledger.save(cfg.state_dir, anchor, b)))  # type: ignore[misc]
+            saves.append(_timed(functools.partial(ledger.save, cfg.state_dir, anchor, book2)))
             plain.append(
                 _timed(
-                    lambda b=book2: state.write_json(
-                        cfg.state_dir / "plain.json", ledger.as_dict(b)
+                    functools.partial(
+                        state.write_json, cfg.state_dir / "plain.json", ledger.as_dict(book2)
                     )
-                )  # type: ignore[misc]
+                )
             )
     finally:
         tpms.stop_all()
