@@ -97,7 +97,7 @@ echo "EDGEPIN-CHECK cloud-gate=$(cat /run/edgepin-host/cloud-init 2>&1)"
 echo "EDGEPIN-CHECK seed-commands=$(ls /run/edgepin-qa/ | grep ran | paste -sd, -)"
 # every edgepin unit's Documentation= names a file that is on the image
 echo "EDGEPIN-CHECK unit-docs-missing=$(for u in edgepin-vault.service edgepin-enroll.service edgepin-reconcile.service edgepin-reconcile.timer; do for d in $(systemctl show -p Documentation --value "$u"); do [ -f "${d#file://}" ] || echo "$u:$d"; done; done | paste -sd, -)"
-# the reconcile timer as systemd loaded it (the image tier builds it with 20s and 1min)
+# the reconcile timer as systemd loaded it (the image tier builds it with 20s and 10s)
 echo "EDGEPIN-CHECK reconcile-timer=$(systemctl show -p TimersMonotonic --value edgepin-reconcile.timer | grep -o 'OnUnitActiveUSec=[^ ;]*') $(systemctl show -p RandomizedDelayUSec --value edgepin-reconcile.timer)"
 echo "EDGEPIN-CHECK gettys=$(systemctl list-units --type=service --state=active --plain --no-legend '*getty*' | awk '{print $1}' | paste -sd, -)"
 echo "EDGEPIN-CHECK getty-ttyS0=$(systemctl is-enabled serial-getty@ttyS0.service 2>&1)"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import cli_env, operator_env, signer  # noqa: F401  (shared fixtures)
+from tests.testbed.hostcheck import CheckedBoot, check_boot
 from tests.testbed.hostimage import (
     REPO,
     HostImageError,
@@ -50,6 +51,22 @@ def vm_tpms(run_dir: Path) -> Iterator[SwtpmFactory]:
     factory = SwtpmFactory(run_dir / "vm-tpm")
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def checked_boot(
+    host_image: Path, vm_tpms: SwtpmFactory, run_dir: Path, results_dir: Path
+) -> Callable[[str], CheckedBoot]:
+    """The check boot on a firmware (tests/testbed/hostcheck.py), booted once per session:
+    ``test_host_image.py`` reads its answers, the node tier the PCR values it printed."""
+    done: dict[str, CheckedBoot] = {}
+
+    def boot(firmware: str) -> CheckedBoot:
+        if firmware not in done:
+            done[firmware] = check_boot(firmware, host_image, vm_tpms, run_dir, results_dir)
+        return done[firmware]
+
+    return boot
 
 
 # Scenarios that live one after the other on one node (a module with INCREMENTAL = True):

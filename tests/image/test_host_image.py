@@ -14,62 +14,17 @@ import base64
 import json
 import re
 import shutil
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from provisioner.seed import write_nocloud
 from provisioner.tpm import verify_ek_cert_chain
 from tests.testbed import disk
-from tests.testbed.qemuvm import HostVm, VmError
-from tests.testbed.swtpm import SwtpmFactory
+from tests.testbed.hostcheck import CheckedBoot, factory_pcrs
+from tests.testbed.qemuvm import HostVm
 
 pytestmark = pytest.mark.image
-
-CHECK = (Path(__file__).parent / "check.sh").read_text()
-
-
-def check_seed(path: Path, instance_id: str = "image-check") -> Path:
-    """The check script in meta-data (data, which the QA unit runs); in user-data and
-    vendor-data, every kind of part cloud-init can run (a boothook, a shell script, a
-    cloud-config's bootcmd, runcmd and write_files), each leaving a file that the check
-    counts: the image must run none of them."""
-
-    def ran(what: str) -> str:
-        return f"mkdir -p /run/edgepin-qa && touch /run/edgepin-qa/{what}-ran"
-
-    def parts(source: str) -> str:
-        msg = MIMEMultipart()
-        msg.attach(
-            MIMEText(f"#cloud-boothook\n#!/bin/sh\n{ran(source + '-boothook')}\n", "cloud-boothook")
-        )
-        msg.attach(MIMEText(f"#!/bin/sh\n{ran(source + '-script')}\n", "x-shellscript"))
-        config = {
-            "bootcmd": [["sh", "-c", ran(source + "-bootcmd")]],
-            "runcmd": [["sh", "-c", ran(source + "-runcmd")]],
-            "write_files": [{"path": f"/run/edgepin-qa/{source}-write-files-ran", "content": "x"}],
-        }
-        msg.attach(MIMEText("#cloud-config\n" + json.dumps(config) + "\n", "cloud-config"))
-        return msg.as_string()
-
-    check = base64.b64encode(CHECK.encode()).decode()
-    write_nocloud(
-        path,
-        {
-            "meta-data": f"instance-id: {instance_id}\nedgepin_qa_check: {check}\n",
-            "user-data": parts("user-data"),
-            "vendor-data": parts("vendor-data"),
-        },
-    )
-    return path
-
-
-def checks(vm: HostVm, timeout: float) -> dict[str, str]:
-    vm.wait_for(r"EDGEPIN-CHECK-END", timeout)
-    found = re.findall(r"EDGEPIN-CHECK (\S+?)=(.*)", vm.console())
-    return {k: v.strip() for k, v in found}
 
 
 def pcrs(got: dict[str, str]) -> dict[int, str]:
@@ -82,72 +37,27 @@ def pcrs(got: dict[str, str]) -> dict[int, str]:
 ZERO = "0" * 64
 
 
-# power-on -> kernel -> state partition -> systemd -> cloud-init -> multi-user -> check
-TIMELINE = {
-    # OVMF prints on the serial port; SeaBIOS does not, so BIOS boots start at GRUB
-    "firmware": r"BdsDxe|UEFI|SeaBIOS|GRUB|Booting `",
-    "kernel": r"Linux version \d",
-    "verity root": r"edgepin: verity: root \S+ opened",
-    "state partition": r"edgepin: state partition on /var",
-    "systemd": r"systemd\[1\]: .*(Detected|running in system mode)|Welcome to ",
-    "cloud-init": r"cloud-init\[\d+\]",
-    "multi-user": r"Reached target .*[Mm]ulti-[Uu]ser",
-    "check": r"EDGEPIN-CHECK system=",
-}
-
-
 @pytest.mark.parametrize("firmware", ["uefi", "bios"])
 def test_boots_read_only_with_tpm_and_no_way_in(
-    firmware: str, host_image: Path, vm_tpms: SwtpmFactory, run_dir: Path, results_dir: Path
+    firmware: str, checked_boot: Callable[[str], CheckedBoot]
 ) -> None:
-    work = run_dir / f"vm-{firmware}"
-    tpm = vm_tpms.create(f"image-{firmware}")
-    vm = HostVm(
-        f"edgepin-image-{firmware}",
-        host_image,
-        work,
-        firmware=firmware,
-        tpm=tpm,
-        seed=check_seed(work / "seed.img"),
-        milestones=TIMELINE,
-    )
-    out = results_dir / f"host-image-{firmware}"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    vm.start()
-    try:
-        try:
-            got = checks(vm, timeout=900)
-        except VmError:
-            shutil.copy(vm.serial_log, out / "serial.log")
-            raise
-        seconds = vm.seconds_since_start()
-    finally:
-        vm.stop()
-    shutil.copy(vm.serial_log, out / "serial.log")
-    report = {
-        "firmware": firmware,
-        "seconds_to_check": round(seconds, 1),
-        "timeline": vm.timeline(),
-        "pcrs": got.get("pcrs"),
-    }
-    # that what the firmware and GRUB measure does not change from boot to boot is shown by
-    # the node tier: its second boot unseals what its first sealed to PCRs 0, 4, 7, 8 and 9
-    # (test_node_image.py::test_2_reboot_with_the_control_plane_out_of_reach)
-    (out / "checks.json").write_text(json.dumps({**report, "checks": got}, indent=2) + "\n")
-    print(json.dumps(report))
+    # one boot per firmware and session: the node tier enrolls its machine with the PCR
+    # values the UEFI one printed (the factory's reference boot of the model)
+    boot = checked_boot(firmware)
+    got, tpm = boot.checks, boot.tpm
+    print(json.dumps(boot.report))
     # not enrolled and no seed bundle: the node printed what the factory enrolls it with,
     # its EK certificate (from the TPM's NV, where swtpm_setup put one its local CA issued)
     # and its PCR values, which are the ones the check read
-    console = (out / "serial.log").read_text(errors="replace")
+    console = boot.console
     said_cert = re.search(r"factory: ek-cert ([A-Za-z0-9+/=]+)", console)
     assert said_cert, "the node printed no EK certificate for the factory"
     verify_ek_cert_chain(base64.b64decode(said_cert.group(1)), tpm.ca_cert_pem())
-    said_pcrs = re.search(r"factory: pcrs (\{[^}]*\})", console)
+    said_pcrs = factory_pcrs(boot)
     assert said_pcrs, "the node printed no PCR values for the factory"
-    values = json.loads(said_pcrs.group(1))
+    values = json.loads(said_pcrs)
     assert {int(k): v for k, v in values.items() if k != "0"} == pcrs(got), values
-    tail = vm.tail(40)
+    tail = boot.tail
     # GRUB's menu is locked: a superuser and no password command (no one can log in, so no
     # entry can be edited and no command line opens); the Linux entries boot unattended
     assert got["grub-superusers"] == '"edgepin"', got
@@ -213,8 +123,8 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     # no login on any console, no setuid-root program for a user who is not root
     assert got["gettys"] == "", f"getty running: {got['gettys']}"
     assert got["unit-docs-missing"] == "", got["unit-docs-missing"]
-    # --reconcile-interval 20s, --reconcile-delay 1min (hostimage.image_args)
-    assert got["reconcile-timer"] == "OnUnitActiveUSec=20s 1min", got["reconcile-timer"]
+    # --reconcile-interval 20s, --reconcile-delay 10s (hostimage.image_args)
+    assert got["reconcile-timer"] == "OnUnitActiveUSec=20s 10s", got["reconcile-timer"]
     assert got["getty-ttyS0"] == "masked", got
     allowed_setuid = {"/usr/lib/dbus-1.0/dbus-daemon-launch-helper"}
     setuid = set(filter(None, got["setuid"].split(",")))

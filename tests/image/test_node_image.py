@@ -3,8 +3,9 @@ node (its own swtpm, the seed `edgepin enroll` wrote for that TPM, user networki
 test bed on the host's loopback), against the real Keystone, Glance and Barbican.
 
 The scenarios run in order on one node, as a field node would live them:
-0. (the fixture) a boot with a seed bound to guessed PCR values: the node prints the values
-   it measures on its console, and takes the seed made with them at its next boot;
+0. (the fixture) the machine is enrolled with the PCR values an unenrolled machine of its
+   model printed on its console at its first boot (the host image's UEFI check boot,
+   tests/testbed/hostcheck.py), as a factory does with a reference machine;
 1. first boot: enroll, fetch, verify, define, and the nested guest's marker; the guest
    (iPXE running a script: tests/testbed/guest.py), whose image declares the site's
    network, gets its own address on the node's network by DHCP (through the node's
@@ -66,10 +67,11 @@ from tests.testbed import disk
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.disk import write_state_files
 from tests.testbed.guest import LEASED_BY
-from tests.testbed.hostimage import IMAGE_PCRS, ImageSigner, qemu_node_enroll_args
+from tests.testbed.hostcheck import CheckedBoot, factory_pcrs
+from tests.testbed.hostimage import ImageSigner, qemu_node_enroll_args
 from tests.testbed.node import run_edgepin
 from tests.testbed.operator import Signer
-from tests.testbed.qemuvm import PCR_VALUES_SAID, HostVm
+from tests.testbed.qemuvm import HostVm
 from tests.testbed.site import HOST_FROM_USER_NET, SiteService, site_service
 from tests.testbed.swtpm import Swtpm, SwtpmFactory
 
@@ -194,34 +196,27 @@ def node(
     run_dir: Path,
     results_dir: Path,
     cli_env: dict[str, str],
+    checked_boot: Callable[[str], CheckedBoot],
 ) -> Iterator[Node]:
     name, tpm, work = new_machine(vm_tpms, run_dir)
     seed = work / "seed.img"
-    guessed, measured = work / "guessed-pcrs.json", work / "measured-pcrs.json"
-    guessed.write_text(json.dumps({p: "00" * 32 for p in IMAGE_PCRS.split(",")}))
-
-    def enroll(values: Path) -> dict[str, Any]:
-        r = run_edgepin([*qemu_node_enroll_args(name, work, values, seed), "--json"], cli_env)
-        assert r.returncode == 0, r.stderr
-        result: dict[str, Any] = json.loads(r.stdout)
-        return result
-
-    first = enroll(guessed)
-    project_id, user_id = first["project_id"], first["user_id"]
+    measured = work / "measured-pcrs.json"
+    # the factory enrolls the machine with the PCR values its model measures, read from a
+    # reference boot of the model with no seed, where the node printed them on its console
+    # (there is no login): the host image's UEFI check boot (test_host_image.py), the same
+    # machine model and image; its values and those of this machine were the same
+    said = factory_pcrs(checked_boot("uefi"))
+    assert said, "the reference boot printed no PCR values for the factory"
+    measured.write_text(said)
+    r = run_edgepin([*qemu_node_enroll_args(name, work, measured, seed), "--json"], cli_env)
+    assert r.returncode == 0, r.stderr
+    enrolled = json.loads(r.stdout)
     results = results_dir / "node-image"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
     vm = model_vm(name, host_image, work, tpm, seed)
-    n = Node(name, vm, project_id, results, {}, user_id=user_id)
-    # the factory does not know what this model measures into its PCRs: a first boot
-    # with a seed bound to guessed values prints the node's own on the console (there is
-    # no login), and the node takes the new seed made with them at its next boot
-    n.boot("pcr-probe")
-    said = n.wait(PCR_VALUES_SAID)
-    vm.stop()
-    measured.write_text(said.group(1))
+    n = Node(name, vm, enrolled["project_id"], results, {}, user_id=enrolled["user_id"])
     n.pcr_values = measured
-    enroll(measured)
     yield n
     vm.stop()
 
