@@ -92,8 +92,8 @@ def make_fleet(
 
     Each node gets what ``edgepin enroll`` gives a node in Keystone: its own project with
     its signed assignment, its own user with the member role there, and an application
-    credential for that project with the node's access rules. They are made in one
-    process through Keystone's own managers (``ControlPlane.bulk_identities``), which
+    credential for that project with the node's access rules. They are made in two
+    processes through Keystone's own managers (``ControlPlane.bulk_identities``), which
     takes minutes for 10,000 nodes where six API calls per node took hours on this bed;
     the rounds measured afterwards go through the API only.
 

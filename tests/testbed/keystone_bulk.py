@@ -8,11 +8,11 @@ application credential scoped to the project with the member role (and the roles
 implies, as the API gives them) and the node's access rules, under the secret given on
 stdin (never on a command line).
 
-It calls Keystone's own managers in this process (``keystone.server.backends``), on the
-bed's database and cache, so each node costs a few SQL statements instead of six API
-requests, each with its token validation and policy check: 10,000 nodes in minutes, not
-hours. Only the set-up goes this way; every reconcile the benchmark measures goes through
-the HTTP API. Records on stdin::
+It calls Keystone's own managers (and, for the credential, its driver) in this process
+(``keystone.server.backends``), on the bed's database and cache, so each node costs a
+few SQL statements instead of six API requests, each with its token validation and policy
+check: 10,000 nodes in minutes, not hours. Only the set-up goes this way; every
+reconcile the benchmark measures goes through the HTTP API. Records on stdin::
 
     {"project_id": ..., "name": ..., "domain_id": ..., "role_id": ..., "cred_id": ...,
      "cred_name": ..., "secret": ..., "access_rules": [...], "attrs": {...}}
