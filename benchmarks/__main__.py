@@ -121,6 +121,42 @@ def fetch_rows(label: str, res: dict[str, Any]) -> list[Row]:
             )
         )
     e = m["edgepin"]
+    if "throughput_vs_curl_sha512" in e:
+        least = m["curl_sha512"]["mib_per_s"]
+        rows.append(
+            Row(
+                f"fetch {label}",
+                "curl | openssl dgst -sha512 throughput (the least a verified download does)",
+                least,
+                "MiB/s",
+                "curl",
+                m["curl"]["mib_per_s"],
+                m["curl_sha512"]["throughput_vs_curl"],
+            )
+        )
+        rows.append(
+            Row(
+                f"fetch {label}",
+                "edgepin throughput against the least a verified download does",
+                e["mib_per_s"],
+                "MiB/s",
+                "curl | openssl",
+                least,
+                e["throughput_vs_curl_sha512"],
+            )
+        )
+    if res.get("sha512_one_core_mib_per_s"):
+        rows.append(
+            Row(
+                f"fetch {label}",
+                "SHA-512 on one core (hashlib; no verified download is faster)",
+                res["sha512_one_core_mib_per_s"],
+                "MiB/s",
+                "curl",
+                m["curl"]["mib_per_s"],
+                stats.ratio(res["sha512_one_core_mib_per_s"], m["curl"]["mib_per_s"]),
+            )
+        )
     if "in_process_mib_per_s" in e:
         rows.append(
             Row(
@@ -284,6 +320,28 @@ def fleet_rows(res: dict[str, Any]) -> list[Row]:
             hits = 100.0 * mc["get_hits"] / gets if gets else None
             rows.append(Row(sec, f"{label}: memcached gets that hit", hits, "%"))
             rows.append(Row(sec, f"{label}: memcached evictions", mc["evictions"], ""))
+            if mc.get("limit_maxbytes"):
+                held, limit = mc["bytes"] / MIB, mc["limit_maxbytes"] / MIB
+                rows.append(
+                    Row(
+                        sec,
+                        f"{label}: memcached held after the round ({mc['curr_items']} items)",
+                        held,
+                        "MiB",
+                        "its size",
+                        limit,
+                        stats.ratio(held, limit),
+                    )
+                )
+    if "setup_seconds" in res:
+        rows.append(
+            Row(
+                sec,
+                f"set-up: {res['setup_nodes']} nodes enrolled (Keystone's managers)",
+                res["setup_seconds"],
+                "s",
+            )
+        )
     for key, label in (
         ("keystone_cache_nochange", "keystone cache on"),
         ("keystone_cache_kept_token", "keystone cache on + kept token"),

@@ -240,6 +240,8 @@ def _round(
     wall = time.monotonic() - t0
     mc1 = bed.cp.memcached_stats() if cached else {}
     memcached = {k: mc1.get(k, 0) - mc0.get(k, 0) for k in ("get_hits", "get_misses", "evictions")}
+    if cached:  # what the cache holds after the round, against its size
+        memcached.update({k: mc1.get(k, 0) for k in ("curr_items", "bytes", "limit_maxbytes")})
     time.sleep(0.5)  # let the access logs catch up
     cpu = {s: procstat.group_cpu_seconds(p) - cpu0[s] for s, p in pgids.items()}
     client = procstat.self_cpu_seconds() - client0

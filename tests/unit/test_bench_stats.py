@@ -117,8 +117,17 @@ def test_fleet_rows_without_variants_and_resume_rows() -> None:
         "nochange": _round(2.0, errors=3),
         "kept_token": {
             **_round(60.0),
-            "memcached": {"get_hits": 900, "get_misses": 100, "evictions": 7},
+            "memcached": {
+                "get_hits": 900,
+                "get_misses": 100,
+                "evictions": 7,
+                "curr_items": 2000,
+                "bytes": 16 * 1024 * 1024,
+                "limit_maxbytes": 64 * 1024 * 1024,
+            },
         },
+        "setup_seconds": 120.0,
+        "setup_nodes": 900,
     }
     got = fleet_rows(res)
     rows = {r.metric: r for r in got}
@@ -130,6 +139,9 @@ def test_fleet_rows_without_variants_and_resume_rows() -> None:
     assert rows[f"{kept}: failed reconciles"].value == 0
     assert rows[f"{kept}: memcached gets that hit"].value == 90.0
     assert rows[f"{kept}: memcached evictions"].value == 7
+    held = rows[f"{kept}: memcached held after the round (2000 items)"]
+    assert (held.value, held.baseline_value, held.ratio) == (16.0, 64.0, 0.25)
+    assert rows["set-up: 900 nodes enrolled (Keystone's managers)"].value == 120.0
     assert "no change, issuing a token: memcached evictions" not in rows
     assert not any(m.startswith("with image metadata") for m in rows)
     assert {r.section for r in rows.values()} == {"fleet N=1000"}
@@ -176,3 +188,48 @@ def test_the_markdown_table_names_its_run_and_escapes_cells() -> None:
     assert all(line.count(" | ") == 5 for line in lines[4:])
     failed = markdown({**meta, "failed": "BenchError: x"}, rows, "n")
     assert "FAILED: BenchError: x" in failed.splitlines()[0]
+
+
+def test_fetch_rows_compare_edgepin_with_the_least_a_verified_download_does() -> None:
+    """Besides curl -o, the fetch is set against curl | openssl dgst -sha512 on the same
+    bytes (throughput and CPU) and against one core's SHA-512, which no verified download
+    beats; the peak RSS rows stay for the three methods that have one."""
+    from benchmarks.__main__ import fetch_rows
+
+    def method(mib_per_s: float, rss: float | None = None) -> dict[str, Any]:
+        m: dict[str, Any] = {"mib_per_s": mib_per_s, "throughput_vs_curl": mib_per_s / 500}
+        if rss is not None:
+            m |= {"peak_rss_mib": rss, "peak_rss_vs_curl": rss / 12}
+        return m
+
+    edgepin = method(250.0, 48.0) | {
+        "throughput_vs_curl_sha512": 250.0 / 300.0,
+        "cpu_seconds_per_gib": 6.0,
+        "cpu_vs_curl_sha512": 1.2,
+        "fetch_cpu_seconds_per_gib": 5.5,
+        "fetch_cpu_vs_curl_sha512": 1.1,
+    }
+    res = {
+        "image_bytes": 1024 * 1024 * 1024,
+        "sha512_one_core_mib_per_s": 400.0,
+        "methods": {
+            "curl": method(500.0, 12.0) | {"seconds_median": 2.048},
+            "curl_sha512": method(300.0) | {"cpu_seconds_per_gib": 5.0},
+            "edgepin": edgepin,
+            "naive": method(50.0, 2000.0),
+        },
+    }
+    rows = {r.metric: r for r in fetch_rows("1024 MiB", res)}
+    least = rows["curl | openssl dgst -sha512 throughput (the least a verified download does)"]
+    assert (least.value, least.ratio) == (300.0, 0.6)
+    against = rows["edgepin throughput against the least a verified download does"]
+    assert (against.baseline_value, round(against.ratio or 0, 3)) == (300.0, 0.833)
+    sha = rows["SHA-512 on one core (hashlib; no verified download is faster)"]
+    assert (sha.value, sha.ratio) == (400.0, 0.8)
+    assert rows["edgepin throughput"].goal == ">= 0.8x curl at 1 GiB"
+    assert rows["edgepin CPU per GiB (its process)"].ratio == 1.2
+    assert {m for m in rows if m.endswith("peak RSS")} == {
+        "curl peak RSS",
+        "edgepin peak RSS",
+        "naive peak RSS",
+    }
