@@ -60,6 +60,16 @@ class Bed:
     def cli_env(self) -> dict[str, str]:
         return {"OS_CLIENT_CONFIG_FILE": str(self.cp.clouds_yaml), "OS_CLOUD": "edgepin-testbed"}
 
+    def signing_env(self) -> dict[str, str]:
+        """``cli_env`` with the run's signer as the key that ``publish`` signs images and
+        ``assign`` signs assignments with (nodes run only signed assignments)."""
+        signer = self.make_signer()
+        return {
+            **self.cli_env,
+            "EDGEPIN_SIGNING_CERT_ID": signer.cert_id,
+            "EDGEPIN_SIGNING_KEY_ID": signer.key_id,
+        }
+
     def edgepin(self, *args: str, timeout: float = 1800) -> dict[str, Any]:
         r = run_edgepin(list(args), self.cli_env, timeout=timeout)
         if r.returncode != 0:

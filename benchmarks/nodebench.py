@@ -124,7 +124,7 @@ def bench_node(bed: Bed, runs: int, log: Callable[[str], None]) -> dict[str, Any
         enroll_node(node, bed.cli_env, signer, run_dir)
         if node.node("enroll").returncode != 0:
             raise BenchError("edgepin node enroll failed")
-        assign(bed.cli_env, node, pub["image_id"])
+        assign(bed.signing_env(), node, pub["image_id"])
         log("reconcile: first reconcile (fetch, start the guest)")
         first = _reconcile(node)
         if json.loads(node.status_path.read_text())["state"] != "running":

@@ -66,8 +66,7 @@ def bench_placement(
 ) -> dict[str, Any]:
     admin = bed.admin
     domain_id = admin.identity.find_domain(EDGE_DOMAIN, ignore_missing=False).id
-    signer = bed.make_signer()
-    env = {"EDGEPIN_SIGNING_CERT_ID": signer.cert_id, "EDGEPIN_SIGNING_KEY_ID": signer.key_id}
+    env = bed.signing_env()
     image = bed.publish_random(MIB)
     tag = f"b{secrets.token_hex(3)}"
     log(f"placement: making {n} nodes (project, user, report image) {workers} at a time")
