@@ -73,6 +73,10 @@ WORKERS = {"production": {"keystone": 4, "glance": 1, "barbican": 1}}
 THREADS = {"keystone": 1}
 MEMCACHED_TIMEOUT = 5  # seconds a memcached call may take before it counts as failed
 MEMCACHED_DEAD_RETRY = 10  # seconds a failed memcached is left alone
+# memcached's memory, sized for the fleet as docs/production.md says: a kept-token reconcile
+# that misses the cache costs Keystone a token's rebuild; 64 MiB (memcached's default)
+# evicted tens of thousands of entries with 10,000 nodes (docs/performance.md)
+MEMCACHED_MIB = 1024
 
 
 class ControlPlaneError(RuntimeError):
@@ -759,7 +763,8 @@ class ControlPlane:
             raise ControlPlaneError("memcached is missing: ./build.sh setup installs it")
         d = self._dir("memcached")
         port = self.ports["memcached"]
-        argv = [binary, "-l", self.host, "-p", str(port), "-U", "0", "-m", "64", "-c", "4096"]
+        argv = [binary, "-l", self.host, "-p", str(port), "-U", "0", "-m", str(MEMCACHED_MIB)]
+        argv += ["-c", "4096"]
         if os.geteuid() == 0:
             argv += ["-u", "nobody"]  # memcached refuses to run as root
         with (d / "memcached.log").open("ab") as log:
