@@ -5,8 +5,10 @@ real ``edgepin node ...`` commands, enrolled and assigned with the test bed's op
 running the tiny test guest under software emulation.
 
 Requests are counted at loopback proxies (tests.testbed.faultproxy) in front of Keystone,
-Glance and Barbican: the node's seed points its auth URL at the Keystone proxy and the
-catalog's public image and key-manager endpoints point at the other two while measuring.
+Glance and Barbican: the node enrolls with its seed's auth URL pointing at the Keystone
+proxy (its ledger keeps that URL from then on), and the catalog's public image and
+key-manager endpoints point at the other two while measuring. Its ``/run`` is in memory, as
+on a node, so it keeps its token between reconciles. Offline means the proxies are stopped.
 
 Baseline: a fresh Python process that authenticates with keystoneauth and makes one GET
 (what ``openstack token issue`` plus one call costs), measured in the same run.
