@@ -11,6 +11,9 @@ Blobs are JSON bytes:
   is imported under the EK (which needs PolicySecret(endorsement)) and unsealed once.
 Both are sealed with PolicyPCR; there is no way to seal or unseal without one. The node
 unseals under the PCR selection it is configured with, never the one a blob names.
+A ``sealed`` blob with ``policy: "authorized"`` (``Tpm.seal_authorized``) is sealed to a
+signed policy instead: PolicyAuthorize over the pinned release key, which approves PCR
+values (``Approval``); the TPM unseals it under PolicyPCR in a state the key approved.
 
 The anchor is an ordinary NV index (``ANCHOR_NV_INDEX``, 40 bytes) that anyone may read
 and only a PolicyPCR session over the node's PCRs may write: someone who boots anything
@@ -57,6 +60,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 BLOB_VERSION = 1
 TPM_CC_POLICY_PCR = 0x0000017F
+TPM_CC_POLICY_AUTHORIZE = 0x0000016A
+# what the release key's approvals are for: part of the authorized policy, so that a
+# signature the same key made for anything else authorizes nothing here
+POLICY_REF = b"edgepin host boot"
+APPROVAL_VERSION = 1
+APPROVAL_MAX_BYTES = 8192
 # edgepin's NV index in the owner range: the node's anchor (generation floor and the
 # digest of its ledger), defined at enrollment, written only under the PCR policy
 ANCHOR_NV_INDEX = 0x0100E9D0
@@ -173,6 +182,187 @@ def pcr_policy_digest(pcr_values: Mapping[int, bytes], bank: str = "sha256") -> 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+# ---------------------------------------------------------- signed PCR policies
+#
+# An object sealed to a signed policy (``Tpm.seal_authorized``) carries no PCR values: its
+# authPolicy is TPM2_PolicyAuthorize over the release key's name and ``POLICY_REF``. It
+# unseals in any measured state for which the release key signed the PolicyPCR digest (an
+# approval), and in no other: the TPM itself checks the signature (VerifySignature, whose
+# ticket PolicyAuthorize requires) and that the session's PolicyPCR, over the PCRs as they
+# are, gives the digest that was signed. A host release whose boot chain measures other
+# values brings its own approval; the sealed objects stay as they are.
+
+
+def release_key_public(pem: bytes) -> Any:
+    """The release key as the TPM loads it (TPMT_PUBLIC, sha256 name, signing only):
+    an ECDSA P-256 public key in PEM. TpmBlobError for anything else."""
+    from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
+    from tpm2_pytss.types import TPMT_PUBLIC
+
+    key = _load_release_key(pem)
+    try:
+        return TPMT_PUBLIC.from_pem(
+            key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+            nameAlg=TPM2_ALG.SHA256,
+            objectAttributes=TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.USERWITHAUTH,
+        )
+    except (ValueError, TypeError) as e:
+        raise TpmBlobError(f"not a usable release key: {e}") from None
+
+
+def _load_release_key(pem: bytes) -> ec.EllipticCurvePublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError):
+        raise TpmBlobError("the release key is not a PEM public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise TpmBlobError("the release key must be an ECDSA P-256 public key")
+    return key
+
+
+def release_key_name(pem: bytes) -> bytes:
+    """The TPM name of the release key: its name algorithm, then sha256 of its public area."""
+    return bytes(release_key_public(pem).get_name())
+
+
+def authorize_policy_digest(key_name: bytes, policy_ref: bytes = POLICY_REF) -> bytes:
+    """TPM2_PolicyAuthorize's policy digest for ``key_name``: what a sealed object's
+    authPolicy is when any PCR state the key signs may unseal it."""
+    first = hashlib.sha256(
+        bytes(32) + TPM_CC_POLICY_AUTHORIZE.to_bytes(4, "big") + key_name
+    ).digest()
+    return hashlib.sha256(first + policy_ref).digest()
+
+
+def approval_hash(approved_policy: bytes, policy_ref: bytes = POLICY_REF) -> bytes:
+    """aHash: the digest the release key signs for one approved policy."""
+    return hashlib.sha256(approved_policy + policy_ref).digest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Approval:
+    """The release key's signature over the PolicyPCR digest of one set of PCR values."""
+
+    bank: str
+    pcr_values: Mapping[int, bytes]
+    signature: bytes  # DER ECDSA over approval_hash(policy)
+
+    @property
+    def policy(self) -> bytes:
+        return pcr_policy_digest(self.pcr_values, self.bank)
+
+    @property
+    def pcrs(self) -> list[int]:
+        return sorted(self.pcr_values)
+
+
+def sign_approval(
+    key: ec.EllipticCurvePrivateKey, pcr_values: Mapping[int, bytes], bank: str = "sha256"
+) -> bytes:
+    """An approval (JSON bytes) of ``pcr_values``, signed with the release key."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import utils
+
+    _, hfunc = _bank(bank)
+    if not pcr_values:
+        raise TpmError("an approval names at least one PCR")
+    for p, v in pcr_values.items():
+        pcr_selection_bytes([p], bank)
+        if len(v) != hfunc().digest_size:
+            raise TpmError(f"PCR {p}: a {bank} value is {hfunc().digest_size} bytes")
+    ahash = approval_hash(pcr_policy_digest(pcr_values, bank))
+    signature = key.sign(ahash, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+    return json.dumps(
+        {
+            "version": APPROVAL_VERSION,
+            "kind": "pcr-approval",
+            "bank": bank,
+            "pcrs": {str(p): pcr_values[p].hex() for p in sorted(pcr_values)},
+            "signature": _b64(signature),
+        },
+        sort_keys=True,
+    ).encode()
+
+
+def parse_approval(raw: bytes) -> Approval:
+    """An approval read from a disk or a release (untrusted): its form checked, its
+    signature not yet (``verify_approval``); TpmBlobError for anything else."""
+    if len(raw) > APPROVAL_MAX_BYTES:
+        raise TpmBlobError("the PCR approval is too large")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise TpmBlobError("the PCR approval is not JSON") from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("version") != APPROVAL_VERSION
+        or doc.get("kind") != "pcr-approval"
+    ):
+        raise TpmBlobError("the PCR approval has an unknown version or kind")
+    bank = doc.get("bank")
+    if not isinstance(bank, str) or bank not in BANKS:
+        raise TpmBlobError("the PCR approval names an unsupported PCR bank")
+    size = BANKS[bank][1]().digest_size
+    pcrs, signature = doc.get("pcrs"), doc.get("signature")
+    if not isinstance(pcrs, dict) or not pcrs or not isinstance(signature, str):
+        raise TpmBlobError("the PCR approval is malformed")
+    values: dict[int, bytes] = {}
+    for key, value in pcrs.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 2):
+            raise TpmBlobError("the PCR approval names a PCR that is not a number")
+        if not 0 <= int(key) < 24 or int(key) in values:
+            raise TpmBlobError("the PCR approval names a PCR out of range, or twice")
+        if not isinstance(value, str) or len(value) != 2 * size:
+            raise TpmBlobError(f"the PCR approval's value of PCR {key} is not a {bank} digest")
+        try:
+            values[int(key)] = bytes.fromhex(value)
+        except ValueError:
+            raise TpmBlobError(f"the PCR approval's value of PCR {key} is not hex") from None
+    try:
+        sig = base64.b64decode(signature, validate=True)
+    except ValueError:
+        raise TpmBlobError("the PCR approval's signature is not base64") from None
+    if not 8 <= len(sig) <= 80:  # DER ECDSA P-256: 8 to 72 bytes
+        raise TpmBlobError("the PCR approval's signature is not an ECDSA P-256 signature")
+    return Approval(bank, values, sig)
+
+
+def verify_approval(approval: Approval, release_key_pem: bytes) -> None:
+    """TpmPolicyError unless the pinned release key signed ``approval``."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import utils
+
+    key = _load_release_key(release_key_pem)
+    try:
+        key.verify(
+            approval.signature,
+            approval_hash(approval.policy),
+            ec.ECDSA(utils.Prehashed(hashes.SHA256())),
+        )
+    except (InvalidSignature, ValueError):
+        raise TpmPolicyError("the PCR approval is not signed by the pinned release key") from None
+
+
+def _tpm_signature(der: bytes) -> Any:
+    """A DER ECDSA signature as TPMT_SIGNATURE (ECDSA, sha256)."""
+    from cryptography.hazmat.primitives.asymmetric import utils
+    from tpm2_pytss.constants import TPM2_ALG
+    from tpm2_pytss.types import TPMT_SIGNATURE
+
+    try:
+        r, s = utils.decode_dss_signature(der)
+        r_bytes, s_bytes = r.to_bytes(32, "big"), s.to_bytes(32, "big")
+    except (ValueError, OverflowError):
+        raise TpmBlobError("the PCR approval's signature is not an ECDSA P-256 signature") from None
+    sig = TPMT_SIGNATURE(sigAlg=TPM2_ALG.ECDSA)
+    sig.signature.ecdsa.hash = TPM2_ALG.SHA256
+    sig.signature.ecdsa.signatureR = r_bytes
+    sig.signature.ecdsa.signatureS = s_bytes
+    return sig
 
 
 class BlobKind(enum.StrEnum):
@@ -439,10 +629,16 @@ class Tpm:
         return session
 
     def _pcr_session(
-        self, pcrs: Sequence[int], bank: str, crypt: Crypt, salt_key: Any = None
+        self,
+        pcrs: Sequence[int],
+        bank: str,
+        crypt: Crypt,
+        salt_key: Any = None,
+        then: Callable[[Any], None] | None = None,
     ) -> Any:
-        """A salted policy session past PolicyPCR over ``pcrs``, encrypting as ``crypt``
-        says. Without a ``salt_key`` the storage primary is recreated to salt it."""
+        """A salted policy session past PolicyPCR over ``pcrs`` (and ``then(session)``,
+        the policy commands that follow it), encrypting as ``crypt`` says. Without a
+        ``salt_key`` the storage primary is recreated to salt it."""
         from tpm2_pytss.types import TPML_PCR_SELECTION
 
         selection = TPML_PCR_SELECTION.unmarshal(pcr_selection_bytes(sorted(pcrs), bank))[0]
@@ -455,6 +651,8 @@ class Tpm:
                 self._flush(key)  # the salt is in the session now
         try:
             self.esys.policy_pcr(session, b"", selection)
+            if then is not None:
+                then(session)
         except BaseException:
             self._flush(session)
             raise
@@ -467,6 +665,7 @@ class Tpm:
         crypt: Crypt,
         command: Callable[[Any], _T],
         salt_key: Any = None,
+        then: Callable[[Any], None] | None = None,
     ) -> _T:
         """``command(session)`` with a PolicyPCR session from ``_pcr_session``, flushed
         afterwards whatever happens. On TPM_RC_PCR_CHANGED it starts again with a new
@@ -476,7 +675,7 @@ class Tpm:
 
         attempt = 1
         while True:
-            session = self._pcr_session(pcrs, bank, crypt, salt_key)
+            session = self._pcr_session(pcrs, bank, crypt, salt_key, then)
             try:
                 return command(session)
             except TSS2_Exception as e:
@@ -577,6 +776,29 @@ class Tpm:
             self._flush(handle)
 
     def seal(self, secret: bytes, pcrs: Sequence[int], bank: str = "sha256") -> bytes:
+        if len(secret) > 128:
+            raise TpmError("a sealed secret holds at most 128 bytes")
+        pcrs = sorted(set(pcrs))
+        if not pcrs:
+            raise TpmError("refusing to seal without a PCR policy (empty PCR selection)")
+        public, private = self._create_sealed(
+            secret, pcr_policy_digest(self.read_pcrs(pcrs, bank), bank)
+        )
+        return json.dumps(
+            {
+                "version": BLOB_VERSION,
+                "kind": BlobKind.SEALED,
+                "public": _b64(public),
+                "private": _b64(private),
+                "pcrs": pcrs,
+                "bank": bank,
+            },
+            sort_keys=True,
+        ).encode()
+
+    def _create_sealed(self, secret: bytes, policy: bytes) -> tuple[bytes, bytes]:
+        """A sealed object holding ``secret`` under the storage primary, usable only
+        with ``policy``: its marshalled public and private parts."""
         from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_OBJECT
         from tpm2_pytss.types import (
             TPM2B_DATA,
@@ -587,13 +809,7 @@ class Tpm:
             TPMT_PUBLIC,
         )
 
-        if len(secret) > 128:
-            raise TpmError("a sealed secret holds at most 128 bytes")
-        pcrs = sorted(set(pcrs))
-        if not pcrs:
-            raise TpmError("refusing to seal without a PCR policy (empty PCR selection)")
         attrs = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA
-        policy = pcr_policy_digest(self.read_pcrs(pcrs, bank), bank)
         public = TPMT_PUBLIC(
             type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256, objectAttributes=attrs
         )
@@ -620,17 +836,134 @@ class Tpm:
             if session is not None:
                 self._flush(session)
             self._flush(parent)
+        return out_public.marshal(), private.marshal()
+
+    def seal_authorized(self, secret: bytes, release_key_pem: bytes) -> bytes:
+        """Seal ``secret`` to a signed policy: it unseals in any measured state the release
+        key approves (``unseal_authorized``), whatever the PCRs hold now."""
+        if len(secret) > 128:
+            raise TpmError("a sealed secret holds at most 128 bytes")
+        policy = authorize_policy_digest(release_key_name(release_key_pem))
+        public, private = self._create_sealed(secret, policy)
         return json.dumps(
             {
                 "version": BLOB_VERSION,
                 "kind": BlobKind.SEALED,
-                "public": _b64(out_public.marshal()),
-                "private": _b64(private.marshal()),
-                "pcrs": pcrs,
-                "bank": bank,
+                "policy": "authorized",
+                "public": _b64(public),
+                "private": _b64(private),
+                "pcrs": [],
+                "bank": "sha256",
             },
             sort_keys=True,
         ).encode()
+
+    def unseal_authorized(
+        self, blob: bytes, approvals: Sequence[Approval], release_key_pem: bytes
+    ) -> bytes:
+        """Unseal a blob of ``seal_authorized`` in the measured state one of ``approvals``
+        names, signed by the pinned release key.
+
+        The blob must carry exactly the authorized policy of that key (no other key's
+        approvals can open it) and have been created in this TPM. The approval whose PCR
+        values are the current ones is checked here first (a clear error), then by the TPM:
+        VerifySignature gives the ticket PolicyAuthorize needs, and PolicyPCR over the PCRs
+        as they are must give the policy that was signed."""
+        from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+        from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC
+
+        data = parse_blob(blob)
+        if data["kind"] != BlobKind.SEALED or data.get("policy") != "authorized":
+            raise TpmBlobError("the blob is not sealed to a signed policy")
+        name = release_key_name(release_key_pem)
+        try:
+            public = TPM2B_PUBLIC.unmarshal(base64.b64decode(data["public"]))[0]
+        except Exception as e:  # the unmarshaller raises several kinds
+            raise TpmBlobError(f"the blob's public area is malformed ({e})") from None
+        area = public.publicArea
+        attrs = int(area.objectAttributes)
+        if attrs & int(TPMA_OBJECT.USERWITHAUTH):
+            raise TpmPolicyError("the sealed object can be used without its policy")
+        need = int(TPMA_OBJECT.FIXEDTPM) | int(TPMA_OBJECT.FIXEDPARENT)
+        if attrs & need != need:
+            raise TpmBlobError("the sealed object was not created inside this TPM")
+        if bytes(area.authPolicy) != authorize_policy_digest(name):
+            raise TpmPolicyError("the sealed object is not sealed to the pinned release key")
+        now = [a for a in approvals if self.read_pcrs(a.pcrs, a.bank) == dict(a.pcr_values)]
+        if not now:
+            raise TpmPolicyError(
+                f"none of the {len(approvals)} signed PCR policies matches the measured boot state"
+            )
+        refused: TpmPolicyError | None = None
+        for approval in now:
+            try:
+                verify_approval(approval, release_key_pem)
+                break
+            except TpmPolicyError as e:
+                refused = e
+        else:
+            assert refused is not None
+            raise refused
+        handles: list[Any] = []
+        try:
+            parent = self._storage_primary()
+            handles.append(parent)
+            private = TPM2B_PRIVATE.unmarshal(base64.b64decode(data["private"]))[0]
+            try:
+                obj = self.esys.load(parent, private, public)
+            except TSS2_Exception as e:
+                raise TpmBlobError(f"sealed object does not belong to this TPM ({e})") from None
+            handles.append(obj)
+            key = self.esys.load_external(
+                TPM2B_PUBLIC(publicArea=release_key_public(release_key_pem)),
+                hierarchy=ESYS_TR.OWNER,
+            )
+            handles.append(key)
+            try:
+                ticket = self.esys.verify_signature(
+                    key, approval_hash(approval.policy), _tpm_signature(approval.signature)
+                )
+            except TSS2_Exception as e:
+                raise TpmPolicyError(
+                    f"the TPM refused the PCR approval's signature ({_tss_text(e)})"
+                ) from None
+
+            def authorize(session: Any) -> None:
+                # the TPM answers TPM_RC_VALUE when the session's PolicyPCR, over the PCRs
+                # as they are, did not give the approved policy
+                try:
+                    # keywords: tpm2-pytss 2.3 and 3.0 order these arguments differently
+                    self.esys.policy_authorize(
+                        session,
+                        approved_policy=approval.policy,
+                        policy_ref=POLICY_REF,
+                        key_sign=name,
+                        check_ticket=ticket,
+                    )
+                except TSS2_Exception as e:
+                    raise TpmPolicyError(
+                        "the signed PCR policy does not match: the measured boot state "
+                        f"differs from the one the release key approved ({_tss_text(e)})"
+                    ) from None
+
+            def unseal(session: Any) -> bytes:
+                return bytes(self.esys.unseal(obj, session, ESYS_TR.NONE, ESYS_TR.NONE))
+
+            try:
+                return self._under_pcr_policy(
+                    approval.pcrs, approval.bank, Crypt.RESPONSE, unseal, parent, authorize
+                )
+            except TSS2_Exception as e:
+                if _is_policy_failure(e):
+                    raise TpmPolicyError(
+                        "the signed PCR policy does not match: the measured boot state "
+                        "differs from the one the release key approved"
+                    ) from None
+                raise TpmError(f"unseal failed: {_tss_text(e)}") from None
+        finally:
+            for h in reversed(handles):
+                self._flush(h)
 
     def unseal(
         self, blob: bytes, pcrs: Sequence[int], kinds: Sequence[BlobKind] = (BlobKind.SEALED,)
@@ -658,6 +991,8 @@ class Tpm:
             raise TpmPolicyError("refusing to unseal without a PCR policy (empty selection)")
         if data["kind"] not in kinds:
             raise TpmBlobError(f"a blob of kind {data['kind']!r} is not accepted here")
+        if data.get("policy", "pcr") != "pcr":
+            raise TpmBlobError("the blob is sealed to a signed policy, not to PCR values")
         if sorted(int(p) for p in data.get("pcrs", [])) != expected:
             raise TpmPolicyError(
                 f"the blob names PCRs {data.get('pcrs')}, this node seals to {expected}"

@@ -156,12 +156,14 @@ class _RacingTpm(tpm.Tpm):
         self.after = True
         self.sessions = 0
 
-    def _pcr_session(self, pcrs: Any, bank: str, crypt: tpm.Crypt, salt_key: Any = None) -> Any:
+    def _pcr_session(
+        self, pcrs: Any, bank: str, crypt: tpm.Crypt, salt_key: Any = None, then: Any = None
+    ) -> Any:
         self.sessions += 1
         racing = self.races is None or self.sessions <= self.races
         if racing and not self.after:
             self.extend_pcr(self.pcr, b"measured before PolicyPCR")
-        session = super()._pcr_session(pcrs, bank, crypt, salt_key)
+        session = super()._pcr_session(pcrs, bank, crypt, salt_key, then)
         if racing and self.after:
             self.extend_pcr(self.pcr, b"measured after PolicyPCR")
         return session
@@ -271,3 +273,139 @@ def test_a_pcr_of_the_selection_extended_is_a_refusal_not_tried_again(
     with tpm.Tpm.open(swtpm.tcti) as t:
         assert t.unseal(blob, [7]) == b"node secret"
         assert t.anchor_read([7]) == ANCHOR  # the refused writes wrote nothing
+
+
+# ------------------------------------------------- secrets sealed to a signed policy
+
+
+def _release_key() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return key, pem
+
+
+def _boot(t: tpm.Tpm, release: str) -> None:
+    """What a boot chain of ``release`` measures: its boot loader (PCR 4), its GRUB
+    commands and command line (PCR 8), the files GRUB read (PCR 9)."""
+    for pcr in (4, 8, 9):
+        t.extend_pcr(pcr, f"{release}: PCR {pcr}".encode())
+
+
+PCRS = [4, 7, 8, 9]
+
+
+def test_the_release_keys_name_and_authorized_policy_are_the_tpms(swtpm: Swtpm) -> None:
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPM2_ST
+    from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_SYM_DEF, TPMT_TK_VERIFIED
+
+    _key, pem = _release_key()
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        handle = t.esys.load_external(
+            TPM2B_PUBLIC(publicArea=tpm.release_key_public(pem)), hierarchy=ESYS_TR.OWNER
+        )
+        _public, name, _qname = t.esys.read_public(handle)
+        t.esys.flush_context(handle)
+        assert bytes(name) == tpm.release_key_name(pem)
+        session = t.esys.start_auth_session(
+            ESYS_TR.NONE,
+            ESYS_TR.NONE,
+            TPM2_SE.TRIAL,
+            TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+            TPM2_ALG.SHA256,
+        )
+        try:  # a trial session takes PolicyAuthorize without a real ticket
+            t.esys.policy_authorize(
+                session,
+                approved_policy=b"",
+                policy_ref=tpm.POLICY_REF,
+                key_sign=bytes(name),
+                check_ticket=TPMT_TK_VERIFIED(tag=TPM2_ST.VERIFIED, hierarchy=0x40000007),
+            )
+            trial = bytes(t.esys.policy_get_digest(session))
+        finally:
+            t.esys.flush_context(session)
+    assert trial == tpm.authorize_policy_digest(tpm.release_key_name(pem))
+
+
+def test_a_secret_sealed_to_the_release_key_survives_an_approved_boot_chain_and_only_that(
+    swtpm: Swtpm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key, pem = _release_key()
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        _boot(t, "release 1")
+        one = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs(PCRS)))
+        blob = t.seal_authorized(b"node credential", pem)
+        assert t.unseal_authorized(blob, [one], pem) == b"node credential"
+    # the node reboots into release 2: other values in PCRs 4, 8 and 9
+    swtpm.power_cycle()
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        _boot(t, "release 2")
+        with pytest.raises(tpm.TpmPolicyError, match="none of the 1 signed PCR policies"):
+            t.unseal_authorized(blob, [one], pem)
+        # release 2 brings its approval: the same blob unseals, nothing was sealed again
+        two = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs(PCRS)))
+        assert t.unseal_authorized(blob, [one, two], pem) == b"node credential"
+        # an approval of these values by any other key is refused
+        other, _ = _release_key()
+        forged = tpm.parse_approval(tpm.sign_approval(other, t.read_pcrs(PCRS)))
+        with pytest.raises(tpm.TpmPolicyError, match="not signed by the pinned release key"):
+            t.unseal_authorized(blob, [forged], pem)
+        # release 1's signature under release 2's values
+        swapped = tpm.Approval("sha256", two.pcr_values, one.signature)
+        with pytest.raises(tpm.TpmPolicyError, match="not signed by the pinned release key"):
+            t.unseal_authorized(blob, [swapped], pem)
+        # the TPM checks the signature itself, not only edgepin's code before it
+        monkeypatch.setattr(tpm, "verify_approval", lambda approval, key_pem: None)
+        with pytest.raises(tpm.TpmPolicyError, match="the TPM refused the PCR approval"):
+            t.unseal_authorized(blob, [forged], pem)
+        # ... and that the PCRs are the approved ones: here the code is made to believe
+        # release 1's approval matches, and the TPM's PolicyPCR says otherwise
+        real_read = tpm.Tpm.read_pcrs
+        monkeypatch.setattr(
+            tpm.Tpm, "read_pcrs", lambda self, pcrs, bank="sha256": dict(one.pcr_values)
+        )
+        with pytest.raises(tpm.TpmPolicyError, match="differs from the one the release key"):
+            t.unseal_authorized(blob, [one], pem)
+        monkeypatch.setattr(tpm.Tpm, "read_pcrs", real_read)
+        # an unapproved change after an approved boot: nothing matches any more
+        t.extend_pcr(9, b"a file no release measures")
+        with pytest.raises(tpm.TpmPolicyError, match="none of the 2 signed PCR policies"):
+            t.unseal_authorized(blob, [one, two], pem)
+
+
+def test_a_blob_sealed_to_a_signed_policy_opens_only_with_its_key_on_its_tpm(
+    make_swtpm: Callable[[str], Swtpm],
+) -> None:
+    node, other_tpm = make_swtpm("node"), make_swtpm("other")
+    key, pem = _release_key()
+    other_key, other_pem = _release_key()
+    with tpm.Tpm.open(node.tcti) as t:
+        values = t.read_pcrs(PCRS)
+        blob = t.seal_authorized(b"node credential", pem)
+        # the other key signs the same state: its approval does not open this blob
+        theirs = tpm.parse_approval(tpm.sign_approval(other_key, values))
+        with pytest.raises(tpm.TpmPolicyError, match="not sealed to the pinned release key"):
+            t.unseal_authorized(blob, [theirs], other_pem)
+        # a blob sealed to PCR values is not opened as an authorized one, nor the reverse
+        with pytest.raises(tpm.TpmBlobError, match="not sealed to a signed policy"):
+            t.unseal_authorized(t.seal(b"secret", [7]), [theirs], other_pem)
+        with pytest.raises(tpm.TpmBlobError, match="sealed to a signed policy, not to PCR"):
+            t.unseal(blob, [7])
+    mine = tpm.parse_approval(tpm.sign_approval(key, values))
+    with tpm.Tpm.open(other_tpm.tcti) as t, pytest.raises(tpm.TpmBlobError, match="this TPM"):
+        t.unseal_authorized(blob, [mine], pem)
+
+
+def test_an_authorized_unseal_raced_by_a_measuring_kernel_is_tried_again(swtpm: Swtpm) -> None:
+    """PCR 10 extended right after PolicyPCR and PolicyAuthorize: PCR_CHANGED, then a new
+    session (with its own PolicyAuthorize) unseals; no session is left loaded."""
+    key, pem = _release_key()
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        approval = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs(PCRS)))
+        blob = t.seal_authorized(b"node credential", pem)
+    with racing(swtpm, 10, races=2) as t:
+        assert t.unseal_authorized(blob, [approval], pem) == b"node credential"
+        assert t.sessions == 3
+        assert loaded_sessions(t) == []

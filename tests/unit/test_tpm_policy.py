@@ -3,12 +3,15 @@ PolicyPCR session is started again for."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,6 +85,90 @@ def test_the_blob_parser_returns_fields_or_its_own_error(blob: bytes) -> None:
     assert all(type(p) is int for p in data.get("pcrs", []))
 
 
+# -- signed PCR policies (PolicyAuthorize) -----------------------------------------------
+
+RELEASE_KEY = ec.generate_private_key(ec.SECP256R1())
+RELEASE_PEM = RELEASE_KEY.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+
+
+def test_the_authorized_policy_is_the_spec_formula() -> None:
+    name = bytes.fromhex("000b") + bytes(range(32))
+    first = hashlib.sha256(bytes(32) + bytes.fromhex("0000016a") + name).digest()
+    assert tpm.authorize_policy_digest(name) == hashlib.sha256(first + tpm.POLICY_REF).digest()
+    assert tpm.authorize_policy_digest(name, b"other") != tpm.authorize_policy_digest(name)
+    assert tpm.release_key_name(RELEASE_PEM)[:2] == bytes.fromhex("000b")
+
+
+def test_an_approval_round_trips_and_verifies_only_under_its_key() -> None:
+    values = {7: bytes(32), 9: b"\x09" * 32}
+    approval = tpm.parse_approval(tpm.sign_approval(RELEASE_KEY, values))
+    assert approval.pcr_values == values and approval.pcrs == [7, 9]
+    assert approval.policy == tpm.pcr_policy_digest(values)
+    tpm.verify_approval(approval, RELEASE_PEM)
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    other_pem = other.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(tpm.TpmPolicyError, match="not signed by the pinned release key"):
+        tpm.verify_approval(approval, other_pem)
+    changed = tpm.Approval("sha256", {7: bytes(32), 9: bytes(32)}, approval.signature)
+    with pytest.raises(tpm.TpmPolicyError):
+        tpm.verify_approval(changed, RELEASE_PEM)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        b"not a key",
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        ec.generate_private_key(ec.SECP384R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+    ],
+    ids=["garbage", "rsa", "p384"],
+)
+def test_a_release_key_is_an_ecdsa_p256_public_key(key: bytes) -> None:
+    with pytest.raises(tpm.TpmBlobError, match="release key"):
+        tpm.release_key_name(key)
+
+
+def _approval_docs() -> st.SearchStrategy[bytes]:
+    digest = st.binary(min_size=32, max_size=32).map(bytes.hex)
+    pcr_key = st.integers(-1, 30).map(str) | st.text(max_size=3)
+    return st.fixed_dictionaries(
+        {
+            "version": st.just(tpm.APPROVAL_VERSION) | json_values,
+            "kind": st.just("pcr-approval") | st.text(max_size=5),
+            "bank": st.sampled_from(["sha256", "sha1", ""]),
+            "pcrs": st.dictionaries(pcr_key, digest | json_values, max_size=4) | json_values,
+            "signature": st.binary(max_size=90).map(lambda b: base64.b64encode(b).decode())
+            | json_values,
+        }
+    ).map(lambda v: json.dumps(v).encode())
+
+
+@settings(max_examples=400)
+@given(
+    st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()) | _approval_docs()
+)
+def test_the_approval_parser_returns_an_approval_or_its_own_error(raw: bytes) -> None:
+    try:
+        approval = tpm.parse_approval(raw)
+    except tpm.TpmBlobError:
+        return
+    assert approval.bank == "sha256" and approval.pcr_values
+    assert all(0 <= p < 24 and len(v) == 32 for p, v in approval.pcr_values.items())
+    try:  # arbitrary input never verifies, and fails only with edgepin's error
+        tpm.verify_approval(approval, RELEASE_PEM)
+    except tpm.TpmPolicyError:
+        return
+    raise AssertionError("an approval no one signed verified")
+
+
 # -- PolicyPCR sessions started again on TPM_RC_PCR_CHANGED, and only on it -------------
 
 PCR_CHANGED = 0x128  # TPM_RC_PCR_CHANGED, format 0
@@ -117,7 +204,9 @@ class _SessionsTpm(tpm.Tpm):
         self.started: list[int] = []
         self.flushed: list[int] = []
 
-    def _pcr_session(self, pcrs: Any, bank: str, crypt: tpm.Crypt, salt_key: Any = None) -> Any:
+    def _pcr_session(
+        self, pcrs: Any, bank: str, crypt: tpm.Crypt, salt_key: Any = None, then: Any = None
+    ) -> Any:
         self.started.append(len(self.started) + 1)
         return self.started[-1]
 
