@@ -213,6 +213,10 @@ Options:
                            several (with none, the image-signing certificates sign
                            assignments too)
   --pcrs LIST              PCRs to seal to (default 4,7,8,9)
+  --release-key FILE       public release key (PEM, ECDSA P-256, from `edgepin release
+                           key`) the node pins: what it seals then also opens in any
+                           measured state the key approved (a host update), not only in
+                           the one it was sealed in (default: none)
   --reserved-cpus LIST     host CPUs kept for the host, such as 0 or 0,1 (default 0);
                            none gives the guest every CPU (a one-CPU machine)
   --reconcile-interval T   systemd time span between reconciles (default 1h: the
@@ -283,7 +287,7 @@ needs_host_shims() {
 }
 
 cmd_image() {
-    local release="${DIB_RELEASE:-trixie}" ca="" certs=() acerts=() pcrs=4,7,8,9 reserved=0 interval=1h
+    local release="${DIB_RELEASE:-trixie}" ca="" certs=() acerts=() pcrs=4,7,8,9 reserved=0 interval=1h rkey=""
     local delay=10min virt=kvm health=120 guestnet=bridge hostnet=192.168.254.1/24 pins="" raw=0 qa=0 out="$ROOT/out"
     while (($#)); do
         case "$1" in
@@ -292,6 +296,7 @@ cmd_image() {
             --signing-cert) certs+=("$(realpath "$2")"); shift 2 ;;
             --assignment-cert) acerts+=("$(realpath "$2")"); shift 2 ;;
             --pcrs) pcrs="$2"; shift 2 ;;
+            --release-key) rkey="$(realpath "$2")"; shift 2 ;;
             --reserved-cpus) reserved="$2"; shift 2 ;;
             --reconcile-interval) interval="$2"; shift 2 ;;
             --reconcile-delay) delay="$2"; shift 2 ;;
@@ -312,6 +317,10 @@ cmd_image() {
     for f in "${certs[@]}"; do [[ -f "$f" ]] || die "--signing-cert: no such file: $f"; done
     for f in "${acerts[@]}"; do [[ -f "$f" ]] || die "--assignment-cert: no such file: $f"; done
     [[ -z "$pins" || -f "$pins" ]] || die "--pins: no such file: $pins"
+    if [[ -n "$rkey" ]]; then
+        [[ -f "$rkey" ]] || die "--release-key: no such file: $rkey"
+        grep -q "BEGIN PUBLIC KEY" "$rkey" || die "--release-key: $rkey is not a PEM public key (give the public half)"
+    fi
     [[ "$reserved" == none || "$reserved" =~ ^[0-9]+(,[0-9]+)*$ ]] ||
         die "--reserved-cpus must be a list of CPU numbers such as 0 or 0,1, or none"
     timespan "$interval" && [[ "$interval" =~ [1-9] ]] ||
@@ -373,6 +382,7 @@ cmd_image() {
         export DIB_EDGEPIN_NODE_DOC="$ROOT/docs/node.md"
         export DIB_EDGEPIN_SIGNING_CERTS="${certs[*]}"
         export DIB_EDGEPIN_ASSIGNMENT_CERTS="${acerts[*]}"
+        export DIB_EDGEPIN_RELEASE_KEY="$rkey"
         export DIB_EDGEPIN_PCRS="$pcrs"
         export DIB_EDGEPIN_RESERVED_CPUS="$reserved"
         export DIB_EDGEPIN_RECONCILE_INTERVAL="$interval"
@@ -418,7 +428,8 @@ cmd_image() {
     # compressed, as diskimage-builder makes its qcow2
     qemu-img convert -c -f raw -O qcow2 "$out/$name.raw" "$out/$name.qcow2"
     ((raw)) || rm -f "$out/$name.raw"
-    local ca_sum="" pins_sum="" cert_sums="" acert_sums=""
+    local ca_sum="" pins_sum="" cert_sums="" acert_sums="" rkey_sum=""
+    [[ -n "$rkey" ]] && rkey_sum="$(sha256sum "$rkey" | cut -d' ' -f1)"
     [[ -n "$ca" ]] && ca_sum="$(sha256sum "$ca" | cut -d' ' -f1)"
     [[ -n "$pins" ]] && pins_sum="$(sha256sum "$pins" | cut -d' ' -f1)"
     for f in "${certs[@]}"; do cert_sums+="$(sha256sum "$f" | cut -d' ' -f1),"; done
@@ -434,6 +445,7 @@ cmd_image() {
         --setting "guest_network=$guestnet" --setting "host_network=$hostnet" \
         --setting "ca_sha256=$ca_sum" --setting "signing_certs_sha256=${cert_sums%,}" \
         --setting "assignment_certs_sha256=${acert_sums%,}" \
+        --setting "release_key_sha256=$rkey_sum" \
         --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims" \
         --verity-root-hash "$roothash"
 }

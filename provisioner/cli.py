@@ -20,6 +20,7 @@ from typing import Any
 
 from provisioner import __version__
 from provisioner.errors import EdgepinError, UsageError
+from provisioner.node.config import SETTINGS
 from provisioner.node.model import guest_network
 
 Handler = Callable[[argparse.Namespace], int]
@@ -142,6 +143,98 @@ def _add_signing_cert(sub: Any) -> None:
     c.add_argument("--days", type=int, default=3 * 365, help="validity (default 3 years)")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(handler=cmd_signing_cert_create, needs_cloud=True)
+
+
+def _add_release(sub: Any) -> None:
+    p = sub.add_parser(
+        "release",
+        help="the release key and its approvals of a host release's PCR values",
+        description="A host image built with --release-key seals what a node keeps so that it "
+        "also opens in any measured state the release key approved: a new boot chain (a "
+        "host update) keeps the node's credential, image keys and vault once its PCR values "
+        "are approved. Keep the private key offline. A passphrase for it is read from "
+        "EDGEPIN_RELEASE_KEY_PASSPHRASE, never from the command line.",
+    )
+    s = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    k = s.add_parser(
+        "key",
+        help="create a release key (ECDSA P-256)",
+        description="Write a new release key: the private key (mode 0600, encrypted under "
+        "EDGEPIN_RELEASE_KEY_PASSPHRASE when set) and its public half, the PEM that "
+        "`./build.sh image --release-key` pins in the host image. Never overwrites a file.",
+    )
+    k.add_argument("--key-out", type=Path, required=True, help="private key PEM to write")
+    k.add_argument("--public-out", type=Path, required=True, help="public key PEM to write")
+    k.add_argument("--json", action="store_true", help="print the result as JSON")
+    k.set_defaults(handler=cmd_release_key)
+    a = s.add_parser(
+        "approve",
+        help="approve a boot chain's PCR values with the release key",
+        description="Sign the TPM2 PolicyPCR digest of the given PCR values with the release "
+        "key and write the approval (JSON). Nodes that pin the key open their secrets in "
+        "that measured state once the approval is in their /var/lib/edgepin-host/approvals/. "
+        "The values are those a reference machine of the model measures with the host "
+        "release (its console's `factory: pcrs` line, or the hint of a node that refused "
+        "to open its secrets).",
+    )
+    a.add_argument("--key", type=Path, required=True, help="the release key (private, PEM)")
+    a.add_argument(
+        "--pcrs",
+        default=SETTINGS["EDGEPIN_PCRS"][0],
+        help="the host image's EDGEPIN_PCRS (default %(default)s): nodes count only "
+        "approvals of exactly their PCRs",
+    )
+    a.add_argument(
+        "--pcr-values",
+        required=True,
+        help='JSON file {"4": "<sha256 hex>", ...} with the values to approve, or \'zero\'',
+    )
+    a.add_argument("--out", type=Path, required=True, help="approval file to write")
+    a.add_argument("--json", action="store_true", help="print the result as JSON")
+    a.set_defaults(handler=cmd_release_approve)
+
+
+def cmd_release_key(args: argparse.Namespace) -> int:
+    from provisioner.operator import release
+
+    fingerprint = release.create_key(args.key_out, args.public_out)
+    _print(
+        args,
+        {"key": str(args.key_out), "public": str(args.public_out), "sha256": fingerprint},
+        [
+            f"release key {args.key_out} (keep it offline), public half {args.public_out}",
+            f"sha256     {fingerprint}",
+        ],
+    )
+    return 0
+
+
+def cmd_release_approve(args: argparse.Namespace) -> int:
+    from provisioner.operator import release
+    from provisioner.operator.enroll import parse_pcrs
+
+    done = release.approve(
+        args.key,
+        parse_pcrs(args.pcrs),
+        None if args.pcr_values == "zero" else Path(args.pcr_values),
+        args.pcr_values == "zero",
+        args.out,
+    )
+    _print(
+        args,
+        {
+            "approval": str(done.path),
+            "pcrs": list(done.pcrs),
+            "policy": done.policy,
+            "key_sha256": done.key_sha256,
+        },
+        [
+            f"approval   {done.path}",
+            f"pcrs       {','.join(map(str, done.pcrs))} (PolicyPCR {done.policy})",
+            f"key sha256 {done.key_sha256}",
+        ],
+    )
+    return 0
 
 
 def _add_nodes(sub: Any) -> None:
@@ -348,6 +441,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     _add_publish(sub)
     _add_signing_cert(sub)
     _add_nodes(sub)
+    _add_release(sub)
     from provisioner.node import cli as node_cli
 
     node_cli.add_parser(sub)

@@ -11,9 +11,11 @@ Blobs are JSON bytes:
   is imported under the EK (which needs PolicySecret(endorsement)) and unsealed once.
 Both are sealed with PolicyPCR; there is no way to seal or unseal without one. The node
 unseals under the PCR selection it is configured with, never the one a blob names.
-A ``sealed`` blob with ``policy: "authorized"`` (``Tpm.seal_authorized``) is sealed to a
-signed policy instead: PolicyAuthorize over the pinned release key, which approves PCR
-values (``Approval``); the TPM unseals it under PolicyPCR in a state the key approved.
+A node whose image pins a release key seals to a ``SignedPolicy`` instead: PolicyOR of
+PolicyPCR over the PCRs in the values they have when it seals, and PolicyAuthorize over the
+release key, which approves other PCR values (``Approval``). Such a secret opens in the
+measured state it was sealed in, as before, and in any state the key approved (a host
+update that brings its approval), and in no other.
 
 The anchor is an ordinary NV index (``ANCHOR_NV_INDEX``, 40 bytes) that anyone may read
 and only a PolicyPCR session over the node's PCRs may write: someone who boots anything
@@ -61,11 +63,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 BLOB_VERSION = 1
 TPM_CC_POLICY_PCR = 0x0000017F
 TPM_CC_POLICY_AUTHORIZE = 0x0000016A
+TPM_CC_POLICY_OR = 0x00000171
 # what the release key's approvals are for: part of the authorized policy, so that a
 # signature the same key made for anything else authorizes nothing here
 POLICY_REF = b"edgepin host boot"
 APPROVAL_VERSION = 1
 APPROVAL_MAX_BYTES = 8192
+SIGNED_MISMATCH = (
+    "the measured boot state differs: it is neither the one the secret was sealed in nor "
+    "one the release key approved"
+)
 # edgepin's NV index in the owner range: the node's anchor (generation floor and the
 # digest of its ledger), defined at enrollment, written only under the PCR policy
 ANCHOR_NV_INDEX = 0x0100E9D0
@@ -186,13 +193,14 @@ def _b64(data: bytes) -> str:
 
 # ---------------------------------------------------------- signed PCR policies
 #
-# An object sealed to a signed policy (``Tpm.seal_authorized``) carries no PCR values: its
-# authPolicy is TPM2_PolicyAuthorize over the release key's name and ``POLICY_REF``. It
-# unseals in any measured state for which the release key signed the PolicyPCR digest (an
-# approval), and in no other: the TPM itself checks the signature (VerifySignature, whose
-# ticket PolicyAuthorize requires) and that the session's PolicyPCR, over the PCRs as they
-# are, gives the digest that was signed. A host release whose boot chain measures other
-# values brings its own approval; the sealed objects stay as they are.
+# What is sealed to a ``SignedPolicy`` has as authPolicy PolicyOR of two branches: the
+# PolicyPCR digest of the PCRs as they were when it was sealed (the PCR branch, as a node
+# without a release key seals), and TPM2_PolicyAuthorize over the release key's name and
+# ``POLICY_REF`` (the signed branch). The signed branch opens it in any measured state for
+# which the release key signed the PolicyPCR digest (an approval): the TPM itself checks the
+# signature (VerifySignature, whose ticket PolicyAuthorize requires) and that the session's
+# PolicyPCR, over the PCRs as they are, gives the digest that was signed. A host release
+# whose boot chain measures other values brings its approval; nothing is sealed again.
 
 
 def release_key_public(pem: bytes) -> Any:
@@ -236,6 +244,15 @@ def authorize_policy_digest(key_name: bytes, policy_ref: bytes = POLICY_REF) -> 
         bytes(32) + TPM_CC_POLICY_AUTHORIZE.to_bytes(4, "big") + key_name
     ).digest()
     return hashlib.sha256(first + policy_ref).digest()
+
+
+def or_policy_digest(branches: Sequence[bytes]) -> bytes:
+    """TPM2_PolicyOR's policy digest over ``branches`` (2 to 8 policy digests)."""
+    if not 2 <= len(branches) <= 8:
+        raise TpmError("PolicyOR takes 2 to 8 branches")
+    return hashlib.sha256(
+        bytes(32) + TPM_CC_POLICY_OR.to_bytes(4, "big") + b"".join(branches)
+    ).digest()
 
 
 def approval_hash(approved_policy: bytes, policy_ref: bytes = POLICY_REF) -> bytes:
@@ -345,6 +362,35 @@ def verify_approval(approval: Approval, release_key_pem: bytes) -> None:
         )
     except (InvalidSignature, ValueError):
         raise TpmPolicyError("the PCR approval is not signed by the pinned release key") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedPolicy:
+    """What a node seals to when its image pins a release key: the key, and the approvals
+    it has. Only approvals over exactly ``pcrs`` (the node's selection) count."""
+
+    release_key_pem: bytes
+    pcrs: tuple[int, ...]
+    approvals: tuple[Approval, ...] = ()
+    # PCR branches (PolicyPCR digests) the node sealed its NV indices under: the TPM shows
+    # an index's authPolicy, not the branches it was made of
+    branches: tuple[bytes, ...] = ()
+
+    @property
+    def digest(self) -> bytes:
+        """The signed branch: PolicyAuthorize over the release key."""
+        return authorize_policy_digest(release_key_name(self.release_key_pem))
+
+    def sealed_digest(self, pcr_branch: bytes) -> bytes:
+        """The authPolicy of what was sealed in the state whose PolicyPCR is ``pcr_branch``."""
+        return or_policy_digest([pcr_branch, self.digest])
+
+    def usable(self) -> list[Approval]:
+        return [a for a in self.approvals if a.pcrs == sorted(self.pcrs) and a.bank == "sha256"]
+
+
+# a node's policy: PCRs sealed to in their current values, or a signed policy
+Policy = Sequence[int] | SignedPolicy
 
 
 def _tpm_signature(der: bytes) -> Any:
@@ -775,10 +821,14 @@ class Tpm:
         finally:
             self._flush(handle)
 
-    def seal(self, secret: bytes, pcrs: Sequence[int], bank: str = "sha256") -> bytes:
+    def seal(self, secret: bytes, policy: Policy, bank: str = "sha256") -> bytes:
+        """Seal ``secret`` to ``policy``: PolicyPCR over these PCRs in their current
+        values, or (a ``SignedPolicy``) that or the release key's signed policy."""
         if len(secret) > 128:
             raise TpmError("a sealed secret holds at most 128 bytes")
-        pcrs = sorted(set(pcrs))
+        if isinstance(policy, SignedPolicy):
+            return self._seal_signed(secret, policy)
+        pcrs = sorted(set(policy))
         if not pcrs:
             raise TpmError("refusing to seal without a PCR policy (empty PCR selection)")
         public, private = self._create_sealed(
@@ -838,49 +888,43 @@ class Tpm:
             self._flush(parent)
         return out_public.marshal(), private.marshal()
 
-    def seal_authorized(self, secret: bytes, release_key_pem: bytes) -> bytes:
-        """Seal ``secret`` to a signed policy: it unseals in any measured state the release
-        key approves (``unseal_authorized``), whatever the PCRs hold now."""
-        if len(secret) > 128:
-            raise TpmError("a sealed secret holds at most 128 bytes")
-        policy = authorize_policy_digest(release_key_name(release_key_pem))
-        public, private = self._create_sealed(secret, policy)
+    def _seal_signed(self, secret: bytes, policy: SignedPolicy) -> bytes:
+        pcrs = sorted(set(policy.pcrs))
+        if not pcrs:
+            raise TpmError("refusing to seal without a PCR policy (empty PCR selection)")
+        branch = pcr_policy_digest(self.read_pcrs(pcrs))
+        public, private = self._create_sealed(secret, policy.sealed_digest(branch))
         return json.dumps(
             {
                 "version": BLOB_VERSION,
                 "kind": BlobKind.SEALED,
-                "policy": "authorized",
+                "policy": "signed",
+                "pcr_policy": branch.hex(),
                 "public": _b64(public),
                 "private": _b64(private),
-                "pcrs": [],
+                "pcrs": pcrs,
                 "bank": "sha256",
             },
             sort_keys=True,
         ).encode()
 
-    def unseal_authorized(
-        self, blob: bytes, approvals: Sequence[Approval], release_key_pem: bytes
-    ) -> bytes:
-        """Unseal a blob of ``seal_authorized`` in the measured state one of ``approvals``
-        names, signed by the pinned release key.
-
-        The blob must carry exactly the authorized policy of that key (no other key's
-        approvals can open it) and have been created in this TPM. The approval whose PCR
-        values are the current ones is checked here first (a clear error), then by the TPM:
-        VerifySignature gives the ticket PolicyAuthorize needs, and PolicyPCR over the PCRs
-        as they are must give the policy that was signed."""
+    def _unseal_signed(self, data: dict[str, Any], policy: SignedPolicy) -> bytes:
+        """Unseal a blob sealed to ``policy`` (``data``, parsed): under its PCR branch when
+        the PCRs hold the values it was sealed in, else under the signed branch with the
+        approval, signed by the pinned release key, of the values they hold now."""
         from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
         from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC
 
-        data = parse_blob(blob)
-        if data["kind"] != BlobKind.SEALED or data.get("policy") != "authorized":
-            raise TpmBlobError("the blob is not sealed to a signed policy")
-        name = release_key_name(release_key_pem)
+        if sorted(int(p) for p in data.get("pcrs", [])) != sorted(set(policy.pcrs)):
+            raise TpmPolicyError(
+                f"the blob names PCRs {data.get('pcrs')}, this node seals to {list(policy.pcrs)}"
+            )
         try:
+            branch = bytes.fromhex(str(data.get("pcr_policy")))
             public = TPM2B_PUBLIC.unmarshal(base64.b64decode(data["public"]))[0]
         except Exception as e:  # the unmarshaller raises several kinds
-            raise TpmBlobError(f"the blob's public area is malformed ({e})") from None
+            raise TpmBlobError(f"the blob is malformed ({e})") from None
         area = public.publicArea
         attrs = int(area.objectAttributes)
         if attrs & int(TPMA_OBJECT.USERWITHAUTH):
@@ -888,23 +932,8 @@ class Tpm:
         need = int(TPMA_OBJECT.FIXEDTPM) | int(TPMA_OBJECT.FIXEDPARENT)
         if attrs & need != need:
             raise TpmBlobError("the sealed object was not created inside this TPM")
-        if bytes(area.authPolicy) != authorize_policy_digest(name):
+        if len(branch) != 32 or bytes(area.authPolicy) != policy.sealed_digest(branch):
             raise TpmPolicyError("the sealed object is not sealed to the pinned release key")
-        now = [a for a in approvals if self.read_pcrs(a.pcrs, a.bank) == dict(a.pcr_values)]
-        if not now:
-            raise TpmPolicyError(
-                f"none of the {len(approvals)} signed PCR policies matches the measured boot state"
-            )
-        refused: TpmPolicyError | None = None
-        for approval in now:
-            try:
-                verify_approval(approval, release_key_pem)
-                break
-            except TpmPolicyError as e:
-                refused = e
-        else:
-            assert refused is not None
-            raise refused
         handles: list[Any] = []
         try:
             parent = self._storage_primary()
@@ -915,11 +944,91 @@ class Tpm:
             except TSS2_Exception as e:
                 raise TpmBlobError(f"sealed object does not belong to this TPM ({e})") from None
             handles.append(obj)
-            key = self.esys.load_external(
-                TPM2B_PUBLIC(publicArea=release_key_public(release_key_pem)),
-                hierarchy=ESYS_TR.OWNER,
+
+            def unseal(session: Any) -> bytes:
+                return bytes(self.esys.unseal(obj, session, ESYS_TR.NONE, ESYS_TR.NONE))
+
+            with self._signed_commands(policy, branch) as (pcrs, then):
+                try:
+                    return self._under_pcr_policy(
+                        pcrs, "sha256", Crypt.RESPONSE, unseal, parent, then
+                    )
+                except TSS2_Exception as e:
+                    if _is_policy_failure(e):
+                        raise TpmPolicyError(SIGNED_MISMATCH) from None
+                    raise TpmError(f"unseal failed: {_tss_text(e)}") from None
+        finally:
+            for h in reversed(handles):
+                self._flush(h)
+
+    @contextmanager
+    def _signed_commands(
+        self, policy: SignedPolicy, branch: bytes
+    ) -> Iterator[tuple[list[int], Callable[[Any], None]]]:
+        """The PCRs of a session under ``policy`` for what was sealed under the PCR branch
+        ``branch``, and the commands after its PolicyPCR: PolicyOR alone in the state it
+        was sealed in, PolicyAuthorize (with the approval of the state now) and PolicyOR in
+        any other."""
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+        from tpm2_pytss.types import TPML_DIGEST
+
+        pcrs = sorted(set(policy.pcrs))
+        branches = TPML_DIGEST([branch, policy.digest])
+
+        def policy_or(session: Any) -> None:
+            # TPM_RC_VALUE: the session's digest is neither branch (the PCRs are not in the
+            # state the object was sealed in, nor in the one the approval names)
+            try:
+                self.esys.policy_or(session, branches)
+            except TSS2_Exception as e:
+                raise TpmPolicyError(f"{SIGNED_MISMATCH} ({_tss_text(e)})") from None
+
+        if pcr_policy_digest(self.read_pcrs(pcrs)) == branch:
+            yield pcrs, policy_or
+            return
+        approval = self._approval_now(policy.usable(), policy.release_key_pem)
+        with self._authorized(approval, policy.release_key_pem) as authorize:
+
+            def signed(session: Any) -> None:
+                authorize(session)
+                policy_or(session)
+
+            yield approval.pcrs, signed
+
+    def _approval_now(self, approvals: Sequence[Approval], release_key_pem: bytes) -> Approval:
+        """The approval, signed by the release key, of the PCR values as they are now."""
+        now = [a for a in approvals if self.read_pcrs(a.pcrs, a.bank) == dict(a.pcr_values)]
+        if not now:
+            raise TpmPolicyError(
+                f"none of the {len(approvals)} signed PCR policies matches the measured boot state"
             )
-            handles.append(key)
+        refused: TpmPolicyError | None = None
+        for approval in now:
+            try:
+                verify_approval(approval, release_key_pem)
+                return approval
+            except TpmPolicyError as e:
+                refused = e
+        assert refused is not None
+        raise refused
+
+    @contextmanager
+    def _authorized(
+        self, approval: Approval, release_key_pem: bytes
+    ) -> Iterator[Callable[[Any], None]]:
+        """The policy commands that follow PolicyPCR under a signed policy: the TPM verifies
+        the approval's signature with the release key (loaded, public only, for as long as
+        this lasts) and its ticket authorizes the approved policy."""
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+        from tpm2_pytss.types import TPM2B_PUBLIC
+
+        name = release_key_name(release_key_pem)
+        key = self.esys.load_external(
+            TPM2B_PUBLIC(publicArea=release_key_public(release_key_pem)),
+            hierarchy=ESYS_TR.OWNER,
+        )
+        try:
             try:
                 ticket = self.esys.verify_signature(
                     key, approval_hash(approval.policy), _tpm_signature(approval.signature)
@@ -942,33 +1051,50 @@ class Tpm:
                         check_ticket=ticket,
                     )
                 except TSS2_Exception as e:
-                    raise TpmPolicyError(
-                        "the signed PCR policy does not match: the measured boot state "
-                        f"differs from the one the release key approved ({_tss_text(e)})"
-                    ) from None
+                    raise TpmPolicyError(f"{SIGNED_MISMATCH} ({_tss_text(e)})") from None
 
-            def unseal(session: Any) -> bytes:
-                return bytes(self.esys.unseal(obj, session, ESYS_TR.NONE, ESYS_TR.NONE))
-
-            try:
-                return self._under_pcr_policy(
-                    approval.pcrs, approval.bank, Crypt.RESPONSE, unseal, parent, authorize
-                )
-            except TSS2_Exception as e:
-                if _is_policy_failure(e):
-                    raise TpmPolicyError(
-                        "the signed PCR policy does not match: the measured boot state "
-                        "differs from the one the release key approved"
-                    ) from None
-                raise TpmError(f"unseal failed: {_tss_text(e)}") from None
+            yield authorize
         finally:
-            for h in reversed(handles):
-                self._flush(h)
+            self._flush(key)
+
+    @contextmanager
+    def _policy_commands(
+        self, policy: Policy, auth_policy: bytes
+    ) -> Iterator[tuple[list[int], Callable[[Any], None] | None]]:
+        """The PCRs of a session under ``policy`` for an NV index whose authPolicy is
+        ``auth_policy``, and what follows its PolicyPCR."""
+        if not isinstance(policy, SignedPolicy):
+            yield sorted(set(policy)), None
+            return
+        with self._signed_commands(policy, self._nv_branch(policy, auth_policy)) as plan:
+            yield plan
+
+    def _nv_branch(self, policy: SignedPolicy, auth_policy: bytes) -> bytes:
+        """The PCR branch an index of authPolicy ``auth_policy`` was defined under: the
+        state now, or one the node recorded (``SignedPolicy.branches``)."""
+        now = pcr_policy_digest(self.read_pcrs(sorted(set(policy.pcrs))))
+        for branch in (now, *policy.branches):
+            if policy.sealed_digest(branch) == auth_policy:
+                return branch
+        raise TpmPolicyError(
+            "the NV index is not sealed to this node's policy in any state it recorded"
+        )
+
+    def define_digest(self, policy: Policy) -> bytes:
+        """The authPolicy of what is sealed to ``policy`` now: the PolicyPCR digest of the
+        PCRs in their current values, or the PolicyOR of that and the signed branch."""
+        pcrs = sorted(set(policy.pcrs if isinstance(policy, SignedPolicy) else policy))
+        if not pcrs:
+            raise TpmError("refusing to seal without a PCR policy (empty PCR selection)")
+        branch = pcr_policy_digest(self.read_pcrs(pcrs))
+        return policy.sealed_digest(branch) if isinstance(policy, SignedPolicy) else branch
 
     def unseal(
-        self, blob: bytes, pcrs: Sequence[int], kinds: Sequence[BlobKind] = (BlobKind.SEALED,)
+        self, blob: bytes, policy: Policy, kinds: Sequence[BlobKind] = (BlobKind.SEALED,)
     ) -> bytes:
-        """Unseal ``blob`` under a PolicyPCR over ``pcrs``, the selection the node expects.
+        """Unseal ``blob`` under a PolicyPCR over the selection the node expects (``policy``,
+        or a ``SignedPolicy``'s PCRs), or, for a blob sealed to a ``SignedPolicy``, under
+        the node's (``_unseal_signed``).
 
         The blob's own claims decide nothing: its kind must be one of ``kinds`` (only the
         bootstrap credential may be a factory-made duplicate; anyone holding the EK public
@@ -986,13 +1112,17 @@ class Tpm:
         )
 
         data = parse_blob(blob)
-        expected = sorted(set(pcrs))
+        if isinstance(policy, SignedPolicy):
+            if data.get("policy") == "signed" and data["kind"] == BlobKind.SEALED:
+                return self._unseal_signed(data, policy)
+            policy = policy.pcrs
+        expected = sorted(set(policy))
         if not expected:
             raise TpmPolicyError("refusing to unseal without a PCR policy (empty selection)")
         if data["kind"] not in kinds:
             raise TpmBlobError(f"a blob of kind {data['kind']!r} is not accepted here")
         if data.get("policy", "pcr") != "pcr":
-            raise TpmBlobError("the blob is sealed to a signed policy, not to PCR values")
+            raise TpmBlobError("the blob is sealed to a signed policy, and this node has none")
         if sorted(int(p) for p in data.get("pcrs", [])) != expected:
             raise TpmPolicyError(
                 f"the blob names PCRs {data.get('pcrs')}, this node seals to {expected}"
@@ -1062,7 +1192,7 @@ class Tpm:
                 self._flush(h)
 
     # -- NV indices: the anchor and the vault key ----------------------------------
-    def _nv_template(self, slot: NvSlot, pcrs: Sequence[int], bank: str = "sha256") -> Any:
+    def _nv_template(self, slot: NvSlot, auth_policy: bytes) -> Any:
         from tpm2_pytss.constants import TPM2_ALG
         from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPMS_NV_PUBLIC
 
@@ -1071,7 +1201,7 @@ class Tpm:
                 nvIndex=slot.index,
                 nameAlg=TPM2_ALG.SHA256,
                 attributes=slot.attributes(),
-                authPolicy=pcr_policy_digest(self.read_pcrs(pcrs, bank), bank),
+                authPolicy=auth_policy,
                 dataSize=slot.size,
             )
         )
@@ -1088,26 +1218,33 @@ class Tpm:
         with contextlib.suppress(Exception):
             self.esys.tr_close(handle)
 
-    def _nv_is_ours(self, slot: NvSlot, public: Any, pcrs: Sequence[int]) -> bool:
+    def _nv_is_ours(self, slot: NvSlot, public: Any, policy: Policy) -> bool:
         from tpm2_pytss.constants import TPMA_NV
 
-        got, want = public.nvPublic, self._nv_template(slot, pcrs).nvPublic
-        return (
+        got = public.nvPublic
+        want = self._nv_template(slot, bytes(32)).nvPublic
+        if not (
             int(got.nameAlg) == int(want.nameAlg)
             and int(got.attributes) & ~int(TPMA_NV.WRITTEN) == int(want.attributes)
-            and bytes(got.authPolicy) == bytes(want.authPolicy)
             and int(got.dataSize) == slot.size
-        )
+        ):
+            return False
+        if isinstance(policy, SignedPolicy):
+            try:
+                self._nv_branch(policy, bytes(got.authPolicy))
+            except TpmPolicyError:
+                return False
+            return True
+        return bytes(got.authPolicy) == self.define_digest(policy)
 
-    def _nv_define(self, slot: NvSlot, pcrs: Sequence[int]) -> None:
+    def _nv_define(self, slot: NvSlot, policy: Policy) -> None:
         from tpm2_pytss.constants import ESYS_TR
 
-        if not pcrs:
+        if not isinstance(policy, SignedPolicy) and not policy:
             raise TpmError(f"refusing to define the {slot.name} without a PCR policy")
+        template = self._nv_template(slot, self.define_digest(policy))
         self._nv_remove(slot)
-        handle = self.esys.nv_define_space(
-            b"", self._nv_template(slot, pcrs), ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD
-        )
+        handle = self.esys.nv_define_space(b"", template, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD)
         self._close(handle)
 
     def _nv_remove(self, slot: NvSlot) -> bool:
@@ -1119,7 +1256,7 @@ class Tpm:
         self.esys.nv_undefine_space(handle, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD)
         return True
 
-    def _nv_read(self, slot: NvSlot, pcrs: Sequence[int]) -> bytes | None:
+    def _nv_read(self, slot: NvSlot, policy: Policy) -> bytes | None:
         from tpm2_pytss.constants import ESYS_TR, TPMA_NV
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
@@ -1134,7 +1271,7 @@ class Tpm:
 
         try:
             public, _name = self.esys.nv_read_public(handle)
-            if not self._nv_is_ours(slot, public, pcrs):
+            if not self._nv_is_ours(slot, public, policy):
                 raise TpmPolicyError(
                     f"the TPM's edgepin {slot.name} is not the one this node defined (other "
                     "attributes or policy), or the measured boot state differs"
@@ -1145,13 +1282,14 @@ class Tpm:
                 return bytes(
                     self.esys.nv_read(handle, slot.size, 0, handle, session1=ESYS_TR.PASSWORD)
                 )
-            return self._under_pcr_policy(pcrs, "sha256", Crypt.RESPONSE, read)
+            with self._policy_commands(policy, bytes(public.nvPublic.authPolicy)) as (pcrs, then):
+                return self._under_pcr_policy(pcrs, "sha256", Crypt.RESPONSE, read, None, then)
         except TSS2_Exception as e:
             raise _nv_failure(e, slot, "read") from None
         finally:
             self._close(handle)
 
-    def _nv_write(self, slot: NvSlot, pcrs: Sequence[int], data: bytes) -> None:
+    def _nv_write(self, slot: NvSlot, policy: Policy, data: bytes) -> None:
         from tpm2_pytss.constants import ESYS_TR
         from tpm2_pytss.TSS2_Exception import TSS2_Exception
 
@@ -1166,30 +1304,31 @@ class Tpm:
 
         try:
             public, _name = self.esys.nv_read_public(handle)
-            if not self._nv_is_ours(slot, public, pcrs):
+            if not self._nv_is_ours(slot, public, policy):
                 raise TpmPolicyError(
                     f"the TPM's edgepin {slot.name} is not the one this node defined"
                 )
-            self._under_pcr_policy(pcrs, "sha256", Crypt.COMMAND, write)
+            with self._policy_commands(policy, bytes(public.nvPublic.authPolicy)) as (pcrs, then):
+                self._under_pcr_policy(pcrs, "sha256", Crypt.COMMAND, write, None, then)
         except TSS2_Exception as e:
             raise _nv_failure(e, slot, "write") from None
         finally:
             self._close(handle)
 
     # -- the anchor ---------------------------------------------------------------
-    def anchor_read(self, pcrs: Sequence[int]) -> bytes | None:
+    def anchor_read(self, policy: Policy) -> bytes | None:
         """The anchor's bytes; None when it is not defined or was never written. A foreign
         definition (other attributes, policy or size) is a TpmPolicyError."""
-        return self._nv_read(ANCHOR, pcrs)
+        return self._nv_read(ANCHOR, policy)
 
-    def anchor_define(self, pcrs: Sequence[int]) -> None:
-        """(Re)define the anchor for these PCRs in their current values (enrollment only:
-        whatever was there before is gone)."""
-        self._nv_define(ANCHOR, pcrs)
+    def anchor_define(self, policy: Policy) -> None:
+        """(Re)define the anchor for ``policy``: these PCRs in their current values, or a
+        signed policy (enrollment only: whatever was there before is gone)."""
+        self._nv_define(ANCHOR, policy)
 
-    def anchor_write(self, pcrs: Sequence[int], data: bytes) -> None:
-        """Write the anchor under the PCR policy; it must exist with edgepin's definition."""
-        self._nv_write(ANCHOR, pcrs, data)
+    def anchor_write(self, policy: Policy, data: bytes) -> None:
+        """Write the anchor under ``policy``; it must exist with edgepin's definition."""
+        self._nv_write(ANCHOR, policy, data)
 
     def anchor_defined(self) -> bool:
         """Whether any NV index is defined at the anchor's handle, edgepin's or not."""
@@ -1204,17 +1343,18 @@ class Tpm:
         return self._nv_remove(ANCHOR)
 
     # -- the vault key ------------------------------------------------------------
-    def vault_key_read(self, pcrs: Sequence[int]) -> bytes | None:
+    def vault_key_read(self, policy: Policy) -> bytes | None:
         """The state vault's key; None when the TPM holds none (never made, or made and
         not written). Readable only in the measured state; a foreign definition is a
         TpmPolicyError."""
-        return self._nv_read(VAULT_KEY, pcrs)
+        return self._nv_read(VAULT_KEY, policy)
 
-    def vault_key_create(self, pcrs: Sequence[int], key: bytes) -> None:
-        """Define the vault key's index for these PCRs in their current values and write
-        ``key`` into it under the PCR policy (whatever was there before is gone)."""
-        self._nv_define(VAULT_KEY, pcrs)
-        self._nv_write(VAULT_KEY, pcrs, key)
+    def vault_key_create(self, policy: Policy, key: bytes) -> None:
+        """Define the vault key's index for ``policy`` (these PCRs in their current values,
+        or a signed policy) and write ``key`` into it under that policy (whatever was there
+        before is gone)."""
+        self._nv_define(VAULT_KEY, policy)
+        self._nv_write(VAULT_KEY, policy, key)
 
 
 def _nv_failure(e: Exception, slot: NvSlot, doing: str) -> TpmError:

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from provisioner import tpm
 from provisioner.errors import StateError
-from provisioner.node import config
+from provisioner.node import config, policy
 
 
 def add_parser(sub: Any) -> None:
@@ -104,7 +105,15 @@ def cmd_vault(args: argparse.Namespace) -> int:
     from provisioner.node import vault
 
     cfg = _cfg(args)
-    opened = vault.open_vault(cfg.root, cfg.tcti, cfg.pcrs)
+    pol = policy.node_policy(cfg)
+    try:
+        opened = vault.open_vault(cfg.root, cfg.tcti, pol)
+    except vault.VaultError as e:
+        if isinstance(pol, tpm.SignedPolicy) and e.hint is None:
+            e.hint = policy.approval_hint(cfg)
+        raise
+    if opened.made_key:
+        policy.remember(cfg)
     made = "made in the TPM now, " if opened.made_key else ""
     encrypted = ", ".join(opened.encrypted_now) or "none"
     print(f"vault open: key {opened.identifier.hex()} ({made}folders encrypted now: {encrypted})")
@@ -146,6 +155,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         )
     if outcome.error is not None:
         print(f"edgepin: error: {outcome.error.message}", file=sys.stderr)
+        if outcome.error.hint:
+            print(f"  hint: {outcome.error.hint}", file=sys.stderr)
         return outcome.error.exit_code
     return 0
 
@@ -193,7 +204,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_pcrs(args: argparse.Namespace) -> int:
-    from provisioner import tpm
 
     cfg = _cfg(args)
     pcrs = tuple(int(p) for p in args.pcrs.split(",")) if args.pcrs else cfg.pcrs

@@ -107,6 +107,25 @@ class NodeConfig:
         return self.etc_dir / "signing-certs"
 
     @property
+    def release_key_path(self) -> Path:
+        """The release key's public half, on images built with one (provisioner.node.policy)."""
+        return self.etc_dir / "release-key.pem"
+
+    @property
+    def host_state_dir(self) -> Path:
+        """The host's own state on the state partition, outside the vault."""
+        return self.root / "var" / "lib" / "edgepin-host"
+
+    @property
+    def approvals_dir(self) -> Path:
+        """Approvals of PCR values by the release key (provisioner.node.policy)."""
+        return self.host_state_dir / "approvals"
+
+    @property
+    def sealed_states_path(self) -> Path:
+        return self.host_state_dir / "sealed-states.json"
+
+    @property
     def assignment_certs_dir(self) -> Path:
         """Certificates that sign assignments; when it holds none, the image-signing ones do."""
         return self.etc_dir / "assignment-certs"

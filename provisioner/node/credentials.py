@@ -40,7 +40,7 @@ from keystoneauth1.identity import v3
 from provisioner import seed, tpm, transport
 from provisioner.cloud import translate
 from provisioner.errors import AuthError, ConfigError, ServiceUnavailableError, TrustError
-from provisioner.node import ledger, state, token
+from provisioner.node import ledger, policy, state, token
 from provisioner.node.config import NodeConfig
 from provisioner.node.model import Enrollment, Ledger, report_image_of
 
@@ -193,13 +193,17 @@ def _unseal(
     kinds: tuple[tpm.BlobKind, ...] = (tpm.BlobKind.SEALED,),
 ) -> bytes:
     try:
+        pol = policy.node_policy(cfg)
         with tpm.Tpm.open(cfg.tcti) as t:
-            return t.unseal(blob, cfg.pcrs, kinds)
+            return t.unseal(blob, pol, kinds)
     except tpm.TpmPolicyError as e:
+        signed = isinstance(pol, tpm.SignedPolicy) and tpm.BlobKind.DUPLICATE not in kinds
         raise TrustError(
             f"TPM refused to unseal the {what}: the measured boot state differs from "
             f"enrollment ({e})",
-            hint="the host OS or its boot chain changed; re-enroll the node if intended",
+            hint=policy.approval_hint(cfg)
+            if signed
+            else "the host OS or its boot chain changed; re-enroll the node if intended",
             policy=True,
         ) from None
     except tpm.TpmUnavailableError as e:
@@ -210,8 +214,9 @@ def _unseal(
 
 def _seal(cfg: NodeConfig, secret: bytes) -> bytes:
     try:
+        pol = policy.node_policy(cfg)
         with tpm.Tpm.open(cfg.tcti) as t:
-            return t.seal(secret, cfg.pcrs)
+            return t.seal(secret, pol)
     except tpm.TpmError as e:
         raise TrustError(f"TPM cannot seal: {e}") from None
 
@@ -245,7 +250,7 @@ def enrolled(cfg: NodeConfig) -> bool:
 
 def enroll(cfg: NodeConfig) -> dict[str, Any]:
     """First-boot enrollment; a no-op when done, resumable when interrupted."""
-    anchor = ledger.TpmAnchor(cfg.tcti, cfg.pcrs)
+    anchor = ledger.TpmAnchor(cfg.tcti, policy.node_policy(cfg))
     if anchor.read() is not None:
         # enrolled on this TPM: the anchored ledger, not a file on the disk, says so
         done = ledger.load(cfg.state_dir, anchor).enrollment
@@ -283,6 +288,7 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
         }
     )
     anchor.define()
+    policy.remember(cfg)
     ledger.save(cfg.state_dir, anchor, Ledger(enrollment=done))
     record = {"phase": "done", **done.as_dict()}
     state.write_json(_enrollment(cfg), record)

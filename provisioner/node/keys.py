@@ -22,7 +22,7 @@ from provisioner.errors import (
     TrustError,
     VerificationError,
 )
-from provisioner.node import state
+from provisioner.node import policy, state
 from provisioner.node.client import NodeClient
 from provisioner.node.config import NodeConfig
 
@@ -87,7 +87,7 @@ def seal_carried(
         return current
     try:
         with tpm.Tpm.open(cfg.tcti) as t:
-            passphrase = t.unseal(wrapped, cfg.pcrs, (tpm.BlobKind.DUPLICATE,))
+            passphrase = t.unseal(wrapped, cfg.pcrs, (tpm.BlobKind.DUPLICATE,))  # the factory's
     except tpm.TpmPolicyError as e:
         # the node credential unsealed before (reconcile.Run.go_import): the node is in
         # its enrolled state, so it is the bundle that names other PCRs or values
@@ -138,13 +138,14 @@ def _pcr_hint(cfg: NodeConfig) -> str:
 def _seal(cfg: NodeConfig, image_id: str, passphrase: bytes) -> str:
     """Seal an image's passphrase to the TPM, keep the blob; its SHA-256."""
     try:
+        pol = policy.node_policy(cfg)
         with tpm.Tpm.open(cfg.tcti) as t:
-            blob = t.seal(passphrase, cfg.pcrs)
+            blob = t.seal(passphrase, pol)
     except tpm.TpmError as e:
         raise TrustError(f"TPM cannot seal the image key: {e}") from None
     data = base64.b64encode(blob)
     state.atomic_write(sealed_path(cfg, image_id), data)
-    LOG.info("keys: key of image %s sealed to PCRs %s", image_id, list(cfg.pcrs))
+    LOG.info("keys: key of image %s sealed to %s", image_id, policy.describe(pol))
     return hashlib.sha256(data).hexdigest()
 
 
@@ -162,8 +163,9 @@ def unseal(cfg: NodeConfig, image_id: str, expected_sha256: str | None) -> bytes
     except ValueError:  # cannot happen for a blob with the recorded digest
         raise VerificationError(f"the sealed key of image {image_id} is not base64") from None
     try:
+        pol = policy.node_policy(cfg)
         with tpm.Tpm.open(cfg.tcti) as t:
-            return t.unseal(blob, cfg.pcrs)
+            return t.unseal(blob, pol)
     except tpm.TpmPolicyError as e:
         raise TrustError(
             f"TPM refused to unseal the image key: the measured boot state differs ({e})"

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from provisioner.errors import ImageError, StateError, TrustError
 from provisioner.node import model, state
 from provisioner.node.model import Enrollment, Guest, ImageRecord, Ledger
-from provisioner.tpm import ANCHOR_NV_SIZE
+from provisioner.tpm import ANCHOR_NV_SIZE, Policy
 
 LEDGER_FORMAT = 3  # 2: before floor_image_id (read and migrated by parse)
 LEDGER_NAME = "node.json"
@@ -318,7 +318,7 @@ def parse(data: bytes) -> Ledger:
 class TpmAnchor:
     """:class:`Anchor` on the node's TPM, under the node's configured PCR selection."""
 
-    def __init__(self, tcti: str, pcrs: tuple[int, ...]) -> None:
+    def __init__(self, tcti: str, pcrs: Policy) -> None:
         self.tcti = tcti
         self.pcrs = pcrs
         # what this process last read or wrote: one TPM read per run, not one per save

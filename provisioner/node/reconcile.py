@@ -35,7 +35,18 @@ from provisioner.errors import (
     TrustError,
     VerificationError,
 )
-from provisioner.node import credentials, domain, facts, fetch, keys, ledger, report, state, token
+from provisioner.node import (
+    credentials,
+    domain,
+    facts,
+    fetch,
+    keys,
+    ledger,
+    policy,
+    report,
+    state,
+    token,
+)
 from provisioner.node.client import NodeClient
 from provisioner.node.config import NodeConfig
 from provisioner.node.decide import Observed, Plan, Step, back_off, decide, quiet
@@ -136,7 +147,7 @@ def reconcile(cfg: NodeConfig) -> Outcome:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with state.node_lock(cfg.lock_path):
         state.remove_stale_temp_files(cfg.state_dir)
-        run = Run(cfg, ledger.TpmAnchor(cfg.tcti, cfg.pcrs), load_counters(cfg))
+        run = Run(cfg, ledger.TpmAnchor(cfg.tcti, policy.node_policy(cfg)), load_counters(cfg))
         return _finish(run, run.go, "reconcile")
 
 
@@ -152,7 +163,7 @@ def import_bundle(cfg: NodeConfig, path: Path) -> Outcome:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with state.node_lock(cfg.lock_path, timeout=IMPORT_LOCK_WAIT):
         state.remove_stale_temp_files(cfg.state_dir)
-        run = Run(cfg, ledger.TpmAnchor(cfg.tcti, cfg.pcrs), load_counters(cfg))
+        run = Run(cfg, ledger.TpmAnchor(cfg.tcti, policy.node_policy(cfg)), load_counters(cfg))
         return _finish(run, lambda: run.go_import(path), "import")
 
 

@@ -33,9 +33,13 @@ import shutil
 import stat
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from provisioner.errors import StateError
 from provisioner.node import fscrypt, state
+
+if TYPE_CHECKING:
+    from provisioner import tpm
 
 VAULT_DIRS = ("var/lib/edgepin", "var/log/edgepin", "var/lib/cloud", "var/log/journal")
 _NEW, _OLD = ".vault-new", ".vault-old"
@@ -160,7 +164,7 @@ def _encrypt(path: Path, identifier: bytes) -> None:
         shutil.rmtree(old)
 
 
-def open_vault(root: Path, tcti: str, pcrs: tuple[int, ...]) -> Opened:
+def open_vault(root: Path, tcti: str, pcrs: tpm.Policy) -> Opened:
     """Give the filesystem the vault key (made on the first boot) and make sure every
     vault folder is encrypted under it; VaultError when it must not."""
     from provisioner import tpm

@@ -22,7 +22,14 @@ from provisioner.signing import load_certificate
 from tests.integration.conftest import make_signer
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.node import VirtualNode, node_status, ok, run_edgepin, wait_marker
-from tests.testbed.operator import Signer, assign, enroll_node, signed_assignment
+from tests.testbed.operator import (
+    Signer,
+    approve_pcrs,
+    assign,
+    enroll_node,
+    pin_release_key,
+    signed_assignment,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -832,3 +839,67 @@ def test_a_node_without_a_seed_prints_what_the_factory_enrolls_it_with(
     r = node.node("seed")
     assert r.returncode == 0, r.stderr
     assert "factory:" not in r.stdout, r.stdout
+
+
+def test_a_node_with_a_release_key_keeps_its_secrets_through_an_approved_boot_chain(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """A host update on a node that pins a release key: its credential, its image key and
+    its anchor open in the new measured state once the release key approved it, in the
+    old one as before, and never in a state no one approved."""
+    node = virtual_node
+    key, _pub = pin_release_key(node.root, tmp_path)
+    enroll_node(node, cli_env, signer, run_dir)
+    ok(node.node("enroll"))
+    sealed = json.loads((node.root / "var/lib/edgepin/node-credential.json").read_text())
+    blob = tpm.parse_blob(base64.b64decode(sealed["sealed"]))
+    assert blob["policy"] == "signed" and blob["pcrs"] == [7], blob
+    pub = publish(version="1")
+    assign(cli_env, node, pub["image_id"])
+    ok(node.node("reconcile"))
+    wait_marker(node, pub["marker"])
+
+    def guest_stopped() -> None:  # the next reconcile must unseal the image key again
+        conn = libvirt.open(node.libvirtd.uri)
+        try:
+            conn.lookupByName("edgepin-guest").destroy()
+        finally:
+            conn.close()
+
+    # the host is updated: its boot chain measures other values into PCR 7
+    guest_stopped()
+    node.tpm.power_cycle()
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        t.extend_pcr(7, b"release 2's boot loader")
+        release_2 = t.read_pcrs([7])
+    r = node.node("reconcile")
+    assert r.returncode == 9, r.stderr
+    assert "none of the 0 signed PCR policies" in r.stderr, r.stderr
+    assert "edgepin release approve" in r.stderr and release_2[7].hex() in r.stderr, r.stderr
+    assert node_status(node)["state"] == "refused"
+
+    # the factory approves release 2's values: the same secrets open, nothing was sealed again
+    approvals = node.root / "var/lib/edgepin-host/approvals"
+    approvals.mkdir(parents=True)
+    approve_pcrs(key, release_2, approvals / "release-2.json")
+    ok(node.node("reconcile"))
+    st = node_status(node)
+    assert st["state"] == "running" and st["image_id"] == pub["image_id"], st
+    assert json.loads((node.root / "var/lib/edgepin/node-credential.json").read_text()) == sealed
+
+    # a boot chain no one approved: refused, the guest not started
+    guest_stopped()
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        t.extend_pcr(7, b"an attacker's boot loader")
+    r = node.node("reconcile")
+    assert r.returncode == 9 and "none of the 1 signed PCR policies" in r.stderr, r.stderr
+    conn = libvirt.open(node.libvirtd.uri)
+    try:
+        assert not conn.lookupByName("edgepin-guest").isActive()
+    finally:
+        conn.close()

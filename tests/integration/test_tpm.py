@@ -3,6 +3,7 @@ extended while a PolicyPCR session is in use."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -298,7 +299,7 @@ PCRS = [4, 7, 8, 9]
 
 def test_the_release_keys_name_and_authorized_policy_are_the_tpms(swtpm: Swtpm) -> None:
     from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPM2_ST
-    from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_SYM_DEF, TPMT_TK_VERIFIED
+    from tpm2_pytss.types import TPM2B_PUBLIC, TPML_DIGEST, TPMT_SYM_DEF, TPMT_TK_VERIFIED
 
     _key, pem = _release_key()
     with tpm.Tpm.open(swtpm.tcti) as t:
@@ -324,55 +325,112 @@ def test_the_release_keys_name_and_authorized_policy_are_the_tpms(swtpm: Swtpm) 
                 check_ticket=TPMT_TK_VERIFIED(tag=TPM2_ST.VERIFIED, hierarchy=0x40000007),
             )
             trial = bytes(t.esys.policy_get_digest(session))
+            # what a node seals to: that, or the PCRs in the values they have now
+            branches = [tpm.pcr_policy_digest(t.read_pcrs(PCRS)), trial]
+            t.esys.policy_or(session, TPML_DIGEST(branches))
+            trial_or = bytes(t.esys.policy_get_digest(session))
         finally:
             t.esys.flush_context(session)
     assert trial == tpm.authorize_policy_digest(tpm.release_key_name(pem))
+    assert trial_or == tpm.or_policy_digest(branches)
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        assert t.define_digest(tpm.SignedPolicy(pem, tuple(PCRS))) == trial_or
 
 
 def test_a_secret_sealed_to_the_release_key_survives_an_approved_boot_chain_and_only_that(
     swtpm: Swtpm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key, pem = _release_key()
+    policy = tpm.SignedPolicy(pem, tuple(PCRS))
     with tpm.Tpm.open(swtpm.tcti) as t:
         _boot(t, "release 1")
-        one = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs(PCRS)))
-        blob = t.seal_authorized(b"node credential", pem)
-        assert t.unseal_authorized(blob, [one], pem) == b"node credential"
+        blob = t.seal(b"node credential", policy)
+        # in the state it was sealed in it opens as a secret sealed to PCR values does
+        assert t.unseal(blob, policy) == b"node credential"
+        assert tpm.parse_blob(blob)["pcr_policy"] == tpm.pcr_policy_digest(t.read_pcrs(PCRS)).hex()
     # the node reboots into release 2: other values in PCRs 4, 8 and 9
     swtpm.power_cycle()
     with tpm.Tpm.open(swtpm.tcti) as t:
         _boot(t, "release 2")
-        with pytest.raises(tpm.TpmPolicyError, match="none of the 1 signed PCR policies"):
-            t.unseal_authorized(blob, [one], pem)
+        with pytest.raises(tpm.TpmPolicyError, match="none of the 0 signed PCR policies"):
+            t.unseal(blob, policy)
         # release 2 brings its approval: the same blob unseals, nothing was sealed again
         two = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs(PCRS)))
-        assert t.unseal_authorized(blob, [one, two], pem) == b"node credential"
+        approved = tpm.SignedPolicy(pem, tuple(PCRS), (two,))
+        assert t.unseal(blob, approved) == b"node credential"
+        # an approval over other PCRs than the node's selection does not count
+        fewer = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs([7, 8, 9])))
+        with pytest.raises(tpm.TpmPolicyError, match="none of the 0 signed PCR policies"):
+            t.unseal(blob, tpm.SignedPolicy(pem, tuple(PCRS), (fewer,)))
         # an approval of these values by any other key is refused
         other, _ = _release_key()
         forged = tpm.parse_approval(tpm.sign_approval(other, t.read_pcrs(PCRS)))
         with pytest.raises(tpm.TpmPolicyError, match="not signed by the pinned release key"):
-            t.unseal_authorized(blob, [forged], pem)
-        # release 1's signature under release 2's values
-        swapped = tpm.Approval("sha256", two.pcr_values, one.signature)
-        with pytest.raises(tpm.TpmPolicyError, match="not signed by the pinned release key"):
-            t.unseal_authorized(blob, [swapped], pem)
+            t.unseal(blob, tpm.SignedPolicy(pem, tuple(PCRS), (forged,)))
         # the TPM checks the signature itself, not only edgepin's code before it
         monkeypatch.setattr(tpm, "verify_approval", lambda approval, key_pem: None)
         with pytest.raises(tpm.TpmPolicyError, match="the TPM refused the PCR approval"):
-            t.unseal_authorized(blob, [forged], pem)
-        # ... and that the PCRs are the approved ones: here the code is made to believe
-        # release 1's approval matches, and the TPM's PolicyPCR says otherwise
+            t.unseal(blob, tpm.SignedPolicy(pem, tuple(PCRS), (forged,)))
+        monkeypatch.undo()
+        # ... and that the PCRs are the ones sealed to or approved: here the code is made
+        # to believe the PCRs still hold release 1's values, and the TPM says otherwise
+        one = tpm.parse_blob(blob)
         real_read = tpm.Tpm.read_pcrs
         monkeypatch.setattr(
-            tpm.Tpm, "read_pcrs", lambda self, pcrs, bank="sha256": dict(one.pcr_values)
+            tpm.Tpm,
+            "read_pcrs",
+            lambda self, pcrs, bank="sha256": _release_1_values(one, real_read, self, pcrs),
         )
-        with pytest.raises(tpm.TpmPolicyError, match="differs from the one the release key"):
-            t.unseal_authorized(blob, [one], pem)
-        monkeypatch.setattr(tpm.Tpm, "read_pcrs", real_read)
+        with pytest.raises(tpm.TpmPolicyError, match="neither the one the secret was sealed"):
+            t.unseal(blob, approved)
+        monkeypatch.undo()
         # an unapproved change after an approved boot: nothing matches any more
         t.extend_pcr(9, b"a file no release measures")
-        with pytest.raises(tpm.TpmPolicyError, match="none of the 2 signed PCR policies"):
-            t.unseal_authorized(blob, [one, two], pem)
+        with pytest.raises(tpm.TpmPolicyError, match="none of the 1 signed PCR policies"):
+            t.unseal(blob, approved)
+
+
+def _release_1_values(
+    blob: dict[str, Any], real_read: Callable[..., dict[int, bytes]], t: tpm.Tpm, pcrs: Any
+) -> dict[int, bytes]:
+    """PCR values whose PolicyPCR is the blob's PCR branch: release 1's, replayed."""
+    values = {p: bytes(32) for p in pcrs}
+    for p in (4, 8, 9):
+        if p in values:
+            data = f"release 1: PCR {p}".encode()
+            values[p] = hashlib.sha256(bytes(32) + hashlib.sha256(data).digest()).digest()
+    assert tpm.pcr_policy_digest(values).hex() == blob["pcr_policy"]
+    return values
+
+
+def test_the_vault_key_and_the_anchor_survive_an_approved_boot_chain(swtpm: Swtpm) -> None:
+    key, pem = _release_key()
+    policy = tpm.SignedPolicy(pem, tuple(PCRS))
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        _boot(t, "release 1")
+        t.vault_key_create(policy, KEY)
+        t.anchor_define(policy)
+        t.anchor_write(policy, ANCHOR)
+        assert t.vault_key_read(policy) == KEY
+        branch = tpm.pcr_policy_digest(t.read_pcrs(PCRS))
+    swtpm.power_cycle()
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        _boot(t, "release 2")
+        two = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs(PCRS)))
+        # the node must know the state it defined the indices in (it records it): the TPM
+        # shows only their policy
+        with pytest.raises(tpm.TpmPolicyError, match="not the one this node defined"):
+            t.vault_key_read(tpm.SignedPolicy(pem, tuple(PCRS), (two,)))
+        with pytest.raises(tpm.TpmPolicyError, match="none of the 0 signed PCR policies"):
+            t.vault_key_read(tpm.SignedPolicy(pem, tuple(PCRS), (), (branch,)))
+        approved = tpm.SignedPolicy(pem, tuple(PCRS), (two,), (branch,))
+        assert t.vault_key_read(approved) == KEY
+        t.anchor_write(approved, bytes(reversed(ANCHOR)))
+        assert t.anchor_read(approved) == bytes(reversed(ANCHOR))
+        # an index defined now, in release 2, is sealed to release 2's PCR branch
+        t.vault_key_create(approved, KEY)
+        assert t.vault_key_read(tpm.SignedPolicy(pem, tuple(PCRS))) == KEY
+        assert loaded_sessions(t) == []
 
 
 def test_a_blob_sealed_to_a_signed_policy_opens_only_with_its_key_on_its_tpm(
@@ -383,29 +441,30 @@ def test_a_blob_sealed_to_a_signed_policy_opens_only_with_its_key_on_its_tpm(
     other_key, other_pem = _release_key()
     with tpm.Tpm.open(node.tcti) as t:
         values = t.read_pcrs(PCRS)
-        blob = t.seal_authorized(b"node credential", pem)
+        blob = t.seal(b"node credential", tpm.SignedPolicy(pem, tuple(PCRS)))
         # the other key signs the same state: its approval does not open this blob
         theirs = tpm.parse_approval(tpm.sign_approval(other_key, values))
         with pytest.raises(tpm.TpmPolicyError, match="not sealed to the pinned release key"):
-            t.unseal_authorized(blob, [theirs], other_pem)
-        # a blob sealed to PCR values is not opened as an authorized one, nor the reverse
-        with pytest.raises(tpm.TpmBlobError, match="not sealed to a signed policy"):
-            t.unseal_authorized(t.seal(b"secret", [7]), [theirs], other_pem)
-        with pytest.raises(tpm.TpmBlobError, match="sealed to a signed policy, not to PCR"):
-            t.unseal(blob, [7])
+            t.unseal(blob, tpm.SignedPolicy(other_pem, tuple(PCRS), (theirs,)))
+        # a node without a release key does not open it, nor one with other PCRs
+        with pytest.raises(tpm.TpmBlobError, match="this node has none"):
+            t.unseal(blob, PCRS)
+        with pytest.raises(tpm.TpmPolicyError, match="this node seals to"):
+            t.unseal(blob, tpm.SignedPolicy(pem, (7,)))
     mine = tpm.parse_approval(tpm.sign_approval(key, values))
     with tpm.Tpm.open(other_tpm.tcti) as t, pytest.raises(tpm.TpmBlobError, match="this TPM"):
-        t.unseal_authorized(blob, [mine], pem)
+        t.unseal(blob, tpm.SignedPolicy(pem, tuple(PCRS), (mine,)))
 
 
-def test_an_authorized_unseal_raced_by_a_measuring_kernel_is_tried_again(swtpm: Swtpm) -> None:
-    """PCR 10 extended right after PolicyPCR and PolicyAuthorize: PCR_CHANGED, then a new
-    session (with its own PolicyAuthorize) unseals; no session is left loaded."""
+def test_an_approved_unseal_raced_by_a_measuring_kernel_is_tried_again(swtpm: Swtpm) -> None:
+    """PCR 10 extended right after PolicyPCR, PolicyAuthorize and PolicyOR: PCR_CHANGED,
+    then a new session (with its own policy commands) unseals; no session is left loaded."""
     key, pem = _release_key()
     with tpm.Tpm.open(swtpm.tcti) as t:
+        blob = t.seal(b"node credential", tpm.SignedPolicy(pem, tuple(PCRS)))
+        _boot(t, "release 2")
         approval = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs(PCRS)))
-        blob = t.seal_authorized(b"node credential", pem)
     with racing(swtpm, 10, races=2) as t:
-        assert t.unseal_authorized(blob, [approval], pem) == b"node credential"
+        assert t.unseal(blob, tpm.SignedPolicy(pem, tuple(PCRS), (approval,))) == b"node credential"
         assert t.sessions == 3
         assert loaded_sessions(t) == []

@@ -7,6 +7,7 @@ boot's filesystem."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from provisioner import tpm
 from provisioner.node import fscrypt, vault
 from tests.testbed.node import run_edgepin
+from tests.testbed.operator import approve_pcrs, pin_release_key
 from tests.testbed.swtpm import Swtpm, forge_nv_index
 
 pytestmark = pytest.mark.integration
@@ -177,3 +179,55 @@ def test_a_vault_key_index_that_is_not_edgepins_is_refused(disk: Disk, swtpm: Sw
         vault.open_vault(disk.root, swtpm.tcti, PCRS)
     for folder in vault.VAULT_DIRS:
         assert not (disk.root / folder).exists(), folder
+
+
+def test_a_vault_sealed_with_a_release_key_opens_after_an_approved_boot_chain_only(
+    disk: Disk, swtpm: Swtpm, tmp_path: Path
+) -> None:
+    """`edgepin node vault` on an image that pins a release key: the vault key opens in the
+    state it was made in, in a state the key approved, and in no other."""
+    key, _pub = pin_release_key(disk.root, tmp_path)
+    r = _node_vault(disk.root, swtpm)
+    assert r.returncode == 0 and "made in the TPM now" in r.stdout, (r.stdout, r.stderr)
+    (disk.var / "lib" / "edgepin" / "node.json").write_bytes(MARKER)
+    states = json.loads((disk.var / "lib" / "edgepin-host" / "sealed-states.json").read_text())
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        assert states == [tpm.pcr_policy_digest(t.read_pcrs(PCRS)).hex()]
+    disk.power_off()
+
+    # a host update: the boot chain measures something else; without its approval the
+    # vault stays shut and the console says which values to approve
+    swtpm.power_cycle()
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        t.extend_pcr(7, b"release 2's boot chain")
+        release_2 = t.read_pcrs(PCRS)
+    disk.mount()
+    r = _node_vault(disk.root, swtpm)
+    assert r.returncode == 10 and "none of the 0 signed PCR policies" in r.stderr, r.stderr
+    assert "edgepin release approve" in r.stderr and release_2[7].hex() in r.stderr, r.stderr
+    assert "node.json" not in os.listdir(disk.var / "lib" / "edgepin")
+
+    # an approval by another key is no approval
+    approvals = disk.var / "lib" / "edgepin-host" / "approvals"
+    approvals.mkdir()
+    other = tmp_path / "other"
+    other.mkdir()
+    other_key, _ = pin_release_key(other, other)
+    approve_pcrs(other_key, release_2, approvals / "forged.json")
+    r = _node_vault(disk.root, swtpm)
+    assert r.returncode == 10 and "not signed by the pinned release key" in r.stderr, r.stderr
+
+    # the release key's approval of release 2: the same vault opens, nothing made anew
+    (approvals / "forged.json").unlink()
+    approve_pcrs(key, release_2, approvals / "release-2.json")
+    r = _node_vault(disk.root, swtpm)
+    assert r.returncode == 0 and "folders encrypted now: none" in r.stdout, (r.stdout, r.stderr)
+    assert "made in the TPM now" not in r.stdout
+    assert (disk.var / "lib" / "edgepin" / "node.json").read_bytes() == MARKER
+    disk.power_off()
+
+    # release 1 again (a rollback of the host): the state it was sealed in still opens it
+    swtpm.power_cycle()
+    disk.mount()
+    r = _node_vault(disk.root, swtpm)
+    assert r.returncode == 0, r.stderr

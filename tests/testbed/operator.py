@@ -4,6 +4,8 @@ a signing certificate's ids, enrolling a virtual node, assigning it an image."""
 from __future__ import annotations
 
 import datetime
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,3 +72,24 @@ def signed_assignment(
     key = load_key(admin, signer.key_id)
     cert = load_certificate(signer.pem)
     return assignment.sign(key, cert, project_id, node_name, image_id, sha, generation, now)
+
+
+def pin_release_key(root: Path, tmp: Path) -> tuple[Path, Path]:
+    """A release key made with `edgepin release key` in ``tmp``; its public half pinned
+    in the node root ``root`` (as `./build.sh image --release-key` pins it)."""
+    key, pub = tmp / "release.key.pem", tmp / "release.pub.pem"
+    r = run_edgepin(["release", "key", "--key-out", str(key), "--public-out", str(pub)])
+    assert r.returncode == 0, r.stderr
+    (root / "etc" / "edgepin").mkdir(parents=True, exist_ok=True)
+    shutil.copy(pub, root / "etc" / "edgepin" / "release-key.pem")
+    return key, pub
+
+
+def approve_pcrs(key: Path, values: dict[int, bytes], out: Path) -> None:
+    """`edgepin release approve` of ``values`` with ``key``, into ``out``."""
+    pcr_values = out.with_suffix(".values")
+    pcr_values.write_text(json.dumps({str(p): v.hex() for p, v in values.items()}))
+    pcrs = ",".join(map(str, sorted(values)))
+    args = ["--key", str(key), "--pcrs", pcrs, "--pcr-values", str(pcr_values)]
+    r = run_edgepin(["release", "approve", *args, "--out", str(out)])
+    assert r.returncode == 0, r.stderr

@@ -36,7 +36,11 @@ PACKAGE = REPO / "provisioner"
 UNITS = PACKAGE / "units"
 
 # options of other programs that messages name, with the program
-FOREIGN_OPTIONS = {"--url": "openstack endpoint set", "--assignment-cert": "./build.sh image"}
+FOREIGN_OPTIONS = {
+    "--url": "openstack endpoint set",
+    "--assignment-cert": "./build.sh image",
+    "--release-key": "./build.sh image",
+}
 
 
 def _strings(tree: ast.AST) -> Iterator[tuple[int, str]]:
