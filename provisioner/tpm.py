@@ -1000,7 +1000,8 @@ class Tpm:
         now = [a for a in approvals if self.read_pcrs(a.pcrs, a.bank) == dict(a.pcr_values)]
         if not now:
             raise TpmPolicyError(
-                f"none of the {len(approvals)} signed PCR policies matches the measured boot state"
+                "the measured boot state differs from the one it was sealed in, and none "
+                f"of the {len(approvals)} signed PCR policies matches it"
             )
         refused: TpmPolicyError | None = None
         for approval in now:

@@ -29,7 +29,11 @@ The scenarios run in order on one node, as a field node would live them:
 7. a boot with Secure Boot turned off in the firmware (PCR 7 and 0 differ from
    enrollment): the node refuses to unseal and says why on the console (and the unedited
    disk boots through verity);
-8. GRUB's config edited on the disk: PCR 8 and 9 differ, the keys are refused;
+8. GRUB's config edited on the disk: PCR 8 and 9 differ, the keys are refused. Then the
+   factory approves that boot chain with the release key the image pins (the values the
+   node said on its console, `edgepin release approve`), the approval is put in the
+   node's approval folder, and the same node opens its vault, credential and image key in
+   it and starts its guest: what is sealed survives an approved change of the boot chain;
 9. the disk booted with another TPM: the vault is not opened, nothing of the node runs;
 10. after all of it, the genuine disk, TPM and firmware, offline: the guest starts from the
     local copy (nothing above harmed it, its key or the node's state).
@@ -68,9 +72,9 @@ from tests.testbed.controlplane import ControlPlane
 from tests.testbed.disk import write_state_files
 from tests.testbed.guest import LEASED_BY
 from tests.testbed.hostcheck import CheckedBoot, factory_pcrs
-from tests.testbed.hostimage import ImageSigner, qemu_node_enroll_args
+from tests.testbed.hostimage import IMAGE_PCRS, ImageSigner, qemu_node_enroll_args
 from tests.testbed.node import run_edgepin
-from tests.testbed.operator import Signer
+from tests.testbed.operator import Signer, approve_pcrs
 from tests.testbed.qemuvm import HostVm
 from tests.testbed.site import HOST_FROM_USER_NET, SiteService, site_service
 from tests.testbed.swtpm import Swtpm, SwtpmFactory
@@ -566,7 +570,9 @@ def test_7_a_boot_with_secure_boot_off_is_refused_the_keys(node: Node) -> None:
     assert re.search(r"edgepin: verity: root \S+ opened", console), node.vm.tail()
 
 
-def test_8_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> None:
+def test_8_a_boot_loader_edited_on_the_disk_is_refused_the_keys_until_approved(
+    node: Node, v1: dict[str, Any], image_signer: ImageSigner
+) -> None:
     node.vm.stop()
     # someone with the disk changes a kernel parameter in grub.cfg on the root partition
     # (the same change as typing init=/bin/sh at a GRUB prompt, which the locked menu
@@ -588,6 +594,29 @@ def test_8_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> N
             r"differs",
             BOOT_TIMEOUT,
         )
+        refused = node.vm.console()
+        # the image pins a release key: the console says the values to approve
+        said = re.search(r"edgepin release approve.*FILE holding: (\{[^}]*\})", refused)
+        assert said, node.vm.tail()
+        node.vm.stop()
+        assert "edgepin.edited" in refused, "the edited command line was not booted"
+        assert "started from the local copy" not in refused
+        assert "switched to image" not in refused
+        # the factory approves this boot chain (as it would a host update's)
+        values = {int(k): bytes.fromhex(v) for k, v in json.loads(said.group(1)).items()}
+        assert sorted(values) == [int(p) for p in IMAGE_PCRS.split(",")], values
+        approval = node.vm.workdir / "edited.approval.json"
+        approve_pcrs(image_signer.release_key, values, approval)
+        write_state_files(
+            node.vm.disk,
+            {"lib/edgepin-host/approvals/edited.json": approval.read_bytes()},
+            node.vm.workdir,
+        )
+        node.boot("boot-loader-edited-approved", firmware="uefi")
+        node.wait(rf"guest {v1['image_id']} started from the local copy")
+        approved = node.vm.console()
+        assert "edgepin.edited" in approved
+        assert "vault open" in approved, node.vm.tail()
     finally:
         node.vm.stop()
         # the edit undone, for the last scenario
@@ -600,10 +629,7 @@ def test_8_a_boot_loader_edited_on_the_disk_is_refused_the_keys(node: Node) -> N
             "root",
         )
         assert back == n, f"{back} of {n} edits undone"
-    console = node.vm.console()
-    assert "edgepin.edited" in console, "the edited command line was not booted"
-    assert "started from the local copy" not in console
-    assert "switched to image" not in console
+    # the approval stays in the folder: it names the edited boot chain and nothing else
 
 
 def test_9_the_disk_booted_with_another_tpm_gives_nothing(

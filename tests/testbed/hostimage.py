@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from provisioner.operator import signingcert
+from provisioner.operator import release, signingcert
 
 
 class HostImageError(RuntimeError):
@@ -86,6 +86,10 @@ class ImageSigner:
     key_pem: bytes
     cert_pem: bytes
     cert_path: Path
+    # the test-only release key (``edgepin release key``): the image pins its public half,
+    # the image tier approves boot chains with the private one
+    release_key: Path
+    release_public: Path
 
 
 def image_signer_material(cache: Path) -> ImageSigner:
@@ -103,7 +107,14 @@ def image_signer_material(cache: Path) -> ImageSigner:
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return ImageSigner(key_path.read_bytes(), cert_path.read_bytes(), cert_path)
+    release_key, release_public = d / "release-key.pem", d / "release-public.pem"
+    if not (release_key.exists() and release_public.exists()):
+        release_key.unlink(missing_ok=True)
+        release_public.unlink(missing_ok=True)
+        release.create_key(release_key, release_public)
+    return ImageSigner(
+        key_path.read_bytes(), cert_path.read_bytes(), cert_path, release_key, release_public
+    )
 
 
 # the test image seals to the default selection plus PCR 0 (the firmware), so that a boot
@@ -142,6 +153,8 @@ def image_args(material: ImageSigner) -> list[str]:
         "qemu",
         "--pcrs",
         IMAGE_PCRS,
+        "--release-key",
+        str(material.release_public),
         "--reconcile-interval",
         "20s",
         "--reconcile-delay",
