@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,7 +14,10 @@ from tests.testbed.swtpm import Swtpm, SwtpmFactory
 
 @pytest.fixture(scope="session")
 def swtpm_factory(run_dir: Path) -> Iterator[SwtpmFactory]:
-    factory = SwtpmFactory(run_dir / "swtpm")
+    # a folder per session: the child sessions of tests/integration/test_debian_libs.py
+    # share the run directory, and each session numbers its TPMs from the start
+    base = Path(tempfile.mkdtemp(prefix="swtpm-", dir=run_dir))
+    factory = SwtpmFactory(base)
     yield factory
     pids = [t.pid for t in factory.created if t.pid]
     factory.stop_all()
