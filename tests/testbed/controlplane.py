@@ -77,6 +77,12 @@ MEMCACHED_DEAD_RETRY = 10  # seconds a failed memcached is left alone
 # that misses the cache costs Keystone a token's rebuild; 64 MiB (memcached's default)
 # evicted tens of thousands of entries with 10,000 nodes (docs/performance.md)
 MEMCACHED_MIB = 1024
+# how long Keystone takes what it cached as fresh ([cache] expiration_time and [identity]
+# cache_time, both 600 s by default): longer than a node's reconcile interval plus its delay
+# (1 h + 10 min by default), or every kept-token reconcile finds its token's validation,
+# roles, user, project and credential expired in memcached (a get hit, yet rebuilt with
+# dozens of SQL statements): docs/production.md#keystone-cache-and-token-caches
+KEYSTONE_CACHE_SECONDS = 4500
 
 
 class ControlPlaneError(RuntimeError):
@@ -212,6 +218,7 @@ def _cache(cp: ControlPlane) -> str:
         # invalidations are lost meanwhile
         f"socket_timeout = {MEMCACHED_TIMEOUT}\n"
         f"memcache_dead_retry = {MEMCACHED_DEAD_RETRY}\n"
+        f"expiration_time = {KEYSTONE_CACHE_SECONDS}\n"
     )
 
 
@@ -231,6 +238,7 @@ key_repository = {d}/fernet-keys
 key_repository = {d}/credential-keys
 [identity]
 password_hash_rounds = 4
+cache_time = {KEYSTONE_CACHE_SECONDS}
 [cache]
 {_cache(cp)}[oslo_policy]
 enforce_scope = false
