@@ -401,7 +401,11 @@ def _create_node_credential(
         # prove that it works before giving anything up
         _token(make_session(ident, cred_id, node_secret, cfg.http_timeout), "new node credential")
         del node_secret
-        LOG.info("enrollment: node credential %s created and sealed to PCRs %s", cred_id, cfg.pcrs)
+        LOG.info(
+            "enrollment: node credential %s created and sealed to %s",
+            cred_id,
+            policy.describe(policy.node_policy(cfg)),
+        )
 
     # the node credential is the only one left: others are deleted (checked, not assumed),
     # the bootstrap last (unless a previous attempt already did)
