@@ -20,20 +20,27 @@ pytestmark = pytest.mark.integration
 DUP = ("duplicate",)
 
 
-def test_offline_policy_digest_equals_trial_session(swtpm: Swtpm) -> None:
+def trial_session(t: tpm.Tpm) -> Any:
+    """A trial policy session: it computes a policy's digest and authorizes nothing."""
     from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
-    from tpm2_pytss.types import TPML_PCR_SELECTION, TPMT_SYM_DEF
+    from tpm2_pytss.types import TPMT_SYM_DEF
+
+    return t.esys.start_auth_session(
+        ESYS_TR.NONE,
+        ESYS_TR.NONE,
+        TPM2_SE.TRIAL,
+        TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+        TPM2_ALG.SHA256,
+    )
+
+
+def test_offline_policy_digest_equals_trial_session(swtpm: Swtpm) -> None:
+    from tpm2_pytss.types import TPML_PCR_SELECTION
 
     with tpm.Tpm.open(swtpm.tcti) as t:
         t.extend_pcr(7, b"something measured")
         values = t.read_pcrs([0, 7])
-        session = t.esys.start_auth_session(
-            ESYS_TR.NONE,
-            ESYS_TR.NONE,
-            TPM2_SE.TRIAL,
-            TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
-            TPM2_ALG.SHA256,
-        )
+        session = trial_session(t)
         try:
             selection = TPML_PCR_SELECTION.unmarshal(tpm.pcr_selection_bytes([0, 7]))[0]
             t.esys.policy_pcr(session, b"", selection)
@@ -298,8 +305,8 @@ PCRS = [4, 7, 8, 9]
 
 
 def test_the_release_keys_name_and_authorized_policy_are_the_tpms(swtpm: Swtpm) -> None:
-    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPM2_ST
-    from tpm2_pytss.types import TPM2B_PUBLIC, TPML_DIGEST, TPMT_SYM_DEF, TPMT_TK_VERIFIED
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ST
+    from tpm2_pytss.types import TPM2B_PUBLIC, TPML_DIGEST, TPMT_TK_VERIFIED
 
     _key, pem = _release_key()
     with tpm.Tpm.open(swtpm.tcti) as t:
@@ -309,13 +316,7 @@ def test_the_release_keys_name_and_authorized_policy_are_the_tpms(swtpm: Swtpm) 
         _public, name, _qname = t.esys.read_public(handle)
         t.esys.flush_context(handle)
         assert bytes(name) == tpm.release_key_name(pem)
-        session = t.esys.start_auth_session(
-            ESYS_TR.NONE,
-            ESYS_TR.NONE,
-            TPM2_SE.TRIAL,
-            TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
-            TPM2_ALG.SHA256,
-        )
+        session = trial_session(t)
         try:  # a trial session takes PolicyAuthorize without a real ticket
             t.esys.policy_authorize(
                 session,
