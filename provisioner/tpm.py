@@ -826,18 +826,23 @@ class Tpm:
         values, or (a ``SignedPolicy``) that or the release key's signed policy."""
         if len(secret) > 128:
             raise TpmError("a sealed secret holds at most 128 bytes")
-        if isinstance(policy, SignedPolicy):
-            return self._seal_signed(secret, policy)
-        pcrs = sorted(set(policy))
+        signed = policy if isinstance(policy, SignedPolicy) else None
+        selection = policy.pcrs if isinstance(policy, SignedPolicy) else policy
+        if signed is not None:
+            bank = "sha256"
+        pcrs = sorted(set(selection))
         if not pcrs:
             raise TpmError("refusing to seal without a PCR policy (empty PCR selection)")
-        public, private = self._create_sealed(
-            secret, pcr_policy_digest(self.read_pcrs(pcrs, bank), bank)
-        )
+        branch = pcr_policy_digest(self.read_pcrs(pcrs, bank), bank)
+        auth = signed.sealed_digest(branch) if signed is not None else branch
+        public, private = self._create_sealed(secret, auth)
+        # a signed policy's blob names its PCR branch: the TPM shows only the OR of both
+        extra = {"policy": "signed", "pcr_policy": branch.hex()} if signed is not None else {}
         return json.dumps(
             {
                 "version": BLOB_VERSION,
                 "kind": BlobKind.SEALED,
+                **extra,
                 "public": _b64(public),
                 "private": _b64(private),
                 "pcrs": pcrs,
@@ -887,26 +892,6 @@ class Tpm:
                 self._flush(session)
             self._flush(parent)
         return out_public.marshal(), private.marshal()
-
-    def _seal_signed(self, secret: bytes, policy: SignedPolicy) -> bytes:
-        pcrs = sorted(set(policy.pcrs))
-        if not pcrs:
-            raise TpmError("refusing to seal without a PCR policy (empty PCR selection)")
-        branch = pcr_policy_digest(self.read_pcrs(pcrs))
-        public, private = self._create_sealed(secret, policy.sealed_digest(branch))
-        return json.dumps(
-            {
-                "version": BLOB_VERSION,
-                "kind": BlobKind.SEALED,
-                "policy": "signed",
-                "pcr_policy": branch.hex(),
-                "public": _b64(public),
-                "private": _b64(private),
-                "pcrs": pcrs,
-                "bank": "sha256",
-            },
-            sort_keys=True,
-        ).encode()
 
     def _unseal_signed(self, data: dict[str, Any], policy: SignedPolicy) -> bytes:
         """Unseal a blob sealed to ``policy`` (``data``, parsed): under its PCR branch when

@@ -87,7 +87,8 @@ def seal_carried(
         return current
     try:
         with tpm.Tpm.open(cfg.tcti) as t:
-            passphrase = t.unseal(wrapped, cfg.pcrs, (tpm.BlobKind.DUPLICATE,))  # the factory's
+            # wrapped by `edgepin bundle` for the PCR values recorded at enrollment
+            passphrase = t.unseal(wrapped, cfg.pcrs, (tpm.BlobKind.DUPLICATE,))
     except tpm.TpmPolicyError as e:
         # the node credential unsealed before (reconcile.Run.go_import): the node is in
         # its enrolled state, so it is the bundle that names other PCRs or values
