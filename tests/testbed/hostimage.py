@@ -57,8 +57,9 @@ def build_image(out: Path, args: list[str]) -> Path:
         stamp.touch()  # current as of now (./build.sh test waits for a fresh stamp)
         return image
     stamp.unlink(missing_ok=True)
-    # a cache: the old image goes (diskimage-builder would keep it under a dated name)
-    for old in [image, *out.glob("edgepin-host-*.qcow2")]:
+    # a cache: the old image goes (diskimage-builder would keep it under a dated name, and
+    # a raw a failed build left behind too)
+    for old in [image, *out.glob("edgepin-host-*.qcow2"), *out.glob("edgepin-host*.raw")]:
         old.unlink(missing_ok=True)
     r = subprocess.run(
         [str(REPO / "build.sh"), "image", "--out", str(out), *args],
