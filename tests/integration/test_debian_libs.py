@@ -56,6 +56,9 @@ def child_pytest(env: dict[str, str], *targets: str) -> str:
 
 
 def _child_pytest(base: Path, env: dict[str, str], *targets: str) -> str:
+    # a run folder of its own: the session's (EDGEPIN_TEST_RUN_DIR, when set) holds this
+    # session's control plane, swtpms and libvirtd
+    env = {**env, "EDGEPIN_TEST_RUN_DIR": str(base / "run")}
     r = subprocess.run(
         [
             sys.executable,

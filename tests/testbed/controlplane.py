@@ -89,6 +89,10 @@ class ControlPlaneError(RuntimeError):
     """The test bed could not be started or stopped."""
 
 
+class ControlPlaneRunningError(ControlPlaneError):
+    """up() found another control plane running in the same folder, and left it alone."""
+
+
 def services_python(store: str = "file") -> Path:
     if store == "ceph":
         env = os.environ.get("EDGEPIN_SERVICES_CEPH_VENV")
@@ -360,6 +364,9 @@ class ControlPlane:
     store: str = "file"
     # EDGEPIN_CP_SHAPE=plain runs a whole test session on the plain bed
     shape: str = field(default_factory=lambda: os.environ.get("EDGEPIN_CP_SHAPE", "production"))
+    # set when up() found another control plane running here: down() then stops nothing,
+    # so that a caller cleaning up after a failed up() never stops someone else's
+    found_running: bool = field(default=False, repr=False)
 
     @property
     def python(self) -> Path:
@@ -406,7 +413,8 @@ class ControlPlane:
     def up(self, template_root: Path | None = None) -> None:
         t0 = time.monotonic()
         if self.state_path.exists() and self._alive():
-            raise ControlPlaneError(f"control plane already running in {self.run_dir}")
+            self.found_running = True
+            raise ControlPlaneRunningError(f"control plane already running in {self.run_dir}")
         if self.store not in STORES:
             raise ControlPlaneError(f"unknown Glance store {self.store!r}: one of {STORES}")
         if not self.python.exists():
@@ -448,6 +456,8 @@ class ControlPlane:
         self._save_state()
 
     def down(self) -> None:
+        if self.found_running:
+            return
         state = self._load_state()
         pids = state.get("pids", {}) if state else self.pids
         for pid in pids.values():

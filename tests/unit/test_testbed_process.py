@@ -3,6 +3,7 @@ whether a pid is alive, a free port, a private file's mode."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -125,3 +126,22 @@ def test_a_private_file_replaces_a_symlink_and_leaves_its_target(tmp_path: Path)
     process.write_private(link, "new")
     assert not link.is_symlink() and link.read_text() == "new"
     assert target.read_text() == "keep"
+
+
+def test_a_control_plane_that_finds_another_running_leaves_it_alone(tmp_path: Path) -> None:
+    """A second session in the same run folder (a child pytest, a second
+    ``./build.sh controlplane up``) is refused, and the clean-up its caller does after the
+    failed up() stops nothing of the first one's and keeps its state."""
+    from tests.testbed.controlplane import ControlPlane, ControlPlaneRunningError
+
+    run = tmp_path / "controlplane"
+    run.mkdir()
+    state = {"pids": {"keystone": os.getpid()}, "ports": {"keystone": 1}}
+    (run / "controlplane.json").write_text(json.dumps(state))
+    cp = ControlPlane(run)
+    with pytest.raises(ControlPlaneRunningError, match="already running"):
+        cp.up(None)
+    cp.down()
+    assert json.loads((run / "controlplane.json").read_text()) == state
+    # a control plane object that did not find one running stops what the state names
+    assert ControlPlane(run).found_running is False
