@@ -46,8 +46,9 @@ Commands:
   test [PYTEST ARGS...]    install what the tests need, run ruff, mypy and the whole
                            pytest suite (the image tier in a second session beside
                            the others, its output in out/test-image.log, and its
-                           SeaBIOS boot in a third once the others are done, in
-                           out/test-image-bios.log); pass pytest
+                           SeaBIOS boot and the reproducibility build in a third
+                           once the others are done, in out/test-image-bios.log);
+                           pass pytest
                            arguments to run one session of your selection, e.g.
                            ./build.sh test -m unit
   controlplane up|down|status [OPTIONS]
@@ -416,11 +417,19 @@ cmd_image() {
         die "diskimage-builder failed (exit $rc) after $((SECONDS - start)) s; full log: $logfile"
     fi
     log "image built in $((SECONDS - start)) s"
-    # dm-verity: hash the root partition into the verity partition, the root hash onto
-    # the ESP (GRUB puts it on the measured kernel command line)
-    local roothash sudo=()
+    local roothash rootsize sudo=()
     # loop devices over the partitions: root, as diskimage-builder's own steps are
     [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    # the root: a squashfs of the files diskimage-builder put on the ext4 root partition
+    log "squashing the root filesystem (xz)"
+    start=$SECONDS
+    rootsize="$(PATH="$path" "${sudo[@]}" env SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" \
+        "$ROOT/elements/edgepin-readonly/squash-root" "$out/$name.raw" | tail -1)" \
+        || die "squashing the root filesystem failed"
+    [[ "$rootsize" =~ ^[0-9]+\ [0-9a-f]{64}$ ]] || die "squash-root said no size and sha256: $rootsize"
+    log "root squashed in $((SECONDS - start)) s: $((${rootsize% *} / 1048576)) MiB, sha256 ${rootsize#* }"
+    # dm-verity: hash the root partition into the verity partition, the root hash onto
+    # the ESP (GRUB puts it on the measured kernel command line)
     roothash="$(PATH="$path" "${sudo[@]}" "$ROOT/elements/edgepin-readonly/seal-verity" "$out/$name.raw" | tail -1)" \
         || die "sealing the root with dm-verity failed"
     log "root sealed with dm-verity: root hash $roothash"
@@ -447,7 +456,8 @@ cmd_image() {
         --setting "assignment_certs_sha256=${acert_sums%,}" \
         --setting "release_key_sha256=$rkey_sum" \
         --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims" \
-        --verity-root-hash "$roothash"
+        --verity-root-hash "$roothash" \
+        --root-image "${rootsize% *}" "${rootsize#* }"
 }
 
 cmd_test() {
@@ -478,10 +488,12 @@ cmd_test() {
 # it; the image tier is the longer, so the other session runs at a lower CPU priority
 # (nice 10) and takes what the image tier leaves. When it is done, its core would idle while
 # the image tier's node scenarios go on: a third session boots the host image on SeaBIOS
-# there (BIOS_BOOT, which the image session leaves out), once the image is built. Each
-# session has its own run directory and prints its slowest steps; the image sessions'
-# output goes to out/test-image.log and out/test-image-bios.log, printed when all are done.
+# there (BIOS_BOOT) and builds it a second time to compare the two (REPRODUCIBLE), both of
+# which the image session leaves out, once the image is built. Each session has its own run
+# directory and prints its slowest steps; the image sessions' output goes to
+# out/test-image.log and out/test-image-bios.log, printed when all are done.
 BIOS_BOOT="tests/image/test_host_image.py::test_boots_read_only_with_tpm_and_no_way_in[bios]"
+REPRODUCIBLE="tests/image/test_reproducible.py"
 
 test_tiers() {
     local log="$ROOT/out/test-image.log" bios_log="$ROOT/out/test-image-bios.log" pid
@@ -495,7 +507,8 @@ test_tiers() {
     log "pytest -m image, beside the other tiers (its output: out/test-image.log)"
     (
         if [[ -n "$run" ]]; then export EDGEPIN_TEST_RUN_DIR="$run/image"; fi
-        exec "$VENV/bin/python" -m pytest -m image --deselect "$BIOS_BOOT" --durations=25
+        exec "$VENV/bin/python" -m pytest -m image --deselect "$BIOS_BOOT" \
+            --deselect "$REPRODUCIBLE" --durations=25
     ) >"$log" 2>&1 &
     pid=$!
     trap 'kill -TERM "$pid" 2>/dev/null || true' EXIT
@@ -507,10 +520,10 @@ test_tiers() {
     # the image session builds the image or finds it current, and then (re)writes its stamp:
     # wait for that, never two builds at once
     while ! [[ "$built" -nt "$started" ]] && kill -0 "$pid" 2>/dev/null; do sleep 10; done
-    log "pytest $BIOS_BOOT, beside the image tier (its output: out/test-image-bios.log)"
+    log "pytest $BIOS_BOOT $REPRODUCIBLE, beside the image tier (its output: out/test-image-bios.log)"
     (
         if [[ -n "$run" ]]; then export EDGEPIN_TEST_RUN_DIR="$run/bios"; fi
-        exec "$VENV/bin/python" -m pytest "$BIOS_BOOT" --durations=5
+        exec "$VENV/bin/python" -m pytest "$BIOS_BOOT" "$REPRODUCIBLE" --durations=5
     ) >"$bios_log" 2>&1 || rc_bios=$?
     log "waiting for the image tier"
     wait "$pid" || rc_image=$?

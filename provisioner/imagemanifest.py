@@ -124,6 +124,12 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         "elements": elements_used(log),
         # on the ESP and the kernel command line: GRUB measures it into PCR 8
         "verity_root_hash": args.verity_root_hash,
+        # the root partition's content: a squashfs of this size and sha256, zeros after it
+        "root_image": (
+            {"format": "squashfs", "bytes": int(args.root_image[0]), "sha256": args.root_image[1]}
+            if args.root_image
+            else None
+        ),
     }
 
 
@@ -137,7 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--verity-root-hash", default=None, help="the root filesystem's dm-verity root hash"
     )
+    p.add_argument(
+        "--root-image",
+        nargs=2,
+        metavar=("BYTES", "SHA256"),
+        default=None,
+        help="size and sha256 of the root partition's squashfs",
+    )
     args = p.parse_args(argv)
+    if args.root_image and not (
+        args.root_image[0].isdigit() and re.fullmatch(r"[0-9a-f]{64}", args.root_image[1])
+    ):
+        p.error("--root-image takes a size in bytes and a sha256 (64 hex digits)")
     manifest = build(args)
     (args.out / f"{args.name}.manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     pins = {

@@ -62,6 +62,9 @@ echo "EDGEPIN-CHECK root=$(findmnt -no OPTIONS / | cut -d, -f1)"
 # the root is the dm-verity device the initramfs opened: its status (V: verified so far,
 # C: a corrupted block was seen) and what it does on corruption
 echo "EDGEPIN-CHECK root-source=$(findmnt -no SOURCE /)"
+echo "EDGEPIN-CHECK root-fstype=$(findmnt -no FSTYPE /)"
+# the boot partition (kernel, initramfs, grub.cfg) is not mounted on the running node
+echo "EDGEPIN-CHECK boot-mounted=$(findmnt -rn -o TARGET | grep -cx /boot)"
 echo "EDGEPIN-CHECK verity=$(dmsetup status edgepin-root 2>&1 | awk '{print $3, $4}') $(dmsetup table edgepin-root 2>&1 | grep -o panic_on_corruption)"
 echo "EDGEPIN-CHECK var=$(findmnt -no FSTYPE /var) $(df -BM --output=size /var | tail -1 | tr -d ' ')"
 echo "EDGEPIN-CHECK etc=$(findmnt -no FSTYPE /etc)"
@@ -109,7 +112,13 @@ echo "EDGEPIN-CHECK libvirt-on-disk=$disk_modes"
 # files into 9), as 4=hex,7=hex,8=hex,9=hex
 echo "EDGEPIN-CHECK pcrs=$(tpm2_pcrread -T "$TPM" sha256:4,7,8,9 2>&1 | awk '$2 == ":" && $3 ~ /^0x/ {printf "%s%s=%s", sep, $1, tolower(substr($3, 3)); sep = ","}')"
 # GRUB's menu: a superuser, no password command, Linux entries unrestricted
-cfg=/boot/grub/grub.cfg
+# (read here from the boot partition, mounted read-only for the check and unmounted after)
+bootdir=$(mktemp -d)
+mount -o ro,nodev,nosuid,noexec /dev/disk/by-partlabel/boot "$bootdir"
+cp "$bootdir/grub/grub.cfg" /run/edgepin-check-grub.cfg
+umount "$bootdir"
+rmdir "$bootdir"
+cfg=/run/edgepin-check-grub.cfg
 echo "EDGEPIN-CHECK grub-superusers=$(sed -n 's/^set superusers=//p' "$cfg" | paste -sd, -)"
 echo "EDGEPIN-CHECK grub-passwords=$(grep -cE '^\s*password(_pbkdf2)?\s' "$cfg")"
 echo "EDGEPIN-CHECK grub-linux-entries=$(grep -cE '^\s*menuentry .*--class gnu-linux' "$cfg")"

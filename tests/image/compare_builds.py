@@ -3,10 +3,10 @@
     python -m tests.image.compare_builds A.qcow2 B.qcow2 [--json OUT]
 
 Run as root: each image is converted to raw, its partitions are attached read-only (partx)
-and the ext4 ones mounted read-only; the ESP is read with mtools. For every file the
-content hash, mode, owner, mtime and link target are compared. The images themselves are
-compared byte for byte too, to say whether the build is bit-identical or only file-identical.
-Used for the reproducibility figures in docs/host-image.md.
+and mounted read-only (boot and state: ext4; root: squashfs); the ESP is read with mtools.
+For every file the content hash, mode, owner, mtime and link target are compared. The
+images, and their root partitions, are compared byte for byte too, to say whether the build
+is bit-identical or only file-identical. Used for the reproducibility figures in docs/host-image.md.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from pathlib import Path
 
 from provisioner.imagemanifest import sha256
 
-# ext4 partitions of the layout; 1 is the ESP, 4 the root's dm-verity hash tree
-PARTS = {3: "root", 5: "state"}
+# the partitions with files, by number in the layout, and their mount options: 1 is the
+# ESP (read with mtools), 2 GRUB's BIOS boot partition, 5 the root's dm-verity hash tree
+PARTS = {3: ("boot", "ro,noload"), 4: ("root", "ro"), 6: ("state", "ro,noload")}
 VERITY_CFG = Path("EFI/edgepin/verity.cfg")  # on the ESP: the root hash
 
 
@@ -68,10 +69,10 @@ def attached(image: Path, work: Path) -> Iterator[dict[str, dict[str, tuple[obje
         subprocess.run(["partx", "-d", loop], check=False, capture_output=True)
         run(["partx", "-a", loop])
         result = {}
-        for num, name in PARTS.items():
+        for num, (name, options) in PARTS.items():
             mnt = work / name
             mnt.mkdir()
-            run(["mount", "-o", "ro,noload", f"{loop}p{num}", str(mnt)])
+            run(["mount", "-o", options, f"{loop}p{num}", str(mnt)])
             mounts.append(mnt)
             result[name] = tree(mnt)
         result["esp"] = esp_files(f"{loop}p1", work / "esp")
@@ -81,6 +82,23 @@ def attached(image: Path, work: Path) -> Iterator[dict[str, dict[str, tuple[obje
             subprocess.run(["umount", str(mnt)], check=False)
         subprocess.run(["partx", "-d", loop], check=False, capture_output=True)
         subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def partition_sha256(raw: Path, name: str = "root") -> str:
+    table = json.loads(run(["sfdisk", "--json", str(raw)]))["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    part = next(p for p in table["partitions"] if p.get("name") == name)
+    h = hashlib.sha256()
+    with raw.open("rb") as f:
+        f.seek(int(part["start"]) * sector)
+        left = int(part["size"]) * sector
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
 
 
 def root_hash(cfg: Path) -> str | None:
@@ -101,6 +119,10 @@ def compare(a: Path, b: Path) -> dict[str, object]:
             report["raw_identical"] = sha256(Path(tmp) / "a" / "disk.raw") == sha256(
                 Path(tmp) / "b" / "disk.raw"
             )
+            # the root partition byte for byte (the squashfs, zeros after it)
+            report["root_partition_identical"] = partition_sha256(
+                Path(tmp) / "a" / "disk.raw"
+            ) == partition_sha256(Path(tmp) / "b" / "disk.raw")
             # the root hash covers every byte of the root partition, metadata included
             report["verity_root_hash"] = [
                 root_hash(Path(tmp) / side / "esp" / VERITY_CFG) for side in ("a", "b")
@@ -129,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     report = compare(args.a, args.b)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"qcow2 identical: {report['qcow2_identical']}; raw identical: {report['raw_identical']}")
+    print(
+        f"qcow2 identical: {report['qcow2_identical']}; raw identical: {report['raw_identical']}; "
+        f"root partition identical: {report['root_partition_identical']}"
+    )
     hashes = report["verity_root_hash"]
     assert isinstance(hashes, list)
     print(f"verity root hash: {'equal' if hashes[0] == hashes[1] else 'differs'}: {hashes}")
-    for part in ("root", "state", "esp"):
+    for part in ("boot", "root", "state", "esp"):
         r = report[part]
         assert isinstance(r, dict)
         print(

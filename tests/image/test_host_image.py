@@ -85,6 +85,8 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     # through dm-verity, with the root hash GRUB read from the ESP, and a corrupted block
     # panics the kernel, which then stays stopped
     assert got["root-source"] == "/dev/mapper/edgepin-root", got
+    assert got["root-fstype"] == "squashfs", got
+    assert got["boot-mounted"] == "0", "the boot partition is mounted on the running node"
     assert got["verity"] == "verity V panic_on_corruption", got
     cmdline = got["cmdline"].split()
     assert any(re.fullmatch(r"edgepin\.roothash=[0-9a-f]{64}", a) for a in cmdline), cmdline

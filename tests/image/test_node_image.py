@@ -495,8 +495,8 @@ def test_5_an_older_copy_of_the_disk_is_refused(node: Node, v1: dict[str, Any]) 
 
 def test_6_a_root_filesystem_edited_offline_is_refused_by_verity(node: Node) -> None:
     node.vm.stop()
-    # someone with the disk (here a copy of it) changes what the reconcile unit runs, in
-    # place: only that file's data block differs, no filesystem metadata, as with dd
+    # someone with the disk (here a copy of it) changes what the reconcile unit runs:
+    # unpacks the squashfs root, edits the unit, packs it again and writes it back
     genuine = node.vm.disk
     edited = node.vm.workdir / "root-edited.qcow2"
     shutil.copyfile(genuine, edited)
@@ -504,12 +504,12 @@ def test_6_a_root_filesystem_edited_offline_is_refused_by_verity(node: Node) -> 
     attack = b'ExecStart=/bin/sh -c "echo EDGEPIN-ATTACK-RAN"\n#'
     new = attack + b"x" * (len(old) - len(attack))
     unit = "usr/lib/systemd/system/edgepin-reconcile.service"
-    assert disk.edit_in_place(edited, unit, old, new, node.vm.workdir, "root") == 1
+    assert disk.repack_root(edited, unit, old, new, node.vm.workdir) == 1
     try:
         node.boot("root-edited", disk=edited)
         # the initramfs opens the root with the genuine root hash from the measured command
-        # line; the first read of the edited block fails its hash and panics the kernel
-        node.wait(r"edgepin: verity: root \S+ opened", BOOT_TIMEOUT)
+        # line; its first read of the repacked root fails its hash and panics the kernel,
+        # before anything is mounted
         node.wait(r"verity: \S+: data block \d+ is corrupted", BOOT_TIMEOUT)
         node.wait(r"Kernel panic - not syncing: dm-verity device corrupted", 120)
     finally:
@@ -574,17 +574,17 @@ def test_8_a_boot_loader_edited_on_the_disk_is_refused_the_keys_until_approved(
     node: Node, v1: dict[str, Any], image_signer: ImageSigner
 ) -> None:
     node.vm.stop()
-    # someone with the disk changes a kernel parameter in grub.cfg on the root partition
+    # someone with the disk changes a kernel parameter in grub.cfg on the boot partition
     # (the same change as typing init=/bin/sh at a GRUB prompt, which the locked menu
-    # refuses), in place: GRUB reads the filesystem without verity, and the booted system
-    # never reads grub.cfg, so only the measurement sees it
+    # refuses), in place: GRUB reads the boot partition without verity, and the booted
+    # system never reads grub.cfg, so only the measurement sees it
     n = disk.edit_in_place(
         node.vm.disk,
-        "boot/grub/grub.cfg",
+        "grub/grub.cfg",
         b" no_timer_check ",
         b" edgepin.edited ",
         node.vm.workdir,
-        "root",
+        "boot",
     )
     assert n > 0, "no no_timer_check on a linux line of grub.cfg"
     try:
@@ -622,11 +622,11 @@ def test_8_a_boot_loader_edited_on_the_disk_is_refused_the_keys_until_approved(
         # the edit undone, for the last scenario
         back = disk.edit_in_place(
             node.vm.disk,
-            "boot/grub/grub.cfg",
+            "grub/grub.cfg",
             b" edgepin.edited ",
             b" no_timer_check ",
             node.vm.workdir,
-            "root",
+            "boot",
         )
         assert back == n, f"{back} of {n} edits undone"
     # the approval stays in the folder: it names the edited boot chain and nothing else

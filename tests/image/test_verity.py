@@ -1,7 +1,7 @@
 """The built disk's root filesystem is sealed with dm-verity, checked without booting it.
 
 What the boot relies on, read from the disk as it leaves the build: the root hash is on the
-ESP (EFI/edgepin/verity.cfg), GRUB's config on the root sources it and puts it on every
+ESP (EFI/edgepin/verity.cfg), GRUB's config on the boot partition sources it and puts it on every
 Linux entry's kernel command line, and the root partition verifies against it with the
 hash tree in the verity partition. One changed byte fails that verification, and sealing
 the same root partition again gives the same root hash (fixed salt). The boot itself:
@@ -11,9 +11,12 @@ tests/image/test_node_image.py (an edited root is refused).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,10 +93,10 @@ def test_the_root_verifies_against_the_root_hash_on_the_esp(raw: Path, host_imag
 
 
 def test_grub_puts_the_root_hash_on_every_linux_command_line(raw: Path) -> None:
-    dev = loop(raw, "root")
+    dev = loop(raw, "boot")
     try:
         r = subprocess.run(
-            ["debugfs", "-R", "cat /boot/grub/grub.cfg", dev], capture_output=True, check=False
+            ["debugfs", "-R", "cat /grub/grub.cfg", dev], capture_output=True, check=False
         )
     finally:
         run(["losetup", "-d", dev])
@@ -110,6 +113,9 @@ def test_grub_puts_the_root_hash_on_every_linux_command_line(raw: Path) -> None:
     for line in linux:
         assert "edgepin.roothash=${edgepin_roothash}" in line.split(), line
         assert "panic=0" in line.split(), line
+        # diskimage-builder's boot=LABEL=... (for dracut) would name initramfs-tools' boot
+        # script: the boot would stop in the initramfs
+        assert not any(a.startswith("boot=") for a in line.split()), line
     # the ESP is partition 1 of the same disk
     table = json.loads(run(["sfdisk", "--json", str(raw)]).stdout)["partitiontable"]
     assert table["partitions"][0]["name"] == "ESP"
@@ -133,12 +139,55 @@ def test_one_changed_byte_of_the_root_fails_verification(raw: Path, tmp_path: Pa
 
 
 def test_sealing_the_same_root_again_gives_the_same_root_hash(raw: Path, tmp_path: Path) -> None:
-    """The sealing step is deterministic: fixed salt and uuid. Two whole builds do not
-    give the same root partition yet (docs/host-image.md#reproducibility), so their root
-    hashes differ; this is the part of the chain that does not add a difference."""
+    """The sealing step is deterministic: fixed salt and uuid. With the same root partition,
+    which two builds of the same inputs give (test_reproducible.py), the same root hash."""
     copy = tmp_path / "again.raw"
     subprocess.run(["cp", "--sparse=always", str(raw), str(copy)], check=True)
     r = run([str(SEAL), str(copy)])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-1] == root_hash_on_esp(raw)
     assert disk.esp_file(copy, ESP_FILE) == disk.esp_file(raw, ESP_FILE)
+
+
+def test_the_root_partition_is_the_squashfs_the_manifest_names(raw: Path, host_image: Path) -> None:
+    """What seal-verity hashed: a squashfs (xz) of the root's files, every time in it the
+    build's SOURCE_DATE_EPOCH, the ESP's mount point in it, and zeros after it."""
+    manifest = json.loads(host_image.with_name("edgepin-host.manifest.json").read_text())
+    root = manifest["root_image"]
+    epoch = int(manifest["inputs"]["settings"]["source_date_epoch"])
+    offset, size = disk.partition(raw, "root")
+    assert root["format"] == "squashfs" and 0 < root["bytes"] <= size, root
+    h = hashlib.sha256()
+    with raw.open("rb") as f:
+        f.seek(offset)
+        left = root["bytes"]
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            h.update(chunk)
+            left -= len(chunk)
+        assert h.hexdigest() == root["sha256"]
+        rest = size - root["bytes"]
+        while rest:
+            chunk = f.read(min(rest, 1 << 20))
+            assert chunk.count(0) == len(chunk), "bytes after the squashfs are not zeros"
+            rest -= len(chunk)
+    stats = run(["unsquashfs", "-s", "-o", str(offset), str(raw)]).stdout
+    assert re.search(r"^Compression xz$", stats, re.M), stats
+    assert re.search(r"^Block size 1048576$", stats, re.M), stats
+    made = run(["unsquashfs", "-mkfs-time", "-o", str(offset), str(raw)]).stdout.strip()
+    assert made == str(epoch), made
+    # every entry's time, and the ESP's mount point (the root's /boot is empty otherwise)
+    listing = subprocess.run(
+        ["unsquashfs", "-lln", "-o", str(offset), str(raw)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TZ": "UTC"},
+    ).stdout.splitlines()
+    entries = [ln for ln in listing if ln[:1] in "-dlcbps" and " squashfs-root" in ln]
+    assert len(entries) > 10000, listing[:20]
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(epoch))
+    other = [ln for ln in entries if f" {when} " not in ln]
+    assert not other, other[:10]
+    assert any(ln.endswith(" squashfs-root/boot/efi") and ln.startswith("d") for ln in entries)
+    assert not any("/lost+found" in ln for ln in entries)

@@ -1,6 +1,6 @@
 """A node's disk as someone who took it out of the machine sees it: read and write its state
-partition offline, without booting it and without mounting anything (debugfs on a loop
-device over a raw copy), and scan every byte of it.
+and boot partitions offline, without booting it and without mounting anything (debugfs on
+a loop device over a raw copy), repack its squashfs root, and scan every byte of it.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def scan(
 
 
 def edit_in_place(
-    disk: Path, path: str, old: bytes, new: bytes, work: Path, name: str = "root"
+    disk: Path, path: str, old: bytes, new: bytes, work: Path, name: str = "boot"
 ) -> int:
     """Replace ``old`` by ``new`` (the same length) in the data blocks of file ``path`` on
     partition ``name``, as someone who writes the powered-off disk with dd would: no inode,
@@ -173,6 +173,39 @@ def edit_in_place(
         return len(hits)
     finally:
         raw.unlink(missing_ok=True)
+
+
+def repack_root(disk: Path, path: str, old: bytes, new: bytes, work: Path) -> int:
+    """Replace ``old`` by ``new`` in file ``path`` of the squashfs on the root partition,
+    as someone with the powered-off disk and squashfs-tools would: unpack the root, edit
+    the file, pack the tree again (uncompressed, which the kernel mounts as well) and write
+    it over the partition. Returns how many were replaced."""
+    raw = work / "offline-root.raw"
+    tree = work / "offline-root"
+    packed = work / "offline-root.squashfs"
+    to_raw(disk, raw)
+    try:
+        offset, size = partition(raw, "root")
+        unpack = ["unsquashfs", "-quiet", "-no-progress", "-no-xattrs", "-o", str(offset)]
+        _run([*unpack, "-d", str(tree), str(raw)])
+        target = tree / path.strip("/")
+        content = target.read_bytes()
+        hits = content.count(old)
+        target.write_bytes(content.replace(old, new))
+        uncompressed = ["-noI", "-noD", "-noF", "-noX"]
+        _run(["mksquashfs", str(tree), str(packed), "-noappend", "-no-progress", *uncompressed])
+        if packed.stat().st_size > size:
+            raise RuntimeError(f"the repacked root ({packed.stat().st_size} bytes) does not fit")
+        with raw.open("r+b") as out, packed.open("rb") as src:
+            out.seek(offset)
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)])
+        return hits
+    finally:
+        raw.unlink(missing_ok=True)
+        packed.unlink(missing_ok=True)
+        subprocess.run(["rm", "-rf", str(tree)], check=False)
 
 
 def esp_file(raw: Path, path: str) -> bytes:

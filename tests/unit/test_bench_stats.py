@@ -73,6 +73,26 @@ def test_manifest_packages_largest_first() -> None:
     assert _packages({"packages": [{"package": "apt", "installed_kib": 2}]}) == [("apt", 2048)]
 
 
+def test_footprint_reports_the_image_and_its_root_against_the_installed_size(
+    tmp_path: Path,
+) -> None:
+    from benchmarks import footprint
+
+    (tmp_path / footprint.IMAGE).write_bytes(b"q" * (3 << 20))
+    (tmp_path / "edgepin-host.manifest.json").write_text(
+        json.dumps(
+            {
+                "packages": [{"package": "linux-image", "installed_kib": 8 * 1024}],
+                "root_image": {"format": "squashfs", "bytes": 2 << 20, "sha256": "ab" * 32},
+            }
+        )
+    )
+    rows = {r.metric: r for r in footprint.rows(footprint.measure(tmp_path))}
+    assert rows["host image qcow2"].value == 3.0 and rows["host image qcow2"].ratio == 0.375
+    assert rows["host image qcow2"].goal == "at most 200 MiB"
+    assert rows["root filesystem (squashfs, xz)"].ratio == 0.25
+
+
 def test_boot_rows_read_the_qa_timelines(tmp_path: Path) -> None:
     from benchmarks import footprint
 
