@@ -113,7 +113,7 @@ def rows(fp: dict[str, Any]) -> list[Row]:
         out.append(
             Row(
                 "footprint",
-                "root filesystem (squashfs, xz)",
+                "root filesystem (squashfs, zstd)",
                 fp["root_bytes"] / MIB,
                 "MiB",
                 "installed packages",

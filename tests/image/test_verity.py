@@ -150,7 +150,7 @@ def test_sealing_the_same_root_again_gives_the_same_root_hash(raw: Path, tmp_pat
 
 
 def test_the_root_partition_is_the_squashfs_the_manifest_names(raw: Path, host_image: Path) -> None:
-    """What seal-verity hashed: a squashfs (xz) of the root's files, every time in it the
+    """What seal-verity hashed: a squashfs (zstd, no fragments) of the root's files, every time in it the
     build's SOURCE_DATE_EPOCH, the ESP's mount point in it, and zeros after it."""
     manifest = json.loads(host_image.with_name("edgepin-host.manifest.json").read_text())
     root = manifest["root_image"]
@@ -172,8 +172,10 @@ def test_the_root_partition_is_the_squashfs_the_manifest_names(raw: Path, host_i
             assert chunk.count(0) == len(chunk), "bytes after the squashfs are not zeros"
             rest -= len(chunk)
     stats = run(["unsquashfs", "-s", "-o", str(offset), str(raw)]).stdout
-    assert re.search(r"^Compression xz$", stats, re.M), stats
-    assert re.search(r"^Block size 1048576$", stats, re.M), stats
+    assert re.search(r"^Compression zstd$", stats, re.M), stats
+    assert re.search(r"^Block size 131072$", stats, re.M), stats
+    # each file's blocks its own: reading a small file decompresses no other file
+    assert re.search(r"^Fragments are not stored$", stats, re.M), stats
     made = run(["unsquashfs", "-mkfs-time", "-o", str(offset), str(raw)]).stdout.strip()
     assert made == str(epoch), made
     # every entry's time, and the ESP's mount point (the root's /boot is empty otherwise)

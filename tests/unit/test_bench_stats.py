@@ -90,7 +90,7 @@ def test_footprint_reports_the_image_and_its_root_against_the_installed_size(
     rows = {r.metric: r for r in footprint.rows(footprint.measure(tmp_path))}
     assert rows["host image qcow2"].value == 3.0 and rows["host image qcow2"].ratio == 0.375
     assert rows["host image qcow2"].goal == "at most 200 MiB"
-    assert rows["root filesystem (squashfs, xz)"].ratio == 0.25
+    assert rows["root filesystem (squashfs, zstd)"].ratio == 0.25
 
 
 def test_boot_rows_read_the_qa_timelines(tmp_path: Path) -> None:
