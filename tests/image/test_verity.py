@@ -150,8 +150,9 @@ def test_sealing_the_same_root_again_gives_the_same_root_hash(raw: Path, tmp_pat
 
 
 def test_the_root_partition_is_the_squashfs_the_manifest_names(raw: Path, host_image: Path) -> None:
-    """What seal-verity hashed: a squashfs (zstd, no fragments) of the root's files, every time in it the
-    build's SOURCE_DATE_EPOCH, the ESP's mount point in it, and zeros after it."""
+    """What seal-verity hashed: a squashfs (zstd, no fragments) of the root's files, every
+    time in it the build's SOURCE_DATE_EPOCH, the ESP's mount point in it, and zeros after
+    it."""
     manifest = json.loads(host_image.with_name("edgepin-host.manifest.json").read_text())
     root = manifest["root_image"]
     epoch = int(manifest["inputs"]["settings"]["source_date_epoch"])
@@ -193,3 +194,14 @@ def test_the_root_partition_is_the_squashfs_the_manifest_names(raw: Path, host_i
     assert not other, other[:10]
     assert any(ln.endswith(" squashfs-root/boot/efi") and ln.startswith("d") for ln in entries)
     assert not any("/lost+found" in ln for ln in entries)
+    # trimmed (DIB_EDGEPIN_TRIM, on in the test image): the hardware database, the IEEE's
+    # registries, Python packages' test suites and GRUB's installable modules are not in it
+    paths = {ln.rsplit(" squashfs-root", 1)[1] for ln in entries}
+    assert "/usr/bin/qemu-system-x86_64" in paths  # what must stay, stays
+    trimmed = [
+        p
+        for p in paths
+        if p in ("/usr/lib/udev/hwdb.bin", "/usr/share/ieee-data", "/usr/lib/grub/x86_64-efi")
+        or re.fullmatch(r"/usr/lib/python3/dist-packages/[^/]+/tests", p)
+    ]
+    assert not trimmed, trimmed
