@@ -239,6 +239,9 @@ Options:
                            default 192.168.254.1/24; none: no such network
   --pins FILE              rebuild with exactly the package versions of a pin file
                            (out/edgepin-host.pins.json of an earlier build)
+  --host-version N         this host release's version, a whole number that later
+                           releases make greater (default: SOURCE_DATE_EPOCH); in the
+                           image (/etc/edgepin/edgepin.conf) and in the host update
   --raw                    also write a raw image, for writing to disks
   --qa-check               QA images only: add the unit that runs the image test's
                            check script (DIB_EDGEPIN_QA_CHECK=1); never for nodes
@@ -246,7 +249,9 @@ Options:
   -h, --help               show this help
 
 Outputs: DIR/edgepin-host.qcow2 (+ .raw), edgepin-host.manifest.json (with the
-root filesystem's dm-verity root hash), edgepin-host.pins.json, edgepin-host.log.
+root filesystem's dm-verity root hash), edgepin-host.pins.json, edgepin-host.log, and
+edgepin-host.update.tar, the host update: the root filesystem, its dm-verity hash tree,
+the kernel, the initramfs and a manifest (docs/host-image.md#host-updates).
 SOURCE_DATE_EPOCH (default: the time of the last commit) clamps file times for
 reproducible builds.
 EOF
@@ -291,6 +296,7 @@ needs_host_shims() {
 cmd_image() {
     local release="${DIB_RELEASE:-trixie}" ca="" certs=() acerts=() pcrs=4,7,8,9 reserved=0 interval=1h rkey=""
     local delay=10min virt=kvm health=120 guestnet=bridge hostnet=192.168.254.1/24 pins="" raw=0 qa=0 out="$ROOT/out"
+    local hostversion=""
     while (($#)); do
         case "$1" in
             --release) release="$2"; shift 2 ;;
@@ -307,6 +313,7 @@ cmd_image() {
             --guest-network) guestnet="$2"; shift 2 ;;
             --host-network) hostnet="$2"; shift 2 ;;
             --pins) pins="$(realpath "$2")"; shift 2 ;;
+            --host-version) hostversion="$2"; shift 2 ;;
             --raw) raw=1; shift ;;
             --qa-check) qa=1; shift ;;
             --out) out="$(realpath -m "$2")"; shift 2 ;;
@@ -319,6 +326,8 @@ cmd_image() {
     for f in "${certs[@]}"; do [[ -f "$f" ]] || die "--signing-cert: no such file: $f"; done
     for f in "${acerts[@]}"; do [[ -f "$f" ]] || die "--assignment-cert: no such file: $f"; done
     [[ -z "$pins" || -f "$pins" ]] || die "--pins: no such file: $pins"
+    [[ -z "$hostversion" || "$hostversion" =~ ^[1-9][0-9]{0,17}$ ]] ||
+        die "--host-version must be a whole number above zero (of at most 18 digits), such as 20261205"
     if [[ -n "$rkey" ]]; then
         [[ -f "$rkey" ]] || die "--release-key: no such file: $rkey"
         grep -q "BEGIN PUBLIC KEY" "$rkey" || die "--release-key: $rkey is not a PEM public key (give the public half)"
@@ -342,6 +351,7 @@ cmd_image() {
     local work="$ROOT/.cache/image" name="edgepin-host"
     mkdir -p "$out" "$work"
     export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || date +%s)}"
+    hostversion="${hostversion:-$SOURCE_DATE_EPOCH}"
 
     log "building the edgepin wheel"
     rm -rf "$work/wheel"
@@ -365,6 +375,8 @@ cmd_image() {
         shims=yes
     fi
 
+    # what an earlier build wrote goes first: nothing of it may pass for this build's
+    rm -f "$out/$name.update.tar" "$out/$name.update.tar.part"
     # raw first: the root is sealed with dm-verity on the finished disk, then the qcow2
     # is made from it (and the raw kept only with --raw)
     local types=raw
@@ -394,6 +406,7 @@ cmd_image() {
         export DIB_EDGEPIN_GUEST_NETWORK="$guestnet"
         export DIB_EDGEPIN_HOST_NETWORK_ADDRESS="$hostnet"
         export DIB_EDGEPIN_QA_CHECK="$qa"
+        export DIB_EDGEPIN_HOST_VERSION="$hostversion"
         if [[ -n "$pins" ]]; then export DIB_DPKG_MANIFEST="$pins"; fi
         mkdir -p "$TMP_DIR"
         exec disk-image-create -a amd64 -t "$types" --image-size 2 --no-tmpfs \
@@ -434,6 +447,22 @@ cmd_image() {
     roothash="$(PATH="$path" "${sudo[@]}" "$ROOT/elements/edgepin-readonly/seal-verity" "$out/$name.raw" | tail -1)" \
         || die "sealing the root with dm-verity failed"
     log "root sealed with dm-verity: root hash $roothash"
+    # the host update: the root, its hash tree, the kernel and the initramfs, for a node's
+    # other root slot
+    local boot="$work/boot-files" kver rootpart veritypart
+    rm -rf "$boot" && mkdir -p "$boot"
+    kver="$(PATH="$path" "${sudo[@]}" "$ROOT/elements/edgepin-readonly/boot-files" "$out/$name.raw" "$boot" | tail -1)" \
+        || die "copying the boot files from the boot partition failed"
+    rootpart="$(PATH="$path" "$ROOT/elements/edgepin-readonly/gpt-partition" "$out/$name.raw" root)"
+    veritypart="$(PATH="$path" "$ROOT/elements/edgepin-readonly/gpt-partition" "$out/$name.raw" verity)"
+    # shellcheck disable=SC2086 # "OFFSET SIZE", two arguments each
+    "$VENV/bin/python" -m provisioner.hostupdate write --out "$out/$name.update.tar" \
+        --raw "$out/$name.raw" --boot-dir "$boot" --root-partition $rootpart \
+        --verity-partition $veritypart --root-bytes "${rootsize% *}" --name "$name" \
+        --host-version "$hostversion" --kernel-version "$kver" --root-hash "$roothash" \
+        --epoch "$SOURCE_DATE_EPOCH" >/dev/null || die "writing the host update failed"
+    rm -rf "$boot"
+    log "host update written: $out/$name.update.tar (host version $hostversion)"
     rm -f "$out/$name.qcow2"
     # compressed, as diskimage-builder makes its qcow2
     qemu-img convert -c -f raw -O qcow2 "$out/$name.raw" "$out/$name.qcow2"
@@ -457,6 +486,7 @@ cmd_image() {
         --setting "assignment_certs_sha256=${acert_sums%,}" \
         --setting "release_key_sha256=$rkey_sum" \
         --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims" \
+        --setting "host_version=$hostversion" \
         --verity-root-hash "$roothash" \
         --root-image "${rootsize% *}" "${rootsize#* }"
 }

@@ -87,6 +87,11 @@ class BundleError(ImageError):
     manifest, a file missing, truncated or not a regular file. Refused; nothing changes."""
 
 
+class HostUpdateError(ImageError):
+    """A host update that is not one: not a whole tar, a malformed manifest, a member
+    missing, out of place, or not the size and sha256 the manifest gives. Refused."""
+
+
 class VerificationError(EdgepinError):
     """Hash or signature verification failed: the image is refused."""
 

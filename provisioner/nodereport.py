@@ -39,6 +39,7 @@ MAX_MB = 2**40  # a mebibyte count: a petabyte is 2**30
 DISK_QUANTUM_MB = 256  # free disk is reported in steps of this: small writes change nothing
 FLAG = re.compile(r"[a-z0-9][a-z0-9_.]{0,63}")
 TEXT_SIZE = 128
+MAX_HOST_VERSION = 2**63 - 1
 
 
 class ReportError(EdgepinError):
@@ -67,6 +68,7 @@ class Facts:
     # PCI devices a guest may be given (not the host's disks' or up interfaces'):
     # ADDRESS=CLASS (six hex digits), by address
     pci: tuple[str, ...] = ()
+    host_version: int = 0  # the host release (EDGEPIN_HOST_VERSION); 0: not known
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +85,7 @@ class Facts:
             "local_images": list(self.local_images),
             "usb": list(self.usb),
             "pci": list(self.pci),
+            "host_version": self.host_version,
         }
 
 
@@ -286,4 +289,8 @@ def _facts(value: Any) -> Facts | None:
         local_images=tuple(sorted({_image_id(i, "facts.local_images") for i in images})),
         usb=usb,
         pci=pci,
+        # absent in reports of nodes from before host versions: not known
+        host_version=_int(value, "host_version", MAX_HOST_VERSION)
+        if "host_version" in value
+        else 0,
     )

@@ -53,6 +53,11 @@ SETTINGS: dict[str, tuple[str, str]] = {
         "its guest and destroys its keys and images (an unreachable control plane never "
         "counts)",
     ),
+    "EDGEPIN_HOST_VERSION": (
+        "0",
+        "this host release's version, a whole number later releases make greater (the image "
+        "build writes it; 0: not known)",
+    ),
     "EDGEPIN_REPORT_INTERVAL": (
         "3600",
         "seconds after which the node writes its report (facts, last outcome) to the "
@@ -80,6 +85,7 @@ class NodeConfig:
     http_timeout: float = 30.0
     revoke_grace: float = 3600.0
     report_interval: float = 3600.0
+    host_version: int = 0
 
     # ----------------------------------------------------------------- paths
     @property
@@ -217,9 +223,12 @@ def load(
             "http_timeout": float(raw["EDGEPIN_HTTP_TIMEOUT"]),
             "revoke_grace": float(raw["EDGEPIN_REVOKE_GRACE"]),
             "report_interval": float(raw["EDGEPIN_REPORT_INTERVAL"]),
+            "host_version": int(raw["EDGEPIN_HOST_VERSION"]),
         }
     except ValueError as e:
         raise ConfigError(f"bad setting: {e}") from None
+    if values["host_version"] < 0:
+        raise ConfigError("EDGEPIN_HOST_VERSION must be a whole number, 0 or above")
     if not values["pcrs"]:
         raise ConfigError(
             "EDGEPIN_PCRS is empty: the node refuses to seal or unseal without a PCR policy"

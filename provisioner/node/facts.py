@@ -92,4 +92,5 @@ def gather(cfg: NodeConfig, conn: Any, local_images: list[str]) -> nodereport.Fa
         pci=tuple(f"{a}={c}" for a, c in domain.pci_free(cfg.root).items())[
             : nodereport.MAX_PCI_DEVICES
         ],
+        host_version=cfg.host_version,
     )

@@ -149,6 +149,11 @@ def status(
                 "running_image_id": run.image_id if run else None,
                 "running_image": names.get(run.image_id) if run else None,
                 "running_generation": run.generation if run else None,
+                "host_version": (
+                    report.report.facts.host_version
+                    if report.report and report.report.facts
+                    else None
+                ),
                 "outcome": str(report.report.state) if report.report else None,
                 "reason": report.report.reason if report.report else report.problem,
                 "seen_at": report.seen_at,

@@ -5,7 +5,8 @@ first build's ``edgepin-host.pins.json``), the same ``SOURCE_DATE_EPOCH`` and th
 settings. The root partition is a squashfs made from the files alone
 (``elements/edgepin-readonly/squash-root``), so the same files give the same bytes, the
 same dm-verity root hash, and with it the same kernel command line, which GRUB measures
-into PCR 8. What still differs between two builds (the boot partition's initramfs, ext4
+into PCR 8; the two host updates hold the same root, hash tree and kernel. What still
+differs between two builds (the boot partition's initramfs, ext4
 metadata of the boot and state partitions): docs/host-image.md#reproducibility.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner import hostupdate
 from tests.image.compare_builds import compare, partition_sha256
 from tests.testbed import disk
 from tests.testbed.hostimage import ImageSigner, build_image, image_args
@@ -54,6 +56,13 @@ def test_two_builds_of_the_same_inputs_give_the_same_root_bytes_and_root_hash(
         assert root["format"] == "squashfs" and root["bytes"] > 0, root
         assert second["root_image"] == root, (first["root_image"], second["root_image"])
         assert second["verity_root_hash"] == first["verity_root_hash"]
+        # the host updates of the two builds: the same root, hash tree, kernel and version
+        update_a = hostupdate.read(host_image.with_name("edgepin-host.update.tar"))
+        update_b = hostupdate.read(again.with_name("edgepin-host.update.tar"))
+        assert update_a.verity == update_b.verity
+        assert update_a.host_version == update_b.host_version == int(epoch)
+        for name in (hostupdate.ROOT, hostupdate.VERITY, hostupdate.KERNEL):
+            assert update_a.member(name) == update_b.member(name), name
         # what GRUB reads from the ESP and puts on the measured command line
         raw_a, raw_b = tmp_path / "a.raw", tmp_path / "b.raw"
         disk.to_raw(host_image, raw_a)

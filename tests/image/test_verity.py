@@ -205,3 +205,57 @@ def test_the_root_partition_is_the_squashfs_the_manifest_names(raw: Path, host_i
         or re.fullmatch(r"/usr/lib/python3/dist-packages/[^/]+/tests", p)
     ]
     assert not trimmed, trimmed
+
+
+def _sha256_of(path: Path, offset: int, size: int) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        f.seek(offset)
+        left = size
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            assert chunk, f"{path} ends before {offset + size}"
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def test_the_host_update_holds_this_disk_s_root_hash_tree_and_boot_files(
+    raw: Path, host_image: Path, tmp_path: Path
+) -> None:
+    """out/edgepin-host.update.tar, read as a node reads it (every member in place, sizes
+    and digests checked), holds exactly this disk's root squashfs, its hash tree (the rest
+    of the verity partition zeros), and the kernel and initramfs GRUB loads from the boot
+    partition; its manifest gives the root hash GRUB puts on the command line, the build's
+    host version, and the command line the booted kernel gets."""
+    from provisioner import hostupdate
+
+    update = hostupdate.read(host_image.with_name("edgepin-host.update.tar"))
+    manifest = json.loads(host_image.with_name("edgepin-host.manifest.json").read_text())
+    settings = manifest["inputs"]["settings"]
+    assert update.host_version == int(settings["host_version"]) > 0
+    assert update.verity.root_hash == manifest["verity_root_hash"] == root_hash_on_esp(raw)
+    assert update.verity.salt == SALT
+    root_off, root_size = disk.partition(raw, "root")
+    assert update.verity.data_bytes == root_size
+    squashfs = update.member(hostupdate.ROOT)
+    assert (squashfs.size, squashfs.sha256) == (
+        manifest["root_image"]["bytes"],
+        manifest["root_image"]["sha256"],
+    )
+    assert _sha256_of(raw, root_off, squashfs.size) == squashfs.sha256
+    tree = update.member(hostupdate.VERITY)
+    verity_off, verity_size = disk.partition(raw, "verity")
+    assert _sha256_of(raw, verity_off, tree.size) == tree.sha256
+    zeros = hashlib.sha256(bytes(verity_size - tree.size)).hexdigest()
+    assert _sha256_of(raw, verity_off + tree.size, verity_size - tree.size) == zeros
+    # the boot files, as the build's own script copies them from the boot partition
+    r = run([str(REPO / "elements" / "edgepin-readonly" / "boot-files"), str(raw), str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == update.kernel_version
+    for name in (hostupdate.KERNEL, hostupdate.INITRD):
+        member = update.member(name)
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == member.sha256
+    line = update.kernel_command_line.split()
+    assert line[0] == f"BOOT_IMAGE=/vmlinuz-{update.kernel_version}"
+    assert f"edgepin.roothash={update.verity.root_hash}" in line and "panic=0" in line

@@ -15,3 +15,5 @@ export DIB_EDGEPIN_HEALTH_TIMEOUT=${DIB_EDGEPIN_HEALTH_TIMEOUT:-120}
 export DIB_EDGEPIN_GUEST_NETWORK=${DIB_EDGEPIN_GUEST_NETWORK:-bridge}
 # the network with only the host on it: the host's address/prefix on brhost, or none
 export DIB_EDGEPIN_HOST_NETWORK_ADDRESS=${DIB_EDGEPIN_HOST_NETWORK_ADDRESS:-192.168.254.1/24}
+# this host release's version: a whole number, greater in later releases
+export DIB_EDGEPIN_HOST_VERSION=${DIB_EDGEPIN_HOST_VERSION:-0}

@@ -1,0 +1,498 @@
+"""Host updates: the root filesystem, its dm-verity hash tree and the boot files of one
+host release, in one file that ``./build.sh image`` writes beside the disk image
+(``out/edgepin-host.update.tar``).
+
+The file is a POSIX tar (ustar) whose members have fixed names, in this order:
+
+- ``manifest.json``: what the rest is. ``kind`` and ``format``; the host ``name`` and
+  ``host_version`` (a whole number: later releases have greater ones); the edgepin
+  release and the kernel version in it; ``verity``, the dm-verity parameters a node opens
+  the root with (root hash, salt, block size, the bytes of the root partition the tree
+  covers); ``members``, each other member's name, size and sha256; and ``measured``, the
+  kernel command line GRUB builds for this root (root hash in it), which it measures into
+  PCR 8 as it measures the kernel and the initramfs (their sha256 in ``members``) into
+  PCR 9;
+- ``vmlinuz`` and ``initrd.img``: the kernel and the initramfs GRUB loads;
+- ``root.verity``: the hash tree, its superblock first (the verity partition holds it,
+  zeros after it);
+- ``root.squashfs``: the root filesystem (the root partition holds it, zeros after it up
+  to ``verity.data_bytes``: the tree covers those zeros too).
+
+Every header has the time ``SOURCE_DATE_EPOCH``, owner 0 and mode 0644, so that two builds
+of the same root give the same ``root.squashfs`` and ``root.verity`` members (the
+initramfs is not built byte for byte alike; docs/host-image.md#reproducibility). No name
+in the tar is ever used as a path: a reader takes the members by position and checks
+their names.
+
+:func:`parse_manifest` reads a manifest from untrusted bytes into a :class:`HostUpdate` or
+raises :class:`~provisioner.errors.HostUpdateError`; :func:`read` does the same for a whole
+file, its members' sizes and digests checked against the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import re
+import struct
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from provisioner import __version__
+from provisioner.errors import HostUpdateError
+
+KIND = "edgepin-host-update"
+FORMAT = 1
+MANIFEST = "manifest.json"
+KERNEL = "vmlinuz"
+INITRD = "initrd.img"
+VERITY = "root.verity"
+ROOT = "root.squashfs"
+PAYLOAD = (KERNEL, INITRD, VERITY, ROOT)  # after the manifest, in this order
+MAX_MANIFEST = 64 * 1024  # bytes; a manifest is under 2 KiB
+MAX_MEMBER = 1 << 36  # 64 GiB: more than any root partition
+BLOCK = 4096  # dm-verity's data and hash block size, as seal-verity formats it
+HASH = "sha256"
+VERITY_MAGIC = b"verity\0\0"
+SHA256 = re.compile(r"[0-9a-f]{64}")
+SALT = re.compile(r"(?:[0-9a-f]{2}){1,256}")
+NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+VERSION_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_-]{0,127}")
+TOP_FIELDS = {
+    "kind",
+    "format",
+    "name",
+    "host_version",
+    "edgepin_version",
+    "kernel_version",
+    "verity",
+    "members",
+    "measured",
+}
+VERITY_FIELDS = {"root_hash", "salt", "hash_algorithm", "block_size", "data_bytes"}
+MAX_HOST_VERSION = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Verity:
+    root_hash: str
+    salt: str
+    data_bytes: int  # the root partition's size: the squashfs, then zeros
+    block_size: int = BLOCK
+    hash_algorithm: str = HASH
+
+
+@dataclass(frozen=True)
+class HostUpdate:
+    name: str
+    host_version: int
+    edgepin_version: str
+    kernel_version: str
+    verity: Verity
+    members: tuple[Member, ...]  # PAYLOAD's members, in its order
+    kernel_command_line: str
+
+    def member(self, name: str) -> Member:
+        return next(m for m in self.members if m.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": KIND,
+            "format": FORMAT,
+            "name": self.name,
+            "host_version": self.host_version,
+            "edgepin_version": self.edgepin_version,
+            "kernel_version": self.kernel_version,
+            "verity": {
+                "root_hash": self.verity.root_hash,
+                "salt": self.verity.salt,
+                "hash_algorithm": self.verity.hash_algorithm,
+                "block_size": self.verity.block_size,
+                "data_bytes": self.verity.data_bytes,
+            },
+            "members": [
+                {"name": m.name, "bytes": m.size, "sha256": m.sha256} for m in self.members
+            ],
+            "measured": {"kernel_command_line": self.kernel_command_line},
+        }
+
+
+# ------------------------------------------------------------------ the parser
+
+
+def _fail(what: str) -> HostUpdateError:
+    return HostUpdateError(f"the host update's manifest is malformed: {what}")
+
+
+def _object(value: Any, what: str, keys: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(f"{what} is not an object")
+    unknown = sorted(str(k)[:40] for k in value if k not in keys)
+    if unknown:
+        raise _fail(f"{what} has unknown fields {unknown[:3]}")
+    missing = sorted(keys - set(value))
+    if missing:
+        raise _fail(f"{what} lacks {', '.join(missing)}")
+    return value
+
+
+def _text(value: Any, what: str, pattern: re.Pattern[str], size: int = 128) -> str:
+    if not isinstance(value, str) or len(value) > size or not pattern.fullmatch(value):
+        raise _fail(f"{what} is not {pattern.pattern!r}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    return "".join(c for c in str(value)[:20] if c.isprintable())
+
+
+def _whole(value: Any, what: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise _fail(f"{what} is not a whole number from {low} to {high}")
+    return value
+
+
+def _members(value: Any) -> tuple[Member, ...]:
+    if not isinstance(value, list) or len(value) != len(PAYLOAD):
+        raise _fail(f"members is not a list of {len(PAYLOAD)}: {', '.join(PAYLOAD)}")
+    out = []
+    for i, (doc, name) in enumerate(zip(value, PAYLOAD, strict=True)):
+        doc = _object(doc, f"members[{i}]", {"name", "bytes", "sha256"})
+        if doc["name"] != name:
+            raise _fail(f"members[{i}] is not {name}")
+        size = _whole(doc["bytes"], f"members[{i}].bytes", 1, MAX_MEMBER)
+        out.append(Member(name, size, _text(doc["sha256"], f"members[{i}].sha256", SHA256)))
+    return tuple(out)
+
+
+def parse_manifest(data: bytes) -> HostUpdate:
+    """A host update's manifest from untrusted bytes: a :class:`HostUpdate`, or
+    HostUpdateError; nothing else."""
+    if len(data) > MAX_MANIFEST:
+        raise _fail(f"more than {MAX_MANIFEST} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _fail("not JSON (a truncated or damaged copy?)") from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise HostUpdateError(
+            f"not a host update: its manifest's kind is not {KIND!r}",
+            hint="a guest image or another file was given where a host update belongs",
+        )
+    doc = _object(doc, "the manifest", TOP_FIELDS)
+    if type(doc["format"]) is not int or doc["format"] != FORMAT:
+        raise HostUpdateError(
+            f"host update format {_shown(doc['format'])} is not the one this edgepin "
+            f"reads ({FORMAT})",
+            hint="build the host update with the edgepin release the node runs, or newer",
+        )
+    verity = _object(doc["verity"], "verity", VERITY_FIELDS)
+    if verity["hash_algorithm"] != HASH:
+        raise _fail(f"verity.hash_algorithm is not {HASH}")
+    if verity["block_size"] != BLOCK or type(verity["block_size"]) is not int:
+        raise _fail(f"verity.block_size is not {BLOCK}")
+    data_bytes = _whole(verity["data_bytes"], "verity.data_bytes", BLOCK, MAX_MEMBER)
+    if data_bytes % BLOCK:
+        raise _fail(f"verity.data_bytes is not a multiple of {BLOCK}")
+    measured = _object(doc["measured"], "measured", {"kernel_command_line"})
+    line = measured["kernel_command_line"]
+    if not isinstance(line, str) or not line or len(line) > 4096 or not line.isprintable():
+        raise _fail("measured.kernel_command_line is not printable text of at most 4096")
+    update = HostUpdate(
+        name=_text(doc["name"], "name", NAME, 63),
+        host_version=_whole(doc["host_version"], "host_version", 1, MAX_HOST_VERSION),
+        edgepin_version=_text(doc["edgepin_version"], "edgepin_version", VERSION_TEXT),
+        kernel_version=_text(doc["kernel_version"], "kernel_version", VERSION_TEXT),
+        verity=Verity(
+            root_hash=_text(verity["root_hash"], "verity.root_hash", SHA256),
+            salt=_text(verity["salt"], "verity.salt", SALT, 512),
+            data_bytes=data_bytes,
+        ),
+        members=_members(doc["members"]),
+        kernel_command_line=line,
+    )
+    if update.member(ROOT).size > data_bytes:
+        raise _fail("root.squashfs is larger than verity.data_bytes")
+    if f"edgepin.roothash={update.verity.root_hash}" not in line.split():
+        raise _fail("measured.kernel_command_line does not carry verity.root_hash")
+    return update
+
+
+def _digest(f: IO[bytes], size: int) -> str:
+    h = hashlib.sha256()
+    left = size
+    while left:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            raise HostUpdateError("the host update is truncated")
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
+def read(path: Path) -> HostUpdate:
+    """A whole host update from an untrusted file: its manifest parsed, every member in
+    its place with the size and sha256 the manifest gives. HostUpdateError otherwise."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            entries = iter(tar)
+            first = next(entries, None)
+            if first is None or first.name != MANIFEST or not first.isfile():
+                raise HostUpdateError(f"not a host update: its first member is not {MANIFEST}")
+            if first.size > MAX_MANIFEST:
+                raise _fail(f"more than {MAX_MANIFEST} bytes")
+            f = tar.extractfile(first)
+            assert f is not None  # a regular file
+            update = parse_manifest(f.read())
+            for want in update.members:
+                entry = next(entries, None)
+                if entry is None:
+                    raise HostUpdateError(f"the host update is truncated: no {want.name}")
+                if entry.name != want.name or not entry.isfile():
+                    raise HostUpdateError(
+                        f"the host update's member {entry.name[:64]!r} is not {want.name}"
+                    )
+                if entry.size != want.size:
+                    raise HostUpdateError(
+                        f"{want.name} has {entry.size} bytes, the manifest says {want.size}"
+                    )
+                f = tar.extractfile(entry)
+                assert f is not None
+                if _digest(f, entry.size) != want.sha256:
+                    raise HostUpdateError(f"{want.name} is not what the manifest's sha256 says")
+            extra = next(entries, None)
+            if extra is not None:
+                raise HostUpdateError(f"the host update has a member too many: {extra.name[:64]!r}")
+    except HostUpdateError:
+        raise
+    except (tarfile.TarError, EOFError, UnicodeDecodeError, ValueError) as e:
+        raise HostUpdateError(f"not a host update (not a whole tar file): {e}") from None
+    except OSError as e:
+        raise HostUpdateError(f"cannot read the host update {path}: {e.strerror}") from None
+    return update
+
+
+# ------------------------------------------------------------------ the writer
+
+
+class _Window(io.RawIOBase):
+    """``size`` bytes of ``f`` from ``offset``, as a file."""
+
+    def __init__(self, f: IO[bytes], offset: int, size: int) -> None:
+        self._f, self._pos, self._end = f, offset, offset + size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self._end - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._pos)
+        data = self._f.read(n)
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+@dataclass(frozen=True)
+class Superblock:
+    """What a dm-verity superblock (format 1) says, as veritysetup wrote it."""
+
+    algorithm: str
+    data_block_size: int
+    hash_block_size: int
+    data_blocks: int
+    salt: str
+
+
+def superblock(f: IO[bytes], offset: int) -> Superblock:
+    """The dm-verity superblock at ``offset``: magic, version 1, the hash algorithm, the
+    block sizes, the data blocks and the salt."""
+    f.seek(offset)
+    sb = f.read(512)
+    if len(sb) < 512 or sb[:8] != VERITY_MAGIC:
+        raise HostUpdateError("the verity partition has no dm-verity superblock")
+    version, _hash_type = struct.unpack_from("<II", sb, 8)
+    algorithm = sb[32:64].rstrip(b"\0").decode("ascii", "replace")
+    data_bs, hash_bs, blocks, salt_size = struct.unpack_from("<IIQH", sb, 64)
+    if version != 1 or salt_size > 256:
+        raise HostUpdateError("the verity partition's superblock is not version 1")
+    return Superblock(algorithm, data_bs, hash_bs, blocks, sb[88 : 88 + salt_size].hex())
+
+
+def hash_tree_size(f: IO[bytes], offset: int, size: int) -> int:
+    """The bytes of the verity partition the hash tree takes: its superblock, then the
+    levels; zero blocks after it. (The tree's last block holds at least one hash.)"""
+    superblock(f, offset)
+    end = size - size % BLOCK
+    zero = bytes(BLOCK)
+    while end > BLOCK:
+        f.seek(offset + end - BLOCK)
+        if f.read(BLOCK) != zero:
+            break
+        end -= BLOCK
+    return end
+
+
+def kernel_command_line(grub_cfg: str, kernel: str, root_hash: str) -> str:
+    """The command line the kernel gets from grub.cfg's first ``linux`` line for
+    ``kernel`` (as ``/proc/cmdline`` shows it: GRUB joins the words with one space and puts
+    ``BOOT_IMAGE=`` first), with the root hash GRUB reads from the ESP put in for its
+    variable."""
+    for line in grub_cfg.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "linux" and words[1].endswith("/" + kernel):
+            args = " ".join([f"BOOT_IMAGE={words[1]}", *words[2:]])
+            for var in ("${edgepin_roothash}", "$edgepin_roothash"):
+                args = args.replace(var, root_hash)
+            return args
+    raise HostUpdateError(f"grub.cfg has no linux line for {kernel}")
+
+
+def _members_of(
+    raw: Path,
+    boot_dir: Path,
+    root_part: tuple[int, int],
+    root_bytes: int,
+    verity_part: tuple[int, int],
+) -> Iterator[tuple[str, Path, int, int]]:
+    """(name, file, offset, size) of each payload member, in PAYLOAD's order."""
+    kernel, initrd = boot_dir / KERNEL, boot_dir / INITRD
+    yield KERNEL, kernel, 0, kernel.stat().st_size
+    yield INITRD, initrd, 0, initrd.stat().st_size
+    with raw.open("rb") as f:
+        tree = hash_tree_size(f, *verity_part)
+    yield VERITY, raw, verity_part[0], tree
+    if root_bytes > root_part[1]:
+        raise HostUpdateError("the squashfs is larger than the root partition")
+    yield ROOT, raw, root_part[0], root_bytes
+
+
+def write(
+    out: Path,
+    *,
+    raw: Path,
+    boot_dir: Path,
+    root_part: tuple[int, int],
+    root_bytes: int,
+    verity_part: tuple[int, int],
+    name: str,
+    host_version: int,
+    kernel_version: str,
+    root_hash: str,
+    epoch: int,
+) -> HostUpdate:
+    """Write the host update of a built disk (``raw``) to ``out``, whole or not at all."""
+    members = []
+    for member, path, offset, size in _members_of(
+        raw, boot_dir, root_part, root_bytes, verity_part
+    ):
+        with path.open("rb") as f:
+            f.seek(offset)
+            members.append(Member(member, size, _digest(f, size)))
+    with raw.open("rb") as f:
+        sb = superblock(f, verity_part[0])
+    if (sb.algorithm, sb.data_block_size, sb.hash_block_size) != (HASH, BLOCK, BLOCK) or (
+        sb.data_blocks * BLOCK != root_part[1]
+    ):
+        raise HostUpdateError(
+            f"the verity superblock ({sb.algorithm}, {sb.data_blocks} blocks of "
+            f"{sb.data_block_size}) does not cover the root partition ({root_part[1]} bytes)"
+        )
+    grub_cfg = (boot_dir / "grub.cfg").read_text()
+    update = HostUpdate(
+        name=name,
+        host_version=host_version,
+        edgepin_version=__version__,
+        kernel_version=kernel_version,
+        verity=Verity(root_hash=root_hash, salt=sb.salt, data_bytes=root_part[1]),
+        members=tuple(members),
+        kernel_command_line=kernel_command_line(grub_cfg, f"vmlinuz-{kernel_version}", root_hash),
+    )
+    manifest = (json.dumps(update.to_json(), indent=2) + "\n").encode()
+    parse_manifest(manifest)  # what a node will read, it can read
+
+    def info(member: str, size: int) -> tarfile.TarInfo:
+        t = tarfile.TarInfo(member)
+        t.size, t.mtime, t.mode, t.uid, t.gid, t.uname, t.gname = size, epoch, 0o644, 0, 0, "", ""
+        return t
+
+    part = out.with_name(out.name + ".part")
+    with tarfile.open(part, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(info(MANIFEST, len(manifest)), io.BytesIO(manifest))
+        for (member, path, offset, size), want in zip(
+            _members_of(raw, boot_dir, root_part, root_bytes, verity_part), members, strict=True
+        ):
+            with path.open("rb") as f:
+                tar.addfile(info(member, size), io.BufferedReader(_Window(f, offset, size)))
+            assert want.size == size
+    read(part)  # the bytes written are the ones hashed
+    part.replace(out)
+    return update
+
+
+def _pair(text: list[str]) -> tuple[int, int]:
+    return int(text[0]), int(text[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m provisioner.hostupdate",
+        description="Write or check a host update (run by ./build.sh image).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="write the host update of a built raw disk")
+    w.add_argument("--out", type=Path, required=True)
+    w.add_argument("--raw", type=Path, required=True, help="the built disk, raw")
+    w.add_argument("--boot-dir", type=Path, required=True, help="vmlinuz, initrd.img and grub.cfg")
+    w.add_argument("--root-partition", nargs=2, metavar=("OFFSET", "SIZE"), required=True)
+    w.add_argument("--root-bytes", type=int, required=True, help="the squashfs's size")
+    w.add_argument("--verity-partition", nargs=2, metavar=("OFFSET", "SIZE"), required=True)
+    w.add_argument("--name", required=True)
+    w.add_argument("--host-version", type=int, required=True)
+    w.add_argument("--kernel-version", required=True)
+    w.add_argument("--root-hash", required=True)
+    w.add_argument("--epoch", type=int, required=True, help="SOURCE_DATE_EPOCH")
+    c = sub.add_parser("check", help="read a host update and check every member")
+    c.add_argument("file", type=Path)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "write":
+            update = write(
+                args.out,
+                raw=args.raw,
+                boot_dir=args.boot_dir,
+                root_part=_pair(args.root_partition),
+                root_bytes=args.root_bytes,
+                verity_part=_pair(args.verity_partition),
+                name=args.name,
+                host_version=args.host_version,
+                kernel_version=args.kernel_version,
+                root_hash=args.root_hash,
+                epoch=args.epoch,
+            )
+        else:
+            update = read(args.file)
+    except HostUpdateError as e:
+        print(f"hostupdate: error: {e.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(update.to_json(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
