@@ -9,6 +9,7 @@ non-zero exit code that tells the failure area (see docs/troubleshooting.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -237,6 +238,93 @@ def cmd_release_approve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_host(sub: Any) -> None:
+    p = sub.add_parser(
+        "host",
+        help="host releases in Glance: publish a host update, list them",
+        description="A host release is the host update `./build.sh image` writes "
+        "(out/edgepin-host.update.tar: the root filesystem, its dm-verity hash tree, the "
+        "kernel, the initramfs and a manifest with the host version), signed with the "
+        "image-signing key and uploaded to Glance as an image of its own kind "
+        "(edgepin_kind=host-update, disk_format raw, not encrypted: a host root holds no "
+        "secret). It can never be assigned as a guest image.",
+    )
+    s = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    pub = s.add_parser(
+        "publish",
+        help="check, sign and upload a host update",
+        description="Read UPDATE as a node does (every member in place, with the size and "
+        "sha256 its manifest gives), refuse a host version Glance already holds, sign the "
+        "file's bytes (img_signature*, SHA-512), upload it and check Glance's sha512 "
+        "against the one computed while uploading. On failure the image is deleted.",
+    )
+    pub.add_argument("update", type=Path, metavar="UPDATE", help="out/edgepin-host.update.tar")
+    pub.add_argument("--name", help="Glance image name (default: NAME-HOSTVERSION)")
+    pub.add_argument(
+        "--signing-cert-id",
+        default=_env("EDGEPIN_SIGNING_CERT_ID"),
+        help="Barbican UUID of the signing certificate (env EDGEPIN_SIGNING_CERT_ID)",
+    )
+    pub.add_argument(
+        "--signing-key-id",
+        default=_env("EDGEPIN_SIGNING_KEY_ID"),
+        help="Barbican UUID of the signing private key (env EDGEPIN_SIGNING_KEY_ID)",
+    )
+    pub.add_argument("--json", action="store_true", help="print the result as JSON")
+    pub.set_defaults(handler=cmd_host_publish, needs_cloud=True)
+    ls = s.add_parser(
+        "list",
+        help="list the host releases in Glance",
+        description="Every host release the caller can see, oldest host version first.",
+    )
+    ls.add_argument("--json", action="store_true", help="print the result as JSON")
+    ls.set_defaults(handler=cmd_host_list, needs_cloud=True)
+
+
+def cmd_host_publish(args: argparse.Namespace) -> int:
+    from provisioner.operator import hostpublish
+
+    if not args.signing_cert_id or not args.signing_key_id:
+        raise UsageError(
+            "host publish needs --signing-cert-id and --signing-key-id",
+            hint="the image-signing key and certificate: `edgepin signing-cert create`",
+        )
+    rel = hostpublish.publish(
+        args.conn,
+        args.update,
+        signing_cert_id=args.signing_cert_id,
+        signing_key_id=args.signing_key_id,
+        name=args.name,
+        progress=args.progress,
+    )
+    _print(
+        args,
+        dataclasses.asdict(rel),
+        [
+            f"image        {rel.image_id}",
+            f"name         {rel.name}",
+            f"host version {rel.host_version}",
+            f"root hash    {rel.root_hash}",
+            f"size         {rel.size}",
+        ],
+    )
+    return 0
+
+
+def cmd_host_list(args: argparse.Namespace) -> int:
+    from provisioner.operator import hostpublish
+
+    found = hostpublish.releases(args.conn)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in found], indent=2, sort_keys=True))
+        return 0
+    for r in found:
+        print(f"{r.host_version:>20}  {r.image_id}  {r.name}  root hash {r.root_hash[:16]}…")
+    if not found:
+        print("no host releases in Glance")
+    return 0
+
+
 def _add_nodes(sub: Any) -> None:
     e = sub.add_parser(
         "enroll",
@@ -442,6 +530,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     _add_signing_cert(sub)
     _add_nodes(sub)
     _add_release(sub)
+    _add_host(sub)
     from provisioner.node import cli as node_cli
 
     node_cli.add_parser(sub)

@@ -279,7 +279,7 @@ def read(path: Path) -> HostUpdate:
     except HostUpdateError:
         raise
     except (tarfile.TarError, EOFError, UnicodeDecodeError, ValueError) as e:
-        raise HostUpdateError(f"not a host update (not a whole tar file): {e}") from None
+        raise HostUpdateError(f"not a host update: truncated, or not a tar file ({e})") from None
     except OSError as e:
         raise HostUpdateError(f"cannot read the host update {path}: {e.strerror}") from None
     return update

@@ -108,6 +108,11 @@ def get_image(conn: Any, image_id: str) -> dict[str, Any]:
 
 
 def check_image(image: dict[str, Any]) -> None:
+    if image.get("edgepin_kind") == "host-update":
+        raise ImageError(
+            f"image {image['id']} is a host release, not a guest image",
+            hint="host releases go to a node's host, not its guest",
+        )
     missing = [p for p in REQUIRED_PROPERTIES if not image.get(p)]
     if missing:
         raise ImageError(

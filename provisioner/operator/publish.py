@@ -111,7 +111,7 @@ def detect_format(path: Path) -> str:
     )
 
 
-def _chunks(path: Path, on_chunk: Callable[[bytes], None]) -> Iterator[bytes]:
+def file_chunks(path: Path, on_chunk: Callable[[bytes], None]) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             on_chunk(chunk)
@@ -134,7 +134,7 @@ def publish(conn: Any, req: PublishRequest) -> Published:
     step("reading the signing key and certificate from Barbican")
     key = load_key(conn, req.signing_key_id)
     cert = signing_certificate(conn, req.signing_cert_id)
-    if _spki(cert.public_key()) != _spki(key.public_key()):
+    if spki(cert.public_key()) != spki(key.public_key()):
         raise VerificationError(
             "the signing key does not belong to the signing certificate",
             hint="check --signing-key-id and --signing-cert-id",
@@ -152,7 +152,7 @@ def publish(conn: Any, req: PublishRequest) -> Published:
             signer = StreamSigner(key, req.hash_method)
             digest = hashlib.sha512()
             with transfer("hashing and signing", size, req.progress) as bar:
-                for chunk in _chunks(encrypted, lambda c: bar(len(c))):
+                for chunk in file_chunks(encrypted, lambda c: bar(len(c))):
                     signer.update(chunk)
                     digest.update(chunk)
             sha512 = digest.hexdigest()
@@ -209,7 +209,7 @@ def publish(conn: Any, req: PublishRequest) -> Published:
                 r.raise_for_status()
             if r.json()["id"] != image_id:
                 raise ImageError(f"glance created image {r.json()['id']}, not {image_id}")
-            undo.append(lambda: _delete_image(conn, image_id))
+            undo.append(lambda: delete_image(conn, image_id))
 
             sent = hashlib.sha512()
             with transfer(f"uploading {req.name}", size, req.progress) as bar:
@@ -221,7 +221,7 @@ def publish(conn: Any, req: PublishRequest) -> Published:
                 with translate("glance", f"upload of {image_id}"):
                     up = conn.image.put(
                         f"/images/{image_id}/file",
-                        data=_chunks(encrypted, on_chunk),
+                        data=file_chunks(encrypted, on_chunk),
                         headers={"Content-Type": "application/octet-stream"},
                         raise_exc=False,
                     )
@@ -252,13 +252,13 @@ def publish(conn: Any, req: PublishRequest) -> Published:
         raise
 
 
-def _spki(public_key: Any) -> bytes:
+def spki(public_key: Any) -> bytes:
     data: bytes = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return data
 
 
-def _delete_image(conn: Any, image_id: str) -> None:
+def delete_image(conn: Any, image_id: str) -> None:
     with translate("glance", f"delete image {image_id}"):
         conn.image.delete(f"/images/{image_id}", raise_exc=False)

@@ -1,0 +1,76 @@
+"""A host update made from a file laid out as a built disk's partitions are (a dm-verity
+superblock and hash blocks, a root, zeros): for the unit tests of provisioner/hostupdate.py
+and the integration tests of host releases in Glance. The image tier makes the real one."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+from provisioner import hostupdate
+
+BLOCK = hostupdate.BLOCK
+SALT = bytes(range(32))
+ROOT_HASH = "ab" * 32
+KVER = "6.12.0-1-amd64"
+GRUB_CFG = f"""set edgepin_roothash=
+menuentry 'Debian GNU/Linux' {{
+\tlinux\t/vmlinuz-{KVER} root=LABEL=edgepin-root ro  edgepin.roothash=${{edgepin_roothash}} panic=0
+\tinitrd\t/initrd.img-{KVER}
+}}
+"""
+
+
+def verity_superblock(data_blocks: int) -> bytes:
+    sb = bytearray(512)
+    sb[:8] = hostupdate.VERITY_MAGIC
+    struct.pack_into("<II", sb, 8, 1, 1)
+    sb[32:38] = b"sha256"
+    struct.pack_into("<IIQH", sb, 64, BLOCK, BLOCK, data_blocks, len(SALT))
+    sb[88 : 88 + len(SALT)] = SALT
+    return bytes(sb).ljust(BLOCK, b"\0")
+
+
+def disk(tmp_path: Path) -> dict[str, Any]:
+    """A raw 'disk': a root partition (a 'squashfs' of 3 blocks and a half, zeros after
+    it, 16 blocks in all) and a verity partition (superblock, two hash blocks, zeros)."""
+    root = bytes(range(256)) * 56  # 14,336 bytes
+    root_part = root.ljust(16 * BLOCK, b"\0")
+    tree = verity_superblock(16) + b"\x11" * BLOCK + b"\x22" * 100 + bytes(BLOCK - 100)
+    verity_part = tree.ljust(8 * BLOCK, b"\0")
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"\xee" * BLOCK + root_part + verity_part)
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    (boot / "vmlinuz").write_bytes(b"kernel" * 100)
+    (boot / "initrd.img").write_bytes(b"initrd" * 50)
+    (boot / "grub.cfg").write_text(GRUB_CFG)
+    return {
+        "raw": raw,
+        "boot_dir": boot,
+        "root_part": (BLOCK, len(root_part)),
+        "root_bytes": len(root),
+        "verity_part": (BLOCK + len(root_part), len(verity_part)),
+        "root": root,
+        "tree": tree[: 3 * BLOCK],
+    }
+
+
+def write(tmp_path: Path, **changes: Any) -> tuple[Path, hostupdate.HostUpdate, dict[str, Any]]:
+    d = disk(tmp_path)
+    args = {
+        "raw": d["raw"],
+        "boot_dir": d["boot_dir"],
+        "root_part": d["root_part"],
+        "root_bytes": d["root_bytes"],
+        "verity_part": d["verity_part"],
+        "name": "edgepin-host",
+        "host_version": 1764940000,
+        "kernel_version": KVER,
+        "root_hash": ROOT_HASH,
+        "epoch": 1764940000,
+        **changes,
+    }
+    out = tmp_path / "edgepin-host.update.tar"
+    return out, hostupdate.write(out, **args), d
