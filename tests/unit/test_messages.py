@@ -40,6 +40,7 @@ FOREIGN_OPTIONS = {
     "--url": "openstack endpoint set",
     "--assignment-cert": "./build.sh image",
     "--release-key": "./build.sh image",
+    "--host-version": "./build.sh image",
     "--root-image": "python -m provisioner.imagemanifest (run by ./build.sh image)",
 }
 
