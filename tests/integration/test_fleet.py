@@ -124,6 +124,9 @@ def test_the_node_reports_its_facts_and_outcome_and_only_its_own(
     )
     request.addfinalizer(lambda: subprocess.run(["umount", "-q", str(images)], check=False))
     enroll_node(node, cli_env, signer, run_dir)
+    # the host release the image build writes into edgepin.conf
+    conf = node.root / "etc/edgepin/edgepin.conf"
+    conf.write_text(conf.read_text() + "EDGEPIN_HOST_VERSION=1764940000\n")
     ok(node.node("enroll"))
     row = fleet_status(cli_env, node.name)[0]
     assert row["report"]["problem"] == "no report yet" and row["outcome"] is None
@@ -135,6 +138,7 @@ def test_the_node_reports_its_facts_and_outcome_and_only_its_own(
     assert facts["cpus"] >= 2 and facts["guest_cpus"] == facts["cpus"] - 1
     assert facts["memory_mb"] > 256 and facts["disk_free_mb"] > 0
     assert facts["virt_type"] == "qemu" and facts["cpu_flags"], facts
+    assert facts["host_version"] == row["host_version"] == 1764940000, row
     first_seen = row["seen_at"]
     assert first_seen
 

@@ -64,6 +64,19 @@ def test_a_report_reads_back_as_written() -> None:
     assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
 
 
+def test_the_host_version_reads_back_and_an_older_node_s_report_has_none() -> None:
+    r = report(facts=replace(FACTS, host_version=1764940000))
+    assert nodereport.parse(r.text(), "node-1").facts == r.facts
+    doc = json.loads(report().text())
+    del doc["facts"]["host_version"]  # a node from before host versions
+    got = nodereport.parse(json.dumps(doc), "node-1").facts
+    assert got is not None and got.host_version == 0
+    for bad in (-1, True, "7", 2**63):
+        doc["facts"]["host_version"] = bad
+        with pytest.raises(nodereport.ReportError, match="host_version"):
+            nodereport.parse(json.dumps(doc), "node-1")
+
+
 def test_a_report_for_another_node_or_malformed_is_refused() -> None:
     with pytest.raises(nodereport.ReportError, match="another node"):
         nodereport.parse(report().text(), "node-2")
