@@ -490,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     except HostUpdateError as e:
         print(f"hostupdate: error: {e.message}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"hostupdate: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
     print(json.dumps(update.to_json(), indent=2))
     return 0
 

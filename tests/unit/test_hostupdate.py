@@ -271,3 +271,16 @@ def test_any_file_gives_a_host_update_or_a_host_update_error(
         hostupdate.read(path)
     except HostUpdateError:
         pass
+
+
+def test_the_command_checks_a_file_and_says_why_it_refuses_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, update, _ = write(tmp_path)
+    assert hostupdate.main(["check", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == update.to_json()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(out.read_bytes()[:5000])
+    assert hostupdate.main(["check", str(cut)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hostupdate: error: ") and len(err.splitlines()) == 1, err
