@@ -21,6 +21,7 @@ from benchmarks import (
     nodebench,
     placebench,
     report,
+    rootread,
     startcheck,
     stats,
 )
@@ -28,7 +29,16 @@ from benchmarks.bed import MIB, Bed, BenchError
 from benchmarks.report import Row
 from tests.testbed import ceph
 
-SECTIONS = ("fetch", "resume", "reconcile", "fleet", "placement", "startcheck", "footprint")
+SECTIONS = (
+    "fetch",
+    "resume",
+    "reconcile",
+    "fleet",
+    "placement",
+    "startcheck",
+    "footprint",
+    "rootread",
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -585,6 +595,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             raw["boot"] = boot
             rows += footprint.boot_rows(boot)
+        if "rootread" in only:
+            res = rootread.bench(
+                Path(__file__).resolve().parent.parent / "out", run_dir / "rootread", log
+            )
+            raw["rootread"] = res
+            rows += rootread.rows(res)
     except BaseException as e:
         # what was measured before the failure is kept: table and JSON, marked failed
         meta["failed"] = f"{type(e).__name__}: {e}"[:500]

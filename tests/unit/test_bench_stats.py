@@ -253,3 +253,23 @@ def test_fetch_rows_compare_edgepin_with_the_least_a_verified_download_does() ->
         "edgepin peak RSS",
         "naive peak RSS",
     }
+
+
+def test_rootread_reports_each_squashfs_against_the_uncompressed_one(tmp_path: Path) -> None:
+    from benchmarks import rootread
+
+    res = {
+        "files": 18476,
+        "variants": {
+            "the image's (zstd, 128 KiB, no fragments)": {"bytes": 160 << 20, "kernel_s": 4.8},
+            "zstd, 128 KiB, with fragments": {"bytes": 155 << 20, "kernel_s": 8.9},
+            "uncompressed": {"bytes": 480 << 20, "kernel_s": 3.2},
+        },
+    }
+    rows = {r.metric: r for r in rootread.rows(res)}
+    read = rows["read 18,476 files at random: zstd, 128 KiB, with fragments"]
+    assert read.ratio is not None and abs(read.ratio - 8.9 / 3.2) < 1e-9
+    assert rows["squashfs size: uncompressed"].ratio == 1.0
+    # nothing built (or not root): one row that says why, no figures
+    (skipped,) = rootread.rows(rootread.bench(tmp_path / "none", tmp_path / "w", print))
+    assert skipped.value is None and "not built" in skipped.goal
