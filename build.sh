@@ -326,8 +326,12 @@ cmd_image() {
     for f in "${certs[@]}"; do [[ -f "$f" ]] || die "--signing-cert: no such file: $f"; done
     for f in "${acerts[@]}"; do [[ -f "$f" ]] || die "--assignment-cert: no such file: $f"; done
     [[ -z "$pins" || -f "$pins" ]] || die "--pins: no such file: $pins"
+    # the host version, by default SOURCE_DATE_EPOCH: a whole number that later releases
+    # make greater
     [[ -z "$hostversion" || "$hostversion" =~ ^[1-9][0-9]{0,17}$ ]] ||
-        die "--host-version must be a whole number above zero (of at most 18 digits), such as 20261205"
+        die "--host-version must be a whole number above zero of at most 18 digits, such as $(date +%s)"
+    [[ -z "${SOURCE_DATE_EPOCH:-}" || "$SOURCE_DATE_EPOCH" =~ ^[1-9][0-9]{0,17}$ ]] ||
+        die "SOURCE_DATE_EPOCH must be a time in seconds since 1970, such as $(date +%s)"
     if [[ -n "$rkey" ]]; then
         [[ -f "$rkey" ]] || die "--release-key: no such file: $rkey"
         grep -q "BEGIN PUBLIC KEY" "$rkey" || die "--release-key: $rkey is not a PEM public key (give the public half)"
@@ -447,8 +451,8 @@ cmd_image() {
     roothash="$(PATH="$path" "${sudo[@]}" "$ROOT/elements/edgepin-readonly/seal-verity" "$out/$name.raw" | tail -1)" \
         || die "sealing the root with dm-verity failed"
     log "root sealed with dm-verity: root hash $roothash"
-    # the host update: the root, its hash tree, the kernel and the initramfs, for a node's
-    # other root slot
+    # the host update: the root, its hash tree, the kernel and the initramfs in one file,
+    # with a manifest (provisioner/hostupdate.py)
     local boot="$work/boot-files" kver rootpart veritypart
     rm -rf "$boot" && mkdir -p "$boot"
     kver="$(PATH="$path" "${sudo[@]}" "$ROOT/elements/edgepin-readonly/boot-files" "$out/$name.raw" "$boot" | tail -1)" \

@@ -9,7 +9,7 @@ kernel), for three squashfs images of the same files:
 - the image's own (zstd, 128 KiB blocks, no fragments: ``squash-root``);
 - the same with fragments (mksquashfs's default: the tails of small files packed
   together, so that reading one small file decompresses a block of several);
-- uncompressed, the baseline (no decompression at all).
+- uncompressed and without fragments, the baseline (no decompression at all).
 
 Under software emulation (the QA tier's boots) every kernel CPU second is many, so the
 ratios matter, not the seconds. Needs root (loop mounts) and squashfs-tools; reads
@@ -38,7 +38,7 @@ SEED = 16  # the same order in every run
 COMMON = ["-noappend", "-no-progress", "-quiet", "-no-exports", "-xattrs"]
 VARIANTS = {
     "zstd, 128 KiB, with fragments": ["-comp", "zstd", "-Xcompression-level", "15", "-b", "128K"],
-    "uncompressed": ["-noI", "-noD", "-noF", "-noX"],
+    "uncompressed": ["-noI", "-noD", "-noF", "-noX", "-no-fragments"],
 }
 
 

@@ -253,7 +253,7 @@ def _add_host(sub: Any) -> None:
     pub = s.add_parser(
         "publish",
         help="check, sign and upload a host update",
-        description="Read UPDATE as a node does (every member in place, with the size and "
+        description="Read UPDATE completely (every member in place, with the size and "
         "sha256 its manifest gives), refuse a host version Glance already holds, sign the "
         "file's bytes (img_signature*, SHA-512), upload it and check Glance's sha512 "
         "against the one computed while uploading. On failure the image is deleted.",

@@ -35,11 +35,12 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import re
 import struct
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -56,7 +57,7 @@ VERITY = "root.verity"
 ROOT = "root.squashfs"
 PAYLOAD = (KERNEL, INITRD, VERITY, ROOT)  # after the manifest, in this order
 MAX_MANIFEST = 64 * 1024  # bytes; a manifest is under 2 KiB
-MAX_MEMBER = 1 << 36  # 64 GiB: more than any root partition
+MAX_MEMBER = 8**11 - 1  # bytes: what a ustar header's size holds (8 GiB less one byte)
 BLOCK = 4096  # dm-verity's data and hash block size, as seal-verity formats it
 HASH = "sha256"
 VERITY_MAGIC = b"verity\0\0"
@@ -231,55 +232,111 @@ def parse_manifest(data: bytes) -> HostUpdate:
     return update
 
 
-def _digest(f: IO[bytes], size: int) -> str:
-    h = hashlib.sha256()
-    left = size
-    while left:
-        chunk = f.read(min(left, 1 << 20))
-        if not chunk:
-            raise HostUpdateError("the host update is truncated")
-        h.update(chunk)
-        left -= len(chunk)
-    return h.hexdigest()
+TAR_BLOCK = 512
+MAX_TAR_SIZE = 8**11 - 1  # what a ustar header's 11 octal digits hold
 
 
-def read(path: Path) -> HostUpdate:
-    """A whole host update from an untrusted file: its manifest parsed, every member in
-    its place with the size and sha256 the manifest gives. HostUpdateError otherwise."""
+class _Stream:
+    """An untrusted file read once, front to back; every byte read also goes to
+    ``on_data`` (a signer and a hash, for ``edgepin host publish``), in order."""
+
+    def __init__(self, f: IO[bytes], on_data: Callable[[bytes], None] | None) -> None:
+        self._f, self._on_data = f, on_data
+
+    def read(self, n: int, what: str) -> bytes:
+        data = self._f.read(n)
+        if self._on_data and data:
+            self._on_data(data)
+        if len(data) != n:
+            raise HostUpdateError(f"the host update is truncated: in {what}")
+        return data
+
+    def digest(self, size: int, what: str) -> str:
+        h = hashlib.sha256()
+        left = size
+        while left:
+            chunk = self.read(min(left, 1 << 20), what)
+            h.update(chunk)
+            left -= len(chunk)
+        return h.hexdigest()
+
+    def rest_is_zeros(self) -> bool:
+        """Whether what is left (the end-of-archive blocks) is zeros, two blocks at least."""
+        seen = 0
+        while chunk := self._f.read(1 << 16):
+            if self._on_data:
+                self._on_data(chunk)
+            if chunk.count(0) != len(chunk):
+                return False
+            seen += len(chunk)
+        return seen >= 2 * TAR_BLOCK and seen % TAR_BLOCK == 0
+
+
+def _octal(field: bytes, what: str) -> int:
+    digits = field.rstrip(b"\0 ")
+    if not digits or len(digits) > 11 or not all(0x30 <= c <= 0x37 for c in digits):
+        raise HostUpdateError(f"the host update's header of {what} is damaged")
+    return int(digits, 8)
+
+
+def _member(stream: _Stream, want: str) -> int:
+    """The size of the next member, whose header must be a plain ustar header of a regular
+    file named ``want``: no other kind of entry (links, folders, sparse or extended
+    headers) is read."""
+    block = stream.read(TAR_BLOCK, f"the header of {want}")
+    if block.count(0) == TAR_BLOCK:
+        raise HostUpdateError(f"the host update is truncated: no {want}")
+    if sum(block[:148]) + 8 * 0x20 + sum(block[156:]) != _octal(block[148:156], want):
+        raise HostUpdateError(f"the host update's header of {want} is damaged (checksum)")
+    if block[257:265] != b"ustar\x0000":
+        raise HostUpdateError("not a host update: not a ustar tar file")
+    name = block[:100].rstrip(b"\0")
+    shown = name.decode("ascii", "replace")[:64]
+    if name != want.encode() or block[345:500].count(0) != 155:
+        raise HostUpdateError(f"the host update's member {shown!r} is not {want}")
+    if block[156:157] != b"0" or block[157:257].count(0) != 100:
+        raise HostUpdateError(f"the host update's {want} is not a regular file")
+    return _octal(block[124:136], want)
+
+
+def _padding(stream: _Stream, size: int, what: str) -> None:
+    pad = -size % TAR_BLOCK
+    if pad and stream.read(pad, what).count(0) != pad:
+        raise HostUpdateError(f"the host update has data after {what}")
+
+
+def read(path: Path, on_data: Callable[[bytes], None] | None = None) -> HostUpdate:
+    """A whole host update from an untrusted file, read once, front to back: its manifest
+    parsed, every member in its place (plain ustar headers of regular files, in the
+    format's order) with the size and sha256 the manifest gives, nothing after the last
+    one but the end-of-archive zeros. HostUpdateError otherwise. Every byte read also goes
+    to ``on_data``."""
     try:
-        with tarfile.open(path, "r:") as tar:
-            entries = iter(tar)
-            first = next(entries, None)
-            if first is None or first.name != MANIFEST or not first.isfile():
-                raise HostUpdateError(f"not a host update: its first member is not {MANIFEST}")
-            if first.size > MAX_MANIFEST:
+        with path.open("rb") as f:
+            stream = _Stream(f, on_data)
+            try:
+                size = _member(stream, MANIFEST)
+            except HostUpdateError as e:
+                raise HostUpdateError(
+                    f"not a host update: it does not start with its {MANIFEST} ({e.message})"
+                ) from None
+            if size > MAX_MANIFEST:
                 raise _fail(f"more than {MAX_MANIFEST} bytes")
-            f = tar.extractfile(first)
-            assert f is not None  # a regular file
-            update = parse_manifest(f.read())
+            update = parse_manifest(stream.read(size, MANIFEST))
+            _padding(stream, size, MANIFEST)
             for want in update.members:
-                entry = next(entries, None)
-                if entry is None:
-                    raise HostUpdateError(f"the host update is truncated: no {want.name}")
-                if entry.name != want.name or not entry.isfile():
+                size = _member(stream, want.name)
+                if size != want.size:
                     raise HostUpdateError(
-                        f"the host update's member {entry.name[:64]!r} is not {want.name}"
+                        f"{want.name} has {size} bytes, the manifest says {want.size}"
                     )
-                if entry.size != want.size:
-                    raise HostUpdateError(
-                        f"{want.name} has {entry.size} bytes, the manifest says {want.size}"
-                    )
-                f = tar.extractfile(entry)
-                assert f is not None
-                if _digest(f, entry.size) != want.sha256:
+                if stream.digest(size, want.name) != want.sha256:
                     raise HostUpdateError(f"{want.name} is not what the manifest's sha256 says")
-            extra = next(entries, None)
-            if extra is not None:
-                raise HostUpdateError(f"the host update has a member too many: {extra.name[:64]!r}")
-    except HostUpdateError:
-        raise
-    except (tarfile.TarError, EOFError, UnicodeDecodeError, ValueError) as e:
-        raise HostUpdateError(f"not a host update: truncated, or not a tar file ({e})") from None
+                _padding(stream, size, want.name)
+            if not stream.rest_is_zeros():
+                raise HostUpdateError(
+                    "the host update has a member too many, or data after its last member"
+                )
     except OSError as e:
         raise HostUpdateError(f"cannot read the host update {path}: {e.strerror}") from None
     return update
@@ -326,11 +383,11 @@ def superblock(f: IO[bytes], offset: int) -> Superblock:
     sb = f.read(512)
     if len(sb) < 512 or sb[:8] != VERITY_MAGIC:
         raise HostUpdateError("the verity partition has no dm-verity superblock")
-    version, _hash_type = struct.unpack_from("<II", sb, 8)
+    version, hash_type = struct.unpack_from("<II", sb, 8)
     algorithm = sb[32:64].rstrip(b"\0").decode("ascii", "replace")
     data_bs, hash_bs, blocks, salt_size = struct.unpack_from("<IIQH", sb, 64)
-    if version != 1 or salt_size > 256:
-        raise HostUpdateError("the verity partition's superblock is not version 1")
+    if version != 1 or hash_type != 1 or salt_size > 256:
+        raise HostUpdateError("the verity partition's superblock is not version 1, hash type 1")
     return Superblock(algorithm, data_bs, hash_bs, blocks, sb[88 : 88 + salt_size].hex())
 
 
@@ -401,9 +458,12 @@ def write(
     for member, path, offset, size in _members_of(
         raw, boot_dir, root_part, root_bytes, verity_part
     ):
+        if size > MAX_MEMBER:
+            raise HostUpdateError(f"{member} has {size} bytes, more than a ustar member holds")
         with path.open("rb") as f:
             f.seek(offset)
-            members.append(Member(member, size, _digest(f, size)))
+            digest = _Stream(f, None).digest(size, member)
+        members.append(Member(member, size, digest))
     with raw.open("rb") as f:
         sb = superblock(f, verity_part[0])
     if (sb.algorithm, sb.data_block_size, sb.hash_block_size) != (HASH, BLOCK, BLOCK) or (
@@ -424,7 +484,7 @@ def write(
         kernel_command_line=kernel_command_line(grub_cfg, f"vmlinuz-{kernel_version}", root_hash),
     )
     manifest = (json.dumps(update.to_json(), indent=2) + "\n").encode()
-    parse_manifest(manifest)  # what a node will read, it can read
+    parse_manifest(manifest)  # what is written, the parser reads
 
     def info(member: str, size: int) -> tarfile.TarInfo:
         t = tarfile.TarInfo(member)
@@ -432,16 +492,27 @@ def write(
         return t
 
     part = out.with_name(out.name + ".part")
-    with tarfile.open(part, "w", format=tarfile.USTAR_FORMAT) as tar:
-        tar.addfile(info(MANIFEST, len(manifest)), io.BytesIO(manifest))
-        for (member, path, offset, size), want in zip(
-            _members_of(raw, boot_dir, root_part, root_bytes, verity_part), members, strict=True
-        ):
-            with path.open("rb") as f:
-                tar.addfile(info(member, size), io.BufferedReader(_Window(f, offset, size)))
-            assert want.size == size
-    read(part)  # the bytes written are the ones hashed
-    part.replace(out)
+    try:
+        with part.open("wb") as fileobj:
+            with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                tar.addfile(info(MANIFEST, len(manifest)), io.BytesIO(manifest))
+                for (member, path, offset, size), want in zip(
+                    _members_of(raw, boot_dir, root_part, root_bytes, verity_part),
+                    members,
+                    strict=True,
+                ):
+                    with path.open("rb") as f:
+                        window = io.BufferedReader(_Window(f, offset, size))
+                        tar.addfile(info(member, size), window)
+                    assert want.size == size
+            fileobj.flush()
+            os.fsync(fileobj.fileno())
+        if read(part) != update:  # the bytes written are the ones hashed
+            raise HostUpdateError("the host update written does not read back as written")
+        part.replace(out)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     return update
 
 

@@ -227,8 +227,8 @@ def load(
         }
     except ValueError as e:
         raise ConfigError(f"bad setting: {e}") from None
-    if values["host_version"] < 0:
-        raise ConfigError("EDGEPIN_HOST_VERSION must be a whole number, 0 or above")
+    if not 0 <= values["host_version"] < 2**63:
+        raise ConfigError("EDGEPIN_HOST_VERSION must be a whole number from 0 to 2**63-1")
     if not values["pcrs"]:
         raise ConfigError(
             "EDGEPIN_PCRS is empty: the node refuses to seal or unseal without a PCR policy"

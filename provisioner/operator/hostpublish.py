@@ -4,13 +4,13 @@ A host release is the host update that ``./build.sh image`` writes
 (``out/edgepin-host.update.tar``, :mod:`provisioner.hostupdate`), uploaded to Glance as an
 image of its own kind and signed like a guest image:
 
-1. read the file as a node will (every member in place, sizes and digests against its
-   manifest): anything that is not a whole host update is refused before anything is
-   created;
-2. refuse a host version that Glance already holds (two releases of one version could not
-   be told apart by a node's version floor);
-3. hash (sha512) and sign (``img_signature*``, with the same signing key and certificate as
-   guest images) the file's bytes in one pass;
+1. read the file completely, once (every member in its place, with the size and sha256
+   its manifest gives: :func:`provisioner.hostupdate.read`): anything that is not a whole
+   host update is refused before anything is created;
+2. in the same pass, hash (sha512) and sign (``img_signature*``, with the same signing key
+   and certificate as guest images) the bytes checked;
+3. refuse a host version that is not greater than every host release in Glance: host
+   versions only go up;
 4. create the Glance image with every property set before upload, so that Glance verifies
    the signature itself, then upload with progress; on any failure the image is deleted;
 5. check that Glance's ``os_hash_value`` equals the sha512 computed while uploading.
@@ -105,15 +105,6 @@ def publish(
     """Sign ``file`` (a host update) and upload it to Glance as a host release."""
     if not file.is_file():
         raise UsageError(f"{file}: no such file")
-    step(f"checking {file.name}: every member against its manifest")
-    update = hostupdate.read(file)
-    name = name or f"{update.name}-{update.host_version}"
-    taken = [r for r in releases(conn) if r.host_version == update.host_version]
-    if taken:
-        raise ImageError(
-            f"host version {update.host_version} is in Glance already (image {taken[0].image_id})",
-            hint="build the release with a greater --host-version, or delete the other one",
-        )
     step("reading the signing key and certificate from Barbican")
     key = load_key(conn, signing_key_id)
     cert = signing_certificate(conn, signing_cert_id)
@@ -125,11 +116,25 @@ def publish(
     size = file.stat().st_size
     signer = StreamSigner(key, HASH_METHOD)
     digest = hashlib.sha512()
-    with transfer("hashing and signing", size, progress) as bar:
-        for chunk in file_chunks(file, lambda c: bar(len(c))):
+    # one pass: the bytes checked are the bytes signed
+    with transfer(f"checking and signing {file.name}", size, progress) as bar:
+
+        def on_data(chunk: bytes) -> None:
             signer.update(chunk)
             digest.update(chunk)
+            bar(len(chunk))
+
+        update = hostupdate.read(file, on_data)
     sha512 = digest.hexdigest()
+    name = name or f"{update.name}-{update.host_version}"
+    newest = max(releases(conn), key=lambda r: r.host_version, default=None)
+    if newest is not None and update.host_version <= newest.host_version:
+        raise ImageError(
+            f"host version {update.host_version} is not greater than the newest host release "
+            f"in Glance ({newest.host_version}, image {newest.image_id})",
+            hint="build the release from a later commit (the version defaults to its time) or "
+            "with a greater --host-version",
+        )
     properties = {
         KIND_PROPERTY: KIND,
         VERSION_PROPERTY: str(update.host_version),

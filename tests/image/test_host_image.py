@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner import hostupdate
 from provisioner.tpm import verify_ek_cert_chain
 from tests.testbed import disk
 from tests.testbed.hostcheck import CheckedBoot, factory_pcrs
@@ -39,7 +40,7 @@ ZERO = "0" * 64
 
 @pytest.mark.parametrize("firmware", ["uefi", "bios"])
 def test_boots_read_only_with_tpm_and_no_way_in(
-    firmware: str, checked_boot: Callable[[str], CheckedBoot]
+    firmware: str, checked_boot: Callable[[str], CheckedBoot], host_image: Path
 ) -> None:
     # one boot per firmware and session: the node tier enrolls its machine with the PCR
     # values the UEFI one printed (the factory's reference boot of the model)
@@ -91,6 +92,9 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     cmdline = got["cmdline"].split()
     assert any(re.fullmatch(r"edgepin\.roothash=[0-9a-f]{64}", a) for a in cmdline), cmdline
     assert "panic=0" in cmdline, cmdline
+    # the command line the host update says this release's kernel gets, which GRUB measures
+    update = hostupdate.read(host_image.with_name("edgepin-host.update.tar"))
+    assert cmdline == update.kernel_command_line.split(), (cmdline, update.kernel_command_line)
     fstype, size = got["var"].split()
     assert fstype == "ext4", got
     # the 4 GiB disk minus ESP, BIOS boot and root: the state partition grew on first boot

@@ -6,6 +6,7 @@ output folder.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -78,3 +79,27 @@ def test_a_good_reserved_cpu_list_passes_the_check(tmp_path: Path, value: str) -
     assert done.returncode == 1, done
     assert "--reserved-cpus" not in done.stderr
     assert "--pins: no such file" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "v2", "1234567890123456789", "1;reboot"])
+def test_a_bad_host_version_is_refused_before_anything_is_built(tmp_path: Path, value: str) -> None:
+    done = build_image(tmp_path, "--host-version", value)
+    assert done.returncode == 1, done
+    assert "build.sh: error: --host-version must be a whole number above zero" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_date_epoch_that_is_no_time_is_refused_before_anything_is_built(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        ["bash", str(REPO / "build.sh"), "image", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SOURCE_DATE_EPOCH": "yesterday"},
+    )
+    assert done.returncode == 1, done
+    assert "build.sh: error: SOURCE_DATE_EPOCH must be a time in seconds" in done.stderr
+    assert not (tmp_path / "out").exists()

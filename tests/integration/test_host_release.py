@@ -45,9 +45,11 @@ def one_error(r: subprocess.CompletedProcess[str]) -> str:
 def test_a_host_release_is_signed_in_glance_as_its_own_kind_and_never_a_guest(
     cli_env: dict[str, str], admin: Any, signer: Signer, tmp_path: Path
 ) -> None:
-    version = 1_700_000_000 + secrets.randbelow(10**8)
+    before_list = host_releases(cli_env)
+    before = {r["image_id"] for r in before_list}
+    newest = max([1_700_000_000, *(r["host_version"] for r in before_list)])
+    version = newest + 1 + secrets.randbelow(10**6)
     update, made, _ = hostupdates.write(tmp_path, host_version=version)
-    before = {r["image_id"] for r in host_releases(cli_env)}
 
     r = run_edgepin(["host", "publish", str(update), "--json"], cli_env)
     assert r.returncode == 0, r.stderr
@@ -86,18 +88,19 @@ def test_a_host_release_is_signed_in_glance_as_its_own_kind_and_never_a_guest(
     with pytest.raises(ImageError, match="is a host release, not a guest image"):
         assign.check_image(image)
 
-    # the same version again: refused, nothing created
-    (tmp_path / "again").mkdir()
-    again, _, _ = hostupdates.write(tmp_path / "again", host_version=version)
-    err = one_error(run_edgepin(["host", "publish", str(again)], cli_env))
-    assert f"host version {version} is in Glance already" in err
+    # the same version again, or an older one: refused, nothing created
+    for older in (version, version - 1):
+        (tmp_path / str(older)).mkdir()
+        again, _, _ = hostupdates.write(tmp_path / str(older), host_version=older)
+        err = one_error(run_edgepin(["host", "publish", str(again)], cli_env))
+        assert f"host version {older} is not greater than the newest host release" in err, err
     assert len(host_releases(cli_env)) == len(listed)
 
 
 def test_what_is_not_a_whole_host_update_is_refused_before_anything_is_created(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    version = 1_800_000_000 + secrets.randbelow(10**8)
+    version = 2_000_000_000 + secrets.randbelow(10**8)
     update, _, _ = hostupdates.write(tmp_path, host_version=version)
     before = host_releases(cli_env)
     data = update.read_bytes()

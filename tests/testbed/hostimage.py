@@ -4,6 +4,7 @@ changed; the test-only signing key it pins; how such a node is enrolled."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -20,7 +21,12 @@ class HostImageError(RuntimeError):
 
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGE_INPUTS = ("elements", "provisioner", "pyproject.toml")
+# build.sh squashes and seals the root and writes the host update; docs/node.md is in the
+# image (/usr/share/edgepin/node.md)
+IMAGE_INPUTS = ("elements", "provisioner", "pyproject.toml", "build.sh", "docs/node.md")
+# one build at a time on this machine, whichever test session asks (./build.sh's work
+# folder, .cache/image, is one for all of them)
+BUILD_LOCK = REPO / ".cache" / "image-build.lock"
 
 
 def inputs_digest(extra: list[str]) -> str:
@@ -49,7 +55,15 @@ def is_current(out: Path, args: list[str]) -> bool:
 
 
 def build_image(out: Path, args: list[str]) -> Path:
-    """Build (or reuse, when nothing it is made of changed) the host image in ``out``."""
+    """Build (or reuse, when nothing it is made of changed) the host image in ``out``; one
+    build at a time (:data:`BUILD_LOCK`)."""
+    BUILD_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with BUILD_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_image(out, args)
+
+
+def _build_image(out: Path, args: list[str]) -> Path:
     image = out / "edgepin-host.qcow2"
     stamp = out / "edgepin-host.inputs"
     want = inputs_digest(args)
