@@ -35,7 +35,7 @@ from provisioner import hostupdate
 from provisioner.cloud import translate
 from provisioner.errors import EdgepinError, ImageError, UsageError, VerificationError
 from provisioner.operator.imagesecrets import signing_certificate
-from provisioner.operator.publish import delete_image, file_chunks, spki
+from provisioner.operator.publish import delete_image, spki, upload
 from provisioner.operator.signingcert import load_key
 from provisioner.progress import step, transfer
 from provisioner.signing import StreamSigner, fingerprint
@@ -162,34 +162,9 @@ def publish(
             r.raise_for_status()
         image_id = str(r.json()["id"])
         undo.append(lambda: delete_image(conn, image_id))
-        sent = hashlib.sha512()
-        with transfer(f"uploading {name}", size, progress) as bar:
-
-            def on_chunk(chunk: bytes) -> None:
-                sent.update(chunk)
-                bar(len(chunk))
-
-            with translate("glance", f"upload of {image_id}"):
-                up = conn.image.put(
-                    f"/images/{image_id}/file",
-                    data=file_chunks(file, on_chunk),
-                    headers={"Content-Type": "application/octet-stream"},
-                    raise_exc=False,
-                )
-        if up.status_code >= 300:
-            detail = up.text.strip().splitlines()[-1][:200] if up.text else ""
-            raise ImageError(f"glance refused the upload ({up.status_code}): {detail}")
-        if sent.hexdigest() != sha512:
-            raise VerificationError("the file changed while it was being uploaded")
+        upload(conn, image_id, file, name, sha512, progress)
         with translate("glance", f"image {image_id}"):
             image = conn.image.get(f"/images/{image_id}").json()
-        if image.get("status") != "active":
-            raise ImageError(f"image {image_id} is {image.get('status')}, not active")
-        if image.get("os_hash_algo") != "sha512" or image.get("os_hash_value") != sha512:
-            raise VerificationError(
-                "glance's os_hash_value differs from the sha512 computed while uploading",
-                image_id=image_id,
-            )
     except BaseException:
         for action in reversed(undo):
             try:

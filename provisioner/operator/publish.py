@@ -211,36 +211,7 @@ def publish(conn: Any, req: PublishRequest) -> Published:
                 raise ImageError(f"glance created image {r.json()['id']}, not {image_id}")
             undo.append(lambda: delete_image(conn, image_id))
 
-            sent = hashlib.sha512()
-            with transfer(f"uploading {req.name}", size, req.progress) as bar:
-
-                def on_chunk(chunk: bytes) -> None:
-                    sent.update(chunk)
-                    bar(len(chunk))
-
-                with translate("glance", f"upload of {image_id}"):
-                    up = conn.image.put(
-                        f"/images/{image_id}/file",
-                        data=file_chunks(encrypted, on_chunk),
-                        headers={"Content-Type": "application/octet-stream"},
-                        raise_exc=False,
-                    )
-            if up.status_code >= 300:
-                detail = up.text.strip().splitlines()[-1][:200] if up.text else ""
-                raise ImageError(f"glance refused the upload ({up.status_code}): {detail}")
-            if sent.hexdigest() != sha512:
-                raise VerificationError("the file changed while it was being uploaded")
-            with translate("glance", f"image {image_id}"):
-                image = conn.image.get(f"/images/{image_id}").json()
-            if image.get("status") != "active":
-                raise ImageError(f"image {image_id} is {image.get('status')}, not active")
-            if image.get("os_hash_algo") != "sha512" or image.get("os_hash_value") != sha512:
-                raise VerificationError(
-                    "glance's os_hash_value differs from the sha512 computed while uploading",
-                    image_id=image_id,
-                    expected=sha512,
-                    got=image.get("os_hash_value"),
-                )
+            upload(conn, image_id, encrypted, req.name, sha512, req.progress)
             step(f"published {req.name} {req.version} as image {image_id}")
             return Published(image_id, key_id, sha512, size, properties)
     except BaseException:
@@ -262,3 +233,40 @@ def spki(public_key: Any) -> bytes:
 def delete_image(conn: Any, image_id: str) -> None:
     with translate("glance", f"delete image {image_id}"):
         conn.image.delete(f"/images/{image_id}", raise_exc=False)
+
+
+def upload(conn: Any, image_id: str, path: Path, name: str, sha512: str, progress: bool) -> None:
+    """Upload ``path`` into the created image ``image_id`` with progress, then check that the
+    bytes sent are the ones hashed (``sha512``), that the image is active and that Glance's
+    own ``os_hash_value`` is that hash."""
+    size = path.stat().st_size
+    sent = hashlib.sha512()
+    with transfer(f"uploading {name}", size, progress) as bar:
+
+        def on_chunk(chunk: bytes) -> None:
+            sent.update(chunk)
+            bar(len(chunk))
+
+        with translate("glance", f"upload of {image_id}"):
+            up = conn.image.put(
+                f"/images/{image_id}/file",
+                data=file_chunks(path, on_chunk),
+                headers={"Content-Type": "application/octet-stream"},
+                raise_exc=False,
+            )
+    if up.status_code >= 300:
+        detail = up.text.strip().splitlines()[-1][:200] if up.text else ""
+        raise ImageError(f"glance refused the upload ({up.status_code}): {detail}")
+    if sent.hexdigest() != sha512:
+        raise VerificationError("the file changed while it was being uploaded")
+    with translate("glance", f"image {image_id}"):
+        image = conn.image.get(f"/images/{image_id}").json()
+    if image.get("status") != "active":
+        raise ImageError(f"image {image_id} is {image.get('status')}, not active")
+    if image.get("os_hash_algo") != "sha512" or image.get("os_hash_value") != sha512:
+        raise VerificationError(
+            "glance's os_hash_value differs from the sha512 computed while uploading",
+            image_id=image_id,
+            expected=sha512,
+            got=image.get("os_hash_value"),
+        )
