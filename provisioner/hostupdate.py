@@ -345,26 +345,6 @@ def read(path: Path, on_data: Callable[[bytes], None] | None = None) -> HostUpda
 # ------------------------------------------------------------------ the writer
 
 
-class _Window(io.RawIOBase):
-    """``size`` bytes of ``f`` from ``offset``, as a file."""
-
-    def __init__(self, f: IO[bytes], offset: int, size: int) -> None:
-        self._f, self._pos, self._end = f, offset, offset + size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        n = min(len(b), self._end - self._pos)
-        if n <= 0:
-            return 0
-        self._f.seek(self._pos)
-        data = self._f.read(n)
-        b[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
 @dataclass(frozen=True)
 class Superblock:
     """What a dm-verity superblock (format 1) says, as veritysetup wrote it."""
@@ -454,10 +434,9 @@ def write(
     epoch: int,
 ) -> HostUpdate:
     """Write the host update of a built disk (``raw``) to ``out``, whole or not at all."""
+    parts = list(_members_of(raw, boot_dir, root_part, root_bytes, verity_part))
     members = []
-    for member, path, offset, size in _members_of(
-        raw, boot_dir, root_part, root_bytes, verity_part
-    ):
+    for member, path, offset, size in parts:
         if size > MAX_MEMBER:
             raise HostUpdateError(f"{member} has {size} bytes, more than a ustar member holds")
         with path.open("rb") as f:
@@ -496,15 +475,10 @@ def write(
         with part.open("wb") as fileobj:
             with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 tar.addfile(info(MANIFEST, len(manifest)), io.BytesIO(manifest))
-                for (member, path, offset, size), want in zip(
-                    _members_of(raw, boot_dir, root_part, root_bytes, verity_part),
-                    members,
-                    strict=True,
-                ):
+                for member, path, offset, size in parts:
                     with path.open("rb") as f:
-                        window = io.BufferedReader(_Window(f, offset, size))
-                        tar.addfile(info(member, size), window)
-                    assert want.size == size
+                        f.seek(offset)
+                        tar.addfile(info(member, size), f)  # exactly ``size`` bytes
             fileobj.flush()
             os.fsync(fileobj.fileno())
         if read(part) != update:  # the bytes written are the ones hashed

@@ -26,7 +26,6 @@ reader checks first.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,31 +145,26 @@ def publish(
         "edgepin_signing_cert_sha256": fingerprint(cert),
         "edgepin_version": update.edgepin_version,
     }
-    undo: list[Callable[[], None]] = []
+    with translate("glance", "create image"):
+        r = conn.image.post(
+            "/images",
+            json={
+                "name": name,
+                "disk_format": "raw",
+                "container_format": "bare",
+                "visibility": "shared",
+                **properties,
+            },
+        )
+        r.raise_for_status()
+    image_id = str(r.json()["id"])
     try:
-        with translate("glance", "create image"):
-            r = conn.image.post(
-                "/images",
-                json={
-                    "name": name,
-                    "disk_format": "raw",
-                    "container_format": "bare",
-                    "visibility": "shared",
-                    **properties,
-                },
-            )
-            r.raise_for_status()
-        image_id = str(r.json()["id"])
-        undo.append(lambda: delete_image(conn, image_id))
-        upload(conn, image_id, file, name, sha512, progress)
-        with translate("glance", f"image {image_id}"):
-            image = conn.image.get(f"/images/{image_id}").json()
+        image = upload(conn, image_id, file, name, sha512, progress)
     except BaseException:
-        for action in reversed(undo):
-            try:
-                action()
-            except EdgepinError:
-                pass
+        try:
+            delete_image(conn, image_id)
+        except EdgepinError:
+            pass
         raise
     step(f"published host release {name} (host version {update.host_version}) as {image_id}")
     release = _release(image)

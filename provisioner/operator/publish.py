@@ -235,10 +235,12 @@ def delete_image(conn: Any, image_id: str) -> None:
         conn.image.delete(f"/images/{image_id}", raise_exc=False)
 
 
-def upload(conn: Any, image_id: str, path: Path, name: str, sha512: str, progress: bool) -> None:
+def upload(
+    conn: Any, image_id: str, path: Path, name: str, sha512: str, progress: bool
+) -> dict[str, Any]:
     """Upload ``path`` into the created image ``image_id`` with progress, then check that the
     bytes sent are the ones hashed (``sha512``), that the image is active and that Glance's
-    own ``os_hash_value`` is that hash."""
+    own ``os_hash_value`` is that hash; returns Glance's record of the image."""
     size = path.stat().st_size
     sent = hashlib.sha512()
     with transfer(f"uploading {name}", size, progress) as bar:
@@ -270,3 +272,5 @@ def upload(conn: Any, image_id: str, path: Path, name: str, sha512: str, progres
             expected=sha512,
             got=image.get("os_hash_value"),
         )
+    record: dict[str, Any] = image
+    return record
