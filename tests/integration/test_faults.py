@@ -633,6 +633,9 @@ def downloads(proxy: FaultProxy, image_id: str, since: int = 0) -> list[Seen]:
     return [s for s in proxy.seen[since:] if s.method == "GET" and s.path == path]
 
 
+LOG_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", re.MULTILINE)
+
+
 def converged(
     bed: Bed, admin: Any, r: subprocess.CompletedProcess[str], pub: dict[str, Any]
 ) -> None:
@@ -640,7 +643,9 @@ def converged(
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout + r.stderr
     assert "edgepin: error" not in out and "Traceback" not in out, out
-    trouble = re.search(r"\b401\b|unauthori[sz]ed|expired|token", out, re.IGNORECASE)
+    # the log's time stamps go first: their milliseconds can read "401"
+    messages = LOG_STAMP.sub("", out)
+    trouble = re.search(r"\b401\b|unauthori[sz]ed|expired|token", messages, re.IGNORECASE)
     assert trouble is None, f"{trouble.group()!r} in the node's output:\n{out}"
     st = node_status(bed.node)
     assert (st["state"], st["image_id"], st["error"]) == ("running", pub["image_id"], None), st
