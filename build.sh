@@ -413,7 +413,7 @@ cmd_image() {
         export DIB_EDGEPIN_HOST_VERSION="$hostversion"
         if [[ -n "$pins" ]]; then export DIB_DPKG_MANIFEST="$pins"; fi
         mkdir -p "$TMP_DIR"
-        exec disk-image-create -a amd64 -t "$types" --image-size 2 --no-tmpfs \
+        exec disk-image-create -a amd64 -t "$types" --image-size 3 --no-tmpfs \
             -o "$out/$name" edgepin-host
     ) >"$logfile" 2>&1 &
     local pid=$!
@@ -457,8 +457,8 @@ cmd_image() {
     rm -rf "$boot" && mkdir -p "$boot"
     kver="$(PATH="$path" "${sudo[@]}" "$ROOT/elements/edgepin-readonly/boot-files" "$out/$name.raw" "$boot" | tail -1)" \
         || die "copying the boot files from the boot partition failed"
-    rootpart="$(PATH="$path" "$ROOT/elements/edgepin-readonly/gpt-partition" "$out/$name.raw" root)"
-    veritypart="$(PATH="$path" "$ROOT/elements/edgepin-readonly/gpt-partition" "$out/$name.raw" verity)"
+    rootpart="$(PATH="$path" "$ROOT/elements/edgepin-readonly/gpt-partition" "$out/$name.raw" root-a)"
+    veritypart="$(PATH="$path" "$ROOT/elements/edgepin-readonly/gpt-partition" "$out/$name.raw" verity-a)"
     # shellcheck disable=SC2086 # "OFFSET SIZE", two arguments each
     "$VENV/bin/python" -m provisioner.hostupdate write --out "$out/$name.update.tar" \
         --raw "$out/$name.raw" --boot-dir "$boot" --root-partition $rootpart \

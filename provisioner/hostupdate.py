@@ -56,6 +56,7 @@ INITRD = "initrd.img"
 VERITY = "root.verity"
 ROOT = "root.squashfs"
 PAYLOAD = (KERNEL, INITRD, VERITY, ROOT)  # after the manifest, in this order
+SLOTS = ("a", "b")  # the root slots; a host update can be written into either
 MAX_MANIFEST = 64 * 1024  # bytes; a manifest is under 2 KiB
 MAX_MEMBER = 8**11 - 1  # bytes: what a ustar header's size holds (8 GiB less one byte)
 BLOCK = 4096  # dm-verity's data and hash block size, as seal-verity formats it
@@ -104,7 +105,8 @@ class HostUpdate:
     kernel_version: str
     verity: Verity
     members: tuple[Member, ...]  # PAYLOAD's members, in its order
-    kernel_command_line: str
+    # per root slot: the command line GRUB gives the kernel when this release is in it
+    kernel_command_line: dict[str, str]
 
     def member(self, name: str) -> Member:
         return next(m for m in self.members if m.name == name)
@@ -127,7 +129,7 @@ class HostUpdate:
             "members": [
                 {"name": m.name, "bytes": m.size, "sha256": m.sha256} for m in self.members
             ],
-            "measured": {"kernel_command_line": self.kernel_command_line},
+            "measured": {"kernel_command_line": dict(self.kernel_command_line)},
         }
 
 
@@ -209,9 +211,12 @@ def parse_manifest(data: bytes) -> HostUpdate:
     if data_bytes % BLOCK:
         raise _fail(f"verity.data_bytes is not a multiple of {BLOCK}")
     measured = _object(doc["measured"], "measured", {"kernel_command_line"})
-    line = measured["kernel_command_line"]
-    if not isinstance(line, str) or not line or len(line) > 4096 or not line.isprintable():
-        raise _fail("measured.kernel_command_line is not printable text of at most 4096")
+    lines = _object(measured["kernel_command_line"], "measured.kernel_command_line", set(SLOTS))
+    for slot, line in lines.items():
+        if not isinstance(line, str) or not line or len(line) > 4096 or not line.isprintable():
+            raise _fail(
+                f"measured.kernel_command_line.{slot} is not printable text of at most 4096"
+            )
     update = HostUpdate(
         name=_text(doc["name"], "name", NAME, 63),
         host_version=_whole(doc["host_version"], "host_version", 1, MAX_HOST_VERSION),
@@ -223,12 +228,16 @@ def parse_manifest(data: bytes) -> HostUpdate:
             data_bytes=data_bytes,
         ),
         members=_members(doc["members"]),
-        kernel_command_line=line,
+        kernel_command_line={slot: lines[slot] for slot in SLOTS},
     )
     if update.member(ROOT).size > data_bytes:
         raise _fail("root.squashfs is larger than verity.data_bytes")
-    if f"edgepin.roothash={update.verity.root_hash}" not in line.split():
-        raise _fail("measured.kernel_command_line does not carry verity.root_hash")
+    for slot, line in update.kernel_command_line.items():
+        words = line.split()
+        if f"edgepin.roothash={update.verity.root_hash}" not in words:
+            raise _fail(f"measured.kernel_command_line.{slot} does not carry verity.root_hash")
+        if f"edgepin.slot={slot}" not in words:
+            raise _fail(f"measured.kernel_command_line.{slot} does not name root slot {slot}")
     return update
 
 
@@ -385,14 +394,14 @@ def hash_tree_size(f: IO[bytes], offset: int, size: int) -> int:
     return end
 
 
-def kernel_command_line(grub_cfg: str, kernel: str, root_hash: str) -> str:
-    """The command line the kernel gets from grub.cfg's first ``linux`` line for
-    ``kernel`` (as ``/proc/cmdline`` shows it: GRUB joins the words with one space and puts
-    ``BOOT_IMAGE=`` first), with the root hash GRUB reads from the ESP put in for its
-    variable."""
+def kernel_command_line(grub_cfg: str, slot: str, root_hash: str) -> str:
+    """The command line the kernel gets from grub.cfg's ``linux`` line for root ``slot``
+    (as ``/proc/cmdline`` shows it: GRUB joins the words with one space and puts
+    ``BOOT_IMAGE=`` first), with the slot's root hash put in for its variable."""
+    kernel = f"/slot-{slot}/{KERNEL}"
     for line in grub_cfg.splitlines():
         words = line.split()
-        if len(words) >= 2 and words[0] == "linux" and words[1].endswith("/" + kernel):
+        if len(words) >= 2 and words[0] == "linux" and words[1] == kernel:
             args = " ".join([f"BOOT_IMAGE={words[1]}", *words[2:]])
             for var in ("${edgepin_roothash}", "$edgepin_roothash"):
                 args = args.replace(var, root_hash)
@@ -460,7 +469,9 @@ def write(
         kernel_version=kernel_version,
         verity=Verity(root_hash=root_hash, salt=sb.salt, data_bytes=root_part[1]),
         members=tuple(members),
-        kernel_command_line=kernel_command_line(grub_cfg, f"vmlinuz-{kernel_version}", root_hash),
+        kernel_command_line={
+            slot: kernel_command_line(grub_cfg, slot, root_hash) for slot in SLOTS
+        },
     )
     manifest = (json.dumps(update.to_json(), indent=2) + "\n").encode()
     parse_manifest(manifest)  # what is written, the parser reads

@@ -14,12 +14,18 @@ BLOCK = hostupdate.BLOCK
 SALT = bytes(range(32))
 ROOT_HASH = "ab" * 32
 KVER = "6.12.0-1-amd64"
-GRUB_CFG = f"""set edgepin_roothash=
-menuentry 'Debian GNU/Linux' {{
-\tlinux\t/vmlinuz-{KVER} root=LABEL=edgepin-root ro  edgepin.roothash=${{edgepin_roothash}} panic=0
-\tinitrd\t/initrd.img-{KVER}
+ARGS = (
+    "root=/dev/mapper/edgepin-root ro edgepin.slot={slot}  edgepin.roothash=${{edgepin_roothash}}"
+)
+GRUB_CFG = "".join(
+    f"""menuentry 'edgepin (root slot {slot})' --unrestricted --id {slot} {{
+\tset edgepin_roothash=
+\tlinux\t/slot-{slot}/vmlinuz {ARGS.format(slot=slot)} panic=0
+\tinitrd\t/slot-{slot}/initrd.img
 }}
 """
+    for slot in hostupdate.SLOTS
+)
 
 
 def verity_superblock(data_blocks: int) -> bytes:

@@ -48,7 +48,12 @@ def good() -> dict[str, Any]:
             "data_bytes": 16 * BLOCK,
         },
         "members": [{"name": n, "bytes": 100, "sha256": "0" * 64} for n in hostupdate.PAYLOAD],
-        "measured": {"kernel_command_line": f"ro edgepin.roothash={ROOT_HASH} panic=0"},
+        "measured": {
+            "kernel_command_line": {
+                slot: f"ro edgepin.slot={slot} edgepin.roothash={ROOT_HASH} panic=0"
+                for slot in hostupdate.SLOTS
+            }
+        },
     }
 
 
@@ -75,10 +80,11 @@ def test_the_update_holds_the_disk_s_parts_in_order_and_reads_back(tmp_path: Pat
     assert update.verity.data_bytes == 16 * BLOCK
     assert update.member(hostupdate.KERNEL).sha256 == hashlib.sha256(b"kernel" * 100).hexdigest()
     # as the kernel gets it: BOOT_IMAGE first, one space between words, the root hash in
-    assert update.kernel_command_line == (
-        f"BOOT_IMAGE=/vmlinuz-{KVER} root=LABEL=edgepin-root ro "
-        f"edgepin.roothash={ROOT_HASH} panic=0"
-    )
+    assert update.kernel_command_line == {
+        slot: f"BOOT_IMAGE=/slot-{slot}/vmlinuz root=/dev/mapper/edgepin-root ro "
+        f"edgepin.slot={slot} edgepin.roothash={ROOT_HASH} panic=0"
+        for slot in hostupdate.SLOTS
+    }
 
 
 def test_the_same_parts_give_the_same_bytes(tmp_path: Path) -> None:
@@ -115,11 +121,13 @@ def test_a_disk_whose_parts_do_not_fit_gives_no_update(tmp_path: Path) -> None:
         hostupdate.write(
             out, **common, root_part=d["root_part"], root_bytes=100, verity_part=(0, BLOCK)
         )
-    # no linux line for that kernel in grub.cfg
-    with pytest.raises(HostUpdateError, match="no linux line"):
+    # no linux line for slot b's kernel in grub.cfg
+    grub_cfg = d["boot_dir"] / "grub.cfg"
+    grub_cfg.write_text(grub_cfg.read_text().replace("/slot-b/", "/slot-c/"))
+    with pytest.raises(HostUpdateError, match="no linux line for /slot-b/vmlinuz"):
         hostupdate.write(
             out,
-            **{**common, "kernel_version": "5.10.0"},
+            **common,
             root_part=d["root_part"],
             root_bytes=d["root_bytes"],
             verity_part=d["verity_part"],
@@ -212,8 +220,29 @@ def test_a_manifest_reads_back_and_a_wrong_one_says_why() -> None:
         "version text": ({"host_version": "7"}, "host_version is not a whole number"),
         "version bool": ({"host_version": True}, "host_version is not a whole number"),
         "other hash": (
-            {"measured": {"kernel_command_line": "ro edgepin.roothash=" + "cd" * 32}},
-            "does not carry verity.root_hash",
+            {
+                "measured": {
+                    "kernel_command_line": {
+                        "a": f"edgepin.slot=a edgepin.roothash={ROOT_HASH}",
+                        "b": "edgepin.slot=b edgepin.roothash=" + "cd" * 32,
+                    }
+                }
+            },
+            "kernel_command_line.b does not carry verity.root_hash",
+        ),
+        "other slot": (
+            {
+                "measured": {
+                    "kernel_command_line": {
+                        slot: f"edgepin.slot=a edgepin.roothash={ROOT_HASH}" for slot in "ab"
+                    }
+                }
+            },
+            "kernel_command_line.b does not name root slot b",
+        ),
+        "one slot": (
+            {"measured": {"kernel_command_line": f"edgepin.roothash={ROOT_HASH}"}},
+            "kernel_command_line",
         ),
         "unknown": ({"extra": 1}, "unknown fields"),
         "members": ({"members": good()["members"][::-1]}, "members\\[0\\] is not vmlinuz"),
