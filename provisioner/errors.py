@@ -113,6 +113,13 @@ class StateError(EdgepinError):
     reason = Reason.STATE
 
 
+class HostSlotError(StateError):
+    """The host's root slots cannot take a host update now: no slot on the kernel command
+    line, an unreadable or foreign environment block on the ESP, a slot on trial, an
+    update not newer than the host, a partition too small or a write that did not read
+    back. The slot that booted stays the next boot's."""
+
+
 class GuestError(EdgepinError):
     """libvirt could not define or start the guest, or it is not healthy."""
 

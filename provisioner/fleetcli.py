@@ -370,6 +370,17 @@ def write_prometheus(rows: list[dict[str, Any]], target: str) -> None:
         atomic_write(Path(target), text.encode(), mode=0o644)
 
 
+def _host(row: dict[str, Any]) -> str:
+    """The status table's host column: the host version, the root slot it booted from, and
+    an update the node came back from."""
+    text = str(row["host_version"]) if row.get("host_version") else "-"
+    if row.get("host_slot"):
+        text += f" (slot {row['host_slot']})"
+    if row.get("host_fallback"):
+        text += f"; FELL BACK from {row['host_fallback']}"
+    return text
+
+
 def status_table(rows: list[dict[str, Any]], title: str) -> None:
     """``edgepin status`` as a table and a summary (rich)."""
     from rich.console import Console
@@ -401,7 +412,7 @@ def status_table(rows: list[dict[str, Any]], title: str) -> None:
             labels or "-",
             _image(r["image"], r["image_id"], r["generation"]),
             _image(r["running_image"], r["running_image_id"], r["running_generation"]),
-            str(r["host_version"]) if r.get("host_version") else "-",
+            _host(r),
             r["outcome"] or "-",
             (r["reason"] or "-")[:120],
             (r["seen_at"] or "-").replace("T", " ").rstrip("Z"),

@@ -69,6 +69,9 @@ class Facts:
     # ADDRESS=CLASS (six hex digits), by address
     pci: tuple[str, ...] = ()
     host_version: int = 0  # the host release (EDGEPIN_HOST_VERSION); 0: not known
+    host_slot: str = ""  # the root slot the host booted from, a or b; "": not known
+    # the host version of an update whose root slot the node came back from; 0: none
+    host_fallback: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +89,8 @@ class Facts:
             "usb": list(self.usb),
             "pci": list(self.pci),
             "host_version": self.host_version,
+            "host_slot": self.host_slot,
+            "host_fallback": self.host_fallback,
         }
 
 
@@ -201,6 +206,13 @@ def _short(value: Any) -> str:
     return clean_text(str(value), 64)
 
 
+def _host_slot(doc: dict[str, Any]) -> str:
+    value = doc.get("host_slot", "")  # absent in reports of nodes from before root slots
+    if value not in ("", "a", "b"):
+        raise ReportError("host_slot is not a, b or empty")
+    return str(value)
+
+
 def _int(doc: dict[str, Any], key: str, top: int) -> int:
     value = doc.get(key)
     if type(value) is not int or not 0 <= value <= top:
@@ -292,5 +304,9 @@ def _facts(value: Any) -> Facts | None:
         # absent in reports of nodes from before host versions: not known
         host_version=_int(value, "host_version", MAX_HOST_VERSION)
         if "host_version" in value
+        else 0,
+        host_slot=_host_slot(value),
+        host_fallback=_int(value, "host_fallback", MAX_HOST_VERSION)
+        if "host_fallback" in value
         else 0,
     )

@@ -16,8 +16,8 @@ from provisioner.node import config, policy
 def add_parser(sub: Any) -> None:
     node = sub.add_parser(
         "node",
-        help="node side: vault, seed, enroll, reconcile, import, status, pcrs (run by the "
-        "host image's units)",
+        help="node side: vault, seed, enroll, reconcile, import, status, host, pcrs (run by "
+        "the host image's units)",
         description="Commands that run on the edge node. Paths derive from --root "
         "(default /): <root>/etc/edgepin, <root>/var/lib/edgepin, <root>/run/edgepin. "
         "Settings come from <root>/etc/edgepin/edgepin.conf and EDGEPIN_* variables.",
@@ -81,6 +81,39 @@ def add_parser(sub: Any) -> None:
     st = s.add_parser("status", help="print the node's status", description="Print the status.")
     st.add_argument("--json", action="store_true", help="the raw status.json")
     st.set_defaults(handler=cmd_status)
+    host = s.add_parser(
+        "host",
+        help="the host's two root slots: which booted, a host update into the other",
+        description="The host image has two root slots, a and b (docs/host-image.md). "
+        "`status` says which slot booted, which the next boot takes and whether this boot "
+        "is a new slot's one try. `install UPDATE` writes a host update (`./build.sh` "
+        "writes edgepin-host.update.tar) into the slot that did not boot and arms it: the "
+        "next boot tries it once, and the first reconcile that finds the node healthy there "
+        "(its keys opened, its guest running) keeps it; a boot that fails, or a node that "
+        "never gets healthy, comes back on the old slot at the next start.",
+    )
+    hs = host.add_subparsers(dest="host_command", metavar="ACTION", required=True)
+    hst = hs.add_parser(
+        "status",
+        help="the booted slot, the next boot's, and the host update written",
+        description="Print the root slot this boot came from, the one the next boot takes "
+        "(the ESP's EFI/edgepin/boot.env) and the one after it (after.env), and the host "
+        "update this node wrote last, if any.",
+    )
+    hst.add_argument("--json", action="store_true", help="as JSON")
+    hst.set_defaults(handler=cmd_host_status)
+    hin = hs.add_parser(
+        "install",
+        help="write a host update into the other root slot and arm it for one boot",
+        description="Read UPDATE whole (every member against its manifest), refuse it unless "
+        "its host version is greater than this host's, write its root filesystem and hash "
+        "tree into the other slot's partitions and its kernel and initramfs into the boot "
+        "partition, read them back, write the slot's root hash onto the ESP, and only then "
+        "point the next boot at the slot. The guest keeps running; the update takes effect "
+        "at the next start. Cut off anywhere, the next boot is still the running slot's.",
+    )
+    hin.add_argument("update", type=Path, metavar="UPDATE", help="a host update (.update.tar)")
+    hin.set_defaults(handler=cmd_host_install)
     pc = s.add_parser(
         "pcrs",
         help="print the TPM's sha256 PCR values (for `edgepin enroll --pcr-values`)",
@@ -200,6 +233,43 @@ def cmd_status(args: argparse.Namespace) -> int:
     failures = failures if isinstance(failures, dict) else {}
     print("failures    " + (", ".join(f"{k}={v}" for k, v in sorted(failures.items())) or "none"))
     print(f"updated     {status.get('updated_at')}")
+    return 0
+
+
+def cmd_host_status(args: argparse.Namespace) -> int:
+    from provisioner.node import hostslot
+
+    cfg = _cfg(args)
+    slots = hostslot.read_slots(hostslot.Layout.of(cfg))
+    record = hostslot.pending(cfg)
+    if args.json:
+        doc = {**slots.to_json(), "host_version": cfg.host_version}
+        doc["update"] = record.to_json() if record else None
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    print(f"booted      root slot {slots.booted} (host version {cfg.host_version})")
+    print(f"next boot   root slot {slots.next}, then {slots.after}: {slots.state}")
+    if record is None:
+        print("update      none")
+    else:
+        outcome = "came back from it" if record.fell_back else f"in root slot {record.slot}"
+        print(f"update      {record.name} version {record.host_version}: {outcome}")
+    return 0
+
+
+def cmd_host_install(args: argparse.Namespace) -> int:
+    from provisioner.node import hostslot, state
+
+    cfg = _cfg(args)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with state.node_lock(cfg.lock_path):
+        update, slots = hostslot.install(
+            cfg, args.update, log=lambda msg: print(msg, file=sys.stderr)
+        )
+    print(
+        f"host update {update.name} version {update.host_version} written into root slot "
+        f"{slots.next}: the next boot tries it once"
+    )
     return 0
 
 

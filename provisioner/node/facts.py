@@ -13,7 +13,8 @@ from typing import Any
 import libvirt
 
 from provisioner import __version__, nodereport
-from provisioner.node import domain
+from provisioner.errors import HostSlotError
+from provisioner.node import domain, hostslot
 from provisioner.node.config import NodeConfig
 
 LOG = logging.getLogger(__name__)
@@ -93,4 +94,20 @@ def gather(cfg: NodeConfig, conn: Any, local_images: list[str]) -> nodereport.Fa
             : nodereport.MAX_PCI_DEVICES
         ],
         host_version=cfg.host_version,
+        **host_slot_facts(cfg),
     )
+
+
+def host_slot_facts(cfg: NodeConfig) -> dict[str, Any]:
+    """The root slot the host booted from and the version of an update the node came
+    back from (provisioner.node.hostslot); nothing on a host without root slots."""
+    try:
+        cmdline = hostslot.Layout.of(cfg).cmdline.read_text()
+        record = hostslot.pending(cfg)
+    except (OSError, HostSlotError) as e:
+        LOG.warning("report: the host's root slot cannot be read: %s", e)
+        return {}
+    return {
+        "host_slot": hostslot.booted_slot(cmdline) or "",
+        "host_fallback": record.host_version if record and record.fell_back else 0,
+    }

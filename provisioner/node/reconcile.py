@@ -40,6 +40,7 @@ from provisioner.node import (
     domain,
     facts,
     fetch,
+    hostslot,
     keys,
     ledger,
     policy,
@@ -183,6 +184,7 @@ def _finish(run: Run, body: Callable[[], Outcome], where: str) -> Outcome:
     counters = run.counters
     if outcome.state in (State.RUNNING, State.OFFLINE):
         counters.last_success = time.time()
+    _settle_host(run, healthy=outcome.state in (State.RUNNING, State.OFFLINE))
     if outcome.error is not None:
         kind = str(outcome.error.reason)
         counters.failures[kind] = counters.failures.get(kind, 0) + 1
@@ -201,6 +203,19 @@ def _finish(run: Run, body: Callable[[], Outcome], where: str) -> Outcome:
         outcome = Outcome(State.FAILED, e.message, e)
     report.write_status(cfg, _status(outcome, run.ledger, counters))
     return outcome
+
+
+def _settle_host(run: Run, healthy: bool) -> None:
+    """Commit the root slot this boot is on trial in once the node is healthy on it (its
+    keys opened, its guest running), and note an update it came back from; either goes
+    into this run's report."""
+    try:
+        said = hostslot.settle(run.cfg, healthy)
+    except EdgepinError as e:
+        LOG.warning("host: the root slots cannot be read: %s", e.message)
+        return
+    if said is not None and run.facts is not None:
+        run.facts = replace(run.facts, **facts.host_slot_facts(run.cfg))
 
 
 class ImageSource(Protocol):

@@ -136,6 +136,7 @@ def status(
         tags = labels.labels_of(node.project.get("tags"))
         report = seen[node.node_id]
         run = report.report.running if report.report else None
+        facts = report.report.facts if report.report else None
         rows.append(
             {
                 "node": node.node_id,
@@ -149,11 +150,9 @@ def status(
                 "running_image_id": run.image_id if run else None,
                 "running_image": names.get(run.image_id) if run else None,
                 "running_generation": run.generation if run else None,
-                "host_version": (
-                    report.report.facts.host_version
-                    if report.report and report.report.facts
-                    else None
-                ),
+                "host_version": facts.host_version if facts else None,
+                "host_slot": (facts.host_slot or None) if facts else None,
+                "host_fallback": (facts.host_fallback or None) if facts else None,
                 "outcome": str(report.report.state) if report.report else None,
                 "reason": report.report.reason if report.report else report.problem,
                 "seen_at": report.seen_at,

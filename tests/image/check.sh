@@ -63,6 +63,8 @@ echo "EDGEPIN-CHECK root=$(findmnt -no OPTIONS / | cut -d, -f1)"
 # C: a corrupted block was seen) and what it does on corruption
 echo "EDGEPIN-CHECK root-source=$(findmnt -no SOURCE /)"
 echo "EDGEPIN-CHECK root-fstype=$(findmnt -no FSTYPE /)"
+# the GPT partitions under it (data and hash tree): the root slot the command line names
+echo "EDGEPIN-CHECK root-partitions=$(for d in $(dmsetup deps -o devname edgepin-root | grep -o '([a-z0-9]*)' | tr -d '()'); do sed -n 's/^PARTNAME=//p' "/sys/class/block/$d/uevent"; done | sort | paste -sd, -)"
 # the boot partition (kernel, initramfs, grub.cfg) is not mounted on the running node
 echo "EDGEPIN-CHECK boot-mounted=$(findmnt -rn -o TARGET | grep -cx /boot)"
 echo "EDGEPIN-CHECK verity=$(dmsetup status edgepin-root 2>&1 | awk '{print $3, $4}') $(dmsetup table edgepin-root 2>&1 | grep -o panic_on_corruption)"

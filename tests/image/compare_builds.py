@@ -25,9 +25,10 @@ from pathlib import Path
 from provisioner.imagemanifest import sha256
 
 # the partitions with files, by number in the layout, and their mount options: 1 is the
-# ESP (read with mtools), 2 GRUB's BIOS boot partition, 5 the root's dm-verity hash tree
-PARTS = {3: ("boot", "ro,noload"), 4: ("root", "ro"), 6: ("state", "ro,noload")}
-VERITY_CFG = Path("EFI/edgepin/verity.cfg")  # on the ESP: the root hash
+# ESP (read with mtools), 2 GRUB's BIOS boot partition, 5 slot a's dm-verity hash tree, 6
+# and 7 slot b (empty in a built disk)
+PARTS = {3: ("boot", "ro,noload"), 4: ("root", "ro"), 8: ("state", "ro,noload")}
+VERITY_CFG = Path("EFI/edgepin/verity-a.cfg")  # on the ESP: slot a's root hash
 
 
 def run(args: list[str]) -> str:
@@ -84,7 +85,7 @@ def attached(image: Path, work: Path) -> Iterator[dict[str, dict[str, tuple[obje
         subprocess.run(["losetup", "-d", loop], check=False)
 
 
-def partition_sha256(raw: Path, name: str = "root") -> str:
+def partition_sha256(raw: Path, name: str = "root-a") -> str:
     table = json.loads(run(["sfdisk", "--json", str(raw)]))["partitiontable"]
     sector = int(table.get("sectorsize", 512))
     part = next(p for p in table["partitions"] if p.get("name") == name)

@@ -341,14 +341,41 @@ def test_1_first_boot_enrolls_fetches_verifies_and_runs_the_guest(
     assert USB_KEYBOARD in rows[0]["report"]["report"]["facts"]["usb"], rows
 
 
-def test_2_reboot_with_the_control_plane_out_of_reach(node: Node, v1: dict[str, Any]) -> None:
+def env_block(default: str) -> bytes:
+    """A GRUB environment block naming root slot ``default``, as seal-verity writes it."""
+    return f"# GRUB Environment Block\ndefault={default}\n".encode().ljust(1024, b"#")
+
+
+def test_2_reboot_with_the_control_plane_out_of_reach_through_a_slot_that_does_not_boot(
+    node: Node, v1: dict[str, Any]
+) -> None:
     node.vm.stop()
+    # slot b put on trial (the ESP's boot.env names it, after.env still slot a) while it
+    # is empty, as a host update cut off before it wrote the slot's kernel would leave it:
+    # GRUB boots slot b once, finds no kernel and restarts the machine, and the next boot is
+    # slot a's, which measures what slot a's every boot measures: the node opens its keys
+    disk.write_esp_file(node.vm.disk, "EFI/edgepin/boot.env", env_block("b"), node.vm.workdir)
     # QEMU's restrict=on: the node sees no network at all, as with the control plane down
-    node.boot("offline-reboot", netdev="user,id=n0,restrict=on")
-    node.wait(rf"guest {v1['image_id']} started from the local copy")
-    node.wait(r"offline: guest running from the local copy", 300)
-    # the enroll unit runs at every boot while the seed is there, and finds nothing to do
+    node.boot("offline-reboot", netdev="user,id=n0,restrict=on", reboot=True)
+    try:
+        node.wait(r"Loading root slot b")
+        node.wait(r"root slot b does not boot: restarting", 120)
+        node.wait(r"Loading root slot a", 600)
+        node.wait(rf"guest {v1['image_id']} started from the local copy")
+        node.wait(r"offline: guest running from the local copy", 300)
+    finally:
+        node.vm.stop()
+        node.vm.reboot = False
     console = node.vm.console()
+    assert "edgepin.slot=b" not in console.split("Loading root slot a", 1)[1], "slot b booted"
+    assert re.search(r"edgepin: verity: root \S+ opened as \S+ \(slot a\)", console), console[
+        -3000:
+    ]
+    # GRUB put after.env's slot back into boot.env before it tried slot b
+    assert disk.esp_file_of(node.vm.disk, "EFI/edgepin/boot.env", node.vm.workdir) == (
+        env_block("a")
+    )
+    # the enroll unit runs at every boot while the seed is there, and finds nothing to do
     assert "enrollment: already done" in console, node.vm.tail()
     assert "created and sealed" not in console, "enrolled again on a reboot"
 
@@ -524,7 +551,7 @@ def test_6_a_root_filesystem_edited_offline_is_refused_by_verity(node: Node) -> 
 
     # the root hash on the ESP removed, then replaced by another one (what goes with a root
     # of the attacker's): the initramfs stops before any root is mounted, with no shell
-    cfg = disk.esp_file_of(genuine, "EFI/edgepin/verity.cfg", node.vm.workdir)
+    cfg = disk.esp_file_of(genuine, "EFI/edgepin/verity-a.cfg", node.vm.workdir)
     genuine_hash = re.search(rb"set edgepin_roothash=([0-9a-f]{64})", cfg)
     assert genuine_hash is not None, cfg
     other = genuine_hash.group(1)[:-1] + (b"0" if genuine_hash.group(1)[-1:] != b"0" else b"1")
@@ -539,7 +566,7 @@ def test_6_a_root_filesystem_edited_offline_is_refused_by_verity(node: Node) -> 
     ):
         copy = node.vm.workdir / f"{label}.qcow2"
         shutil.copyfile(genuine, copy)
-        disk.write_esp_file(copy, "EFI/edgepin/verity.cfg", data, node.vm.workdir)
+        disk.write_esp_file(copy, "EFI/edgepin/verity-a.cfg", data, node.vm.workdir)
         try:
             node.boot(label, disk=copy)
             node.wait(stopped, BOOT_TIMEOUT)

@@ -26,7 +26,7 @@ from tests.testbed.hostimage import ImageSigner, build_image, image_args
 
 pytestmark = pytest.mark.image
 
-VERITY_CFG = "EFI/edgepin/verity.cfg"
+VERITY_CFG = "EFI/edgepin/verity-a.cfg"
 
 
 def test_two_builds_of_the_same_inputs_give_the_same_root_bytes_and_root_hash(

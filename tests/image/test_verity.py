@@ -1,10 +1,12 @@
 """The built disk's root filesystem is sealed with dm-verity, checked without booting it.
 
-What the boot relies on, read from the disk as it leaves the build: the root hash is on the
-ESP (EFI/edgepin/verity.cfg), GRUB's config on the boot partition sources it and puts it on every
-Linux entry's kernel command line, and the root partition verifies against it with the
-hash tree in the verity partition. One changed byte fails that verification, and sealing
-the same root partition again gives the same root hash (fixed salt). The boot itself:
+What the boot relies on, read from the disk as it leaves the build: slot a's root hash is
+on the ESP (EFI/edgepin/verity-a.cfg), GRUB's config on the boot partition has one entry per
+root slot, which sources the slot's hash file and puts slot and hash on the kernel command
+line, the ESP's environment blocks name slot a, slot b is empty, and the root partition
+verifies against the hash with the tree in its verity partition. One changed byte fails
+that verification, and sealing the same root partition again gives the same root hash
+(fixed salt). The boot itself:
 tests/image/test_host_image.py (root on /dev/mapper/edgepin-root) and
 tests/image/test_node_image.py (an edited root is refused).
 """
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.image
 
 REPO = Path(__file__).resolve().parents[2]
 SEAL = REPO / "elements" / "edgepin-readonly" / "seal-verity"
-ESP_FILE = "EFI/edgepin/verity.cfg"
+ESP_FILE = "EFI/edgepin/verity-a.cfg"
 SALT = "6564676570696e2d726f6f742d7665726974792d73616c742d30303030303031"
 UUID = "6a0e3c5d-8b1f-4e27-9d40-3f5b7c2a1e90"
 
@@ -61,7 +63,7 @@ def root_hash_on_esp(raw: Path) -> str:
 
 
 def verify(raw: Path, root_hash: str) -> subprocess.CompletedProcess[str]:
-    data, hashes = loop(raw, "root"), loop(raw, "verity")
+    data, hashes = loop(raw, "root-a"), loop(raw, "verity-a")
     try:
         return run(["veritysetup", "verify", data, hashes, root_hash])
     finally:
@@ -74,7 +76,7 @@ def test_the_root_verifies_against_the_root_hash_on_the_esp(raw: Path, host_imag
     r = verify(raw, root_hash)
     assert r.returncode == 0, f"veritysetup verify: {r.stdout}{r.stderr}"
     # the hash tree's superblock: the fixed salt and uuid, sha256, 4 KiB blocks
-    hashes = loop(raw, "verity")
+    hashes = loop(raw, "verity-a")
     try:
         dump = run(["veritysetup", "dump", hashes]).stdout
     finally:
@@ -84,7 +86,7 @@ def test_the_root_verifies_against_the_root_hash_on_the_esp(raw: Path, host_imag
     assert re.search(r"^Hash algorithm:\s+sha256$", dump, re.M), dump
     assert re.search(r"^Data block size:\s+4096$", dump, re.M), dump
     # the data blocks cover the whole root partition
-    _, size = disk.partition(raw, "root")
+    _, size = disk.partition(raw, "root-a")
     assert re.search(rf"^Data blocks:\s+{size // 4096}$", dump, re.M), dump
     # and the build's manifest records the same hash
     manifest = host_image.with_name("edgepin-host.manifest.json")
@@ -92,7 +94,7 @@ def test_the_root_verifies_against_the_root_hash_on_the_esp(raw: Path, host_imag
         assert json.loads(manifest.read_text())["verity_root_hash"] == root_hash
 
 
-def test_grub_puts_the_root_hash_on_every_linux_command_line(raw: Path) -> None:
+def grub_cfg(raw: Path) -> str:
     dev = loop(raw, "boot")
     try:
         r = subprocess.run(
@@ -100,32 +102,86 @@ def test_grub_puts_the_root_hash_on_every_linux_command_line(raw: Path) -> None:
         )
     finally:
         run(["losetup", "-d", dev])
-    cfg = r.stdout.decode()
-    assert 'source "(${edgepin_disk},gpt1)/EFI/edgepin/verity.cfg"' in cfg, cfg[:3000]
-    # the hash is empty unless the ESP's file sets it: no file, no root (the initramfs stops)
-    assert (
-        cfg.index("set edgepin_roothash=\n")
-        < cfg.index("source ")
-        < cfg.index("export edgepin_roothash")
-    )
-    linux = re.findall(r"^\s*linux\s.*$", cfg, re.M)
-    assert linux, "no linux line in grub.cfg"
-    for line in linux:
-        assert "edgepin.roothash=${edgepin_roothash}" in line.split(), line
-        assert "panic=0" in line.split(), line
+    return r.stdout.decode()
+
+
+def entries(cfg: str) -> dict[str, str]:
+    """grub.cfg's menu entries by --id: their bodies."""
+    found = re.findall(r"^menuentry [^\n]*--id (\S+) \{\n(.*?)^\}", cfg, re.M | re.S)
+    return dict(found)
+
+
+def test_grub_has_an_entry_per_slot_with_its_root_hash_on_the_command_line(raw: Path) -> None:
+    cfg = grub_cfg(raw)
+    esp = '"${edgepin_esp}/EFI/edgepin/'
+    # the slot to boot from the ESP's boot.env, slot a without it, before any entry
+    head = cfg[: cfg.index("menuentry ")]
+    assert head.index("set default=a\n") < head.index(
+        f'load_env --skip-sig --file {esp}boot.env" default'
+    ), head
+    assert 'set edgepin_esp="(${edgepin_disk},gpt1)"' in head, head
+    slots = entries(cfg)
+    assert set(slots) == {"a", "b"}, cfg[:3000]
+    for slot, body in slots.items():
+        lines = [line.strip() for line in body.strip().splitlines()]
+        # boot once: after.env's slot into boot.env first, whatever this boot does next
+        assert lines[:2] == [
+            f'load_env --skip-sig --file {esp}after.env" default',
+            f'save_env --file {esp}boot.env" default',
+        ], lines
+        # the hash is empty unless the ESP's file sets it: no file, no root (the initramfs stops)
+        assert lines.index("set edgepin_roothash=") < lines.index(f'source {esp}verity-{slot}.cfg"')
+        linux = [line.split() for line in lines if line.startswith("linux ")]
+        assert len(linux) == 1, lines
+        words = linux[0]
+        assert words[1] == f"/slot-{slot}/vmlinuz", words
+        assert f"edgepin.slot={slot}" in words and "panic=0" in words, words
+        assert "edgepin.roothash=${edgepin_roothash}" in words, words
         # diskimage-builder's boot=LABEL=... (for dracut) would name initramfs-tools' boot
         # script: the boot would stop in the initramfs
-        assert not any(a.startswith("boot=") for a in line.split()), line
+        assert not any(a.startswith("boot=") for a in words), words
+        assert f"initrd /slot-{slot}/initrd.img" in lines
+        # a kernel that does not load restarts the machine, into boot.env's slot
+        rest = lines[lines.index("boot") :]
+        assert rest[0] == "boot" and rest[-1] == "reboot", lines
+        assert not any(line.startswith(("linux", "initrd", "source")) for line in rest), rest
+    # no other Linux entry (Debian's 10_linux is off)
+    assert len(re.findall(r"^\s*linux\s", cfg, re.M)) == 2, cfg[:3000]
     # the ESP is partition 1 of the same disk
     table = json.loads(run(["sfdisk", "--json", str(raw)]).stdout)["partitiontable"]
     assert table["partitions"][0]["name"] == "ESP"
+
+
+def test_the_esp_names_slot_a_and_slot_b_is_empty(raw: Path) -> None:
+    for name in ("boot", "after"):
+        block = disk.esp_file(raw, f"EFI/edgepin/{name}.env")
+        assert len(block) == 1024, name
+        assert block == b"# GRUB Environment Block\ndefault=a\n".ljust(1024, b"#"), block[:80]
+    with pytest.raises(RuntimeError):
+        disk.esp_file(raw, "EFI/edgepin/verity-b.cfg")
+    for part in ("root-b", "verity-b"):
+        offset, size = disk.partition(raw, part)
+        assert size == disk.partition(raw, part.replace("-b", "-a"))[1]
+        assert _sha256_of(raw, offset, size) == hashlib.sha256(bytes(size)).hexdigest(), part
+    # the boot partition: slot a's kernel, initramfs and kernel version; slot b's folder empty
+    dev = loop(raw, "boot")
+    try:
+        a = run(["debugfs", "-R", "ls -l /slot-a", dev]).stdout
+        b = run(["debugfs", "-R", "ls /slot-b", dev]).stdout
+        top = run(["debugfs", "-R", "ls /", dev]).stdout
+    finally:
+        run(["losetup", "-d", dev])
+    for name in ("vmlinuz", "initrd.img", "kernel-version"):
+        assert re.search(rf"\s{re.escape(name)}\s*$", a, re.M), a
+    assert "vmlinuz" not in b and "initrd" not in b, b
+    assert "vmlinuz-" not in top and "initrd.img-" not in top, top
 
 
 def test_one_changed_byte_of_the_root_fails_verification(raw: Path, tmp_path: Path) -> None:
     root_hash = root_hash_on_esp(raw)
     copy = tmp_path / "edited.raw"
     subprocess.run(["cp", "--sparse=always", str(raw), str(copy)], check=True)
-    offset, size = disk.partition(copy, "root")
+    offset, size = disk.partition(copy, "root-a")
     with copy.open("r+b") as f:
         # a byte in the middle of the partition, whatever is there (free space included)
         f.seek(offset + size // 2 + 123)
@@ -156,7 +212,7 @@ def test_the_root_partition_is_the_squashfs_the_manifest_names(raw: Path, host_i
     manifest = json.loads(host_image.with_name("edgepin-host.manifest.json").read_text())
     root = manifest["root_image"]
     epoch = int(manifest["inputs"]["settings"]["source_date_epoch"])
-    offset, size = disk.partition(raw, "root")
+    offset, size = disk.partition(raw, "root-a")
     assert root["format"] == "squashfs" and 0 < root["bytes"] <= size, root
     h = hashlib.sha256()
     with raw.open("rb") as f:
@@ -256,7 +312,7 @@ def test_the_host_update_holds_this_disk_s_root_hash_tree_and_boot_files(
     assert update.host_version == int(settings["host_version"]) > 0
     assert update.verity.root_hash == manifest["verity_root_hash"] == root_hash_on_esp(raw)
     assert update.verity.salt == SALT
-    root_off, root_size = disk.partition(raw, "root")
+    root_off, root_size = disk.partition(raw, "root-a")
     assert update.verity.data_bytes == root_size
     squashfs = update.member(hostupdate.ROOT)
     assert (squashfs.size, squashfs.sha256) == (
@@ -265,7 +321,7 @@ def test_the_host_update_holds_this_disk_s_root_hash_tree_and_boot_files(
     )
     assert _sha256_of(raw, root_off, squashfs.size) == squashfs.sha256
     tree = update.member(hostupdate.VERITY)
-    verity_off, verity_size = disk.partition(raw, "verity")
+    verity_off, verity_size = disk.partition(raw, "verity-a")
     assert _sha256_of(raw, verity_off, tree.size) == tree.sha256
     zeros = hashlib.sha256(bytes(verity_size - tree.size)).hexdigest()
     assert _sha256_of(raw, verity_off + tree.size, verity_size - tree.size) == zeros
@@ -276,6 +332,8 @@ def test_the_host_update_holds_this_disk_s_root_hash_tree_and_boot_files(
     for name in (hostupdate.KERNEL, hostupdate.INITRD):
         member = update.member(name)
         assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == member.sha256
-    line = update.kernel_command_line.split()
-    assert line[0] == f"BOOT_IMAGE=/vmlinuz-{update.kernel_version}"
-    assert f"edgepin.roothash={update.verity.root_hash}" in line and "panic=0" in line
+    for slot, text in update.kernel_command_line.items():
+        line = text.split()
+        assert line[0] == f"BOOT_IMAGE=/slot-{slot}/vmlinuz"
+        assert f"edgepin.slot={slot}" in line and "panic=0" in line
+        assert f"edgepin.roothash={update.verity.root_hash}" in line

@@ -139,6 +139,8 @@ def test_the_node_reports_its_facts_and_outcome_and_only_its_own(
     assert facts["memory_mb"] > 256 and facts["disk_free_mb"] > 0
     assert facts["virt_type"] == "qemu" and facts["cpu_flags"], facts
     assert facts["host_version"] == row["host_version"] == 1764940000, row
+    # a test bed node boots from no root slot
+    assert facts["host_slot"] == "" and row["host_slot"] is None, row
     first_seen = row["seen_at"]
     assert first_seen
 

@@ -185,7 +185,7 @@ def repack_root(disk: Path, path: str, old: bytes, new: bytes, work: Path) -> in
     packed = work / "offline-root.squashfs"
     to_raw(disk, raw)
     try:
-        offset, size = partition(raw, "root")
+        offset, size = partition(raw, "root-a")
         unpack = ["unsquashfs", "-quiet", "-no-progress", "-no-xattrs", "-o", str(offset)]
         _run([*unpack, "-d", str(tree), str(raw)])
         target = tree / path.strip("/")

@@ -128,8 +128,8 @@ def check_boot(
         "pcrs": got.get("pcrs"),
     }
     # that what the firmware and GRUB measure does not change from boot to boot is shown by
-    # the node tier: its second boot unseals what its first sealed to PCRs 0, 4, 7, 8 and 9
-    # (test_node_image.py::test_2_reboot_with_the_control_plane_out_of_reach)
+    # the node tier: its second boot (after a slot on trial that did not boot) unseals what
+    # its first sealed to PCRs 0, 4, 7, 8 and 9 (test_node_image.py::test_2_...)
     (out / "checks.json").write_text(json.dumps({**report, "checks": got}, indent=2) + "\n")
     console = (out / "serial.log").read_text(errors="replace")
     return CheckedBoot(firmware, got, console, vm.tail(40), tpm, out, report)

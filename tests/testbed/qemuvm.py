@@ -77,6 +77,9 @@ class HostVm:
     netdev: str = "user,id=n0"
     # False: no network card at all (a site without a network)
     nic: bool = True
+    # True: a reboot restarts the machine (the firmware, the TPM reset) instead of ending
+    # QEMU, which is what a reboot does otherwise (-no-reboot)
+    reboot: bool = False
     # more read-only media (raw filesystem images, e.g. a USB stick's), in this order
     media: list[Path] = field(default_factory=list)
     append_args: list[str] = field(default_factory=list)
@@ -143,7 +146,7 @@ class HostVm:
             f"file={self.disk},if=virtio,format=qcow2,cache=unsafe",
             *(["-netdev", self.netdev, "-device", "virtio-net-pci,netdev=n0"] if self.nic else []),
             *(["-nic", "none"] if not self.nic else []),
-            "-no-reboot",
+            *([] if self.reboot else ["-no-reboot"]),
         ]
         if self.accel == "tcg":
             # one thread for all vCPUs: with multi-threaded TCG (QEMU 7.2), a vCPU kept

@@ -77,6 +77,20 @@ def test_the_host_version_reads_back_and_an_older_node_s_report_has_none() -> No
             nodereport.parse(json.dumps(doc), "node-1")
 
 
+def test_the_host_slot_and_fallback_read_back_and_an_older_node_s_report_has_none() -> None:
+    r = report(facts=replace(FACTS, host_slot="b", host_fallback=1764940000))
+    assert nodereport.parse(r.text(), "node-1").facts == r.facts
+    doc = json.loads(report().text())
+    del doc["facts"]["host_slot"], doc["facts"]["host_fallback"]  # from before root slots
+    got = nodereport.parse(json.dumps(doc), "node-1").facts
+    assert got is not None and (got.host_slot, got.host_fallback) == ("", 0)
+    for key, bad in (("host_slot", "c"), ("host_slot", 1), ("host_fallback", -1)):
+        changed = json.loads(json.dumps(doc))
+        changed["facts"][key] = bad
+        with pytest.raises(nodereport.ReportError, match=key):
+            nodereport.parse(json.dumps(changed), "node-1")
+
+
 def test_a_report_for_another_node_or_malformed_is_refused() -> None:
     with pytest.raises(nodereport.ReportError, match="another node"):
         nodereport.parse(report().text(), "node-2")

@@ -1,0 +1,237 @@
+"""provisioner.node.hostslot: the two root slots on a node laid out in files (partitions as
+files of their sizes, the boot partition and the ESP as folders), and GRUB's part played by
+:func:`grub_boots` exactly as grub.cfg's slot entries do it (tests/image/test_verity.py
+reads that grub.cfg; tests/image/test_node_image.py boots it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from provisioner import hostupdate
+from provisioner.errors import HostSlotError, HostUpdateError
+from provisioner.node import hostslot
+from provisioner.node.config import NodeConfig
+from provisioner.node.facts import host_slot_facts
+from tests.hostupdates import write
+
+BLOCK = hostupdate.BLOCK
+VERSION = 1764940000  # tests.hostupdates.write's host version
+
+
+def node(tmp_path: Path, booted: str = "a", version: int = VERSION - 1) -> NodeConfig:
+    """A node root booted from ``booted``, both slots' partitions 16 + 8 blocks (slot b's
+    full of an older release's bytes), the ESP's blocks naming the booted slot."""
+    root = tmp_path / "node"
+    parts = root / "dev" / "disk" / "by-partlabel"
+    parts.mkdir(parents=True)
+    for slot in hostslot.SLOTS:
+        (parts / f"root-{slot}").write_bytes(b"\x5a" * 16 * BLOCK)
+        (parts / f"verity-{slot}").write_bytes(b"\xa5" * 8 * BLOCK)
+    (parts / "boot").mkdir()
+    esp = root / "boot" / "efi" / "EFI" / "edgepin"
+    esp.mkdir(parents=True)
+    for name in ("boot.env", "after.env"):
+        (esp / name).write_bytes(hostslot.env_block(booted))
+    (root / "proc").mkdir()
+    boot(root, booted)
+    return NodeConfig(root=root, host_version=version)
+
+
+def boot(root: Path, slot: str) -> None:
+    (root / "proc" / "cmdline").write_text(f"BOOT_IMAGE=/slot-{slot}/vmlinuz edgepin.slot={slot}\n")
+
+
+def esp(cfg: NodeConfig, name: str) -> str:
+    return hostslot.parse_env_block(hostslot.Layout.of(cfg).esp_file(name).read_bytes(), name)
+
+
+def grub_boots(cfg: NodeConfig) -> str:
+    """What grub.cfg does at power-on: boot.env's slot, after after.env was copied into
+    boot.env; then the kernel's command line names that slot."""
+    layout = hostslot.Layout.of(cfg)
+    slot = esp(cfg, "boot.env")
+    layout.esp_file("boot.env").write_bytes(layout.esp_file("after.env").read_bytes())
+    boot(cfg.root, slot)
+    return slot
+
+
+def update(tmp_path: Path, **changes: object) -> tuple[Path, hostupdate.HostUpdate, dict]:
+    (tmp_path / "u").mkdir(exist_ok=True)
+    return write(tmp_path / "u", **changes)
+
+
+def test_an_environment_block_names_a_slot_or_is_refused() -> None:
+    for slot in hostslot.SLOTS:
+        block = hostslot.env_block(slot)
+        assert len(block) == 1024 and block.startswith(b"# GRUB Environment Block\n")
+        assert hostslot.parse_env_block(block, "boot.env") == slot
+    bad = {
+        "short": hostslot.env_block("a")[:-1],
+        "other slot": hostslot.env_block("a").replace(b"default=a", b"default=c"),
+        "two": hostslot.env_block("a").replace(b"default=a\n#", b"default=a\nx=1"),
+        "header": hostslot.env_block("a").replace(b"GRUB", b"GRUX"),
+    }
+    for what, data in bad.items():
+        with pytest.raises(HostSlotError):
+            hostslot.parse_env_block(data, what)
+
+
+@given(st.binary(max_size=1100))
+def test_any_bytes_on_the_esp_give_a_slot_or_edgepin_s_error(data: bytes) -> None:
+    try:
+        assert hostslot.parse_env_block(data, "boot.env") in hostslot.SLOTS
+    except HostSlotError:
+        pass
+
+
+@given(st.text(max_size=200))
+def test_any_command_line_gives_a_slot_or_none(cmdline: str) -> None:
+    assert hostslot.booted_slot(cmdline) in (None, "a", "b")
+
+
+def test_the_slot_states() -> None:
+    S = hostslot.Slots
+    assert S("a", "a", "a").state == "running"
+    assert S("a", "b", "a").state == "armed" and S("a", "b", "a").armed
+    assert S("b", "a", "a").state == "on trial" and S("b", "a", "a").trial
+    assert S("b", "b", "b").state == "running"
+    assert hostslot.booted_slot("ro edgepin.slot=b quiet") == "b"
+    assert hostslot.booted_slot("ro edgepin.slot=c") is None
+    assert hostslot.booted_slot("ro") is None
+
+
+@given(st.binary(max_size=400))
+def test_any_record_gives_a_pending_update_or_edgepin_s_error(data: bytes) -> None:
+    try:
+        hostslot.parse_pending(data)
+    except HostSlotError:
+        pass
+
+
+def test_an_update_goes_into_the_other_slot_boots_once_and_stays_once_healthy(
+    tmp_path: Path,
+) -> None:
+    cfg = node(tmp_path)
+    path, upd, d = update(tmp_path)
+    said: list[str] = []
+    written, slots = hostslot.install(cfg, path, log=said.append)
+    assert written == upd and said
+    assert (slots.booted, slots.next, slots.after, slots.state) == ("a", "b", "a", "armed")
+    layout = hostslot.Layout.of(cfg)
+    # the squashfs, then zeros to data_bytes; the tree, then zeros
+    root_b = layout.partition("root-b").read_bytes()
+    assert root_b == d["root"].ljust(upd.verity.data_bytes, b"\0")
+    verity_b = layout.partition("verity-b").read_bytes()
+    assert verity_b == d["tree"].ljust(8 * BLOCK, b"\0")
+    # slot a untouched
+    assert layout.partition("root-a").read_bytes() == b"\x5a" * 16 * BLOCK
+    boot_b = layout.partition("boot") / "slot-b"
+    assert (boot_b / "vmlinuz").read_bytes() == b"kernel" * 100
+    assert (boot_b / "initrd.img").read_bytes() == b"initrd" * 50
+    assert (boot_b / "kernel-version").read_text().strip() == upd.kernel_version
+    cfg_b = layout.esp_file("verity-b.cfg").read_text()
+    assert f"set edgepin_roothash={upd.verity.root_hash}\n" in cfg_b
+    record = hostslot.pending(cfg)
+    assert record == hostslot.Pending("b", VERSION, "edgepin-host", "a", VERSION - 1)
+    # the next boot is slot b's one try
+    assert grub_boots(cfg) == "b"
+    assert hostslot.read_slots(layout).state == "on trial"
+    assert host_slot_facts(cfg) == {"host_slot": "b", "host_fallback": 0}
+    # not healthy yet: nothing kept
+    assert hostslot.settle(cfg, healthy=False) is None
+    assert esp(cfg, "boot.env") == "a"
+    said_commit = hostslot.settle(cfg, healthy=True)
+    assert said_commit and "root slot b committed" in said_commit
+    assert (esp(cfg, "boot.env"), esp(cfg, "after.env")) == ("b", "b")
+    assert hostslot.pending(cfg) is None
+    # and every boot after that is slot b's
+    assert grub_boots(cfg) == "b" and grub_boots(cfg) == "b"
+    assert hostslot.read_slots(layout).state == "running"
+
+
+def test_a_slot_that_never_gets_healthy_is_left_at_the_next_start(tmp_path: Path) -> None:
+    cfg = node(tmp_path)
+    path, _, _ = update(tmp_path)
+    hostslot.install(cfg, path)
+    assert grub_boots(cfg) == "b"  # slot b's try: it stops, hangs or never gets healthy
+    assert grub_boots(cfg) == "a"  # the next start, whatever happened
+    said = hostslot.settle(cfg, healthy=True)
+    assert said and "did not come up healthy: back on root slot a" in said
+    assert hostslot.read_slots(hostslot.Layout.of(cfg)).state == "running"
+    assert host_slot_facts(cfg) == {"host_slot": "a", "host_fallback": VERSION}
+    assert hostslot.settle(cfg, healthy=True) is None  # said once
+    assert grub_boots(cfg) == "a"
+
+
+def test_an_update_that_is_not_newer_not_whole_or_does_not_fit_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    cfg = node(tmp_path, version=VERSION)
+    path, _, _ = update(tmp_path)
+    layout = hostslot.Layout.of(cfg)
+    before = {p.name: p.read_bytes() for p in layout.esp.rglob("*") if p.is_file()}
+
+    def unchanged() -> None:
+        assert {p.name: p.read_bytes() for p in layout.esp.rglob("*") if p.is_file()} == before
+        assert hostslot.pending(cfg) is None
+        assert hostslot.read_slots(layout).state == "running"
+
+    with pytest.raises(HostSlotError, match="not newer than this host"):
+        hostslot.install(cfg, path)
+    unchanged()
+    cfg = node(tmp_path / "older")
+    layout = hostslot.Layout.of(cfg)
+    before = {p.name: p.read_bytes() for p in layout.esp.rglob("*") if p.is_file()}
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[:-3000])
+    with pytest.raises(HostUpdateError):
+        hostslot.install(cfg, cut)
+    unchanged()
+    # a verity partition too small for the tree: the root was written, the next boot is
+    # still slot a's
+    layout.partition("verity-b").write_bytes(bytes(BLOCK))
+    with pytest.raises(HostSlotError, match="verity-b has 4096 bytes"):
+        hostslot.install(cfg, path)
+    unchanged()
+
+
+def test_a_boot_on_trial_takes_no_update_and_an_armed_slot_is_disarmed_before_a_rewrite(
+    tmp_path: Path,
+) -> None:
+    cfg = node(tmp_path)
+    path, _, _ = update(tmp_path)
+    hostslot.install(cfg, path)
+    # installed again while armed: boot.env names slot a while slot b is written
+    seen: list[str] = []
+    hostslot.install(cfg, path, log=lambda _msg: seen.append(esp(cfg, "boot.env")))
+    assert seen and set(seen) == {"a"}
+    assert esp(cfg, "boot.env") == "b"
+    grub_boots(cfg)
+    with pytest.raises(HostSlotError, match="trial"):
+        hostslot.install(cfg, path)
+
+
+def test_a_host_without_slots_settles_nothing(tmp_path: Path) -> None:
+    cfg = NodeConfig(root=tmp_path, host_version=1)
+    assert hostslot.settle(cfg, healthy=True) is None
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "cmdline").write_text("ro quiet\n")
+    assert hostslot.settle(cfg, healthy=True) is None
+    with pytest.raises(HostSlotError, match="names no root slot"):
+        hostslot.read_slots(hostslot.Layout.of(cfg))
+    (tmp_path / "proc" / "cmdline").write_text("ro edgepin.slot=a\n")
+    with pytest.raises(HostSlotError, match=r"cannot read EFI/edgepin/boot\.env"):
+        hostslot.read_slots(hostslot.Layout.of(cfg))
+
+
+def test_the_record_reads_back() -> None:
+    p = hostslot.Pending("b", 7, "edgepin-host", "a", 6, fell_back=True)
+    assert hostslot.parse_pending(json.dumps(p.to_json()).encode()) == p
+    for change in ({"slot": "a"}, {"host_version": -1}, {"name": "../x"}, {"fell_back": 1}):
+        with pytest.raises(HostSlotError):
+            hostslot.parse_pending(json.dumps({**p.to_json(), **change}).encode())
