@@ -100,8 +100,9 @@ def test_boots_read_only_with_tpm_and_no_way_in(
     assert cmdline == line.split(), (cmdline, line)
     fstype, size = got["var"].split()
     assert fstype == "ext4", got
-    # the 4 GiB disk minus ESP, BIOS boot and root: the state partition grew on first boot
-    assert int(size.rstrip("M")) > 2000, f"the state partition did not grow: {got['var']}"
+    # the 4 GiB disk minus ESP, BIOS boot, boot and the two root slots (2,408 MiB): the
+    # state partition, 663 MiB as built, grew on first boot
+    assert int(size.rstrip("M")) > 1500, f"the state partition did not grow: {got['var']}"
     # the vault: its folders encrypted under one key, open (the journal flushed into it)
     assert got["vault"] == "active 1 encrypted", got["vault"]
     assert int(got["journal-files"]) >= 1, got

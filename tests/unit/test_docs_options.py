@@ -73,6 +73,7 @@ FOREIGN_OPTIONS = {
     "--object": "qemu-img",
     "--offset": "mkfs.vfat and syslinux",
     "--hash-offset": "veritysetup",
+    "--skip-sig": "GRUB's load_env",
     "--panic-on-corruption": "veritysetup",
     "--removable": "grub-install",
     "--system-site-packages": "python3 -m venv",
