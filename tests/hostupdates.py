@@ -1,6 +1,11 @@
 """A host update made from a file laid out as a built disk's partitions are (a dm-verity
 superblock and hash blocks, a root, zeros): for the unit tests of provisioner/hostupdate.py
-and the integration tests of host releases in Glance. The image tier makes the real one."""
+and the integration tests of host releases in Glance. The image tier makes the real one.
+
+And a node's two root slots laid out in files under a node's root (partitions as files of
+their sizes, the boot partition and the ESP as folders), with GRUB's part played by
+:func:`grub_boots` exactly as grub.cfg's slot entries do it (tests/image/test_verity.py
+reads that grub.cfg; tests/image/test_node_image.py boots it)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner import hostupdate
+from provisioner.node import hostslot
 
 BLOCK = hostupdate.BLOCK
 SALT = bytes(range(32))
@@ -80,3 +86,41 @@ def write(tmp_path: Path, **changes: Any) -> tuple[Path, hostupdate.HostUpdate, 
     }
     out = tmp_path / "edgepin-host.update.tar"
     return out, hostupdate.write(out, **args), d
+
+
+# ------------------------------------------------------------------ root slots in files
+
+
+def lay_out_slots(root: Path, booted: str = "a") -> None:
+    """Both slots' partitions of 16 + 8 blocks (full of an older release's bytes), the
+    boot partition as a folder, the ESP's blocks naming ``booted``, booted from it."""
+    parts = root / "dev" / "disk" / "by-partlabel"
+    parts.mkdir(parents=True, exist_ok=True)
+    for slot in hostslot.SLOTS:
+        (parts / f"root-{slot}").write_bytes(b"\x5a" * 16 * BLOCK)
+        (parts / f"verity-{slot}").write_bytes(b"\xa5" * 8 * BLOCK)
+    (parts / "boot").mkdir(exist_ok=True)
+    esp = root / "boot" / "efi" / "EFI" / "edgepin"
+    esp.mkdir(parents=True, exist_ok=True)
+    for name in ("boot.env", "after.env"):
+        (esp / name).write_bytes(hostslot.env_block(booted))
+    (root / "proc").mkdir(exist_ok=True)
+    boot_slot(root, booted)
+
+
+def boot_slot(root: Path, slot: str) -> None:
+    (root / "proc" / "cmdline").write_text(f"BOOT_IMAGE=/slot-{slot}/vmlinuz edgepin.slot={slot}\n")
+
+
+def esp_slot(root: Path, name: str) -> str:
+    return hostslot.parse_env_block(hostslot.Layout(root).esp_file(name).read_bytes(), name)
+
+
+def grub_boots(root: Path) -> str:
+    """What grub.cfg does at power-on: boot.env's slot, after after.env was copied into
+    boot.env; then the kernel's command line names that slot."""
+    layout = hostslot.Layout(root)
+    slot = esp_slot(root, "boot.env")
+    layout.esp_file("boot.env").write_bytes(layout.esp_file("after.env").read_bytes())
+    boot_slot(root, slot)
+    return slot

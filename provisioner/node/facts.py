@@ -104,6 +104,8 @@ def host_slot_facts(cfg: NodeConfig) -> dict[str, Any]:
     try:
         cmdline = hostslot.Layout.of(cfg).cmdline.read_text()
         record = hostslot.pending(cfg)
+    except FileNotFoundError:
+        return {}  # no kernel command line under the node's root: a development machine
     except (OSError, HostSlotError) as e:
         LOG.warning("report: the host's root slot cannot be read: %s", e)
         return {}

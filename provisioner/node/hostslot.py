@@ -347,9 +347,9 @@ def install(cfg: NodeConfig, update_path: Path, log: Any = None) -> tuple[HostUp
             raise HostSlotError(f"cannot open partition {name}: {e.strerror}") from None
         if have < need:
             raise HostSlotError(f"{name} has {have} bytes, the update needs {need}")
-    with _esp_writable(layout):
-        if slots.armed:
-            # the slot about to be written must not be the next boot's while it is
+    if slots.armed:
+        # the slot about to be written must not be the next boot's while it is
+        with _esp_writable(layout):
             _point(layout, "boot.env", slots.booted)
     offsets = _members(update_path, update)
     with update_path.open("rb") as src:

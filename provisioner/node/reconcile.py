@@ -184,7 +184,9 @@ def _finish(run: Run, body: Callable[[], Outcome], where: str) -> Outcome:
     counters = run.counters
     if outcome.state in (State.RUNNING, State.OFFLINE):
         counters.last_success = time.time()
-    _settle_host(run, healthy=outcome.state in (State.RUNNING, State.OFFLINE))
+    # healthy: the TPM opened the node's state, and the guest it should run runs (or none
+    # is assigned yet)
+    _settle_host(run, healthy=outcome.state in (State.RUNNING, State.OFFLINE, State.WAITING))
     if outcome.error is not None:
         kind = str(outcome.error.reason)
         counters.failures[kind] = counters.failures.get(kind, 0) + 1
@@ -207,8 +209,8 @@ def _finish(run: Run, body: Callable[[], Outcome], where: str) -> Outcome:
 
 def _settle_host(run: Run, healthy: bool) -> None:
     """Commit the root slot this boot is on trial in once the node is healthy on it (its
-    keys opened, its guest running), and note an update it came back from; either goes
-    into this run's report."""
+    keys opened, its guest running or none assigned), and note an update it came back
+    from; either goes into this run's report."""
     try:
         said = hostslot.settle(run.cfg, healthy)
     except EdgepinError as e:

@@ -1,7 +1,5 @@
-"""provisioner.node.hostslot: the two root slots on a node laid out in files (partitions as
-files of their sizes, the boot partition and the ESP as folders), and GRUB's part played by
-:func:`grub_boots` exactly as grub.cfg's slot entries do it (tests/image/test_verity.py
-reads that grub.cfg; tests/image/test_node_image.py boots it)."""
+"""provisioner.node.hostslot: the two root slots on a node laid out in files, GRUB's part
+played as grub.cfg does it (tests.hostupdates)."""
 
 from __future__ import annotations
 
@@ -17,47 +15,26 @@ from provisioner.errors import HostSlotError, HostUpdateError
 from provisioner.node import hostslot
 from provisioner.node.config import NodeConfig
 from provisioner.node.facts import host_slot_facts
-from tests.hostupdates import write
+from tests.hostupdates import esp_slot, lay_out_slots, write
+from tests.hostupdates import grub_boots as grub
 
 BLOCK = hostupdate.BLOCK
 VERSION = 1764940000  # tests.hostupdates.write's host version
 
 
 def node(tmp_path: Path, booted: str = "a", version: int = VERSION - 1) -> NodeConfig:
-    """A node root booted from ``booted``, both slots' partitions 16 + 8 blocks (slot b's
-    full of an older release's bytes), the ESP's blocks naming the booted slot."""
+    """A node root booted from ``booted`` (tests.hostupdates.lay_out_slots)."""
     root = tmp_path / "node"
-    parts = root / "dev" / "disk" / "by-partlabel"
-    parts.mkdir(parents=True)
-    for slot in hostslot.SLOTS:
-        (parts / f"root-{slot}").write_bytes(b"\x5a" * 16 * BLOCK)
-        (parts / f"verity-{slot}").write_bytes(b"\xa5" * 8 * BLOCK)
-    (parts / "boot").mkdir()
-    esp = root / "boot" / "efi" / "EFI" / "edgepin"
-    esp.mkdir(parents=True)
-    for name in ("boot.env", "after.env"):
-        (esp / name).write_bytes(hostslot.env_block(booted))
-    (root / "proc").mkdir()
-    boot(root, booted)
+    lay_out_slots(root, booted)
     return NodeConfig(root=root, host_version=version)
 
 
-def boot(root: Path, slot: str) -> None:
-    (root / "proc" / "cmdline").write_text(f"BOOT_IMAGE=/slot-{slot}/vmlinuz edgepin.slot={slot}\n")
-
-
 def esp(cfg: NodeConfig, name: str) -> str:
-    return hostslot.parse_env_block(hostslot.Layout.of(cfg).esp_file(name).read_bytes(), name)
+    return esp_slot(cfg.root, name)
 
 
 def grub_boots(cfg: NodeConfig) -> str:
-    """What grub.cfg does at power-on: boot.env's slot, after after.env was copied into
-    boot.env; then the kernel's command line names that slot."""
-    layout = hostslot.Layout.of(cfg)
-    slot = esp(cfg, "boot.env")
-    layout.esp_file("boot.env").write_bytes(layout.esp_file("after.env").read_bytes())
-    boot(cfg.root, slot)
-    return slot
+    return grub(cfg.root)
 
 
 def update(tmp_path: Path, **changes: object) -> tuple[Path, hostupdate.HostUpdate, dict]:

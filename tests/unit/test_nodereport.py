@@ -225,3 +225,13 @@ def test_the_operator_takes_a_report_only_from_the_node_s_own_record() -> None:
     assert "gone" in (seen[e].problem or "")
     images[0].pop("edgepin_report")
     assert reports.match(fleet, images)[a].problem == "no report yet"
+
+
+def test_the_status_table_s_host_column_says_version_slot_and_fallback() -> None:
+    from provisioner.fleetcli import _host
+
+    assert _host({"host_version": None}) == "-"
+    assert _host({"host_version": 7, "host_slot": None, "host_fallback": None}) == "7"
+    assert _host({"host_version": 7, "host_slot": "b", "host_fallback": None}) == "7 (slot b)"
+    row = {"host_version": 7, "host_slot": "a", "host_fallback": 8}
+    assert _host(row) == "7 (slot a); FELL BACK from 8"
