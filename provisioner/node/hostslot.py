@@ -47,6 +47,7 @@ from typing import IO, Any
 from provisioner import hostupdate
 from provisioner.errors import HostSlotError, HostUpdateError
 from provisioner.hostupdate import HostUpdate
+from provisioner.node import state
 from provisioner.node.config import NodeConfig
 
 LOG = logging.getLogger(__name__)
@@ -210,18 +211,16 @@ def _write_in_place(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _replace(path: Path, data: bytes) -> None:
+def _replace_on_esp(path: Path, data: bytes) -> None:
+    """A file on the ESP replaced whole: written beside it, synced, renamed over it. Not
+    state.atomic_write: FAT has no modes, and the kernel's vfat refuses fchmod."""
     tmp = path.with_name(path.name + ".new")
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    state.fsync_dir(path.parent)
 
 
 def _point(layout: Layout, name: str, slot: str) -> None:
@@ -233,7 +232,10 @@ def _members(path: Path, update: HostUpdate) -> dict[str, int]:
     (plain ustar headers, the manifest first, each member padded to 512 bytes)."""
     with path.open("rb") as f:
         header = f.read(hostupdate.TAR_BLOCK)
-    pos = hostupdate.TAR_BLOCK + _padded(int(header[124:136].rstrip(b"\0 ") or b"0", 8))
+    try:
+        pos = hostupdate.TAR_BLOCK + _padded(int(header[124:136].rstrip(b"\0 "), 8))
+    except ValueError:
+        raise HostUpdateError("the host update changed while it was read") from None
     found = {}
     for m in update.members:
         found[m.name] = pos + hostupdate.TAR_BLOCK
@@ -378,15 +380,17 @@ def install(cfg: NodeConfig, update_path: Path, log: Any = None) -> tuple[HostUp
                 data = src.read(m.size)
                 if hashlib.sha256(data).hexdigest() != m.sha256:
                     raise HostSlotError(f"{name} changed while it was written")
-                _replace(folder / name, data)
-            _replace(folder / "kernel-version", f"{update.kernel_version}\n".encode())
+                state.atomic_write(folder / name, data, mode=0o644)
+            state.atomic_write(
+                folder / "kernel-version", f"{update.kernel_version}\n".encode(), mode=0o644
+            )
     cfg_text = (
         f"# edgepin: the dm-verity root hash of root slot {target}, host release "
         f"{update.name} version {update.host_version}\nset edgepin_roothash="
         f"{update.verity.root_hash}\n"
     )
     with _esp_writable(layout):
-        _replace(layout.esp_file(f"verity-{target}.cfg"), cfg_text.encode())
+        _replace_on_esp(layout.esp_file(f"verity-{target}.cfg"), cfg_text.encode())
         _record(
             cfg,
             Pending(target, update.host_version, update.name, slots.booted, cfg.host_version),
@@ -464,8 +468,7 @@ def _record(cfg: NodeConfig, pending: Pending | None) -> None:
     if pending is None:
         path.unlink(missing_ok=True)
         return
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    _replace(path, json.dumps(pending.to_json()).encode())
+    state.atomic_write(path, json.dumps(pending.to_json()).encode())
 
 
 def pending(cfg: NodeConfig) -> Pending | None:
