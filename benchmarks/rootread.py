@@ -87,7 +87,7 @@ def bench(out_dir: Path, work: Path, log: Any) -> dict[str, Any]:
         raw = tmp / "disk.raw"
         log("root read: converting the image to raw")
         _run(["qemu-img", "convert", "-O", "raw", str(qcow2), str(raw)])
-        offset = int(_run([str(GPT_PARTITION), str(raw), "root"]).split()[0])
+        offset = int(_run([str(GPT_PARTITION), str(raw), "root-a"]).split()[0])
         tree, mnt = tmp / "tree", tmp / "mnt"
         tree.mkdir()
         mnt.mkdir()

@@ -89,8 +89,9 @@ def add_parser(sub: Any) -> None:
         "is a new slot's one try. `install UPDATE` writes a host update (`./build.sh` "
         "writes edgepin-host.update.tar) into the slot that did not boot and arms it: the "
         "next boot tries it once, and the first reconcile that finds the node healthy there "
-        "(its keys opened, its guest running) keeps it; a boot that fails, or a node that "
-        "never gets healthy, comes back on the old slot at the next start.",
+        "(its keys opened, its guest running or none assigned) keeps it; a boot that "
+        "fails, or a node that never gets healthy, comes back on the old slot at the next "
+        "start.",
     )
     hs = host.add_subparsers(dest="host_command", metavar="ACTION", required=True)
     hst = hs.add_parser(

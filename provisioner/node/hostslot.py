@@ -324,7 +324,7 @@ def install(cfg: NodeConfig, update_path: Path, log: Any = None) -> tuple[HostUp
     if slots.trial:
         raise HostSlotError(
             f"this boot is root slot {slots.booted}'s trial: it is committed (or left) first",
-            hint="a reconcile with the guest running commits it",
+            hint="the first reconcile that finds the node healthy commits it",
         )
     update = hostupdate.read(update_path)
     if update.host_version <= cfg.host_version:
