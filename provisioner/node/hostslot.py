@@ -39,7 +39,7 @@ import re
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -314,7 +314,9 @@ def _write_partition(
                 raise HostSlotError(f"{path.name} does not read back as the update's bytes")
 
 
-def install(cfg: NodeConfig, update_path: Path, log: Any = None) -> tuple[HostUpdate, Slots]:
+def install(
+    cfg: NodeConfig, update_path: Path, log: Callable[[str], None] | None = None
+) -> tuple[HostUpdate, Slots]:
     """Write the host update at ``update_path`` into the slot that did not boot and arm it:
     the next boot tries it once. Refused: an update that is not whole, not newer than this
     host, or a node whose own boot is still on trial. Whatever fails, ``boot.env`` names
@@ -334,7 +336,7 @@ def install(cfg: NodeConfig, update_path: Path, log: Any = None) -> tuple[HostUp
             hint="a host is never taken back to an older release",
         )
     target = other(slots.booted)
-    say = log or (lambda _msg: None)
+    say: Callable[[str], None] = log or (lambda _msg: None)
     root = update.member(hostupdate.ROOT)
     tree = update.member(hostupdate.VERITY)
     # both partitions big enough before a byte is written
