@@ -125,30 +125,80 @@ def sign(
         resources,
         pci,
     )
-    signer = StreamSigner(key, HASH_METHOD)
-    signer.update(data)
     return {
         "image_id": image_id,
         "generation": generation,
         "image_sha512": image_sha512,
         "assigned_at": assigned_at,
-        "signed": {
-            "payload": base64.b64encode(data).decode(),
-            "signature": signer.signature(),
-            "certificate_sha256": fingerprint(certificate),
-            "key_type": key_type_for(key),
-        },
+        "signed": envelope(key, certificate, data),
     }
 
 
-def _decode(raw: Any) -> Any:
+def envelope(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, certificate: x509.Certificate, data: bytes
+) -> dict[str, str]:
+    """``data`` signed (SHA-512) for a record's ``signed`` field: what :func:`open_envelope`
+    checks."""
+    signer = StreamSigner(key, HASH_METHOD)
+    signer.update(data)
+    return {
+        "payload": base64.b64encode(data).decode(),
+        "signature": signer.signature(),
+        "certificate_sha256": fingerprint(certificate),
+        "key_type": key_type_for(key),
+    }
+
+
+def _decode(raw: Any, what: str = "assignment") -> Any:
     """The record as JSON decodes it (an object given as such is taken as is)."""
     if isinstance(raw, str | bytes) and len(raw) > MAX_RECORD:
-        raise ImageError("the assignment record is too long")
+        raise ImageError(f"the {what} record is too long")
     try:
         return json.loads(raw) if isinstance(raw, str | bytes) else raw
     except (ValueError, RecursionError):
-        raise ImageError("the assignment record is not JSON") from None
+        raise ImageError(f"the {what} record is not JSON") from None
+
+
+def open_envelope(
+    raw: Any,
+    pinned: dict[str, x509.Certificate],
+    what: str = "assignment",
+    hint: str = "assign images with `edgepin assign`, which signs the assignment",
+) -> bytes | None:
+    """The signed payload of the record in ``raw`` (a project attribute: JSON text or an
+    object) once its signature verifies against a pinned certificate; None when there is
+    no record. ``what`` names the record in the errors."""
+    if raw is None or raw == "":
+        return None
+    data = _decode(raw, what)
+    if not isinstance(data, dict):
+        raise ImageError(f"the {what} record is not an object")
+    signed = data.get("signed")
+    if not isinstance(signed, dict) or not all(
+        isinstance(signed.get(k), str) for k in SIGNED_FIELDS
+    ):
+        raise ImageError(f"the {what} is not signed: refused", hint=hint)
+    fp = signed["certificate_sha256"]
+    if not FINGERPRINT.fullmatch(fp):
+        raise VerificationError(f"the {what} names no certificate fingerprint: refused")
+    if not pinned:
+        raise VerificationError("no assignment-signing certificate is pinned on this node")
+    cert = pinned.get(fp)
+    if cert is None:
+        raise VerificationError(
+            f"the {what} is signed by a certificate that is not pinned (sha256 {fp[:16]}…): refused"
+        )
+    try:
+        body = base64.b64decode(signed["payload"], validate=True)
+    except (binascii.Error, ValueError):
+        raise VerificationError(f"the {what}'s payload is not base64: refused") from None
+    try:
+        verifier = StreamVerifier(cert, signed["signature"], HASH_METHOD, signed["key_type"])
+        verifier.update(body)
+        verifier.verify()
+    except VerificationError as e:
+        raise VerificationError(f"the {what}'s signature: {e.message}: refused") from None
+    return body
 
 
 def verify(
@@ -157,41 +207,8 @@ def verify(
     """The assignment in ``raw`` (the project attribute: JSON text or an object), if it is
     signed for ``node`` (project id) named ``node_name`` by a pinned certificate; None when
     there is none."""
-    if raw is None or raw == "":
-        return None
-    data = _decode(raw)
-    if not isinstance(data, dict):
-        raise ImageError("the assignment record is not an object")
-    signed = data.get("signed")
-    if not isinstance(signed, dict) or not all(
-        isinstance(signed.get(k), str) for k in SIGNED_FIELDS
-    ):
-        raise ImageError(
-            "the assignment is not signed: refused",
-            hint="assign images with `edgepin assign`, which signs the assignment",
-        )
-    fp = signed["certificate_sha256"]
-    if not FINGERPRINT.fullmatch(fp):
-        raise VerificationError("the assignment names no certificate fingerprint: refused")
-    if not pinned:
-        raise VerificationError("no assignment-signing certificate is pinned on this node")
-    cert = pinned.get(fp)
-    if cert is None:
-        raise VerificationError(
-            f"the assignment is signed by a certificate that is not pinned "
-            f"(sha256 {fp[:16]}…): refused"
-        )
-    try:
-        body = base64.b64decode(signed["payload"], validate=True)
-    except (binascii.Error, ValueError):
-        raise VerificationError("the assignment's payload is not base64: refused") from None
-    try:
-        verifier = StreamVerifier(cert, signed["signature"], HASH_METHOD, signed["key_type"])
-        verifier.update(body)
-        verifier.verify()
-    except VerificationError as e:
-        raise VerificationError(f"the assignment's signature: {e.message}: refused") from None
-    return _payload(body, node, node_name)
+    body = open_envelope(raw, pinned)
+    return None if body is None else _payload(body, node, node_name)
 
 
 def read_signed(raw: Any, node: str, node_name: str) -> tuple[Assignment, str]:

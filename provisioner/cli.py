@@ -241,13 +241,15 @@ def cmd_release_approve(args: argparse.Namespace) -> int:
 def _add_host(sub: Any) -> None:
     p = sub.add_parser(
         "host",
-        help="host releases in Glance: publish a host update, list them",
+        help="host releases in Glance: publish a host update, list them, assign one to nodes",
         description="A host release is the host update `./build.sh image` writes "
         "(out/edgepin-host.update.tar: the root filesystem, its dm-verity hash tree, the "
         "kernel, the initramfs and a manifest with the host version), signed with the "
         "image-signing key and uploaded to Glance as an image of its own kind "
         "(edgepin_kind=host-update, disk_format raw, not encrypted: a host root holds no "
-        "secret). It can never be assigned as a guest image.",
+        "secret). It can never be assigned as a guest image. Nodes assigned a release "
+        "fetch it, check it, write it into their other root slot and restart into it once; "
+        "they keep it once healthy there.",
     )
     s = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     pub = s.add_parser(
@@ -256,7 +258,10 @@ def _add_host(sub: Any) -> None:
         description="Read UPDATE completely (every member in place, with the size and "
         "sha256 its manifest gives), refuse a host version Glance already holds, sign the "
         "file's bytes (img_signature*, SHA-512), upload it and check Glance's sha512 "
-        "against the one computed while uploading. On failure the image is deleted.",
+        "against the one computed while uploading. On failure the image is deleted. The "
+        "release key's approvals of the PCR values the release measures (one per root slot, "
+        "`edgepin release approve`) go with it: nodes built with a release key need them to "
+        "open their secrets after the update.",
     )
     pub.add_argument("update", type=Path, metavar="UPDATE", help="out/edgepin-host.update.tar")
     pub.add_argument("--name", help="Glance image name (default: NAME-HOSTVERSION)")
@@ -270,8 +275,45 @@ def _add_host(sub: Any) -> None:
         default=_env("EDGEPIN_SIGNING_KEY_ID"),
         help="Barbican UUID of the signing private key (env EDGEPIN_SIGNING_KEY_ID)",
     )
+    pub.add_argument(
+        "--approval",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an approval of the PCR values this release measures in one root slot "
+        "(`edgepin release approve --out FILE`); repeatable",
+    )
     pub.add_argument("--json", action="store_true", help="print the result as JSON")
     pub.set_defaults(handler=cmd_host_publish, needs_cloud=True)
+    asg = s.add_parser(
+        "assign",
+        help="assign a host release to nodes",
+        description="Share RELEASE (a host release's Glance image id, or its host version) "
+        "with each node's project and write the node's host assignment, signed for that node "
+        "with the assignment-signing key (release id, sha512, host version, a generation "
+        "that goes up, when to restart). The node fetches the release, checks its signature "
+        "against the certificates it pins, writes it into the root slot it did not boot "
+        "from and restarts into it once, as --restart says; it keeps the release once "
+        "healthy on it, and otherwise comes back to the slot it left and reports it. A "
+        "release not newer than a node's host is left alone. Assigning the same release "
+        "again (a new generation) makes a node that came back from it try once more.",
+    )
+    asg.add_argument("release", metavar="RELEASE", help="image id or host version")
+    asg.add_argument("node_ids", metavar="NODE_ID", nargs="+")
+    asg.add_argument(
+        "--restart",
+        default="never",
+        metavar="now|never|HH:MM-HH:MM",
+        help="when the node restarts into the release once written: now, never (at the "
+        "next restart someone else makes) or within a daily window in UTC, e.g. "
+        "02:00-04:00 (default: %(default)s)",
+    )
+    from provisioner.fleetcli import add_signer_arguments
+
+    add_signer_arguments(asg)
+    asg.add_argument("--json", action="store_true", help="print the result as JSON")
+    asg.set_defaults(handler=cmd_host_assign, needs_cloud=True)
     ls = s.add_parser(
         "list",
         help="list the host releases in Glance",
@@ -295,6 +337,7 @@ def cmd_host_publish(args: argparse.Namespace) -> int:
         signing_cert_id=args.signing_cert_id,
         signing_key_id=args.signing_key_id,
         name=args.name,
+        approvals=tuple(args.approval),
         progress=args.progress,
     )
     _print(
@@ -306,8 +349,60 @@ def cmd_host_publish(args: argparse.Namespace) -> int:
             f"host version {rel.host_version}",
             f"root hash    {rel.root_hash}",
             f"size         {rel.size}",
+            f"approvals    {rel.approvals}",
         ],
     )
+    return 0
+
+
+def cmd_host_assign(args: argparse.Namespace) -> int:
+    from provisioner import hostassign
+    from provisioner.fleetcli import signer_from_args
+    from provisioner.operator import hostpublish, nodes
+
+    for node_id in args.node_ids:
+        nodes.check_node_id(node_id)
+    restart = hostassign.restart_option(args.restart)
+    signer = signer_from_args(args, "host assign")
+    rel, results = hostpublish.assign_host(
+        args.conn, args.edge_domain, args.node_ids, args.release, signer, restart
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "release": dataclasses.asdict(rel),
+                    "restart": str(restart),
+                    "nodes": [
+                        {
+                            "node_id": r.node_id,
+                            "generation": r.generation if r.error is None else None,
+                            "previous": r.previous,
+                            "error": r.error.message if r.error else None,
+                        }
+                        for r in results
+                    ],
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
+    else:
+        print(f"host release {rel.image_id} (host version {rel.host_version}), restart {restart}")
+        for r in results:
+            if r.error is not None:
+                print(f"{r.node_id}: FAILED: {r.error.message}")
+            else:
+                before = f"host version {r.previous['host_version']}" if r.previous else "none"
+                print(f"{r.node_id}: generation {r.generation} (before: {before})")
+    failed = [r.error for r in results if r.error is not None]
+    if failed:
+        err = EdgepinError(
+            f"{len(failed)} of {len(results)} nodes were not assigned the host release",
+            hint=failed[0].hint,
+        )
+        err.exit_code = failed[0].exit_code  # the first failure's kind
+        raise err
     return 0
 
 
@@ -319,7 +414,10 @@ def cmd_host_list(args: argparse.Namespace) -> int:
         print(json.dumps([dataclasses.asdict(r) for r in found], indent=2, sort_keys=True))
         return 0
     for r in found:
-        print(f"{r.host_version:>20}  {r.image_id}  {r.name}  root hash {r.root_hash[:16]}…")
+        print(
+            f"{r.host_version:>20}  {r.image_id}  {r.name}  root hash {r.root_hash[:16]}…  "
+            f"{r.approvals} approvals"
+        )
     if not found:
         print("no host releases in Glance")
     return 0

@@ -371,13 +371,23 @@ def write_prometheus(rows: list[dict[str, Any]], target: str) -> None:
 
 
 def _host(row: dict[str, Any]) -> str:
-    """The status table's host column: the host version, the root slot it booted from, and
-    an update the node came back from."""
+    """The status table's host column: the host version, the root slot it booted from, an
+    update the node came back from, and the assigned release: written and tried at the next
+    boot (NEXT), refused by the node (REFUSED, the reason in the JSON's host_refused), or
+    not yet written (ASSIGNED)."""
     text = str(row["host_version"]) if row.get("host_version") else "-"
     if row.get("host_slot"):
         text += f" (slot {row['host_slot']})"
     if row.get("host_fallback"):
         text += f"; FELL BACK from {row['host_fallback']}"
+    if row.get("host_next"):
+        text += f"; NEXT {row['host_next']}"
+    elif row.get("host_refused"):
+        text += f"; REFUSED {row.get('host_assigned') or ''}".rstrip()
+    elif (row.get("host_assigned") or 0) > (row.get("host_version") or 0) and not row.get(
+        "host_fallback"
+    ):
+        text += f"; ASSIGNED {row['host_assigned']}"
     return text
 
 

@@ -72,6 +72,9 @@ class Facts:
     host_slot: str = ""  # the root slot the host booted from, a or b; "": not known
     # the host version of an update whose root slot the node came back from; 0: none
     host_fallback: int = 0
+    # the host version written into the other root slot, tried at the next boot; 0: none
+    host_next: int = 0
+    host_refused: str = ""  # why the assigned host release is refused; "": it is not
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +94,8 @@ class Facts:
             "host_version": self.host_version,
             "host_slot": self.host_slot,
             "host_fallback": self.host_fallback,
+            "host_next": self.host_next,
+            "host_refused": self.host_refused,
         }
 
 
@@ -309,4 +314,7 @@ def _facts(value: Any) -> Facts | None:
         host_fallback=_int(value, "host_fallback", MAX_HOST_VERSION)
         if "host_fallback" in value
         else 0,
+        # absent in reports of nodes from before host assignments
+        host_next=_int(value, "host_next", MAX_HOST_VERSION) if "host_next" in value else 0,
+        host_refused=_text(value, "host_refused", MAX_REASON) if "host_refused" in value else "",
     )

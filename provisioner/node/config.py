@@ -15,6 +15,7 @@ ships, against a swtpm and a libvirtd, with /etc/edgepin, /var/lib/edgepin and
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -58,6 +59,11 @@ SETTINGS: dict[str, tuple[str, str]] = {
         "this host release's version, a whole number later releases make greater (the image "
         "build writes it; 0: not known)",
     ),
+    "EDGEPIN_RESTART_COMMAND": (
+        "systemctl --no-block reboot",
+        "how the node restarts into a host release it has written into its other root slot "
+        "(a command and its arguments, split as a shell would, run without a shell)",
+    ),
     "EDGEPIN_REPORT_INTERVAL": (
         "3600",
         "seconds after which the node writes its report (facts, last outcome) to the "
@@ -86,6 +92,7 @@ class NodeConfig:
     revoke_grace: float = 3600.0
     report_interval: float = 3600.0
     host_version: int = 0
+    restart_command: tuple[str, ...] = ("systemctl", "--no-block", "reboot")
 
     # ----------------------------------------------------------------- paths
     @property
@@ -224,11 +231,14 @@ def load(
             "revoke_grace": float(raw["EDGEPIN_REVOKE_GRACE"]),
             "report_interval": float(raw["EDGEPIN_REPORT_INTERVAL"]),
             "host_version": int(raw["EDGEPIN_HOST_VERSION"]),
+            "restart_command": tuple(shlex.split(raw["EDGEPIN_RESTART_COMMAND"])),
         }
     except ValueError as e:
         raise ConfigError(f"bad setting: {e}") from None
     if not 0 <= values["host_version"] < 2**63:
         raise ConfigError("EDGEPIN_HOST_VERSION must be a whole number from 0 to 2**63-1")
+    if not values["restart_command"]:
+        raise ConfigError("EDGEPIN_RESTART_COMMAND is empty")
     if not values["pcrs"]:
         raise ConfigError(
             "EDGEPIN_PCRS is empty: the node refuses to seal or unseal without a PCR policy"

@@ -14,7 +14,7 @@ import libvirt
 
 from provisioner import __version__, nodereport
 from provisioner.errors import HostSlotError
-from provisioner.node import domain, hostslot
+from provisioner.node import domain, hostfetch, hostslot
 from provisioner.node.config import NodeConfig
 
 LOG = logging.getLogger(__name__)
@@ -109,7 +109,14 @@ def host_slot_facts(cfg: NodeConfig) -> dict[str, Any]:
     except (OSError, HostSlotError) as e:
         LOG.warning("report: the host's root slot cannot be read: %s", e)
         return {}
+    try:
+        armed = hostslot.read_slots(hostslot.Layout.of(cfg)).armed
+    except HostSlotError:
+        armed = False
+    refused = hostfetch.refused(cfg)
     return {
         "host_slot": hostslot.booted_slot(cmdline) or "",
         "host_fallback": record.host_version if record and record.fell_back else 0,
+        "host_next": record.host_version if record and armed else 0,
+        "host_refused": nodereport.clean_text(refused[2], nodereport.MAX_REASON) if refused else "",
     }

@@ -325,11 +325,16 @@ def fetch(
     certificate: x509.Certificate,
     images_dir: Path,
     on_progress: Callable[[int], None] | None = None,
+    suffix: str = ".qcow2",
+    check_file: Callable[[Path], object] | None = None,
 ) -> FetchResult:
+    """Download ``image`` into ``images_dir``, resuming a ``<id>.partial`` left there, and
+    keep it as ``<id><suffix>`` only once its sha512, its signature and ``check_file``
+    (a guest: a qcow2 with LUKS inside) pass."""
     image_id = str(image["id"])
     size = int(image["size"])
     expected = str(image["os_hash_value"])
-    final = images_dir / f"{image_id}.qcow2"
+    final = images_dir / f"{image_id}{suffix}"
     partial = images_dir / f"{image_id}.partial"
     # traversable, not listable: QEMU runs as its own user (libvirt's dynamic ownership
     # gives it the image file while the guest runs) and must reach the file here
@@ -437,10 +442,10 @@ def fetch(
         # node's own disk): one full download decides, not the resumed one
         LOG.warning("fetch: resumed image %s failed its hash; downloading from zero", image_id)
         partial.unlink(missing_ok=True)
-        again = fetch(client, image, certificate, images_dir, on_progress)
+        again = fetch(client, image, certificate, images_dir, on_progress, suffix, check_file)
         again.bytes_fetched += fetched
         return again
-    _accept(partial, final, digests, expected, image_id)
+    _accept(partial, final, digests, expected, image_id, check_file)
     LOG.info(
         "fetch: image %s verified (%d bytes fetched, %s, %.1fs)",
         image_id,
@@ -451,9 +456,17 @@ def fetch(
     return FetchResult(final, got, size, fetched, resumed_from, restarted)
 
 
-def _accept(partial: Path, final: Path, digests: _Digests, expected: str, image_id: str) -> None:
+def _accept(
+    partial: Path,
+    final: Path,
+    digests: _Digests,
+    expected: str,
+    image_id: str,
+    check_file: Callable[[Path], object] | None = None,
+) -> None:
     """Keep ``partial`` as ``final`` if, and only if, its sha512 is ``expected``, its
-    signature verifies and it is a qcow2 with LUKS inside; otherwise delete it."""
+    signature verifies and ``check_file`` passes (a guest: a qcow2 with LUKS inside);
+    otherwise delete it."""
     got = digests.sha.hexdigest()
     if got != expected:
         partial.unlink(missing_ok=True)
@@ -469,7 +482,7 @@ def _accept(partial: Path, final: Path, digests: _Digests, expected: str, image_
         partial.unlink(missing_ok=True)
         raise VerificationError(f"{e.message} (image {image_id}): refused") from None
     try:
-        qemuimg.check_luks_qcow2(partial)
+        (check_file or qemuimg.check_luks_qcow2)(partial)
     except ImageError as e:
         partial.unlink(missing_ok=True)
         raise ImageError(f"image {image_id}: {e.message}: refused") from None

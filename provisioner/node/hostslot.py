@@ -315,12 +315,18 @@ def _write_partition(
 
 
 def install(
-    cfg: NodeConfig, update_path: Path, log: Callable[[str], None] | None = None
+    cfg: NodeConfig,
+    update_path: Path,
+    log: Callable[[str], None] | None = None,
+    *,
+    expect_version: int | None = None,
+    generation: int = 0,
 ) -> tuple[HostUpdate, Slots]:
     """Write the host update at ``update_path`` into the slot that did not boot and arm it:
     the next boot tries it once. Refused: an update that is not whole, not newer than this
-    host, or a node whose own boot is still on trial. Whatever fails, ``boot.env`` names
-    the slot that booted until the new slot is whole."""
+    host, not ``expect_version`` when given (the signed host assignment's), or a node whose
+    own boot is still on trial. Whatever fails, ``boot.env`` names the slot that booted
+    until the new slot is whole. ``generation`` (the host assignment's) is recorded."""
     layout = Layout.of(cfg)
     slots = read_slots(layout)
     if slots.trial:
@@ -329,6 +335,11 @@ def install(
             hint="the first reconcile that finds the node healthy commits it",
         )
     update = hostupdate.read(update_path)
+    if expect_version is not None and update.host_version != expect_version:
+        raise HostUpdateError(
+            f"host update {update.name} is version {update.host_version}, not the "
+            f"{expect_version} its assignment names: refused"
+        )
     if update.host_version <= cfg.host_version:
         raise HostSlotError(
             f"host update {update.name} is version {update.host_version}, not newer than this "
@@ -395,7 +406,14 @@ def install(
         _replace_on_esp(layout.esp_file(f"verity-{target}.cfg"), cfg_text.encode())
         _record(
             cfg,
-            Pending(target, update.host_version, update.name, slots.booted, cfg.host_version),
+            Pending(
+                target,
+                update.host_version,
+                update.name,
+                slots.booted,
+                cfg.host_version,
+                generation=generation,
+            ),
         )
         # last: the slot is whole, the next boot tries it
         _point(layout, "boot.env", target)
@@ -432,6 +450,7 @@ class Pending:
     from_slot: str
     from_version: int
     fell_back: bool = False  # the node came back on ``from_slot`` without committing it
+    generation: int = 0  # the host assignment's that brought it; 0: installed by hand
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -441,6 +460,7 @@ class Pending:
             "from_slot": self.from_slot,
             "from_version": self.from_version,
             "fell_back": self.fell_back,
+            "generation": self.generation,
         }
 
 
@@ -451,10 +471,13 @@ def parse_pending(data: bytes) -> Pending:
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise HostSlotError(f"{RECORD} is not JSON") from None
     keys = {"slot", "host_version", "name", "from_slot", "from_version", "fell_back"}
-    if not isinstance(doc, dict) or set(doc) != keys:
+    # generation: absent in records of an edgepin from before host assignments
+    if not isinstance(doc, dict) or not keys <= set(doc) <= {*keys, "generation"}:
         raise HostSlotError(f"{RECORD} does not have the fields {sorted(keys)}")
-    for key in ("host_version", "from_version"):
-        if type(doc[key]) is not int or not 0 <= doc[key] <= hostupdate.MAX_HOST_VERSION:
+    for key in ("host_version", "from_version", "generation"):
+        if key in doc and (
+            type(doc[key]) is not int or not 0 <= doc[key] <= hostupdate.MAX_HOST_VERSION
+        ):
             raise HostSlotError(f"{RECORD}: {key} is not a whole number")
     if doc["slot"] not in SLOTS or doc["from_slot"] not in SLOTS or doc["slot"] == doc["from_slot"]:
         raise HostSlotError(f"{RECORD}: slot and from_slot are not the two root slots")

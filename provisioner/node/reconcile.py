@@ -40,6 +40,7 @@ from provisioner.node import (
     domain,
     facts,
     fetch,
+    hostfetch,
     hostslot,
     keys,
     ledger,
@@ -187,6 +188,7 @@ def _finish(run: Run, body: Callable[[], Outcome], where: str) -> Outcome:
     # healthy: the TPM opened the node's state, and the guest it should run runs (or none
     # is assigned yet)
     _settle_host(run, healthy=outcome.state in (State.RUNNING, State.OFFLINE, State.WAITING))
+    host = _host_release(run) if outcome.state in (State.RUNNING, State.WAITING) else None
     if outcome.error is not None:
         kind = str(outcome.error.reason)
         counters.failures[kind] = counters.failures.get(kind, 0) + 1
@@ -204,7 +206,39 @@ def _finish(run: Run, body: Callable[[], Outcome], where: str) -> Outcome:
         LOG.error("%s: cannot record the state: %s", where, e.message)
         outcome = Outcome(State.FAILED, e.message, e)
     report.write_status(cfg, _status(outcome, run.ledger, counters))
+    if host is not None and host.restart:
+        hostfetch.restart(cfg)  # last: everything this run did is recorded
     return outcome
+
+
+def _host_release(run: Run) -> hostfetch.HostStep | None:
+    """The node's host assignment, once the node is healthy and has read its project in
+    this run: fetch, check and write the assigned host release into the other root slot
+    (provisioner.node.hostfetch); what came of it goes into this run's report."""
+    if not run.reached or run.project is None or run.ledger is None or run.client is None:
+        return None
+    enrollment = run.ledger.enrollment
+    try:
+        pins = fetch.assignment_pins(run.cfg.assignment_certs_dir, run.cfg.pinned_certs_dir)
+        done = hostfetch.step(
+            run.cfg,
+            run.client,
+            run.project,
+            pins,
+            (enrollment.project_id, enrollment.node_id),
+        )
+    except EdgepinError as e:
+        LOG.error("host: %s", e.message)
+        done = hostfetch.HostStep(refused=e.message)
+    if run.facts is not None:
+        # the slots as they are now (an update written in this run is armed), and why
+        # the assigned release is refused as this run found it
+        found = {
+            **facts.host_slot_facts(run.cfg),
+            "host_refused": nodereport.clean_text(done.refused, nodereport.MAX_REASON),
+        }
+        run.facts = replace(run.facts, **found)
+    return done
 
 
 def _settle_host(run: Run, healthy: bool) -> None:
@@ -276,6 +310,7 @@ class Run:
         self.reached = False  # Keystone answered with the node's project
         self.report_image: str | None = None  # where the node's report goes
         self.facts: nodereport.Facts | None = None
+        self.project: dict[str, Any] | None = None  # the node's project, as read in this run
 
     # ------------------------------------------------------------------ records
     def save(self) -> None:
@@ -482,6 +517,7 @@ class Run:
             pins = fetch.assignment_pins(self.cfg.assignment_certs_dir, self.cfg.pinned_certs_dir)
             client = self._client()
             project = client.project()
+            self.project = project
             self.reached = True
             self.report_image = report_image_of(project)
             return Observed(time.time(), assignment=client.verified_assignment(project, pins))

@@ -1,4 +1,4 @@
-"""``edgepin host publish`` and ``edgepin host list``: host releases in Glance.
+"""``edgepin host publish``, ``host list`` and ``host assign``: host releases in Glance.
 
 A host release is the host update that ``./build.sh image`` writes
 (``out/edgepin-host.update.tar``, :mod:`provisioner.hostupdate`), uploaded to Glance as an
@@ -21,18 +21,33 @@ no secret: Debian's packages and edgepin's; a node's secrets are in its TPM and 
 partition). ``edgepin assign`` refuses it as a guest, as a node refuses any guest that is
 not qcow2 with LUKS inside; and a guest image is not a host update, whose manifest a
 reader checks first.
+
+``host assign`` points nodes at one release: it shares the release with each node's
+project, writes the node's host assignment (:mod:`provisioner.hostassign`, signed with the
+assignment-signing key, the generation one above the one this key signed before) and
+withdraws the share of the release assigned before. The node fetches, checks and installs
+it (:mod:`provisioner.node.hostfetch`).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provisioner import hostupdate
+from provisioner import hostassign, hostupdate
 from provisioner.cloud import translate
-from provisioner.errors import EdgepinError, ImageError, UsageError, VerificationError
+from provisioner.errors import (
+    EdgepinError,
+    ImageError,
+    NotFoundError,
+    UsageError,
+    VerificationError,
+)
 from provisioner.operator.imagesecrets import signing_certificate
 from provisioner.operator.publish import delete_image, spki, upload
 from provisioner.operator.signingcert import load_key
@@ -43,6 +58,11 @@ KIND = "host-update"  # edgepin_kind
 KIND_PROPERTY = "edgepin_kind"
 VERSION_PROPERTY = "edgepin_host_version"
 ROOT_HASH_PROPERTY = "edgepin_host_root_hash"
+# the release key's approvals of the PCR values this release measures (a JSON list of
+# `edgepin release approve` documents): public, each signed, checked by the node
+APPROVALS_PROPERTY = "edgepin_host_approvals"
+MAX_APPROVALS = 8  # one per root slot and PCR bank is two; eight leave room
+MAX_APPROVALS_TEXT = 16384
 HASH_METHOD = "SHA-512"
 PAGE = 200
 
@@ -56,6 +76,15 @@ class Release:
     size: int
     sha512: str
     created_at: str = ""
+    approvals: int = 0  # the release key's approvals that go with it
+
+
+def _count_approvals(value: Any) -> int:
+    try:
+        docs = json.loads(value) if isinstance(value, str) and value else []
+    except (ValueError, RecursionError):
+        return 0
+    return len(docs) if isinstance(docs, list) else 0
 
 
 def _release(image: dict[str, Any]) -> Release | None:
@@ -74,6 +103,7 @@ def _release(image: dict[str, Any]) -> Release | None:
         size=int(image.get("size") or 0),
         sha512=str(image.get("os_hash_value") or ""),
         created_at=str(image.get("created_at") or ""),
+        approvals=_count_approvals(image.get(APPROVALS_PROPERTY)),
     )
 
 
@@ -92,6 +122,33 @@ def releases(conn: Any) -> list[Release]:
         params["marker"] = page[-1]["id"]
 
 
+def read_approvals(files: tuple[Path, ...]) -> str:
+    """The approval files as the release's property: their documents, checked for form
+    (the node checks the signatures against the release key it pins)."""
+    from provisioner import tpm
+
+    if len(files) > MAX_APPROVALS:
+        raise UsageError(f"at most {MAX_APPROVALS} approvals go with a host release")
+    docs = []
+    for path in files:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise UsageError(f"--approval {path}: {e.strerror}") from None
+        try:
+            tpm.parse_approval(raw)
+        except tpm.TpmBlobError as e:
+            raise UsageError(
+                f"--approval {path} is not a PCR approval: {e}",
+                hint="write approvals with `edgepin release approve`",
+            ) from None
+        docs.append(json.loads(raw))
+    text = json.dumps(docs, sort_keys=True, separators=(",", ":")) if docs else ""
+    if len(text) > MAX_APPROVALS_TEXT:
+        raise UsageError("the approvals are too large for one host release")
+    return text
+
+
 def publish(
     conn: Any,
     file: Path,
@@ -99,11 +156,14 @@ def publish(
     signing_cert_id: str,
     signing_key_id: str,
     name: str | None = None,
+    approvals: tuple[Path, ...] = (),
     progress: bool = True,
 ) -> Release:
-    """Sign ``file`` (a host update) and upload it to Glance as a host release."""
+    """Sign ``file`` (a host update) and upload it to Glance as a host release, with the
+    release key's ``approvals`` of the PCR values it measures."""
     if not file.is_file():
         raise UsageError(f"{file}: no such file")
+    approvals_text = read_approvals(approvals)
     step("reading the signing key and certificate from Barbican")
     key = load_key(conn, signing_key_id)
     cert = signing_certificate(conn, signing_cert_id)
@@ -144,6 +204,7 @@ def publish(
         "img_signature_certificate_uuid": signing_cert_id,
         "edgepin_signing_cert_sha256": fingerprint(cert),
         "edgepin_version": update.edgepin_version,
+        **({APPROVALS_PROPERTY: approvals_text} if approvals_text else {}),
     }
     with translate("glance", "create image"):
         r = conn.image.post(
@@ -170,3 +231,91 @@ def publish(
     release = _release(image)
     assert release is not None  # its kind and version were set above
     return release
+
+
+def find_release(conn: Any, release: str) -> tuple[Release, dict[str, Any]]:
+    """A host release by its Glance image id or its host version, checked: of the host
+    kind, active, with a sha512."""
+    if release.isdigit() and len(release) <= 19:
+        found = [r for r in releases(conn) if r.host_version == int(release)]
+        if not found:
+            raise NotFoundError(
+                f"no host release with host version {release} in Glance",
+                hint="`edgepin host list` shows them",
+            )
+        release = found[-1].image_id
+    from provisioner.operator.assign import get_image
+
+    image = get_image(conn, release)
+    rel = _release(image)
+    if rel is None:
+        raise ImageError(
+            f"image {release} is not a host release",
+            hint="publish host updates with `edgepin host publish`; guest images go to "
+            "`edgepin assign`",
+        )
+    if image.get("status") != "active":
+        raise ImageError(f"host release {release} is {image.get('status')}, not active")
+    if image.get("os_hash_algo") != "sha512" or not image.get("os_hash_value"):
+        raise ImageError(f"host release {release} has no sha512")
+    return rel, image
+
+
+@dataclass
+class HostAssigned:
+    """What became of one node: the generation signed and the release it replaced, or
+    the error."""
+
+    node_id: str
+    generation: int = 0
+    previous: dict[str, Any] | None = None
+    error: EdgepinError | None = None
+
+
+def assign_host(
+    conn: Any,
+    edge_domain: str,
+    node_ids: list[str],
+    release: str,
+    signer: Any,
+    restart: hostassign.Restart,
+    done: Callable[[HostAssigned], None] | None = None,
+) -> tuple[Release, list[HostAssigned]]:
+    """Assign the host release ``release`` (image id or host version) to each node. A node
+    that fails keeps its error; the others go on."""
+    from provisioner.operator import assign, nodes, parallel
+
+    rel, _image = find_release(conn, release)
+    key, cert = signer.load(conn)
+    domain_id = nodes.edge_domain_id(conn, edge_domain)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    results = [HostAssigned(n) for n in node_ids]
+
+    def one(result: HostAssigned) -> None:
+        try:
+            node = nodes.get_node(conn, domain_id, result.node_id)
+            prev = hostassign.previous(
+                node.project.get(hostassign.ATTR), cert, node.project_id, node.node_id
+            )
+            result.previous = prev.as_dict() if prev else None
+            result.generation = prev.generation + 1 if prev else 1
+            record = hostassign.sign(
+                key,
+                cert,
+                node.project_id,
+                node.node_id,
+                hostassign.HostAssignment(
+                    rel.image_id, rel.sha512, rel.host_version, result.generation, now, restart
+                ),
+            )
+            assign.share(conn, rel.image_id, node.project_id)
+            nodes.update_project(conn, node.project_id, {hostassign.ATTR: record})
+            if prev is not None and prev.image_id != rel.image_id:
+                assign.unshare(conn, prev.image_id, node.project_id)
+        except EdgepinError as e:
+            result.error = e
+        if done:
+            done(result)
+
+    parallel.bounded_map(one, results)
+    return rel, results

@@ -16,8 +16,10 @@ column.
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any
 
+from provisioner import hostassign
 from provisioner.cloud import translate
 from provisioner.operator import labels, nodes, parallel, reports
 from provisioner.operator.selector import Selector
@@ -153,6 +155,9 @@ def status(
                 "host_version": facts.host_version if facts else None,
                 "host_slot": (facts.host_slot or None) if facts else None,
                 "host_fallback": (facts.host_fallback or None) if facts else None,
+                "host_assigned": _host_assigned(node.project),
+                "host_next": (facts.host_next or None) if facts else None,
+                "host_refused": (facts.host_refused or None) if facts else None,
                 "outcome": str(report.report.state) if report.report else None,
                 "reason": report.report.reason if report.report else report.problem,
                 "seen_at": report.seen_at,
@@ -275,3 +280,15 @@ def prometheus(rows: list[dict[str, Any]]) -> str:
     for name, samples in gauges.items():
         lines += [f"# HELP {name} {helps[name]}", f"# TYPE {name} gauge", *samples]
     return "\n".join(lines) + "\n"
+
+
+def _host_assigned(project: dict[str, Any]) -> int | None:
+    """The host version of the node's host assignment (the record's readable copy: the
+    node acts only on the signed payload), or None."""
+    raw = project.get(hostassign.ATTR)
+    try:
+        doc = json.loads(raw) if isinstance(raw, str) else raw
+    except (ValueError, RecursionError):
+        return None
+    version = doc.get("host_version") if isinstance(doc, dict) else None
+    return version if type(version) is int else None

@@ -8,12 +8,25 @@ image tier boots the real GRUB (tests/image/test_node_image.py)."""
 from __future__ import annotations
 
 import json
+import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import libvirt
+
+from provisioner import tpm
 from tests.hostupdates import esp_slot, grub_boots, lay_out_slots, write
+from tests.integration.conftest import make_signer
 from tests.integration.test_fleet import fleet_status, ok
-from tests.testbed.node import VirtualNode, run_edgepin
-from tests.testbed.operator import Signer, enroll_node
+from tests.testbed.node import VirtualNode, node_status, run_edgepin, wait_marker
+from tests.testbed.operator import (
+    Signer,
+    approve_pcrs,
+    assign,
+    enroll_node,
+    pin_release_key,
+)
 
 VERSION = 1764940000  # tests.hostupdates.write's host version
 
@@ -74,3 +87,162 @@ def test_an_update_is_installed_tried_committed_and_one_it_came_back_from_is_rep
     r = node.node("host", "install", str(update))
     assert r.returncode == 10 and "trial" in r.stderr, r.stderr
     assert esp_slot(node.root, "boot.env") == "b"
+
+
+def glance_newest(cli_env: dict[str, str]) -> int:
+    r = ok(run_edgepin(["host", "list", "--json"], cli_env))
+    return max([1_700_000_000, *(rel["host_version"] for rel in json.loads(r.stdout))])
+
+
+def host_publish(cli_env: dict[str, str], tmp: Path, version: int, *extra: str) -> dict[str, Any]:
+    update, _, _ = write(tmp, host_version=version)
+    r = ok(run_edgepin(["host", "publish", str(update), "--json", *extra], cli_env))
+    release: dict[str, Any] = json.loads(r.stdout)
+    return release
+
+
+def stop_guest(node: VirtualNode) -> None:
+    conn = libvirt.open(node.libvirtd.uri)
+    try:
+        conn.lookupByName("edgepin-guest").destroy()
+    finally:
+        conn.close()
+
+
+def test_an_assigned_host_release_is_fetched_written_restarted_into_and_kept_with_its_secrets(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """The whole way of a host release on a node that pins a release key: published with
+    the release key's approval of the PCR values it measures, assigned, fetched and checked
+    by the reconcile while the guest runs, written into slot b, restarted into (the restart
+    command runs), and on its first boot (another PCR 7, as a new boot chain measures) the
+    node opens its credential and image key through the approval that came with the
+    release, starts its guest again and keeps slot b. Nothing of the release stays in the
+    vault."""
+    node = virtual_node
+    key, _pub = pin_release_key(node.root, tmp_path)
+    enroll_node(node, cli_env, signer, run_dir)
+    version = glance_newest(cli_env) + 1 + secrets.randbelow(10**6)
+    restarted = node.root / "restarted"
+    conf = node.root / "etc/edgepin/edgepin.conf"
+    conf.write_text(
+        conf.read_text()
+        + f"EDGEPIN_HOST_VERSION={version - 1}\nEDGEPIN_RESTART_COMMAND=touch {restarted}\n"
+    )
+    ok(node.node("enroll"))
+    lay_out_slots(node.root, "a")
+    guest = publish(version="1")
+    assign(cli_env, node, guest["image_id"])
+    ok(node.node("reconcile"))
+    wait_marker(node, guest["marker"])
+
+    # the factory measures the release's boot chain (here: what PCR 7 becomes) and approves it
+    node.tpm.power_cycle()
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        t.extend_pcr(7, b"host release's boot loader")
+        measured = t.read_pcrs([7])
+    node.tpm.power_cycle()  # back to the boot chain the node runs
+    approval = tmp_path / "approval.json"
+    approve_pcrs(key, measured, approval)
+    release = host_publish(cli_env, tmp_path / "rel", version, "--approval", str(approval))
+    assert release["approvals"] == 1, release
+    # the guest was stopped by the power cycle: the next reconcile starts it again
+    ok(node.node("reconcile"))
+    wait_marker(node, guest["marker"])
+
+    r = ok(run_edgepin(["host", "assign", str(version), node.name, "--restart", "now"], cli_env))
+    assert f"{node.name}: generation 1 (before: none)" in r.stdout, r.stdout
+    row = fleet_status(cli_env, node.name)[0]
+    assert row["host_assigned"] == version and row["host_next"] is None, row
+    r = ok(node.node("reconcile"))
+    assert f"host: host release {release['image_id']} verified" in r.stderr, r.stderr
+    assert "written into root slot b: the next boot tries it once (restart: now, now)" in (
+        r.stderr
+    ), r.stderr
+    assert restarted.exists(), "the restart command did not run"
+    assert node_status(node)["state"] == "running"  # the guest ran on through all of it
+    assert esp_slot(node.root, "boot.env") == "b"
+    assert not list((node.root / "var/lib/edgepin/host-release").iterdir())
+    saved = list((node.root / "var/lib/edgepin-host/approvals").glob("release-*.json"))
+    assert [json.loads(p.read_bytes()) for p in saved] == [json.loads(approval.read_bytes())]
+    row = fleet_status(cli_env, node.name)[0]
+    assert row["host_next"] == version and row["host_refused"] is None, row
+    assert f"NEXT {version}" in ok(run_edgepin(["status", node.name], cli_env)).stdout
+
+    # the restart: slot b's boot chain measures what the factory approved
+    stop_guest(node)
+    node.tpm.power_cycle()
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        t.extend_pcr(7, b"host release's boot loader")
+    assert grub_boots(node.root) == "b"
+    conf.write_text(conf.read_text().replace(f"={version - 1}\n", f"={version}\n"))
+    restarted.unlink()
+    r = ok(node.node("reconcile"))
+    assert "root slot b committed" in r.stderr, r.stderr
+    wait_marker(node, guest["marker"])
+    assert node_status(node)["state"] == "running"
+    assert not restarted.exists(), "restarted again"
+    row = fleet_status(cli_env, node.name)[0]
+    assert (row["host_version"], row["host_slot"], row["host_next"]) == (version, "b", None), row
+
+
+def test_a_host_release_that_is_not_the_nodes_to_take_is_refused_and_nothing_changes(
+    virtual_node: VirtualNode,
+    cli_env: dict[str, str],
+    signer: Signer,
+    operator_env: dict[str, str],
+    run_dir: Path,
+    publish: Callable[..., dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """A guest image is no host release, a release signed by a certificate the node does not
+    pin is refused once (not fetched again at every run) and reported, a release older than
+    the host is left, and none of it arms a slot or restarts the node."""
+    node = virtual_node
+    enroll_node(node, cli_env, signer, run_dir)
+    restarted = node.root / "restarted"
+    conf = node.root / "etc/edgepin/edgepin.conf"
+    base = conf.read_text() + f"EDGEPIN_RESTART_COMMAND=touch {restarted}\n"
+    conf.write_text(base + "EDGEPIN_HOST_VERSION=1700000000\n")
+    ok(node.node("enroll"))
+    lay_out_slots(node.root, "a")
+
+    guest = publish(version="1")
+    r = run_edgepin(["host", "assign", guest["image_id"], node.name], cli_env)
+    assert r.returncode != 0 and "is not a host release" in r.stderr, r.stderr
+
+    # signed with a certificate the node does not pin
+    stranger = make_signer(operator_env, run_dir)
+    env = {
+        **cli_env,
+        "EDGEPIN_SIGNING_CERT_ID": stranger.cert_id,
+        "EDGEPIN_SIGNING_KEY_ID": stranger.key_id,
+    }
+    version = glance_newest(cli_env) + 1 + secrets.randbelow(10**6)
+    release = host_publish(env, tmp_path / "stranger", version)
+    ok(run_edgepin(["host", "assign", release["image_id"], node.name, "--restart", "now"], cli_env))
+    r = ok(node.node("reconcile"))
+    assert "is signed by a certificate that is not pinned" in r.stderr, r.stderr
+    assert "verified" not in r.stderr, r.stderr
+    row = fleet_status(cli_env, node.name)[0]
+    assert "not pinned" in row["host_refused"] and row["host_next"] is None, row
+    assert "REFUSED" in ok(run_edgepin(["status", node.name], cli_env)).stdout
+    r = ok(node.node("reconcile"))  # remembered: not asked again
+    assert "not pinned" not in r.stderr and "host release" not in r.stderr, r.stderr
+    assert fleet_status(cli_env, node.name)[0]["host_refused"], "the refusal is still reported"
+
+    # a release the host is newer than: left, without a download
+    conf.write_text(base + f"EDGEPIN_HOST_VERSION={version + 1}\n")
+    r = ok(node.node("reconcile"))
+    assert f"version {version}, older than this host" in r.stderr, r.stderr
+    assert not (node.root / "var/lib/edgepin/host-release").exists() or not list(
+        (node.root / "var/lib/edgepin/host-release").iterdir()
+    )
+    assert (esp_slot(node.root, "boot.env"), esp_slot(node.root, "after.env")) == ("a", "a")
+    assert not restarted.exists()
+    assert not (node.root / "dev/disk/by-partlabel/root-b").read_bytes().strip(b"\0")

@@ -99,6 +99,7 @@ def test_an_update_goes_into_the_other_slot_boots_once_and_stays_once_healthy(
     written, slots = hostslot.install(cfg, path, log=said.append)
     assert written == upd and said
     assert (slots.booted, slots.next, slots.after, slots.state) == ("a", "b", "a", "armed")
+    assert host_slot_facts(cfg)["host_next"] == VERSION  # reported: the next boot tries it
     layout = hostslot.Layout.of(cfg)
     # the squashfs, then zeros to data_bytes; the tree, then zeros
     root_b = layout.partition("root-b").read_bytes()
@@ -118,7 +119,12 @@ def test_an_update_goes_into_the_other_slot_boots_once_and_stays_once_healthy(
     # the next boot is slot b's one try
     assert grub_boots(cfg) == "b"
     assert hostslot.read_slots(layout).state == "on trial"
-    assert host_slot_facts(cfg) == {"host_slot": "b", "host_fallback": 0}
+    assert host_slot_facts(cfg) == {
+        "host_slot": "b",
+        "host_fallback": 0,
+        "host_next": 0,
+        "host_refused": "",
+    }
     # not healthy yet: nothing kept
     assert hostslot.settle(cfg, healthy=False) is None
     assert esp(cfg, "boot.env") == "a"
@@ -140,7 +146,12 @@ def test_a_slot_that_never_gets_healthy_is_left_at_the_next_start(tmp_path: Path
     said = hostslot.settle(cfg, healthy=True)
     assert said and "did not come up healthy: back on root slot a" in said
     assert hostslot.read_slots(hostslot.Layout.of(cfg)).state == "running"
-    assert host_slot_facts(cfg) == {"host_slot": "a", "host_fallback": VERSION}
+    assert host_slot_facts(cfg) == {
+        "host_slot": "a",
+        "host_fallback": VERSION,
+        "host_next": 0,
+        "host_refused": "",
+    }
     assert hostslot.settle(cfg, healthy=True) is None  # said once
     assert grub_boots(cfg) == "a"
 
