@@ -74,6 +74,7 @@ FOREIGN_OPTIONS = {
     "--offset": "mkfs.vfat and syslinux",
     "--hash-offset": "veritysetup",
     "--skip-sig": "GRUB's load_env",
+    "--no-block": "systemctl (EDGEPIN_RESTART_COMMAND's default)",
     "--panic-on-corruption": "veritysetup",
     "--removable": "grub-install",
     "--system-site-packages": "python3 -m venv",

@@ -153,7 +153,7 @@ def test_any_record_gives_a_host_assignment_or_edgepins_own_error(raw: Any) -> N
 
 # ------------------------------------------------------------------ the release, on the node
 
-RELEASE = {
+RELEASE: dict[str, Any] = {
     "id": IMAGE_A,
     "edgepin_kind": "host-update",
     "disk_format": "raw",
@@ -170,7 +170,7 @@ RELEASE = {
 
 def test_the_release_record_is_the_signed_one_or_refused() -> None:
     hostfetch.check_release(RELEASE, WANT)
-    for change, error in [
+    changes: list[tuple[dict[str, Any], str]] = [
         ({"edgepin_kind": None}, "not a host release"),
         ({"disk_format": "qcow2"}, "not a host release"),
         ({"os_hash_value": "ef" * 64}, "sha512 differs"),
@@ -178,7 +178,8 @@ def test_the_release_record_is_the_signed_one_or_refused() -> None:
         ({"img_signature": ""}, "not signed"),
         ({"size": 5 << 30}, "too large"),
         ({"name": "x" * 5000}, "malformed"),
-    ]:
+    ]
+    for change, error in changes:
         with pytest.raises((ImageError, VerificationError), match=error):
             hostfetch.check_release({**RELEASE, **change}, WANT)
 

@@ -80,11 +80,22 @@ def test_the_host_version_reads_back_and_an_older_node_s_report_has_none() -> No
 def test_the_host_slot_and_fallback_read_back_and_an_older_node_s_report_has_none() -> None:
     r = report(facts=replace(FACTS, host_slot="b", host_fallback=1764940000))
     assert nodereport.parse(r.text(), "node-1").facts == r.facts
+    r = report(facts=replace(FACTS, host_next=1764940001, host_refused="not pinned: refused"))
+    assert nodereport.parse(r.text(), "node-1").facts == r.facts
     doc = json.loads(report().text())
-    del doc["facts"]["host_slot"], doc["facts"]["host_fallback"]  # from before root slots
+    for key in ("host_slot", "host_fallback", "host_next", "host_refused"):
+        del doc["facts"][key]  # from before root slots and host assignments
     got = nodereport.parse(json.dumps(doc), "node-1").facts
     assert got is not None and (got.host_slot, got.host_fallback) == ("", 0)
-    for key, bad in (("host_slot", "c"), ("host_slot", 1), ("host_fallback", -1)):
+    assert (got.host_next, got.host_refused) == (0, "")
+    for key, bad in (
+        ("host_slot", "c"),
+        ("host_slot", 1),
+        ("host_fallback", -1),
+        ("host_next", "5"),
+        ("host_refused", "x\x1b[2J"),
+        ("host_refused", "x" * 600),
+    ):
         changed = json.loads(json.dumps(doc))
         changed["facts"][key] = bad
         with pytest.raises(nodereport.ReportError, match=key):
@@ -235,3 +246,9 @@ def test_the_status_table_s_host_column_says_version_slot_and_fallback() -> None
     assert _host({"host_version": 7, "host_slot": "b", "host_fallback": None}) == "7 (slot b)"
     row = {"host_version": 7, "host_slot": "a", "host_fallback": 8}
     assert _host(row) == "7 (slot a); FELL BACK from 8"
+    row = {"host_version": 7, "host_slot": "a", "host_assigned": 9}
+    assert _host(row) == "7 (slot a); ASSIGNED 9"
+    assert _host({**row, "host_next": 9}) == "7 (slot a); NEXT 9"
+    assert _host({**row, "host_refused": "not pinned"}) == "7 (slot a); REFUSED 9"
+    assert _host({**row, "host_assigned": 7}) == "7 (slot a)"  # done
+    assert _host({**row, "host_fallback": 9}) == "7 (slot a); FELL BACK from 9"
