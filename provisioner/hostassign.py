@@ -33,6 +33,16 @@ from provisioner.node.model import IMAGE_ID, MAX_GENERATION
 
 KIND = "edgepin-host-assignment/1"
 ATTR = "edgepin_host_assignment"  # the node project's attribute
+
+# A host release in Glance (``edgepin host publish`` writes it, the node checks it)
+RELEASE_KIND = "host-update"  # its edgepin_kind: never a guest image
+KIND_PROPERTY = "edgepin_kind"
+VERSION_PROPERTY = "edgepin_host_version"
+# the release key's approvals of the PCR values the release measures (a JSON list of
+# `edgepin release approve` documents): public, each signed, checked by the node
+APPROVALS_PROPERTY = "edgepin_host_approvals"
+MAX_APPROVALS = 8  # one per root slot and PCR bank is two; eight leave room
+MAX_APPROVALS_TEXT = 16384
 HINT = "assign host releases with `edgepin host assign`, which signs the assignment"
 WINDOW = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])")
 DAY = 24 * 60

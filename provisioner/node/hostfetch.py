@@ -61,10 +61,7 @@ from provisioner.node.config import NodeConfig
 
 LOG = logging.getLogger(__name__)
 
-KIND = "host-update"  # the release's edgepin_kind (provisioner.operator.hostpublish)
-APPROVALS_PROPERTY = "edgepin_host_approvals"
-MAX_APPROVALS = 8
-MAX_APPROVALS_TEXT = 16384
+APPROVALS_PROPERTY = hostassign.APPROVALS_PROPERTY
 MAX_PROPERTY = 4096  # any other property
 MAX_RELEASE = 4 << 30  # bytes: two root partitions' worth and more
 DIR = "host-release"
@@ -85,10 +82,13 @@ class HostStep:
 def check_release(image: dict[str, Any], a: HostAssignment) -> None:
     """Refuse a Glance record that is not the signed host release of ``a``."""
     for key, value in image.items():
-        limit = MAX_APPROVALS_TEXT if key == APPROVALS_PROPERTY else MAX_PROPERTY
+        limit = hostassign.MAX_APPROVALS_TEXT if key == APPROVALS_PROPERTY else MAX_PROPERTY
         if isinstance(value, str) and (len(value) > limit or "\x00" in value):
             raise ImageError(f"image property {key[:40]!r} is malformed (too long or NUL)")
-    if image.get("edgepin_kind") != KIND or image.get("disk_format") != "raw":
+    if (
+        image.get(hostassign.KIND_PROPERTY) != hostassign.RELEASE_KIND
+        or image.get("disk_format") != "raw"
+    ):
         raise ImageError(f"image {a.image_id} is not a host release: refused")
     if image.get("os_hash_algo") != "sha512" or image.get("os_hash_value") != a.image_sha512:
         raise VerificationError(
@@ -96,7 +96,7 @@ def check_release(image: dict[str, Any], a: HostAssignment) -> None:
             "the signed host assignment's): refused",
             image_id=a.image_id,
         )
-    if image.get("edgepin_host_version") != str(a.host_version):
+    if image.get(hostassign.VERSION_PROPERTY) != str(a.host_version):
         raise VerificationError(
             f"host release {a.image_id} is not host version {a.host_version}, which the "
             "host assignment names: refused"
@@ -126,7 +126,7 @@ def release_approvals(cfg: NodeConfig, image: dict[str, Any]) -> list[bytes]:
         docs = json.loads(raw) if isinstance(raw, str) else None
     except (ValueError, RecursionError):
         docs = None
-    if not isinstance(docs, list) or len(docs) > MAX_APPROVALS:
+    if not isinstance(docs, list) or len(docs) > hostassign.MAX_APPROVALS:
         raise ImageError(f"the host release's {APPROVALS_PROPERTY} is not a list of approvals")
     kept: list[bytes] = []
     for doc in docs:

@@ -54,15 +54,13 @@ from provisioner.operator.signingcert import load_key
 from provisioner.progress import step, transfer
 from provisioner.signing import StreamSigner, fingerprint
 
-KIND = "host-update"  # edgepin_kind
-KIND_PROPERTY = "edgepin_kind"
-VERSION_PROPERTY = "edgepin_host_version"
+KIND = hostassign.RELEASE_KIND
+KIND_PROPERTY = hostassign.KIND_PROPERTY
+VERSION_PROPERTY = hostassign.VERSION_PROPERTY
 ROOT_HASH_PROPERTY = "edgepin_host_root_hash"
-# the release key's approvals of the PCR values this release measures (a JSON list of
-# `edgepin release approve` documents): public, each signed, checked by the node
-APPROVALS_PROPERTY = "edgepin_host_approvals"
-MAX_APPROVALS = 8  # one per root slot and PCR bank is two; eight leave room
-MAX_APPROVALS_TEXT = 16384
+APPROVALS_PROPERTY = hostassign.APPROVALS_PROPERTY
+MAX_APPROVALS = hostassign.MAX_APPROVALS
+MAX_APPROVALS_TEXT = hostassign.MAX_APPROVALS_TEXT
 HASH_METHOD = "SHA-512"
 PAGE = 200
 
