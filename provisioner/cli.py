@@ -286,6 +286,27 @@ def _add_host(sub: Any) -> None:
     )
     pub.add_argument("--json", action="store_true", help="print the result as JSON")
     pub.set_defaults(handler=cmd_host_publish, needs_cloud=True)
+    apr = s.add_parser(
+        "approve",
+        help="add the release key's approvals to a published host release",
+        description="Add approvals of the PCR values RELEASE (image id or host version) "
+        "measures (`edgepin release approve --out FILE`, one per root slot) to its Glance "
+        "record, beside those it has. Its bytes and signature do not change; nodes read the "
+        "approvals when they fetch it. A node built with a release key refuses a release "
+        "without an approval its key signed.",
+    )
+    apr.add_argument("release", metavar="RELEASE", help="image id or host version")
+    apr.add_argument(
+        "--approval",
+        type=Path,
+        action="append",
+        default=[],
+        required=True,
+        metavar="FILE",
+        help="an approval file; repeatable",
+    )
+    apr.add_argument("--json", action="store_true", help="print the result as JSON")
+    apr.set_defaults(handler=cmd_host_approve, needs_cloud=True)
     asg = s.add_parser(
         "assign",
         help="assign a host release to nodes",
@@ -350,6 +371,21 @@ def cmd_host_publish(args: argparse.Namespace) -> int:
             f"root hash    {rel.root_hash}",
             f"size         {rel.size}",
             f"approvals    {rel.approvals}",
+        ],
+    )
+    return 0
+
+
+def cmd_host_approve(args: argparse.Namespace) -> int:
+    from provisioner.operator import hostpublish
+
+    rel = hostpublish.approve(args.conn, args.release, tuple(args.approval))
+    _print(
+        args,
+        dataclasses.asdict(rel),
+        [
+            f"host release {rel.image_id} (host version {rel.host_version}): {rel.approvals} "
+            "approvals"
         ],
     )
     return 0

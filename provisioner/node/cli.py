@@ -115,6 +115,16 @@ def add_parser(sub: Any) -> None:
     )
     hin.add_argument("update", type=Path, metavar="UPDATE", help="a host update (.update.tar)")
     hin.set_defaults(handler=cmd_host_install)
+    hlv = hs.add_parser(
+        "leave",
+        help="on a root slot's one try: restart into the slot it came from",
+        description="Run by edgepin-host-leave.service when the vault does not open: on a "
+        "boot that is a root slot's one try, the node would never get healthy there (the "
+        "TPM does not give the new boot chain the node's keys), so it restarts at once "
+        "(EDGEPIN_RESTART_COMMAND) into the slot it came from, which the ESP already names. "
+        "On any other boot it does nothing.",
+    )
+    hlv.set_defaults(handler=cmd_host_leave)
     pc = s.add_parser(
         "pcrs",
         help="print the TPM's sha256 PCR values (for `edgepin enroll --pcr-values`)",
@@ -271,6 +281,23 @@ def cmd_host_install(args: argparse.Namespace) -> int:
         f"host update {update.name} version {update.host_version} written into root slot "
         f"{slots.next}: the next boot tries it once"
     )
+    return 0
+
+
+def cmd_host_leave(args: argparse.Namespace) -> int:
+    from provisioner.node import hostfetch, hostslot
+
+    cfg = _cfg(args)
+    slots = hostslot.read_slots(hostslot.Layout.of(cfg))
+    if not slots.trial:
+        print(f"root slot {slots.booted} is not on trial: nothing to do")
+        return 0
+    print(
+        f"host: root slot {slots.booted} is on trial and the node's state did not open: "
+        f"restarting into root slot {slots.next}",
+        file=sys.stderr,
+    )
+    hostfetch.restart(cfg)
     return 0
 
 

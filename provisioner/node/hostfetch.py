@@ -246,8 +246,9 @@ def step(
     try:
         image = client.image(a.image_id)
         check_release(image, a)
+        cert = release_certificate(cfg, image)
         approvals = release_approvals(cfg, image)  # before 200 MB are fetched for nothing
-        path = _fetch(cfg, client, image, folder)
+        path = _fetch(client, image, cert, folder)
         try:
             LOG.info("host: writing host release %s into the other root slot", a.image_id)
             _save_approvals(cfg, approvals)
@@ -286,19 +287,23 @@ def step(
     return HostStep(next_version=a.host_version, restart=due)
 
 
-def _fetch(cfg: NodeConfig, client: NodeClient, image: dict[str, Any], folder: Path) -> Path:
-    """The release's bytes, verified (sha512, signature by a pinned certificate, a whole
-    host update), as ``<id>.update`` in ``folder``."""
-    # by the fingerprint `host publish` records: a node has no read access to the signing
-    # certificate's secret in Barbican for a host release, and needs none
-    pinned = fetch.load_pinned(cfg.pinned_certs_dir)
+def release_certificate(cfg: NodeConfig, image: dict[str, Any]) -> x509.Certificate:
+    """The pinned image-signing certificate the release names by its fingerprint (``host
+    publish`` records it): a node has no read access to the certificate's secret in
+    Barbican for a host release, and needs none."""
     claimed = str(image.get("edgepin_signing_cert_sha256") or "")
-    cert = pinned.get(claimed)
+    cert = fetch.load_pinned(cfg.pinned_certs_dir).get(claimed)
     if cert is None:
         raise VerificationError(
             "the host release is signed by a certificate that is not pinned "
             f"(sha256 {claimed[:16]}…): refused"
         )
+    return cert
+
+
+def _fetch(client: NodeClient, image: dict[str, Any], cert: x509.Certificate, folder: Path) -> Path:
+    """The release's bytes, verified (sha512, the signature by ``cert``, a whole host
+    update), as ``<id>.update`` in ``folder``."""
     # a copy kept by a run cut after its fetch is read again from a disk: fetched again
     (folder / f"{image['id']}{SUFFIX}").unlink(missing_ok=True)
     result = fetch.fetch(client, image, cert, folder, suffix=SUFFIX, check_file=hostupdate.read)

@@ -120,14 +120,13 @@ def releases(conn: Any) -> list[Release]:
         params["marker"] = page[-1]["id"]
 
 
-def read_approvals(files: tuple[Path, ...]) -> str:
-    """The approval files as the release's property: their documents, checked for form
-    (the node checks the signatures against the release key it pins)."""
+def read_approvals(files: tuple[Path, ...], kept: tuple[Any, ...] = ()) -> str:
+    """The approval files (after the documents ``kept`` from before) as the release's
+    property: their documents, checked for form (the node checks the signatures against
+    the release key it pins), each once."""
     from provisioner import tpm
 
-    if len(files) > MAX_APPROVALS:
-        raise UsageError(f"at most {MAX_APPROVALS} approvals go with a host release")
-    docs = []
+    docs = list(kept)
     for path in files:
         try:
             raw = path.read_bytes()
@@ -140,7 +139,11 @@ def read_approvals(files: tuple[Path, ...]) -> str:
                 f"--approval {path} is not a PCR approval: {e}",
                 hint="write approvals with `edgepin release approve`",
             ) from None
-        docs.append(json.loads(raw))
+        doc = json.loads(raw)
+        if doc not in docs:
+            docs.append(doc)
+    if len(docs) > MAX_APPROVALS:
+        raise UsageError(f"at most {MAX_APPROVALS} approvals go with a host release")
     text = json.dumps(docs, sort_keys=True, separators=(",", ":")) if docs else ""
     if len(text) > MAX_APPROVALS_TEXT:
         raise UsageError("the approvals are too large for one host release")
@@ -229,6 +232,31 @@ def publish(
     release = _release(image)
     assert release is not None  # its kind and version were set above
     return release
+
+
+def approve(conn: Any, release: str, files: tuple[Path, ...]) -> Release:
+    """Add the release key's approvals in ``files`` to a published host release (the
+    factory measures a release's boot chain once it is built, possibly after publishing
+    it). The bytes and their signature are unchanged; nodes read the approvals when they
+    fetch the release."""
+    if not files:
+        raise UsageError("give at least one --approval FILE")
+    rel, image = find_release(conn, release)
+    kept = json.loads(image.get(APPROVALS_PROPERTY) or "[]")
+    if not isinstance(kept, list):
+        kept = []
+    text = read_approvals(files, tuple(kept))
+    with translate("glance", f"approvals of {rel.image_id}"):
+        r = conn.image.patch(
+            f"/images/{rel.image_id}",
+            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+            json=[{"op": "add", "path": f"/{APPROVALS_PROPERTY}", "value": text}],
+        )
+        r.raise_for_status()
+    found = _release(r.json())
+    assert found is not None  # the same image, of the host kind
+    step(f"host release {rel.image_id} has {found.approvals} approvals")
+    return found
 
 
 def find_release(conn: Any, release: str) -> tuple[Release, dict[str, Any]]:

@@ -41,10 +41,17 @@ def test_an_update_is_installed_tried_committed_and_one_it_came_back_from_is_rep
     node = virtual_node
     enroll_node(node, cli_env, signer, run_dir)
     conf = node.root / "etc/edgepin/edgepin.conf"
-    conf.write_text(conf.read_text() + f"EDGEPIN_HOST_VERSION={VERSION - 1}\n")
+    restarted = node.root / "restarted"
+    conf.write_text(
+        conf.read_text()
+        + f"EDGEPIN_HOST_VERSION={VERSION - 1}\nEDGEPIN_RESTART_COMMAND=touch {restarted}\n"
+    )
     ok(node.node("enroll"))
     lay_out_slots(node.root, "a")
     update, _, d = write(tmp_path)
+    # what edgepin-host-leave.service runs when the vault does not open: not on a trial
+    assert "nothing to do" in ok(node.node("host", "leave")).stdout
+    assert not restarted.exists()
 
     status = json.loads(ok(node.node("host", "status", "--json")).stdout)
     assert (status["booted"], status["state"], status["update"]) == ("a", "running", None)
@@ -59,6 +66,12 @@ def test_an_update_is_installed_tried_committed_and_one_it_came_back_from_is_rep
     # the next start is slot b's one try; healthy there (enrolled, nothing assigned): kept
     assert grub_boots(node.root) == "b"
     assert json.loads(ok(node.node("host", "status", "--json")).stdout)["state"] == "on trial"
+    # on the trial: the machine restarts at once, into slot a, which boot.env names already
+    r = ok(node.node("host", "leave"))
+    assert "root slot b is on trial and the node's state did not open: restarting into root " in (
+        r.stderr
+    ), r.stderr
+    assert restarted.exists() and esp_slot(node.root, "boot.env") == "a"
     r = ok(node.node("reconcile"))
     assert "host: root slot b committed: host update edgepin-host version" in r.stderr, r.stderr
     assert (esp_slot(node.root, "boot.env"), esp_slot(node.root, "after.env")) == ("b", "b")
@@ -152,6 +165,13 @@ def test_an_assigned_host_release_is_fetched_written_restarted_into_and_kept_wit
     approve_pcrs(key, measured, approval)
     release = host_publish(cli_env, tmp_path / "rel", version, "--approval", str(approval))
     assert release["approvals"] == 1, release
+    # approvals added after publishing, each kept once; one of PCRs this node does not seal
+    # to, which it skips
+    other = tmp_path / "approval-other.json"
+    approve_pcrs(key, {4: b"\x04" * 32, 7: b"\x07" * 32}, other)
+    args = ["--approval", str(approval), "--approval", str(other), "--json"]
+    r = ok(run_edgepin(["host", "approve", release["image_id"], *args], cli_env))
+    assert json.loads(r.stdout)["approvals"] == 2, r.stdout
     # the guest was stopped by the power cycle: the next reconcile starts it again
     ok(node.node("reconcile"))
     wait_marker(node, guest["marker"])
