@@ -312,8 +312,8 @@ def _fetch(client: NodeClient, image: dict[str, Any], cert: x509.Certificate, fo
 
 
 def restart(cfg: NodeConfig) -> None:
-    """Restart the machine into the armed slot (``EDGEPIN_RESTART_COMMAND``)."""
-    LOG.info("host: restarting into the armed root slot: %s", " ".join(cfg.restart_command))
+    """Restart the machine (``EDGEPIN_RESTART_COMMAND``): into the slot ``boot.env`` names."""
+    LOG.info("host: restarting the machine: %s", " ".join(cfg.restart_command))
     try:
         subprocess.run(list(cfg.restart_command), check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
