@@ -62,7 +62,6 @@ from provisioner.node.config import NodeConfig
 LOG = logging.getLogger(__name__)
 
 APPROVALS_PROPERTY = hostassign.APPROVALS_PROPERTY
-MAX_PROPERTY = 4096  # any other property
 MAX_RELEASE = 4 << 30  # bytes: two root partitions' worth and more
 DIR = "host-release"
 REFUSED = "host-refused.json"
@@ -82,7 +81,7 @@ class HostStep:
 def check_release(image: dict[str, Any], a: HostAssignment) -> None:
     """Refuse a Glance record that is not the signed host release of ``a``."""
     for key, value in image.items():
-        limit = hostassign.MAX_APPROVALS_TEXT if key == APPROVALS_PROPERTY else MAX_PROPERTY
+        limit = hostassign.MAX_APPROVALS_TEXT if key == APPROVALS_PROPERTY else fetch.MAX_PROPERTY
         if isinstance(value, str) and (len(value) > limit or "\x00" in value):
             raise ImageError(f"image property {key[:40]!r} is malformed (too long or NUL)")
     if (
