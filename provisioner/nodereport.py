@@ -75,6 +75,8 @@ class Facts:
     # the host version written into the other root slot, tried at the next boot; 0: none
     host_next: int = 0
     host_refused: str = ""  # why the assigned host release is refused; "": it is not
+    # the hardware watchdog systemd keeps armed ("<driver>, <timeout> s"); "": none
+    host_watchdog: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +98,7 @@ class Facts:
             "host_fallback": self.host_fallback,
             "host_next": self.host_next,
             "host_refused": self.host_refused,
+            "host_watchdog": self.host_watchdog,
         }
 
 
@@ -317,4 +320,6 @@ def _facts(value: Any) -> Facts | None:
         # absent in reports of nodes from before host assignments
         host_next=_int(value, "host_next", MAX_HOST_VERSION) if "host_next" in value else 0,
         host_refused=_text(value, "host_refused", MAX_REASON) if "host_refused" in value else "",
+        # absent in reports of nodes from before the watchdog
+        host_watchdog=_text(value, "host_watchdog", TEXT_SIZE) if "host_watchdog" in value else "",
     )

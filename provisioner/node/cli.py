@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,17 @@ def add_parser(sub: Any) -> None:
         "On any other boot it does nothing.",
     )
     hlv.set_defaults(handler=cmd_host_leave)
+    hwa = hs.add_parser(
+        "watch",
+        help="on a root slot's one try: restart into the old slot if it does not get healthy",
+        description="Run by edgepin-host-watch.service at every boot: on a boot that is a "
+        "root slot's one try, wait for the reconcile to keep the slot (it does once the node "
+        "is healthy on it) and, when that has not happened EDGEPIN_HOST_TRIAL_TIMEOUT "
+        "seconds after the start, restart (EDGEPIN_RESTART_COMMAND) into the slot it came "
+        "from, which the ESP already names. On any other boot it ends at once. Exit 1 when "
+        "the restart fails.",
+    )
+    hwa.set_defaults(handler=cmd_host_watch)
     pc = s.add_parser(
         "pcrs",
         help="print the TPM's sha256 PCR values (for `edgepin enroll --pcr-values`)",
@@ -285,7 +297,7 @@ def cmd_host_install(args: argparse.Namespace) -> int:
 
 
 def cmd_host_leave(args: argparse.Namespace) -> int:
-    from provisioner.node import hostfetch, hostslot
+    from provisioner.node import hostslot
 
     cfg = _cfg(args)
     slots = hostslot.read_slots(hostslot.Layout.of(cfg))
@@ -297,8 +309,20 @@ def cmd_host_leave(args: argparse.Namespace) -> int:
         f"restarting into root slot {slots.next}",
         file=sys.stderr,
     )
-    hostfetch.restart(cfg)
-    return 0
+    return 0 if hostslot.restart(cfg) else 1
+
+
+def cmd_host_watch(args: argparse.Namespace) -> int:
+    from provisioner.node import hostslot
+
+    cfg = _cfg(args)
+    restarted = hostslot.watch(
+        cfg,
+        clock=time.monotonic,
+        sleep=time.sleep,
+        say=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    return 0 if restarted else 1
 
 
 def cmd_pcrs(args: argparse.Namespace) -> int:

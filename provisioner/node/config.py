@@ -64,6 +64,11 @@ SETTINGS: dict[str, tuple[str, str]] = {
         "how the node restarts into a host release it has written into its other root slot "
         "(a command and its arguments, split as a shell would, run without a shell)",
     ),
+    "EDGEPIN_HOST_TRIAL_TIMEOUT": (
+        "1200",
+        "seconds a root slot on its one try has, from early in its boot, to get healthy "
+        "(the reconcile keeps it); then the node restarts into the slot it came from",
+    ),
     "EDGEPIN_REPORT_INTERVAL": (
         "3600",
         "seconds after which the node writes its report (facts, last outcome) to the "
@@ -93,6 +98,7 @@ class NodeConfig:
     report_interval: float = 3600.0
     host_version: int = 0
     restart_command: tuple[str, ...] = ("systemctl", "--no-block", "reboot")
+    host_trial_timeout: float = 1200.0
 
     # ----------------------------------------------------------------- paths
     @property
@@ -232,11 +238,14 @@ def load(
             "report_interval": float(raw["EDGEPIN_REPORT_INTERVAL"]),
             "host_version": int(raw["EDGEPIN_HOST_VERSION"]),
             "restart_command": tuple(shlex.split(raw["EDGEPIN_RESTART_COMMAND"])),
+            "host_trial_timeout": float(raw["EDGEPIN_HOST_TRIAL_TIMEOUT"]),
         }
     except ValueError as e:
         raise ConfigError(f"bad setting: {e}") from None
     if not 0 <= values["host_version"] < 2**63:
         raise ConfigError("EDGEPIN_HOST_VERSION must be a whole number from 0 to 2**63-1")
+    if not 0 < values["host_trial_timeout"] < 2**31:
+        raise ConfigError("EDGEPIN_HOST_TRIAL_TIMEOUT must be a number of seconds above 0")
     if not values["restart_command"]:
         raise ConfigError("EDGEPIN_RESTART_COMMAND is empty")
     if not values["pcrs"]:

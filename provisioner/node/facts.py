@@ -95,7 +95,23 @@ def gather(cfg: NodeConfig, conn: Any, local_images: list[str]) -> nodereport.Fa
         ],
         host_version=cfg.host_version,
         **host_slot_facts(cfg),
+        host_watchdog=watchdog(cfg),
     )
+
+
+def watchdog(cfg: NodeConfig) -> str:
+    """The hardware watchdog systemd keeps armed (``/sys/class/watchdog/watchdog0``), as
+    "<driver>, <timeout> s"; "" when there is none or it is not armed."""
+    base = cfg.root / "sys" / "class" / "watchdog" / "watchdog0"
+    try:
+        armed = (base / "state").read_text().strip() == "active"
+        identity = (base / "identity").read_text().strip()
+        timeout = int((base / "timeout").read_text().strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return ""
+    if not armed:
+        return ""
+    return nodereport.clean_text(f"{identity}, {timeout} s", nodereport.TEXT_SIZE)
 
 
 def host_slot_facts(cfg: NodeConfig) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,12 +307,3 @@ def _fetch(client: NodeClient, image: dict[str, Any], cert: x509.Certificate, fo
     result = fetch.fetch(client, image, cert, folder, suffix=SUFFIX, check_file=hostupdate.read)
     LOG.info("host: host release %s verified (%d bytes fetched)", image["id"], result.bytes_fetched)
     return result.path
-
-
-def restart(cfg: NodeConfig) -> None:
-    """Restart the machine (``EDGEPIN_RESTART_COMMAND``): into the slot ``boot.env`` names."""
-    LOG.info("host: restarting the machine: %s", " ".join(cfg.restart_command))
-    try:
-        subprocess.run(list(cfg.restart_command), check=True, capture_output=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        LOG.error("host: the restart failed: %s", e)

@@ -435,6 +435,74 @@ def commit(cfg: NodeConfig) -> Slots | None:
     return read_slots(layout)
 
 
+def restart(cfg: NodeConfig) -> bool:
+    """Restart the machine (``EDGEPIN_RESTART_COMMAND``): into the slot ``boot.env`` names.
+    False (logged) when the command fails."""
+    LOG.info("host: restarting the machine: %s", " ".join(cfg.restart_command))
+    try:
+        subprocess.run(list(cfg.restart_command), check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        LOG.error("host: the restart failed: %s", e)
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ the trial watch
+
+WATCH_POLL = 5.0  # seconds between two looks at the ESP during a trial
+
+
+def trial_verdict(slots: Slots, elapsed: float, timeout: float) -> str:
+    """What the trial watch does after ``elapsed`` of ``timeout`` seconds: "kept" (this boot
+    is not, or no longer, a trial: committed), "wait", or "leave" (the time is up)."""
+    if not slots.trial:
+        return "kept"
+    return "leave" if elapsed >= timeout else "wait"
+
+
+def watch(
+    cfg: NodeConfig,
+    *,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+    say: Callable[[str], None],
+    leave: Callable[[NodeConfig], bool] = restart,
+) -> bool:
+    """On a root slot's one try: wait for the reconcile to commit it, and restart into the
+    slot it came from when that has not happened ``EDGEPIN_HOST_TRIAL_TIMEOUT`` seconds
+    after the start (a node that opened its vault but never got healthy, a reconcile that
+    hangs). Returns at once on any other boot. False when the restart failed."""
+    layout = Layout.of(cfg)
+    start = clock()
+    slots = read_slots(layout)
+    if not slots.trial:
+        say(f"host: root slot {slots.booted} is not on trial: nothing to watch")
+        return True
+    timeout = cfg.host_trial_timeout
+    say(
+        f"host: root slot {slots.booted} is on trial: unless the node is healthy on it "
+        f"within {timeout:.0f} s, it restarts into root slot {slots.next}"
+    )
+    while True:
+        elapsed = clock() - start
+        try:
+            slots = read_slots(layout)
+        except HostSlotError as e:
+            # the ESP changes only through commit(), which writes each block in place
+            say(f"host: the root slots cannot be read ({e}): still on trial")
+        verdict = trial_verdict(slots, elapsed, timeout)
+        if verdict == "kept":
+            say(f"host: root slot {slots.booted} is kept: the trial watch ends")
+            return True
+        if verdict == "leave":
+            say(
+                f"host: root slot {slots.booted} did not get healthy within {timeout:.0f} s: "
+                f"restarting into root slot {slots.next}"
+            )
+            return leave(cfg)
+        sleep(min(WATCH_POLL, timeout - elapsed))
+
+
 # ------------------------------------------------------------------ the record
 
 RECORD = "host-update.json"  # in the vault: the update written, until it is settled

@@ -207,7 +207,7 @@ def _finish(run: Run, body: Callable[[], Outcome], where: str) -> Outcome:
         outcome = Outcome(State.FAILED, e.message, e)
     report.write_status(cfg, _status(outcome, run.ledger, counters))
     if host is not None and host.restart:
-        hostfetch.restart(cfg)  # last: everything this run did is recorded
+        hostslot.restart(cfg)  # last: everything this run did is recorded
     return outcome
 
 

@@ -158,6 +158,7 @@ def status(
                 "host_assigned": _host_assigned(node.project),
                 "host_next": (facts.host_next or None) if facts else None,
                 "host_refused": (facts.host_refused or None) if facts else None,
+                "host_watchdog": (facts.host_watchdog or None) if facts else None,
                 "outcome": str(report.report.state) if report.report else None,
                 "reason": report.report.reason if report.report else report.problem,
                 "seen_at": report.seen_at,

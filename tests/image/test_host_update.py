@@ -17,7 +17,13 @@ dm-verity as the build seals it), published with `edgepin host publish` and assi
    into slot b, opens its vault, credential and image key through the approval, starts its
    guest and keeps slot b; `edgepin status` shows the new host version on slot b;
 3. a release older than the node's host, and a newer one signed by a certificate the node
-   does not pin, are refused and reported; the node stays as it is.
+   does not pin, are refused and reported; the node stays as it is;
+4. slot a armed again on the disk, with a root hash its root does not have: its initramfs
+   sees a try (the ESP names slot b next), the root's first block panics the kernel, and
+   the machine restarts into slot b after 10 s instead of stopping for good.
+
+In test 2 `edgepin-host-watch.service` watches slot b's try until it is kept; the reports
+name the hardware watchdog systemd keeps armed (the ICH9's TCO, `iTCO_wdt`).
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ from tests.image.test_node_image import (
     BOOT_TIMEOUT,
     Node,
     assign,
+    env_block,
     model_vm,
     new_machine,
     pinned_signer,  # noqa: F401  (a fixture)
     publish_signed,
 )
+from tests.testbed import disk
 from tests.testbed.hostcheck import CheckedBoot, factory_pcrs
 from tests.testbed.hostimage import IMAGE_PCRS, ImageSigner, qemu_node_enroll_args
 from tests.testbed.hostrelease import newer_release
@@ -251,6 +259,8 @@ def test_1_a_release_whose_boot_chain_is_not_approved_is_tried_once_and_left(
     assert row["host_fallback"] == newer["host_version"], row
     assert row["host_slot"] == "a" and row["host_version"] == releases.built["host_version"]
     assert row["outcome"] == "running", row
+    # the board's watchdog (the ICH9's TCO), armed by systemd and kept from firing
+    assert row["host_watchdog"] == "iTCO_wdt, 120 s", row
 
 
 def test_2_an_approved_release_is_kept_and_the_guest_comes_back_on_it(
@@ -274,14 +284,19 @@ def test_2_an_approved_release_is_kept_and_the_guest_comes_back_on_it(
     host_assign(cli_env, pinned_signer, newer, node.name)
     console.wait(rf"host: host release {newer['image_id']} verified", 600)
     console.wait(r"written into root slot b: the next boot tries it once")
-    console.wait(r"Loading root slot b", 600)
+    trial = console.wait(r"Loading root slot b", 600).end()
     console.wait(r"vault open: key")
     console.wait(rf"guest {guest['image_id']} started from the local copy")
     console.wait(r"host: root slot b committed: host update \S+ version \d+ stays")
+    # edgepin-host-watch.service watched the try from early in its boot, and ended with it
+    console.wait(r"host: root slot b is kept: the trial watch ends")
+    watched = "host: root slot b is on trial: unless the node is healthy on it within 1200 s"
+    assert watched in node.vm.console()[trial : console.at], node.vm.tail()
     row = wait_row(cli_env, node.name, lambda r: r["host_slot"] == "b")
     assert row["host_version"] == newer["host_version"], row
     assert (row["host_slot"], row["host_fallback"], row["host_next"]) == ("b", None, None), row
     assert row["outcome"] == "running", row
+    assert row["host_watchdog"] == "iTCO_wdt, 120 s", row
 
 
 def test_3_an_older_release_and_one_not_signed_by_a_pinned_certificate_are_refused(
@@ -306,3 +321,41 @@ def test_3_an_older_release_and_one_not_signed_by_a_pinned_certificate_are_refus
         assert f"host release {releases.unpinned['image_id']} verified" not in (node.vm.console())
     finally:
         node.vm.stop()
+
+
+def test_4_a_try_whose_root_does_not_verify_restarts_into_the_slot_the_node_kept(
+    node: Node,
+    console: Console,
+    guest: dict[str, Any],
+    releases: Releases,
+    cli_env: dict[str, str],
+) -> None:
+    node.vm.stop()
+    # slot a (the build's release, which the node left for b) armed for one try on the
+    # disk, with a root hash on the ESP that its root does not have: its kernel and
+    # initramfs start, and the first block of the root panics the kernel
+    cfg = disk.esp_file_of(node.vm.disk, "EFI/edgepin/verity-a.cfg", node.vm.workdir).decode()
+    real = re.fullmatch(r"set edgepin_roothash=([0-9a-f]{64})\n", cfg)
+    assert real, cfg
+    wrong = f"set edgepin_roothash={'0' * 64}\n".encode()
+    disk.write_esp_file(node.vm.disk, "EFI/edgepin/verity-a.cfg", wrong, node.vm.workdir)
+    disk.write_esp_file(node.vm.disk, "EFI/edgepin/boot.env", env_block("a"), node.vm.workdir)
+    node.boot("host-update-root-does-not-verify")
+    console.at = 0  # the console of this QEMU
+    try:
+        console.wait(r"Loading root slot a")
+        console.wait(r"root slot a is on trial: a stop or a kernel panic restarts into root slot b")
+        # the first block read panics the kernel (or veritysetup refuses the hash at once)
+        console.wait(r"Kernel panic - not syncing|restarting into root slot b in 10 s")
+        console.wait(r"Loading root slot b", 300)
+        console.wait(r"vault open: key")
+        console.wait(rf"guest {guest['image_id']} started from the local copy")
+        row = wait_row(cli_env, node.name, lambda r: r["outcome"] == "running")
+    finally:
+        node.vm.stop()
+    assert "edgepin.slot=a" not in node.vm.console().split("Loading root slot b", 1)[1]
+    assert (row["host_slot"], row["host_version"]) == ("b", releases.newer["host_version"]), row
+    # GRUB put after.env's slot back before it tried slot a
+    assert disk.esp_file_of(node.vm.disk, "EFI/edgepin/boot.env", node.vm.workdir) == (
+        env_block("b")
+    )

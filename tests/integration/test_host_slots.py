@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from provisioner import tpm
 from tests.hostupdates import esp_slot, grub_boots, lay_out_slots, write
 from tests.integration.conftest import make_signer
 from tests.integration.test_fleet import fleet_status, ok
-from tests.testbed.node import VirtualNode, node_status, run_edgepin, wait_marker
+from tests.testbed.node import EDGEPIN, VirtualNode, node_status, run_edgepin, wait_marker
 from tests.testbed.operator import (
     Signer,
     approve_pcrs,
@@ -72,8 +73,36 @@ def test_an_update_is_installed_tried_committed_and_one_it_came_back_from_is_rep
         r.stderr
     ), r.stderr
     assert restarted.exists() and esp_slot(node.root, "boot.env") == "a"
+    # what edgepin-host-watch.service runs at every boot: on the trial, with its time up, it
+    # restarts into slot a as well
+    restarted.unlink()
+    settings = conf.read_text()
+    conf.write_text(settings + "EDGEPIN_HOST_TRIAL_TIMEOUT=1\n")
+    r = ok(node.node("host", "watch"))
+    assert "root slot b did not get healthy within 1 s: restarting into root slot a" in r.stderr
+    assert restarted.exists()
+    # with time left, the reconcile keeps the slot (healthy: enrolled, nothing assigned) and
+    # the watch ends without a restart, at its next look at the ESP
+    restarted.unlink()
+    conf.write_text(settings + "EDGEPIN_HOST_TRIAL_TIMEOUT=300\n")
+    watch = subprocess.Popen(
+        [EDGEPIN, "node", "--root", str(node.root), "host", "watch"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert watch.stderr is not None
+    first = watch.stderr.readline()
+    assert "root slot b is on trial: unless the node is healthy on it within 300 s" in first
     r = ok(node.node("reconcile"))
     assert "host: root slot b committed: host update edgepin-host version" in r.stderr, r.stderr
+    rest = watch.stderr.read()  # to its end: the watch's next look at the ESP
+    assert watch.wait(timeout=30) == 0, rest
+    assert rest.strip().endswith("host: root slot b is kept: the trial watch ends"), rest
+    assert "restarting" not in rest
+    assert not restarted.exists()
+    # on a boot that is not a trial, at once
+    assert "is not on trial: nothing to watch" in ok(node.node("host", "watch")).stderr
+    assert not restarted.exists()
     assert (esp_slot(node.root, "boot.env"), esp_slot(node.root, "after.env")) == ("b", "b")
     row = fleet_status(cli_env, node.name)[0]
     assert row["outcome"] == "waiting" and row["host_slot"] == "b", row

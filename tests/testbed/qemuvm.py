@@ -130,6 +130,10 @@ class HostVm:
             self.name,
             "-machine",
             "q35",
+            # the ICH9's TCO watchdog may reset the machine, as on a board whose firmware
+            # clears its no-reboot strap: the host image's systemd arms it (iTCO_wdt)
+            "-global",
+            "ICH9-LPC.noreboot=off",
             "-accel",
             self.accel,
             "-m",

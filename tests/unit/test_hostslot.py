@@ -156,6 +156,103 @@ def test_a_slot_that_never_gets_healthy_is_left_at_the_next_start(tmp_path: Path
     assert grub_boots(cfg) == "a"
 
 
+def test_the_trial_verdict() -> None:
+    trial = hostslot.Slots(booted="b", next="a", after="a")
+    kept = hostslot.Slots(booted="b", next="b", after="b")
+    armed = hostslot.Slots(booted="a", next="b", after="a")
+    assert hostslot.trial_verdict(trial, 0, 10) == "wait"
+    assert hostslot.trial_verdict(trial, 9.9, 10) == "wait"
+    assert hostslot.trial_verdict(trial, 10, 10) == "leave"
+    assert hostslot.trial_verdict(kept, 99, 10) == "kept"
+    assert hostslot.trial_verdict(armed, 99, 10) == "kept"  # not a trial: nothing to leave
+
+
+class Restarts:
+    """What the restart command would do, counted; ``works`` False: it fails."""
+
+    def __init__(self, works: bool = True) -> None:
+        self.works, self.count = works, 0
+
+    def __call__(self, cfg: NodeConfig) -> bool:
+        self.count += 1
+        return self.works
+
+
+class Clock:
+    """A clock that moves only when the watch sleeps, and an action at a given time."""
+
+    def __init__(self, at: float = -1, then: object = None) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+        self.at, self.then = at, then
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0
+        self.slept.append(seconds)
+        self.now += seconds
+        if self.then is not None and self.now >= self.at:
+            self.then()  # type: ignore[operator]
+            self.then = None
+
+
+def test_a_trial_that_is_not_kept_in_time_restarts_into_the_old_slot(tmp_path: Path) -> None:
+    cfg = node(tmp_path)
+    cfg = NodeConfig(root=cfg.root, host_version=cfg.host_version, host_trial_timeout=12)
+    said: list[str] = []
+    clock, restarted = Clock(), Restarts()
+    # not a trial: nothing to watch, at once
+    assert hostslot.watch(cfg, clock=clock, sleep=clock.sleep, say=said.append, leave=restarted)
+    assert "is not on trial" in said[-1] and clock.slept == [] and restarted.count == 0
+
+    path = update(tmp_path)[0]
+    hostslot.install(cfg, path)
+    assert grub_boots(cfg) == "b"
+    assert hostslot.watch(cfg, clock=clock, sleep=clock.sleep, say=said.append, leave=restarted)
+    assert "root slot b is on trial: unless the node is healthy on it within 12 s" in said[1]
+    assert clock.slept == [5, 5, 2] and restarted.count == 1
+    assert said[-1] == (
+        "host: root slot b did not get healthy within 12 s: restarting into root slot a"
+    )
+    assert grub_boots(cfg) == "a"  # what the restart boots
+
+    # a restart that fails: the watch says so
+    hostslot.install(cfg, path)
+    assert grub_boots(cfg) == "b"
+    short = NodeConfig(root=cfg.root, host_version=cfg.host_version, host_trial_timeout=1)
+    clock, failing = Clock(), Restarts(works=False)
+    assert not hostslot.watch(short, clock=clock, sleep=clock.sleep, say=said.append, leave=failing)
+    assert clock.slept == [1] and failing.count == 1
+
+
+def test_a_trial_kept_by_the_reconcile_ends_the_watch_without_a_restart(tmp_path: Path) -> None:
+    cfg = node(tmp_path)
+    cfg = NodeConfig(root=cfg.root, host_version=cfg.host_version, host_trial_timeout=600)
+    hostslot.install(cfg, update(tmp_path)[0])
+    assert grub_boots(cfg) == "b"
+    said: list[str] = []
+    clock, restarted = Clock(at=30, then=lambda: hostslot.settle(cfg, healthy=True)), Restarts()
+    assert hostslot.watch(cfg, clock=clock, sleep=clock.sleep, say=said.append, leave=restarted)
+    assert said[-1] == "host: root slot b is kept: the trial watch ends"
+    assert clock.now == 30 and restarted.count == 0
+    assert (esp(cfg, "boot.env"), esp(cfg, "after.env")) == ("b", "b")
+
+
+def test_an_unreadable_esp_during_a_trial_is_still_a_trial(tmp_path: Path) -> None:
+    cfg = node(tmp_path)
+    cfg = NodeConfig(root=cfg.root, host_version=cfg.host_version, host_trial_timeout=10)
+    hostslot.install(cfg, update(tmp_path)[0])
+    assert grub_boots(cfg) == "b"
+    boot_env = hostslot.Layout.of(cfg).esp_file("boot.env")
+    said: list[str] = []
+    clock, restarted = Clock(at=5, then=lambda: boot_env.write_bytes(b"garbage")), Restarts()
+    assert hostslot.watch(cfg, clock=clock, sleep=clock.sleep, say=said.append, leave=restarted)
+    assert any("cannot be read" in s and "still on trial" in s for s in said), said
+    assert restarted.count == 1
+
+
 def test_an_update_that_is_not_newer_not_whole_or_does_not_fit_changes_nothing(
     tmp_path: Path,
 ) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from provisioner.errors import ConfigError, GuestError, ImageError
-from provisioner.node import config, domain, report
+from provisioner.node import config, domain, facts, report
 from provisioner.node.model import (
     PCI_ADDRESS,
     PCI_CLASS,
@@ -41,6 +41,35 @@ def test_config_layers(tmp_path: Path) -> None:
     (etc / "edgepin.conf").write_text("EDGEPIN_TYPO=1\n")
     with pytest.raises(ConfigError, match="unknown settings"):
         config.load(tmp_path, environ={})
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "1e12", "soon"])
+def test_a_trial_timeout_that_is_not_a_number_of_seconds_is_refused(
+    tmp_path: Path, value: str
+) -> None:
+    assert config.load(tmp_path, environ={}).host_trial_timeout == 1200
+    assert (
+        config.load(tmp_path, environ={"EDGEPIN_HOST_TRIAL_TIMEOUT": "90"}).host_trial_timeout == 90
+    )
+    with pytest.raises(ConfigError, match=r"EDGEPIN_HOST_TRIAL_TIMEOUT|bad setting"):
+        config.load(tmp_path, environ={"EDGEPIN_HOST_TRIAL_TIMEOUT": value})
+
+
+def test_the_watchdog_fact_is_the_armed_hardware_watchdog(tmp_path: Path) -> None:
+    cfg = config.NodeConfig(root=tmp_path)
+    assert facts.watchdog(cfg) == ""  # none
+    wd = tmp_path / "sys/class/watchdog/watchdog0"
+    wd.mkdir(parents=True)
+    (wd / "identity").write_text("iTCO_wdt\n")
+    (wd / "timeout").write_text("120\n")
+    (wd / "state").write_text("inactive\n")
+    assert facts.watchdog(cfg) == ""  # not armed: systemd does not keep it
+    (wd / "state").write_text("active\n")
+    assert facts.watchdog(cfg) == "iTCO_wdt, 120 s"
+    (wd / "identity").write_text("x\x1b[2J" * 40)
+    assert facts.watchdog(cfg).startswith("x[2J") and len(facts.watchdog(cfg)) <= 128
+    (wd / "timeout").write_text("two minutes")
+    assert facts.watchdog(cfg) == ""
 
 
 def spec(image_id: str = "abc", vcpus: int = 1) -> domain.GuestSpec:

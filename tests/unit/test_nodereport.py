@@ -82,12 +82,14 @@ def test_the_host_slot_and_fallback_read_back_and_an_older_node_s_report_has_non
     assert nodereport.parse(r.text(), "node-1").facts == r.facts
     r = report(facts=replace(FACTS, host_next=1764940001, host_refused="not pinned: refused"))
     assert nodereport.parse(r.text(), "node-1").facts == r.facts
+    r = report(facts=replace(FACTS, host_watchdog="iTCO_wdt, 120 s"))
+    assert nodereport.parse(r.text(), "node-1").facts == r.facts
     doc = json.loads(report().text())
-    for key in ("host_slot", "host_fallback", "host_next", "host_refused"):
-        del doc["facts"][key]  # from before root slots and host assignments
+    for key in ("host_slot", "host_fallback", "host_next", "host_refused", "host_watchdog"):
+        del doc["facts"][key]  # from before root slots, host assignments, the watchdog
     got = nodereport.parse(json.dumps(doc), "node-1").facts
     assert got is not None and (got.host_slot, got.host_fallback) == ("", 0)
-    assert (got.host_next, got.host_refused) == (0, "")
+    assert (got.host_next, got.host_refused, got.host_watchdog) == (0, "", "")
     for key, bad in (
         ("host_slot", "c"),
         ("host_slot", 1),
@@ -95,6 +97,8 @@ def test_the_host_slot_and_fallback_read_back_and_an_older_node_s_report_has_non
         ("host_next", "5"),
         ("host_refused", "x\x1b[2J"),
         ("host_refused", "x" * 600),
+        ("host_watchdog", "x" * 200),
+        ("host_watchdog", 120),
     ):
         changed = json.loads(json.dumps(doc))
         changed["facts"][key] = bad
