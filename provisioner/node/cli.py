@@ -92,7 +92,8 @@ def add_parser(sub: Any) -> None:
         "next boot tries it once, and the first reconcile that finds the node healthy there "
         "(its keys opened, its guest running or none assigned) keeps it; a boot that "
         "fails, or a node that never gets healthy, comes back on the old slot at the next "
-        "start.",
+        "start. `leave` and `watch` are what the units run to make that start come at once: "
+        "when the vault does not open, and when the node is not healthy in time.",
     )
     hs = host.add_subparsers(dest="host_command", metavar="ACTION", required=True)
     hst = hs.add_parser(
