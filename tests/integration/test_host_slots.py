@@ -90,13 +90,17 @@ def test_an_update_is_installed_tried_committed_and_one_it_came_back_from_is_rep
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert watch.stderr is not None
-    first = watch.stderr.readline()
-    assert "root slot b is on trial: unless the node is healthy on it within 300 s" in first
-    r = ok(node.node("reconcile"))
-    assert "host: root slot b committed: host update edgepin-host version" in r.stderr, r.stderr
-    rest = watch.stderr.read()  # to its end: the watch's next look at the ESP
-    assert watch.wait(timeout=30) == 0, rest
+    try:
+        assert watch.stderr is not None
+        first = watch.stderr.readline()
+        assert "root slot b is on trial: unless the node is healthy on it within 300 s" in first
+        r = ok(node.node("reconcile"))
+        assert "host: root slot b committed: host update edgepin" in r.stderr, r.stderr
+        rest = watch.stderr.read()  # to its end: the watch's next look at the ESP
+        assert watch.wait(timeout=30) == 0, rest
+    finally:
+        watch.kill()  # a failed check leaves no watch behind; nothing once it ended
+        watch.wait()
     assert rest.strip().endswith("host: root slot b is kept: the trial watch ends"), rest
     assert "restarting" not in rest
     assert not restarted.exists()

@@ -4,6 +4,7 @@ played as grub.cfg does it (tests.hostupdates)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -181,7 +182,7 @@ class Restarts:
 class Clock:
     """A clock that moves only when the watch sleeps, and an action at a given time."""
 
-    def __init__(self, at: float = -1, then: object = None) -> None:
+    def __init__(self, at: float = 0, then: Callable[[], object] | None = None) -> None:
         self.now = 0.0
         self.slept: list[float] = []
         self.at, self.then = at, then
@@ -194,7 +195,7 @@ class Clock:
         self.slept.append(seconds)
         self.now += seconds
         if self.then is not None and self.now >= self.at:
-            self.then()  # type: ignore[operator]
+            self.then()
             self.then = None
 
 
