@@ -64,10 +64,12 @@ BLOB_VERSION = 1
 TPM_CC_POLICY_PCR = 0x0000017F
 TPM_CC_POLICY_AUTHORIZE = 0x0000016A
 TPM_CC_POLICY_OR = 0x00000171
+TPM_CC_POLICY_NV = 0x00000149
+TPM_EO_BITCLEAR = 0x000B
 # what the release key's approvals are for: part of the authorized policy, so that a
 # signature the same key made for anything else authorizes nothing here
 POLICY_REF = b"edgepin host boot"
-APPROVAL_VERSION = 1
+APPROVAL_VERSION = 2  # 2: the approved policy checks the host floor (version 1 did not)
 APPROVAL_MAX_BYTES = 8192
 SIGNED_MISMATCH = (
     "the measured boot state differs: it is neither the one the secret was sealed in nor "
@@ -81,6 +83,20 @@ ANCHOR_NV_SIZE = 40
 # under the PCR policy, never in the clear on any disk
 VAULT_NV_INDEX = 0x0100E9D1
 VAULT_KEY_SIZE = 64
+# the host floor: a bit field (TPM_NT_BITS, whose bits the TPM only ever sets) that every
+# policy of a node with a release key checks (PolicyNV). Raising the floor to epoch E sets
+# bits 0 .. E-1; a release of epoch e passes while bit e is clear, so a release below the
+# floor opens nothing, whatever the disk says. Anyone may read it; only the owner
+# hierarchy may set its bits or undefine it, and the node gives that hierarchy a secret
+# of its own at enrollment. Its public area is the same on every node (no authPolicy), so
+# its name, which the release key's approvals sign, is too.
+FLOOR_NV_INDEX = 0x0100E9D2
+FLOOR_NV_SIZE = 8
+MAX_EPOCH = 63
+# the owner hierarchy's storage primary, kept at this persistent handle once the node has
+# given that hierarchy a secret (it can then no longer be made again without the secret)
+STORAGE_HANDLE = 0x8100E9D0
+OWNER_AUTH_SIZE = 32
 BANKS = {"sha256": (0x000B, hashlib.sha256)}
 EK_CERT_RSA_NV_INDEX = 0x01C00002
 EK_CERT_READ_CHUNK = 512  # bytes per NV_Read: within every TPM's NV buffer (1024 is common)
@@ -120,6 +136,8 @@ class NvSlot:
 
 ANCHOR = NvSlot("anchor", ANCHOR_NV_INDEX, ANCHOR_NV_SIZE, policy_read=False)
 VAULT_KEY = NvSlot("vault key", VAULT_NV_INDEX, VAULT_KEY_SIZE, policy_read=True)
+# the host floor's handle and name in messages (its public area: ``floor_public_bytes``)
+FLOOR_SLOT = NvSlot("host floor", FLOOR_NV_INDEX, FLOOR_NV_SIZE, policy_read=False)
 
 
 class SessionKind(enum.Enum):
@@ -132,6 +150,7 @@ class Crypt(enum.Enum):
 
     COMMAND = "command"  # to the TPM: the secret is in the command (Create, NV_Write)
     RESPONSE = "response"  # from the TPM: the secret is in the response (Unseal, NV_Read)
+    NONE = "none"  # an HMAC session that only keeps an authorization off the bus
 
 
 class TpmError(Exception):
@@ -211,7 +230,7 @@ def release_key_public(pem: bytes) -> Any:
 
     key = _load_release_key(pem)
     try:
-        return TPMT_PUBLIC.from_pem(
+        public = TPMT_PUBLIC.from_pem(
             key.public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             ),
@@ -220,6 +239,12 @@ def release_key_public(pem: bytes) -> Any:
         )
     except (ValueError, TypeError) as e:
         raise TpmBlobError(f"not a usable release key: {e}") from None
+    # tpm2-pytss gives a coordinate below 2**248 in fewer than 32 bytes (one key in 128);
+    # the TPM takes a P-256 point only at its full size
+    numbers = key.public_numbers()
+    public.unique.ecc.x = numbers.x.to_bytes(32, "big")
+    public.unique.ecc.y = numbers.y.to_bytes(32, "big")
+    return public
 
 
 def _load_release_key(pem: bytes) -> ec.EllipticCurvePublicKey:
@@ -255,6 +280,66 @@ def or_policy_digest(branches: Sequence[bytes]) -> bytes:
     ).digest()
 
 
+def floor_public_bytes(written: bool = True) -> bytes:
+    """The host floor's TPMS_NV_PUBLIC, marshalled: the same on every node."""
+    from tpm2_pytss.constants import TPM2_NT, TPMA_NV
+
+    attributes = (
+        (int(TPM2_NT.BITS) << int(TPMA_NV.TPM2_NT_SHIFT))
+        | int(TPMA_NV.OWNERWRITE)
+        | int(TPMA_NV.AUTHREAD)
+        | int(TPMA_NV.NO_DA)
+        | (int(TPMA_NV.WRITTEN) if written else 0)
+    )
+    return (
+        FLOOR_NV_INDEX.to_bytes(4, "big")
+        + BANKS["sha256"][0].to_bytes(2, "big")
+        + attributes.to_bytes(4, "big")
+        + (0).to_bytes(2, "big")  # authPolicy: none
+        + FLOOR_NV_SIZE.to_bytes(2, "big")
+    )
+
+
+def floor_name() -> bytes:
+    """The TPM name of the host floor once written: its name algorithm, then sha256 of its
+    public area."""
+    return BANKS["sha256"][0].to_bytes(2, "big") + hashlib.sha256(floor_public_bytes()).digest()
+
+
+def floor_operand(epoch: int) -> bytes:
+    """PolicyNV's operand for a release of ``epoch``: its bit, which must be clear."""
+    if not 0 <= epoch <= MAX_EPOCH:
+        raise TpmError(f"a host epoch is a whole number from 0 to {MAX_EPOCH}")
+    return (1 << epoch).to_bytes(FLOOR_NV_SIZE, "big")
+
+
+def floor_bits(epoch: int) -> int:
+    """The bits NV_SetBits sets to raise the floor to ``epoch``: every epoch below it."""
+    floor_operand(epoch)
+    return (1 << epoch) - 1
+
+
+def floor_of(value: int) -> int:
+    """The floor a bit field holds: the lowest epoch that still passes above every set bit."""
+    return value.bit_length()
+
+
+def release_policy_digest(
+    pcr_values: Mapping[int, bytes], epoch: int, bank: str = "sha256"
+) -> bytes:
+    """The policy of one host release's measured state: PolicyPCR over ``pcr_values``, then
+    PolicyNV that the host floor is at most ``epoch`` (the floor's bit ``epoch`` is clear)."""
+    args = hashlib.sha256(
+        floor_operand(epoch) + (0).to_bytes(2, "big") + TPM_EO_BITCLEAR.to_bytes(2, "big")
+    ).digest()
+    return hashlib.sha256(
+        pcr_policy_digest(pcr_values, bank)
+        + TPM_CC_POLICY_NV.to_bytes(4, "big")
+        + args
+        + floor_name()
+    ).digest()
+
+
 def approval_hash(approved_policy: bytes, policy_ref: bytes = POLICY_REF) -> bytes:
     """aHash: the digest the release key signs for one approved policy."""
     return hashlib.sha256(approved_policy + policy_ref).digest()
@@ -262,15 +347,17 @@ def approval_hash(approved_policy: bytes, policy_ref: bytes = POLICY_REF) -> byt
 
 @dataclasses.dataclass(frozen=True)
 class Approval:
-    """The release key's signature over the PolicyPCR digest of one set of PCR values."""
+    """The release key's signature over the policy of one host release's measured state:
+    its PCR values, and its epoch, which the host floor must not be above."""
 
     bank: str
     pcr_values: Mapping[int, bytes]
     signature: bytes  # DER ECDSA over approval_hash(policy)
+    epoch: int = 0
 
     @property
     def policy(self) -> bytes:
-        return pcr_policy_digest(self.pcr_values, self.bank)
+        return release_policy_digest(self.pcr_values, self.epoch, self.bank)
 
     @property
     def pcrs(self) -> list[int]:
@@ -278,9 +365,13 @@ class Approval:
 
 
 def sign_approval(
-    key: ec.EllipticCurvePrivateKey, pcr_values: Mapping[int, bytes], bank: str = "sha256"
+    key: ec.EllipticCurvePrivateKey,
+    pcr_values: Mapping[int, bytes],
+    epoch: int = 0,
+    bank: str = "sha256",
 ) -> bytes:
-    """An approval (JSON bytes) of ``pcr_values``, signed with the release key."""
+    """An approval (JSON bytes) of ``pcr_values`` at host epoch ``epoch``, signed with the
+    release key."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import utils
 
@@ -291,13 +382,14 @@ def sign_approval(
         pcr_selection_bytes([p], bank)
         if len(v) != hfunc().digest_size:
             raise TpmError(f"PCR {p}: a {bank} value is {hfunc().digest_size} bytes")
-    ahash = approval_hash(pcr_policy_digest(pcr_values, bank))
+    ahash = approval_hash(release_policy_digest(pcr_values, epoch, bank))
     signature = key.sign(ahash, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
     return json.dumps(
         {
             "version": APPROVAL_VERSION,
             "kind": "pcr-approval",
             "bank": bank,
+            "epoch": epoch,
             "pcrs": {str(p): pcr_values[p].hex() for p in sorted(pcr_values)},
             "signature": _b64(signature),
         },
@@ -324,6 +416,9 @@ def parse_approval(raw: bytes) -> Approval:
     if not isinstance(bank, str) or bank not in BANKS:
         raise TpmBlobError("the PCR approval names an unsupported PCR bank")
     size = BANKS[bank][1]().digest_size
+    epoch = doc.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= MAX_EPOCH:
+        raise TpmBlobError(f"the PCR approval's epoch is not a whole number from 0 to {MAX_EPOCH}")
     pcrs, signature = doc.get("pcrs"), doc.get("signature")
     if not isinstance(pcrs, dict) or not pcrs or not isinstance(signature, str):
         raise TpmBlobError("the PCR approval is malformed")
@@ -345,7 +440,7 @@ def parse_approval(raw: bytes) -> Approval:
         raise TpmBlobError("the PCR approval's signature is not base64") from None
     if not 8 <= len(sig) <= 80:  # DER ECDSA P-256: 8 to 72 bytes
         raise TpmBlobError("the PCR approval's signature is not an ECDSA P-256 signature")
-    return Approval(bank, values, sig)
+    return Approval(bank, values, sig, epoch)
 
 
 def verify_approval(approval: Approval, release_key_pem: bytes) -> None:
@@ -372,9 +467,12 @@ class SignedPolicy:
     release_key_pem: bytes
     pcrs: tuple[int, ...]
     approvals: tuple[Approval, ...] = ()
-    # PCR branches (PolicyPCR digests) the node sealed its NV indices under: the TPM shows
-    # an index's authPolicy, not the branches it was made of
+    # the branches (``release_policy_digest``) the node sealed its NV indices under: the
+    # TPM shows an index's authPolicy, not the branches it was made of
     branches: tuple[bytes, ...] = ()
+    # the running host release's epoch (EDGEPIN_HOST_EPOCH): what is sealed now opens
+    # only while the host floor is not above it
+    epoch: int = 0
 
     @property
     def digest(self) -> bytes:
@@ -382,8 +480,12 @@ class SignedPolicy:
         return authorize_policy_digest(release_key_name(self.release_key_pem))
 
     def sealed_digest(self, pcr_branch: bytes) -> bytes:
-        """The authPolicy of what was sealed in the state whose PolicyPCR is ``pcr_branch``."""
+        """The authPolicy of what was sealed in the state whose branch is ``pcr_branch``."""
         return or_policy_digest([pcr_branch, self.digest])
+
+    def branch(self, pcr_values: Mapping[int, bytes]) -> bytes:
+        """The branch of the running release in the state ``pcr_values``."""
+        return release_policy_digest(pcr_values, self.epoch)
 
     def usable(self) -> list[Approval]:
         return [a for a in self.approvals if a.pcrs == sorted(self.pcrs) and a.bank == "sha256"]
@@ -585,6 +687,7 @@ class Tpm:
 
     def __init__(self, esys: Any) -> None:
         self.esys = esys
+        self._storage: Any = None  # the persistent storage primary, once looked up
 
     @classmethod
     @contextmanager
@@ -607,14 +710,55 @@ class Tpm:
 
     # -- helpers --------------------------------------------------------------
     def _flush(self, handle: Any) -> None:
+        if handle is not None and handle is self._storage:
+            return  # persistent: it stays for the connection
         with contextlib.suppress(Exception):  # already gone
             self.esys.flush_context(handle)
 
     def _storage_primary(self) -> Any:
-        from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
+        """The storage primary: the persistent one (``STORAGE_HANDLE``) when the node made
+        it so, else recreated from the owner seed (the same key)."""
+        from tpm2_pytss.constants import ESYS_TR
+
+        persistent = self._persistent_storage()
+        if persistent is not None:
+            return persistent
+        handle, *_ = self.esys.create_primary(None, self._storage_template(), ESYS_TR.OWNER)
+        return handle
+
+    def _persistent_storage(self) -> Any | None:
+        """The persistent storage primary, or None when there is none. Anything else at
+        its handle (another template, a key that was not made inside this TPM) is a
+        TpmPolicyError: a key whose private part someone else knows must never wrap a
+        secret."""
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+        if self._storage is not None:
+            return self._storage
+        try:
+            handle = self.esys.tr_from_tpmpublic(STORAGE_HANDLE)
+        except TSS2_Exception:
+            return None
+        try:
+            public, _name, _qname = self.esys.read_public(handle)
+            want = self._storage_template().publicArea
+            got = public.publicArea
+            want.unique = got.unique
+            if bytes(want.marshal()) != bytes(got.marshal()):
+                raise TpmPolicyError(
+                    f"the TPM's persistent object {STORAGE_HANDLE:#x} is not edgepin's storage key"
+                )
+        except BaseException:
+            self._close(handle)
+            raise
+        self._storage = handle
+        return handle
+
+    def _storage_template(self) -> Any:
+        from tpm2_pytss.constants import TPMA_OBJECT
         from tpm2_pytss.types import TPM2B_PUBLIC
 
-        template = TPM2B_PUBLIC.parse(
+        return TPM2B_PUBLIC.parse(
             "ecc256:aes128cfb",
             objectAttributes=TPMA_OBJECT.RESTRICTED
             | TPMA_OBJECT.DECRYPT
@@ -624,8 +768,6 @@ class Tpm:
             | TPMA_OBJECT.USERWITHAUTH
             | TPMA_OBJECT.NODA,
         )
-        handle, *_ = self.esys.create_primary(None, template, ESYS_TR.OWNER)
-        return handle
 
     def _ek(self) -> Any:
         from tpm2_pytss.constants import ESYS_TR
@@ -666,7 +808,11 @@ class Tpm:
         session = self.esys.start_auth_session(
             salt_key, ESYS_TR.NONE, se, aes128cfb, TPM2_ALG.SHA256, None
         )
-        direction = TPMA_SESSION.DECRYPT if crypt is Crypt.COMMAND else TPMA_SESSION.ENCRYPT
+        direction = {
+            Crypt.COMMAND: TPMA_SESSION.DECRYPT,
+            Crypt.RESPONSE: TPMA_SESSION.ENCRYPT,
+            Crypt.NONE: 0,
+        }[crypt]
         try:
             self.esys.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | direction, 0xFF)
         except BaseException:
@@ -833,8 +979,12 @@ class Tpm:
         pcrs = sorted(set(selection))
         if not pcrs:
             raise TpmError("refusing to seal without a PCR policy (empty PCR selection)")
-        branch = pcr_policy_digest(self.read_pcrs(pcrs, bank), bank)
-        auth = signed.sealed_digest(branch) if signed is not None else branch
+        values = self.read_pcrs(pcrs, bank)
+        if signed is not None:
+            branch = signed.branch(values)
+            auth = signed.sealed_digest(branch)
+        else:
+            auth = branch = pcr_policy_digest(values, bank)
         public, private = self._create_sealed(secret, auth)
         # a signed policy's blob names its PCR branch: the TPM shows only the OR of both
         extra = {"policy": "signed", "pcr_policy": branch.hex()} if signed is not None else {}
@@ -959,6 +1109,7 @@ class Tpm:
 
         pcrs = sorted(set(policy.pcrs))
         branches = TPML_DIGEST([branch, policy.digest])
+        floor = self._floor_handle()
 
         def policy_or(session: Any) -> None:
             # TPM_RC_VALUE: the session's digest is neither branch (the PCRs are not in the
@@ -968,17 +1119,61 @@ class Tpm:
             except TSS2_Exception as e:
                 raise TpmPolicyError(f"{SIGNED_MISMATCH} ({_tss_text(e)})") from None
 
-        if pcr_policy_digest(self.read_pcrs(pcrs)) == branch:
-            yield pcrs, policy_or
-            return
-        approval = self._approval_now(policy.usable(), policy.release_key_pem)
-        with self._authorized(approval, policy.release_key_pem) as authorize:
+        try:
+            if policy.branch(self.read_pcrs(pcrs)) == branch:
 
-            def signed(session: Any) -> None:
-                authorize(session)
-                policy_or(session)
+                def sealed_state(session: Any) -> None:
+                    self._policy_floor(session, floor, policy.epoch)
+                    policy_or(session)
 
-            yield approval.pcrs, signed
+                yield pcrs, sealed_state
+                return
+            approval = self._approval_now(policy.usable(), policy.release_key_pem)
+            with self._authorized(approval, policy.release_key_pem) as authorize:
+
+                def signed(session: Any) -> None:
+                    self._policy_floor(session, floor, approval.epoch)
+                    authorize(session)
+                    policy_or(session)
+
+                yield approval.pcrs, signed
+        finally:
+            self._close(floor)
+
+    def _floor_handle(self) -> Any:
+        handle = self._nv_handle(FLOOR_SLOT)
+        if handle is None:
+            raise TpmPolicyError(
+                "the TPM holds no edgepin host floor: it was cleared or replaced, or the node "
+                "never defined it"
+            )
+        return handle
+
+    def _policy_floor(self, session: Any, floor: Any, epoch: int) -> None:
+        """PolicyNV: the host floor is not above ``epoch`` (its bit ``epoch`` is clear)."""
+        from tpm2_pytss.constants import ESYS_TR, TPM2_EO
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+        from tpm2_pytss.types import TPM2B_OPERAND
+
+        try:
+            self.esys.policy_nv(
+                floor,
+                floor,
+                session,
+                TPM2B_OPERAND(floor_operand(epoch)),
+                TPM2_EO.BITCLEAR,
+                0,
+                ESYS_TR.PASSWORD,
+                ESYS_TR.NONE,
+                ESYS_TR.NONE,
+            )
+        except TSS2_Exception as e:
+            if _is_pcr_changed(e):
+                raise
+            raise TpmPolicyError(
+                f"the TPM's host floor is above epoch {epoch}: this host release is revoked "
+                f"({_tss_text(e)})"
+            ) from None
 
     def _approval_now(self, approvals: Sequence[Approval], release_key_pem: bytes) -> Approval:
         """The approval, signed by the release key, of the PCR values as they are now."""
@@ -1058,7 +1253,7 @@ class Tpm:
     def _nv_branch(self, policy: SignedPolicy, auth_policy: bytes) -> bytes:
         """The PCR branch an index of authPolicy ``auth_policy`` was defined under: the
         state now, or one the node recorded (``SignedPolicy.branches``)."""
-        now = pcr_policy_digest(self.read_pcrs(sorted(set(policy.pcrs))))
+        now = policy.branch(self.read_pcrs(sorted(set(policy.pcrs))))
         for branch in (now, *policy.branches):
             if policy.sealed_digest(branch) == auth_policy:
                 return branch
@@ -1068,12 +1263,15 @@ class Tpm:
 
     def define_digest(self, policy: Policy) -> bytes:
         """The authPolicy of what is sealed to ``policy`` now: the PolicyPCR digest of the
-        PCRs in their current values, or the PolicyOR of that and the signed branch."""
+        PCRs in their current values, or (a ``SignedPolicy``) the PolicyOR of the running
+        release's branch and the signed branch."""
         pcrs = sorted(set(policy.pcrs if isinstance(policy, SignedPolicy) else policy))
         if not pcrs:
             raise TpmError("refusing to seal without a PCR policy (empty PCR selection)")
-        branch = pcr_policy_digest(self.read_pcrs(pcrs))
-        return policy.sealed_digest(branch) if isinstance(policy, SignedPolicy) else branch
+        values = self.read_pcrs(pcrs)
+        if isinstance(policy, SignedPolicy):
+            return policy.sealed_digest(policy.branch(values))
+        return pcr_policy_digest(values)
 
     def unseal(
         self, blob: bytes, policy: Policy, kinds: Sequence[BlobKind] = (BlobKind.SEALED,)
@@ -1341,6 +1539,135 @@ class Tpm:
         before is gone)."""
         self._nv_define(VAULT_KEY, policy)
         self._nv_write(VAULT_KEY, policy, key)
+
+
+    # -- the host floor and the owner hierarchy's secret ---------------------------------
+    def floor_read(self) -> int | None:
+        """The host floor: the lowest epoch whose policies still pass. None when the TPM
+        holds no floor or it was never written; a foreign index at its handle is a
+        TpmPolicyError."""
+        from tpm2_pytss.constants import ESYS_TR, TPMA_NV
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+        handle = self._nv_handle(FLOOR_SLOT)
+        if handle is None:
+            return None
+        try:
+            public, _name = self.esys.nv_read_public(handle)
+            written = bool(int(public.nvPublic.attributes) & int(TPMA_NV.WRITTEN))
+            if bytes(public.nvPublic.marshal()) != floor_public_bytes(written):
+                raise TpmPolicyError(
+                    f"the TPM's NV index {FLOOR_NV_INDEX:#x} is not edgepin's host floor"
+                )
+            if not written:
+                return None
+            data = self.esys.nv_read(handle, FLOOR_NV_SIZE, 0, handle, session1=ESYS_TR.PASSWORD)
+        except TSS2_Exception as e:
+            raise _nv_failure(e, FLOOR_SLOT, "read") from None
+        finally:
+            self._close(handle)
+        return floor_of(int.from_bytes(bytes(data), "big"))
+
+    def floor_define(self) -> None:
+        """Define the host floor at epoch 0 (written, no bit set) with the owner
+        hierarchy's empty authorization: at a node's first boot, before enrollment gives
+        the hierarchy its secret. Nothing happens when the TPM holds it already."""
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+        from tpm2_pytss.types import TPM2B_NV_PUBLIC
+
+        if self.floor_read() is not None:
+            return
+        try:
+            handle = self._nv_handle(FLOOR_SLOT)
+            if handle is None:
+                size = len(floor_public_bytes(False)).to_bytes(2, "big")
+                template = TPM2B_NV_PUBLIC.unmarshal(size + floor_public_bytes(False))[0]
+                handle = self.esys.nv_define_space(
+                    b"", template, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD
+                )
+            try:
+                self.esys.nv_set_bits(handle, 0, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD)
+            finally:
+                self._close(handle)
+        except TSS2_Exception as e:
+            raise _nv_failure(e, FLOOR_SLOT, "define") from None
+
+    def floor_raise(self, epoch: int, owner_auth: bytes) -> None:
+        """Raise the host floor to ``epoch``: from now on the TPM passes no policy of a
+        release below it. The owner hierarchy's secret authorizes it by HMAC: it does not
+        cross the bus."""
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+        bits = floor_bits(epoch)
+        handle = self._nv_handle(FLOOR_SLOT)
+        if handle is None:
+            raise TpmPolicyError("the TPM holds no edgepin host floor")
+        salt = session = None
+        try:
+            self.esys.tr_set_auth(ESYS_TR.OWNER, owner_auth)
+            salt = self._storage_primary()
+            session = self._salted_session(salt, SessionKind.HMAC, Crypt.NONE)
+            self.esys.nv_set_bits(handle, bits, ESYS_TR.OWNER, session1=session)
+        except TSS2_Exception as e:
+            raise _nv_failure(e, FLOOR_SLOT, "raise") from None
+        finally:
+            self._flush(session)
+            self._flush(salt)
+            self._close(handle)
+            self.esys.tr_set_auth(ESYS_TR.OWNER, b"")
+
+    def owner_auth_is_set(self) -> bool:
+        """Whether the owner hierarchy has an authorization value (TPMA_PERMANENT)."""
+        from tpm2_pytss.constants import TPM2_CAP, TPM2_PT, TPMA_PERMANENT
+
+        _more, data = self.esys.get_capability(
+            TPM2_CAP.TPM_PROPERTIES, int(TPM2_PT.PERMANENT), 1
+        )
+        for prop in data.data.tpmProperties:
+            if int(prop.property) == int(TPM2_PT.PERMANENT):
+                return bool(int(prop.value) & int(TPMA_PERMANENT.OWNERAUTHSET))
+        raise TpmError("the TPM does not report its permanent attributes")
+
+    def owner_auth_set(self, secret: bytes) -> None:
+        """Give the owner hierarchy ``secret`` as its authorization (from the empty one),
+        sent encrypted. Without it nobody can undefine or reset the host floor, or make
+        the storage primary again: the persistent one must exist first."""
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+        if len(secret) != OWNER_AUTH_SIZE:
+            raise TpmError(f"the owner hierarchy's secret is {OWNER_AUTH_SIZE} bytes")
+        if self._persistent_storage() is None:
+            raise TpmError("the storage primary is not persistent yet")
+        salt = self._storage_primary()
+        session = self._salted_session(salt, SessionKind.HMAC, Crypt.COMMAND)
+        try:
+            self.esys.hierarchy_change_auth(ESYS_TR.OWNER, secret, session1=session)
+        except TSS2_Exception as e:
+            raise TpmError(f"could not set the owner hierarchy's secret: {_tss_text(e)}") from None
+        finally:
+            self._flush(session)
+
+    def storage_persist(self) -> None:
+        """Keep the storage primary at ``STORAGE_HANDLE`` (owner authorization, still empty):
+        the same key as the one made from the owner seed, so earlier blobs still load."""
+        from tpm2_pytss.constants import ESYS_TR
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+        if self._persistent_storage() is not None:
+            return
+        handle = self._storage_primary()
+        try:
+            kept = self.esys.evict_control(
+                ESYS_TR.OWNER, handle, STORAGE_HANDLE, session1=ESYS_TR.PASSWORD
+            )
+            self._close(kept)
+        except TSS2_Exception as e:
+            raise TpmError(f"could not keep the storage primary: {_tss_text(e)}") from None
+        finally:
+            self._flush(handle)
 
 
 def _nv_failure(e: Exception, slot: NvSlot, doing: str) -> TpmError:

@@ -305,11 +305,36 @@ PCRS = [4, 7, 8, 9]
 
 
 def test_the_release_keys_name_and_authorized_policy_are_the_tpms(swtpm: Swtpm) -> None:
-    from tpm2_pytss.constants import ESYS_TR, TPM2_ST
-    from tpm2_pytss.types import TPM2B_PUBLIC, TPML_DIGEST, TPMT_TK_VERIFIED
+    from tpm2_pytss.constants import ESYS_TR, TPM2_EO, TPM2_ST
+    from tpm2_pytss.types import (
+        TPM2B_OPERAND,
+        TPM2B_PUBLIC,
+        TPML_DIGEST,
+        TPML_PCR_SELECTION,
+        TPMT_TK_VERIFIED,
+    )
 
     _key, pem = _release_key()
     with tpm.Tpm.open(swtpm.tcti) as t:
+        t.floor_define()
+        floor = t.esys.tr_from_tpmpublic(tpm.FLOOR_NV_INDEX)
+        _public, floor_name = t.esys.nv_read_public(floor)
+        # the host floor's name, which every approval signs, is what the TPM says
+        assert bytes(floor_name) == tpm.floor_name()
+        # a release's policy, PolicyPCR then PolicyNV over the floor, computed offline
+        session = trial_session(t)
+        try:
+            selection = TPML_PCR_SELECTION.unmarshal(tpm.pcr_selection_bytes(PCRS))[0]
+            t.esys.policy_pcr(session, b"", selection)
+            t.esys.policy_nv(
+                floor, floor, session, TPM2B_OPERAND(tpm.floor_operand(5)), TPM2_EO.BITCLEAR
+            )
+            assert bytes(t.esys.policy_get_digest(session)) == tpm.release_policy_digest(
+                t.read_pcrs(PCRS), 5
+            )
+        finally:
+            t.esys.flush_context(session)
+            t.esys.tr_close(floor)
         handle = t.esys.load_external(
             TPM2B_PUBLIC(publicArea=tpm.release_key_public(pem)), hierarchy=ESYS_TR.OWNER
         )
@@ -326,8 +351,8 @@ def test_the_release_keys_name_and_authorized_policy_are_the_tpms(swtpm: Swtpm) 
                 check_ticket=TPMT_TK_VERIFIED(tag=TPM2_ST.VERIFIED, hierarchy=0x40000007),
             )
             trial = bytes(t.esys.policy_get_digest(session))
-            # what a node seals to: that, or the PCRs in the values they have now
-            branches = [tpm.pcr_policy_digest(t.read_pcrs(PCRS)), trial]
+            # what a node seals to: that, or the running release's own state
+            branches = [tpm.release_policy_digest(t.read_pcrs(PCRS), 0), trial]
             t.esys.policy_or(session, TPML_DIGEST(branches))
             trial_or = bytes(t.esys.policy_get_digest(session))
         finally:
@@ -344,11 +369,12 @@ def test_a_secret_sealed_to_the_release_key_survives_an_approved_boot_chain_and_
     key, pem = _release_key()
     policy = tpm.SignedPolicy(pem, tuple(PCRS))
     with tpm.Tpm.open(swtpm.tcti) as t:
+        t.floor_define()
         _boot(t, "release 1")
         blob = t.seal(b"node credential", policy)
         # in the state it was sealed in it opens as a secret sealed to PCR values does
         assert t.unseal(blob, policy) == b"node credential"
-        assert tpm.parse_blob(blob)["pcr_policy"] == tpm.pcr_policy_digest(t.read_pcrs(PCRS)).hex()
+        assert tpm.parse_blob(blob)["pcr_policy"] == policy.branch(t.read_pcrs(PCRS)).hex()
     # the node reboots into release 2: other values in PCRs 4, 8 and 9
     swtpm.power_cycle()
     with tpm.Tpm.open(swtpm.tcti) as t:
@@ -400,7 +426,7 @@ def _release_1_values(
         if p in values:
             data = f"release 1: PCR {p}".encode()
             values[p] = hashlib.sha256(bytes(32) + hashlib.sha256(data).digest()).digest()
-    assert tpm.pcr_policy_digest(values).hex() == blob["pcr_policy"]
+    assert tpm.release_policy_digest(values, 0).hex() == blob["pcr_policy"]
     return values
 
 
@@ -408,12 +434,13 @@ def test_the_vault_key_and_the_anchor_survive_an_approved_boot_chain(swtpm: Swtp
     key, pem = _release_key()
     policy = tpm.SignedPolicy(pem, tuple(PCRS))
     with tpm.Tpm.open(swtpm.tcti) as t:
+        t.floor_define()
         _boot(t, "release 1")
         t.vault_key_create(policy, KEY)
         t.anchor_define(policy)
         t.anchor_write(policy, ANCHOR)
         assert t.vault_key_read(policy) == KEY
-        branch = tpm.pcr_policy_digest(t.read_pcrs(PCRS))
+        branch = policy.branch(t.read_pcrs(PCRS))
     swtpm.power_cycle()
     with tpm.Tpm.open(swtpm.tcti) as t:
         _boot(t, "release 2")
@@ -441,6 +468,7 @@ def test_a_blob_sealed_to_a_signed_policy_opens_only_with_its_key_on_its_tpm(
     key, pem = _release_key()
     other_key, other_pem = _release_key()
     with tpm.Tpm.open(node.tcti) as t:
+        t.floor_define()
         values = t.read_pcrs(PCRS)
         blob = t.seal(b"node credential", tpm.SignedPolicy(pem, tuple(PCRS)))
         # the other key signs the same state: its approval does not open this blob
@@ -454,6 +482,7 @@ def test_a_blob_sealed_to_a_signed_policy_opens_only_with_its_key_on_its_tpm(
             t.unseal(blob, tpm.SignedPolicy(pem, (7,)))
     mine = tpm.parse_approval(tpm.sign_approval(key, values))
     with tpm.Tpm.open(other_tpm.tcti) as t, pytest.raises(tpm.TpmBlobError, match="this TPM"):
+        t.floor_define()
         t.unseal(blob, tpm.SignedPolicy(pem, tuple(PCRS), (mine,)))
 
 
@@ -462,6 +491,7 @@ def test_an_approved_unseal_raced_by_a_measuring_kernel_is_tried_again(swtpm: Sw
     then a new session (with its own policy commands) unseals; no session is left loaded."""
     key, pem = _release_key()
     with tpm.Tpm.open(swtpm.tcti) as t:
+        t.floor_define()
         blob = t.seal(b"node credential", tpm.SignedPolicy(pem, tuple(PCRS)))
         _boot(t, "release 2")
         approval = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs(PCRS)))
@@ -469,3 +499,93 @@ def test_an_approved_unseal_raced_by_a_measuring_kernel_is_tried_again(swtpm: Sw
         assert t.unseal(blob, tpm.SignedPolicy(pem, tuple(PCRS), (approval,))) == b"node credential"
         assert t.sessions == 3
         assert loaded_sessions(t) == []
+
+
+def test_the_host_floor_revokes_every_release_below_it_and_only_the_node_raises_it(
+    swtpm: Swtpm,
+) -> None:
+    """Release 1 (epoch 0) enrolls; release 2 (epoch 1) is approved, kept, and raises the
+    floor with the owner secret sealed at enrollment. Booted again, release 1 opens nothing:
+    not in the state it sealed everything in, not with its own approval. The empty owner
+    authorization, which would let anyone undefine the floor and define it again at 0, is
+    gone."""
+    from tpm2_pytss.constants import ESYS_TR
+    from tpm2_pytss.TSS2_Exception import TSS2_Exception
+
+    key, pem = _release_key()
+    one = tpm.SignedPolicy(pem, tuple(PCRS), epoch=0)
+    owner = bytes(range(100, 100 + tpm.OWNER_AUTH_SIZE))
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        t.floor_define()
+        t.floor_define()  # once only: a second call finds it
+        assert t.floor_read() == 0
+        _boot(t, "release 1")
+        approval_1 = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs(PCRS), epoch=0))
+        blob = t.seal(b"node credential", one)
+        t.vault_key_create(one, KEY)
+        branch = one.branch(t.read_pcrs(PCRS))
+        t.storage_persist()
+        sealed_owner = t.seal(owner, one)
+        assert not t.owner_auth_is_set()
+        t.owner_auth_set(owner)
+        assert t.owner_auth_is_set()
+        # the storage primary cannot be made again now; the persistent one still opens
+        assert t.unseal(blob, one) == b"node credential"
+    swtpm.power_cycle()
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        _boot(t, "release 2")
+        approval_2 = tpm.parse_approval(tpm.sign_approval(key, t.read_pcrs(PCRS), epoch=1))
+        two = tpm.SignedPolicy(pem, tuple(PCRS), (approval_2,), (branch,), epoch=1)
+        assert t.unseal(blob, two) == b"node credential"  # the floor (0) is not above 1
+        with pytest.raises(tpm.TpmError, match="could not raise the host floor"):
+            t.floor_raise(1, bytes(tpm.OWNER_AUTH_SIZE))  # not the owner's secret
+        assert t.floor_read() == 0
+        t.floor_raise(1, t.unseal(sealed_owner, two))
+        assert t.floor_read() == 1
+        t.floor_raise(0, owner)  # setting no bit lowers nothing
+        assert t.floor_read() == 1
+        assert t.unseal(blob, two) == b"node credential"
+        assert t.vault_key_read(two) == KEY
+        # the floor is not undefined, and the owner seed not used, without the secret
+        floor = t.esys.tr_from_tpmpublic(tpm.FLOOR_NV_INDEX)
+        with pytest.raises(TSS2_Exception):
+            t.esys.nv_undefine_space(floor, ESYS_TR.OWNER, session1=ESYS_TR.PASSWORD)
+        t.esys.tr_close(floor)
+        with pytest.raises(TSS2_Exception):
+            t.esys.create_primary(None, t._storage_template(), ESYS_TR.OWNER)
+    swtpm.power_cycle()
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        _boot(t, "release 1")  # someone pointed the boot at the old slot
+        back = tpm.SignedPolicy(pem, tuple(PCRS), (approval_1, approval_2), (branch,), epoch=0)
+        with pytest.raises(tpm.TpmPolicyError, match="host floor is above epoch 0"):
+            t.unseal(blob, back)  # the state it was sealed in
+        with pytest.raises(tpm.TpmPolicyError, match="host floor is above epoch 0"):
+            t.vault_key_read(back)
+        with pytest.raises(tpm.TpmPolicyError, match="host floor is above epoch 0"):
+            t.unseal(sealed_owner, back)
+        # claiming epoch 1 in the code changes nothing: the TPM computes the branch
+        claimed = tpm.SignedPolicy(pem, tuple(PCRS), (approval_1,), (branch,), epoch=1)
+        with pytest.raises(tpm.TpmPolicyError):
+            t.unseal(blob, claimed)
+        assert loaded_sessions(t) == []
+
+
+def test_a_release_key_with_a_short_coordinate_loads_in_the_tpm(swtpm: Swtpm) -> None:
+    """One P-256 key in 128 has a coordinate below 2**248; the TPM takes it at full size."""
+    from tpm2_pytss.constants import ESYS_TR
+    from tpm2_pytss.types import TPM2B_PUBLIC
+
+    while True:
+        key = ec.generate_private_key(ec.SECP256R1())
+        if key.public_key().public_numbers().x < 2**248:
+            break
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        handle = t.esys.load_external(
+            TPM2B_PUBLIC(publicArea=tpm.release_key_public(pem)), hierarchy=ESYS_TR.OWNER
+        )
+        _public, name, _qname = t.esys.read_public(handle)
+        t.esys.flush_context(handle)
+    assert bytes(name) == tpm.release_key_name(pem)

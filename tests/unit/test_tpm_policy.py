@@ -101,19 +101,46 @@ def test_the_authorized_policy_is_the_spec_formula() -> None:
     assert tpm.release_key_name(RELEASE_PEM)[:2] == bytes.fromhex("000b")
 
 
+def test_the_host_floor_and_a_releases_policy_are_the_spec_formulas() -> None:
+    # TPMS_NV_PUBLIC: index, sha256, TPM_NT_BITS | OWNERWRITE | AUTHREAD | NO_DA | WRITTEN,
+    # no authPolicy, 8 bytes
+    public = bytes.fromhex("0100e9d2" "000b" "22040022" "0000" "0008")
+    assert tpm.floor_public_bytes() == public
+    assert tpm.floor_name() == bytes.fromhex("000b") + hashlib.sha256(public).digest()
+    values = {7: bytes(32)}
+    args = hashlib.sha256((1 << 3).to_bytes(8, "big") + bytes.fromhex("0000" "000b")).digest()
+    assert tpm.release_policy_digest(values, 3) == hashlib.sha256(
+        tpm.pcr_policy_digest(values) + bytes.fromhex("00000149") + args + tpm.floor_name()
+    ).digest()
+    assert tpm.release_policy_digest(values, 3) != tpm.release_policy_digest(values, 4)
+    # raising the floor to E sets the bits of every epoch below E: E passes, E-1 does not
+    for floor in range(tpm.MAX_EPOCH + 1):
+        bits = tpm.floor_bits(floor)
+        assert tpm.floor_of(bits) == floor
+        for epoch in range(tpm.MAX_EPOCH + 1):
+            passes = not bits & int.from_bytes(tpm.floor_operand(epoch), "big")
+            assert passes == (epoch >= floor)
+    for bad in (-1, tpm.MAX_EPOCH + 1):
+        with pytest.raises(tpm.TpmError, match="host epoch"):
+            tpm.floor_operand(bad)
+
+
 def test_an_approval_round_trips_and_verifies_only_under_its_key() -> None:
     values = {7: bytes(32), 9: b"\x09" * 32}
-    approval = tpm.parse_approval(tpm.sign_approval(RELEASE_KEY, values))
-    assert approval.pcr_values == values and approval.pcrs == [7, 9]
-    assert approval.policy == tpm.pcr_policy_digest(values)
+    approval = tpm.parse_approval(tpm.sign_approval(RELEASE_KEY, values, epoch=2))
+    assert approval.pcr_values == values and approval.pcrs == [7, 9] and approval.epoch == 2
+    assert approval.policy == tpm.release_policy_digest(values, 2)
     tpm.verify_approval(approval, RELEASE_PEM)
+    # the epoch is signed: an approval claiming another one does not verify
+    with pytest.raises(tpm.TpmPolicyError):
+        tpm.verify_approval(tpm.Approval("sha256", values, approval.signature, 3), RELEASE_PEM)
     other = ec.generate_private_key(ec.SECP256R1()).public_key()
     other_pem = other.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     with pytest.raises(tpm.TpmPolicyError, match="not signed by the pinned release key"):
         tpm.verify_approval(approval, other_pem)
-    changed = tpm.Approval("sha256", {7: bytes(32), 9: bytes(32)}, approval.signature)
+    changed = tpm.Approval("sha256", {7: bytes(32), 9: bytes(32)}, approval.signature, 2)
     with pytest.raises(tpm.TpmPolicyError):
         tpm.verify_approval(changed, RELEASE_PEM)
 
@@ -144,6 +171,7 @@ def _approval_docs() -> st.SearchStrategy[bytes]:
             "version": st.just(tpm.APPROVAL_VERSION) | json_values,
             "kind": st.just("pcr-approval") | st.text(max_size=5),
             "bank": st.sampled_from(["sha256", "sha1", ""]),
+            "epoch": st.integers(-2, 70) | json_values,
             "pcrs": st.dictionaries(pcr_key, digest | json_values, max_size=4) | json_values,
             "signature": st.binary(max_size=90).map(lambda b: base64.b64encode(b).decode())
             | json_values,
@@ -161,6 +189,7 @@ def test_the_approval_parser_returns_an_approval_or_its_own_error(raw: bytes) ->
     except tpm.TpmBlobError:
         return
     assert approval.bank == "sha256" and approval.pcr_values
+    assert 0 <= approval.epoch <= tpm.MAX_EPOCH
     assert all(0 <= p < 24 and len(v) == 32 for p, v in approval.pcr_values.items())
     try:  # arbitrary input never verifies, and fails only with edgepin's error
         tpm.verify_approval(approval, RELEASE_PEM)
