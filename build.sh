@@ -242,6 +242,9 @@ Options:
   --host-version N         this host release's version, a whole number that later
                            releases make greater (default: SOURCE_DATE_EPOCH); in the
                            image (/etc/edgepin/edgepin.conf) and in the host update
+  --host-epoch N           this host release's epoch, 0 to 63 (default 0): once a node
+                           with a release key keeps this release, its TPM opens nothing
+                           for a release of a lower epoch; raise it to revoke older ones
   --raw                    also write a raw image, for writing to disks
   --qa-check               QA images only: add the unit that runs the image test's
                            check script (DIB_EDGEPIN_QA_CHECK=1); never for nodes
@@ -296,7 +299,7 @@ needs_host_shims() {
 cmd_image() {
     local release="${DIB_RELEASE:-trixie}" ca="" certs=() acerts=() pcrs=4,7,8,9 reserved=0 interval=1h rkey=""
     local delay=10min virt=kvm health=120 guestnet=bridge hostnet=192.168.254.1/24 pins="" raw=0 qa=0 out="$ROOT/out"
-    local hostversion=""
+    local hostversion="" hostepoch=0
     while (($#)); do
         case "$1" in
             --release) release="$2"; shift 2 ;;
@@ -314,6 +317,7 @@ cmd_image() {
             --host-network) hostnet="$2"; shift 2 ;;
             --pins) pins="$(realpath "$2")"; shift 2 ;;
             --host-version) hostversion="$2"; shift 2 ;;
+            --host-epoch) hostepoch="$2"; shift 2 ;;
             --raw) raw=1; shift ;;
             --qa-check) qa=1; shift ;;
             --out) out="$(realpath -m "$2")"; shift 2 ;;
@@ -330,6 +334,8 @@ cmd_image() {
     # make greater
     [[ -z "$hostversion" || "$hostversion" =~ ^[1-9][0-9]{0,17}$ ]] ||
         die "--host-version must be a whole number above zero of at most 18 digits, such as $(date +%s)"
+    [[ "$hostepoch" =~ ^(0|[1-9]|[1-5][0-9]|6[0-3])$ ]] ||
+        die "--host-epoch must be a whole number from 0 to 63"
     [[ -z "${SOURCE_DATE_EPOCH:-}" || "$SOURCE_DATE_EPOCH" =~ ^[1-9][0-9]{0,17}$ ]] ||
         die "SOURCE_DATE_EPOCH must be a time in seconds since 1970, such as $(date +%s)"
     if [[ -n "$rkey" ]]; then
@@ -411,6 +417,7 @@ cmd_image() {
         export DIB_EDGEPIN_HOST_NETWORK_ADDRESS="$hostnet"
         export DIB_EDGEPIN_QA_CHECK="$qa"
         export DIB_EDGEPIN_HOST_VERSION="$hostversion"
+        export DIB_EDGEPIN_HOST_EPOCH="$hostepoch"
         if [[ -n "$pins" ]]; then export DIB_DPKG_MANIFEST="$pins"; fi
         mkdir -p "$TMP_DIR"
         exec disk-image-create -a amd64 -t "$types" --image-size 3 --no-tmpfs \
@@ -490,7 +497,7 @@ cmd_image() {
         --setting "assignment_certs_sha256=${acert_sums%,}" \
         --setting "release_key_sha256=$rkey_sum" \
         --setting "pins_sha256=$pins_sum" --setting "host_shims=$shims" \
-        --setting "host_version=$hostversion" \
+        --setting "host_version=$hostversion" --setting "host_epoch=$hostepoch" \
         --verity-root-hash "$roothash" \
         --root-image "${rootsize% *}" "${rootsize#* }"
 }

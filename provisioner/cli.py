@@ -171,9 +171,11 @@ def _add_release(sub: Any) -> None:
     a = s.add_parser(
         "approve",
         help="approve a boot chain's PCR values with the release key",
-        description="Sign the TPM2 PolicyPCR digest of the given PCR values with the release "
+        description="Sign the policy of the given PCR values at a host epoch (TPM2 PolicyPCR, "
+        "then PolicyNV that the node's host floor is not above the epoch) with the release "
         "key and write the approval (JSON). Nodes that pin the key open their secrets in "
-        "that measured state once the approval is in their /var/lib/edgepin-host/approvals/. "
+        "that measured state once the approval is in their /var/lib/edgepin-host/approvals/, "
+        "as long as their TPM's host floor is not above the epoch. "
         "The values are those a reference machine of the model measures with the host "
         "release (its console's `factory: pcrs` line, or the hint of a node that refused "
         "to open its secrets).",
@@ -189,6 +191,13 @@ def _add_release(sub: Any) -> None:
         "--pcr-values",
         required=True,
         help='JSON file {"4": "<sha256 hex>", ...} with the values to approve, or \'zero\'',
+    )
+    a.add_argument(
+        "--epoch",
+        type=int,
+        default=0,
+        help="the host release's epoch, 0 to 63 (`./build.sh image --host-epoch`, default "
+        "%(default)s): the approval opens nothing on a node whose floor is above it",
     )
     a.add_argument("--out", type=Path, required=True, help="approval file to write")
     a.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -220,18 +229,21 @@ def cmd_release_approve(args: argparse.Namespace) -> int:
         None if args.pcr_values == "zero" else Path(args.pcr_values),
         args.pcr_values == "zero",
         args.out,
+        args.epoch,
     )
     _print(
         args,
         {
             "approval": str(done.path),
             "pcrs": list(done.pcrs),
+            "epoch": done.epoch,
             "policy": done.policy,
             "key_sha256": done.key_sha256,
         },
         [
             f"approval   {done.path}",
-            f"pcrs       {','.join(map(str, done.pcrs))} (PolicyPCR {done.policy})",
+            f"pcrs       {','.join(map(str, done.pcrs))} at epoch {done.epoch} "
+            f"(policy {done.policy})",
             f"key sha256 {done.key_sha256}",
         ],
     )

@@ -1540,7 +1540,6 @@ class Tpm:
         self._nv_define(VAULT_KEY, policy)
         self._nv_write(VAULT_KEY, policy, key)
 
-
     # -- the host floor and the owner hierarchy's secret ---------------------------------
     def floor_read(self) -> int | None:
         """The host floor: the lowest epoch whose policies still pass. None when the TPM
@@ -1622,9 +1621,7 @@ class Tpm:
         """Whether the owner hierarchy has an authorization value (TPMA_PERMANENT)."""
         from tpm2_pytss.constants import TPM2_CAP, TPM2_PT, TPMA_PERMANENT
 
-        _more, data = self.esys.get_capability(
-            TPM2_CAP.TPM_PROPERTIES, int(TPM2_PT.PERMANENT), 1
-        )
+        _more, data = self.esys.get_capability(TPM2_CAP.TPM_PROPERTIES, int(TPM2_PT.PERMANENT), 1)
         for prop in data.data.tpmProperties:
             if int(prop.property) == int(TPM2_PT.PERMANENT):
                 return bool(int(prop.value) & int(TPMA_PERMANENT.OWNERAUTHSET))

@@ -162,6 +162,7 @@ def cmd_vault(args: argparse.Namespace) -> int:
     from provisioner.node import vault
 
     cfg = _cfg(args)
+    policy.prepare(cfg)
     pol = policy.node_policy(cfg)
     try:
         opened = vault.open_vault(cfg.root, cfg.tcti, pol)

@@ -59,6 +59,12 @@ SETTINGS: dict[str, tuple[str, str]] = {
         "this host release's version, a whole number later releases make greater (the image "
         "build writes it; 0: not known)",
     ),
+    "EDGEPIN_HOST_EPOCH": (
+        "0",
+        "this host release's epoch, 0 to 63 (the image build writes it): on a node with a "
+        "release key, once the release is kept, the TPM's host floor rises to it and no "
+        "release of a lower epoch opens the node's secrets again",
+    ),
     "EDGEPIN_RESTART_COMMAND": (
         "systemctl --no-block reboot",
         "how the node restarts into a host release it has written into its other root slot "
@@ -97,6 +103,7 @@ class NodeConfig:
     revoke_grace: float = 3600.0
     report_interval: float = 3600.0
     host_version: int = 0
+    host_epoch: int = 0
     restart_command: tuple[str, ...] = ("systemctl", "--no-block", "reboot")
     host_trial_timeout: float = 1200.0
 
@@ -237,6 +244,7 @@ def load(
             "revoke_grace": float(raw["EDGEPIN_REVOKE_GRACE"]),
             "report_interval": float(raw["EDGEPIN_REPORT_INTERVAL"]),
             "host_version": int(raw["EDGEPIN_HOST_VERSION"]),
+            "host_epoch": int(raw["EDGEPIN_HOST_EPOCH"]),
             "restart_command": tuple(shlex.split(raw["EDGEPIN_RESTART_COMMAND"])),
             "host_trial_timeout": float(raw["EDGEPIN_HOST_TRIAL_TIMEOUT"]),
         }
@@ -244,6 +252,8 @@ def load(
         raise ConfigError(f"bad setting: {e}") from None
     if not 0 <= values["host_version"] < 2**63:
         raise ConfigError("EDGEPIN_HOST_VERSION must be a whole number from 0 to 2**63-1")
+    if not 0 <= values["host_epoch"] <= 63:
+        raise ConfigError("EDGEPIN_HOST_EPOCH must be a whole number from 0 to 63")
     if not 0 < values["host_trial_timeout"] < 2**31:
         raise ConfigError("EDGEPIN_HOST_TRIAL_TIMEOUT must be a number of seconds above 0")
     if not values["restart_command"]:

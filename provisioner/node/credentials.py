@@ -257,8 +257,10 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
         record = {"phase": "done", **done.as_dict()}
         if state.read_json(_enrollment(cfg)) != record:
             state.write_json(_enrollment(cfg), record)
+        policy.seal_owner(cfg)  # when a restart cut enrollment short before it
         LOG.info("enrollment: already done (%s), nothing to do", done.enrolled_at)
         return record
+    policy.prepare(cfg)
     bundle = load_bundle(cfg)
     pcrs = sorted(int(p) for p in bundle["pcrs"])
     if pcrs != sorted(cfg.pcrs):
@@ -292,6 +294,7 @@ def enroll(cfg: NodeConfig) -> dict[str, Any]:
     ledger.save(cfg.state_dir, anchor, Ledger(enrollment=done))
     record = {"phase": "done", **done.as_dict()}
     state.write_json(_enrollment(cfg), record)
+    policy.seal_owner(cfg)
     if kind is seed.Credential.NODE:
         # the seed's copy wraps the live credential: the sealed one is all the node keeps
         cfg.bundle_path.unlink(missing_ok=True)

@@ -12,18 +12,28 @@ Approvals are public and signed: each one is a file ``*.json`` (``edgepin releas
 approve``) in ``/var/lib/edgepin-host/approvals`` on the state partition, outside the vault
 (they must be readable before it opens), read as untrusted input. Whoever can write there
 can delete approvals (the node then opens its secrets only in the state it sealed them in),
-not make one. Beside them, ``/var/lib/edgepin-host/sealed-states.json`` lists the PCR
-branches (PolicyPCR digests) the node defined its vault key and anchor under: the TPM shows
-an index's policy, not the state it was made in. Changing that file can only keep the node
-from opening its indices.
+not make one. Beside them, ``/var/lib/edgepin-host/sealed-states.json`` lists the
+branches (``tpm.release_policy_digest``) the node defined its vault key and anchor under:
+the TPM shows an index's policy, not the state it was made in. Changing that file can only
+keep the node from opening its indices.
+
+Every branch, sealed-in or approved, also holds the host release's epoch against the TPM's
+host floor (``tpm.FLOOR_NV_INDEX``): at its first boot the node defines the floor at 0
+(``prepare``); enrollment gives the TPM's owner hierarchy a secret of its own, sealed like
+the other secrets (``seal_owner``), so that nobody else can undefine the floor or reset
+it; once a release is kept, the reconcile raises the floor to its epoch (``raise_floor``).
+From then on no release of a lower epoch opens anything, whichever slot the disk names.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
+from pathlib import Path
 
 from provisioner import tpm
+from provisioner.errors import TrustError
 from provisioner.node import state
 from provisioner.node.config import NodeConfig
 
@@ -80,7 +90,7 @@ def remember(cfg: NodeConfig) -> None:
     if release_key(cfg) is None:
         return
     with tpm.Tpm.open(cfg.tcti) as t:
-        now = tpm.pcr_policy_digest(t.read_pcrs(cfg.pcrs))
+        now = tpm.release_policy_digest(t.read_pcrs(cfg.pcrs), cfg.host_epoch)
     known = sealed_states(cfg)
     if now in known:
         return
@@ -94,7 +104,81 @@ def node_policy(cfg: NodeConfig) -> tpm.Policy:
     pem = release_key(cfg)
     if pem is None:
         return cfg.pcrs
-    return tpm.SignedPolicy(pem, cfg.pcrs, approvals(cfg), sealed_states(cfg))
+    return tpm.SignedPolicy(pem, cfg.pcrs, approvals(cfg), sealed_states(cfg), cfg.host_epoch)
+
+
+def owner_blob_path(cfg: NodeConfig) -> Path:
+    """The owner hierarchy's secret, sealed to the node's policy (in the vault)."""
+    return cfg.state_dir / "tpm-owner.json"
+
+
+def prepare(cfg: NodeConfig) -> None:
+    """Before anything is sealed to or opened with the signed policy: at a node's first
+    boot (the owner hierarchy's authorization still empty), keep the storage primary
+    persistent and define the host floor at 0. Later boots find both; a TPM that lost the
+    floor after that (cleared, or another TPM) opens nothing, and this says so."""
+    if release_key(cfg) is None:
+        return
+    try:
+        with tpm.Tpm.open(cfg.tcti) as t:
+            if t.owner_auth_is_set():
+                if t.floor_read() is None:
+                    raise TrustError(
+                        "the TPM holds no edgepin host floor, and its owner hierarchy has a "
+                        "secret: it is not the TPM this node set up"
+                    )
+                return
+            t.storage_persist()
+            t.floor_define()
+    except tpm.TpmError as e:
+        raise TrustError(f"the TPM cannot be set up for the host floor: {e}") from None
+
+
+def seal_owner(cfg: NodeConfig) -> bool:
+    """Once enrolled: give the TPM's owner hierarchy a secret of the node's own, sealed
+    first (a restart in between finds the sealed copy and finishes). True when it did."""
+    if release_key(cfg) is None:
+        return False
+    path = owner_blob_path(cfg)
+    pol = node_policy(cfg)
+    try:
+        with tpm.Tpm.open(cfg.tcti) as t:
+            if t.owner_auth_is_set():
+                return False
+            try:
+                secret = t.unseal(path.read_bytes(), pol)
+            except FileNotFoundError:
+                secret = secrets.token_bytes(tpm.OWNER_AUTH_SIZE)
+                state.atomic_write(path, t.seal(secret, pol), 0o600)
+            t.owner_auth_set(secret)
+    except tpm.TpmError as e:
+        raise TrustError(f"the TPM's owner hierarchy cannot be given its secret: {e}") from None
+    LOG.info("policy: the TPM's owner hierarchy has the node's secret")
+    return True
+
+
+def raise_floor(cfg: NodeConfig) -> str | None:
+    """Raise the TPM's host floor to this release's epoch (called once the release is
+    kept): what it did, or None when the floor is there already."""
+    if release_key(cfg) is None:
+        return None
+    pol = node_policy(cfg)
+    try:
+        with tpm.Tpm.open(cfg.tcti) as t:
+            floor = t.floor_read()
+            if floor is None:
+                raise TrustError("the TPM holds no edgepin host floor")
+            if floor >= cfg.host_epoch:
+                return None
+            t.floor_raise(cfg.host_epoch, t.unseal(owner_blob_path(cfg).read_bytes(), pol))
+    except (tpm.TpmError, OSError) as e:
+        raise TrustError(f"the TPM's host floor cannot be raised: {e}") from None
+    said = (
+        f"host: the TPM's host floor rose from epoch {floor} to {cfg.host_epoch}: releases "
+        f"below it open nothing on this node"
+    )
+    LOG.info("%s", said)
+    return said
 
 
 def describe(pol: tpm.Policy) -> str:

@@ -250,6 +250,11 @@ def _settle_host(run: Run, healthy: bool) -> None:
     except EdgepinError as e:
         LOG.warning("host: the root slots cannot be read: %s", e.message)
         return
+    if healthy and not hostslot.on_trial(run.cfg):
+        try:
+            policy.raise_floor(run.cfg)  # the release is kept: none below it opens again
+        except EdgepinError as e:
+            LOG.error("%s", e.message)
     if said is not None and run.facts is not None:
         run.facts = replace(run.facts, **facts.host_slot_facts(run.cfg))
 

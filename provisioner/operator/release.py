@@ -34,8 +34,9 @@ PASSPHRASE_ENV = "EDGEPIN_RELEASE_KEY_PASSPHRASE"  # noqa: S105 (a variable name
 class Approved:
     path: Path
     pcrs: tuple[int, ...]
-    policy: str  # the approved PolicyPCR digest, hex
+    policy: str  # the approved policy's digest (PolicyPCR, then PolicyNV), hex
     key_sha256: str  # of the release key's public half (DER)
+    epoch: int = 0
 
 
 def public_sha256(key: ec.EllipticCurvePublicKey) -> str:
@@ -97,12 +98,20 @@ def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def approve(
-    key_path: Path, pcrs: tuple[int, ...], pcr_values: Path | None, zero: bool, out: Path
+    key_path: Path,
+    pcrs: tuple[int, ...],
+    pcr_values: Path | None,
+    zero: bool,
+    out: Path,
+    epoch: int = 0,
 ) -> Approved:
-    """Sign the approval of ``pcrs`` in the values of ``pcr_values`` into ``out``."""
+    """Sign the approval of ``pcrs`` in the values of ``pcr_values`` at host epoch
+    ``epoch`` into ``out``."""
+    if not 0 <= epoch <= tpm.MAX_EPOCH:
+        raise UsageError(f"--epoch must be a whole number from 0 to {tpm.MAX_EPOCH}")
     key = load_key(key_path)
     values = expected_pcr_values(pcrs, pcr_values, zero)
-    raw = tpm.sign_approval(key, values)
+    raw = tpm.sign_approval(key, values, epoch)
     approval = tpm.parse_approval(raw)  # what a node reads back
     tpm.verify_approval(
         approval,
@@ -111,4 +120,6 @@ def approve(
         ),
     )
     state.atomic_write(out, raw + b"\n", 0o644)
-    return Approved(out, pcrs, approval.policy.hex(), public_sha256(key.public_key()))
+    return Approved(
+        out, pcrs, approval.policy.hex(), public_sha256(key.public_key()), approval.epoch
+    )

@@ -892,12 +892,45 @@ def test_a_node_with_a_release_key_keeps_its_secrets_through_an_approved_boot_ch
     assert st["state"] == "running" and st["image_id"] == pub["image_id"], st
     assert json.loads((node.root / "var/lib/edgepin/node-credential.json").read_text()) == sealed
 
+    # release 2 is of epoch 1: once it is kept, the reconcile raises the TPM's host floor
+    # with the owner hierarchy's secret that enrollment sealed
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        assert t.floor_read() == 0 and t.owner_auth_is_set()
+    host_epoch(node, 1)
+    approve_pcrs(key, release_2, approvals / "release-2.json", epoch=1)
+    guest_stopped()
+    r = ok(node.node("reconcile"))
+    assert "host floor rose from epoch 0 to 1" in r.stderr, r.stderr
+    assert node_status(node)["state"] == "running"
+    with tpm.Tpm.open(node.tpm.tcti) as t:
+        assert t.floor_read() == 1
+
     # a boot chain no one approved: refused, the guest not started
     guest_stopped()
     with tpm.Tpm.open(node.tpm.tcti) as t:
         t.extend_pcr(7, b"an attacker's boot loader")
     r = node.node("reconcile")
     assert r.returncode == 9 and "none of the 1 signed PCR policies" in r.stderr, r.stderr
+    assert_guest_stopped(node)
+
+    # release 1 again (someone points the boot at the old slot): the state every secret
+    # was sealed in, and an approval of it on the disk, but below the floor: nothing opens
+    node.tpm.power_cycle()
+    host_epoch(node, 0)
+    approve_pcrs(key, {7: bytes(32)}, approvals / "release-1.json", epoch=0)
+    r = node.node("reconcile")
+    assert r.returncode == 9 and "host floor is above epoch 0" in r.stderr, r.stderr
+    assert_guest_stopped(node)
+
+
+def host_epoch(node: VirtualNode, epoch: int) -> None:
+    """The running release's EDGEPIN_HOST_EPOCH, as its image would have it."""
+    conf = node.root / "etc" / "edgepin" / "edgepin.conf"
+    lines = [x for x in conf.read_text().splitlines() if not x.startswith("EDGEPIN_HOST_EPOCH=")]
+    conf.write_text("\n".join([*lines, f"EDGEPIN_HOST_EPOCH={epoch}", ""]))
+
+
+def assert_guest_stopped(node: VirtualNode) -> None:
     conn = libvirt.open(node.libvirtd.uri)
     try:
         assert not conn.lookupByName("edgepin-guest").isActive()

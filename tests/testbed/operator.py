@@ -85,11 +85,11 @@ def pin_release_key(root: Path, tmp: Path) -> tuple[Path, Path]:
     return key, pub
 
 
-def approve_pcrs(key: Path, values: dict[int, bytes], out: Path) -> None:
-    """`edgepin release approve` of ``values`` with ``key``, into ``out``."""
+def approve_pcrs(key: Path, values: dict[int, bytes], out: Path, epoch: int = 0) -> None:
+    """`edgepin release approve` of ``values`` at ``epoch`` with ``key``, into ``out``."""
     pcr_values = out.with_suffix(".values")
     pcr_values.write_text(json.dumps({str(p): v.hex() for p, v in values.items()}))
     pcrs = ",".join(map(str, sorted(values)))
     args = ["--key", str(key), "--pcrs", pcrs, "--pcr-values", str(pcr_values)]
-    r = run_edgepin(["release", "approve", *args, "--out", str(out)])
+    r = run_edgepin(["release", "approve", *args, "--epoch", str(epoch), "--out", str(out)])
     assert r.returncode == 0, r.stderr

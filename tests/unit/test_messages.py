@@ -41,6 +41,7 @@ FOREIGN_OPTIONS = {
     "--assignment-cert": "./build.sh image",
     "--release-key": "./build.sh image",
     "--host-version": "./build.sh image",
+    "--host-epoch": "./build.sh image",
     "--root-image": "python -m provisioner.imagemanifest (run by ./build.sh image)",
 }
 

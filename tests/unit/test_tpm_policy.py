@@ -104,14 +104,17 @@ def test_the_authorized_policy_is_the_spec_formula() -> None:
 def test_the_host_floor_and_a_releases_policy_are_the_spec_formulas() -> None:
     # TPMS_NV_PUBLIC: index, sha256, TPM_NT_BITS | OWNERWRITE | AUTHREAD | NO_DA | WRITTEN,
     # no authPolicy, 8 bytes
-    public = bytes.fromhex("0100e9d2" "000b" "22040022" "0000" "0008")
+    public = bytes.fromhex("0100e9d2000b2204002200000008")
     assert tpm.floor_public_bytes() == public
     assert tpm.floor_name() == bytes.fromhex("000b") + hashlib.sha256(public).digest()
     values = {7: bytes(32)}
-    args = hashlib.sha256((1 << 3).to_bytes(8, "big") + bytes.fromhex("0000" "000b")).digest()
-    assert tpm.release_policy_digest(values, 3) == hashlib.sha256(
-        tpm.pcr_policy_digest(values) + bytes.fromhex("00000149") + args + tpm.floor_name()
-    ).digest()
+    args = hashlib.sha256((1 << 3).to_bytes(8, "big") + bytes.fromhex("0000000b")).digest()
+    assert (
+        tpm.release_policy_digest(values, 3)
+        == hashlib.sha256(
+            tpm.pcr_policy_digest(values) + bytes.fromhex("00000149") + args + tpm.floor_name()
+        ).digest()
+    )
     assert tpm.release_policy_digest(values, 3) != tpm.release_policy_digest(values, 4)
     # raising the floor to E sets the bits of every epoch below E: E passes, E-1 does not
     for floor in range(tpm.MAX_EPOCH + 1):

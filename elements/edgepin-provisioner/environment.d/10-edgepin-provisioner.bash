@@ -17,3 +17,5 @@ export DIB_EDGEPIN_GUEST_NETWORK=${DIB_EDGEPIN_GUEST_NETWORK:-bridge}
 export DIB_EDGEPIN_HOST_NETWORK_ADDRESS=${DIB_EDGEPIN_HOST_NETWORK_ADDRESS:-192.168.254.1/24}
 # this host release's version: a whole number, greater in later releases
 export DIB_EDGEPIN_HOST_VERSION=${DIB_EDGEPIN_HOST_VERSION:-0}
+# this host release's epoch (0 to 63): the TPM's host floor rises to it once it is kept
+export DIB_EDGEPIN_HOST_EPOCH=${DIB_EDGEPIN_HOST_EPOCH:-0}
