@@ -91,6 +91,7 @@ VAULT_KEY_SIZE = 64
 # of its own at enrollment. Its public area is the same on every node (no authPolicy), so
 # its name, which the release key's approvals sign, is too.
 FLOOR_NV_INDEX = 0x0100E9D2
+FLOOR_REFUSAL = "host floor is above epoch"  # how a refusal for it reads
 FLOOR_NV_SIZE = 8
 MAX_EPOCH = 63
 # the owner hierarchy's storage primary, kept at this persistent handle once the node has
@@ -1171,8 +1172,7 @@ class Tpm:
             if _is_pcr_changed(e):
                 raise
             raise TpmPolicyError(
-                f"the TPM's host floor is above epoch {epoch}: this host release is revoked "
-                f"({_tss_text(e)})"
+                f"the TPM's {FLOOR_REFUSAL} {epoch}: this host release is revoked ({_tss_text(e)})"
             ) from None
 
     def _approval_now(self, approvals: Sequence[Approval], release_key_pem: bytes) -> Approval:

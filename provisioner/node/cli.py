@@ -168,7 +168,7 @@ def cmd_vault(args: argparse.Namespace) -> int:
         opened = vault.open_vault(cfg.root, cfg.tcti, pol)
     except vault.VaultError as e:
         if isinstance(pol, tpm.SignedPolicy) and e.hint is None:
-            e.hint = policy.approval_hint(cfg)
+            e.hint = policy.refusal_hint(cfg, e.message)
         raise
     if opened.made_key:
         policy.remember(cfg)

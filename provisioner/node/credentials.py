@@ -201,7 +201,7 @@ def _unseal(
         raise TrustError(
             f"TPM refused to unseal the {what}: the measured boot state differs from "
             f"enrollment ({e})",
-            hint=policy.approval_hint(cfg)
+            hint=policy.refusal_hint(cfg, str(e))
             if signed
             else "the host OS or its boot chain changed; re-enroll the node if intended",
             policy=True,

@@ -188,6 +188,17 @@ def describe(pol: tpm.Policy) -> str:
     return f"PCRs {list(pol)}"
 
 
+def refusal_hint(cfg: NodeConfig, refusal: str) -> str:
+    """What to do when the TPM refused the node's policy: for a release below the host
+    floor, boot one at or above it; for a state nothing approved, ``approval_hint``."""
+    if tpm.FLOOR_REFUSAL not in refusal:
+        return approval_hint(cfg)
+    return (
+        f"this host release (epoch {cfg.host_epoch}) is below the TPM's host floor: a later "
+        "release this node kept revoked it; boot the root slot that holds that release"
+    )
+
+
 def approval_hint(cfg: NodeConfig) -> str:
     """What the factory does when the node is in a state it sealed nothing in and that no
     approval names: sign one for the values it measures, if that state is meant (the node

@@ -1,10 +1,11 @@
 """A host update from Glance on the real artefact: the built host image booted in QEMU with
 Secure Boot and its swtpm, against the real Keystone, Glance and Barbican.
 
-The release is the build's own, one host version later (tests/testbed/hostrelease.py: the
-same packages, its root packed again with the new EDGEPIN_HOST_VERSION and sealed with
-dm-verity as the build seals it), published with `edgepin host publish` and assigned with
-`edgepin host assign --restart now`. One node, in order:
+The release is the build's own, one host version and one host epoch later
+(tests/testbed/hostrelease.py: the same packages, its root packed again with the new
+EDGEPIN_HOST_VERSION and EDGEPIN_HOST_EPOCH=1 and sealed with dm-verity as the build seals
+it), published with `edgepin host publish` and assigned with `edgepin host assign --restart
+now`. One node, in order:
 
 1. first boot: it enrolls and runs its guest (a bare boot sector that prints its marker),
    then fetches and checks the release while the guest runs, writes it into root slot b and
@@ -15,12 +16,17 @@ dm-verity as the build seals it), published with `edgepin host publish` and assi
 2. the factory approves the values slot b measured (`edgepin release approve`, `edgepin
    host approve`) and the release is assigned again: the node fetches it again, restarts
    into slot b, opens its vault, credential and image key through the approval, starts its
-   guest and keeps slot b; `edgepin status` shows the new host version on slot b;
+   guest and keeps slot b; the TPM's host floor rises to slot b's epoch (1); `edgepin
+   status` shows the new host version on slot b;
 3. a release older than the node's host, and a newer one signed by a certificate the node
    does not pin, are refused and reported; the node stays as it is;
 4. slot a armed again on the disk, with a root hash its root does not have: its initramfs
    sees a try (the ESP names slot b next), the root's first block panics the kernel, and
-   the machine restarts into slot b after 10 s instead of stopping for good.
+   the machine restarts into slot b after 10 s instead of stopping for good;
+5. slot a named on the disk as the slot to keep booting, with its own root hash back, as
+   someone holding the disk would do to run the release before the update: it boots, its
+   root verifies, its measured state is the one the node sealed everything in, but its
+   epoch (0) is below the TPM's floor: the vault does not open and no guest starts.
 
 In test 2 `edgepin-host-watch.service` watches slot b's try until it is kept; the reports
 name the hardware watchdog systemd keeps armed (the ICH9's TCO, `iTCO_wdt`).
@@ -95,7 +101,7 @@ def releases(
         "EDGEPIN_SIGNING_KEY_ID": pinned_signer.key_id,
     }
     built = publish_release(pinned, update)
-    newer_file = newer_release(update, host_image, version + 1, work / "newer")
+    newer_file = newer_release(update, host_image, version + 1, work / "newer", epoch=1)
     # a node with a release key takes no release without an approval of its key; this one
     # approves values that its boot chain does not measure (as one measured on other
     # firmware, or for the other slot, would)
@@ -216,6 +222,12 @@ def guest(
 
 
 @pytest.fixture(scope="module")
+def slot_a_cfg() -> dict[str, str]:
+    """Slot a's verity-a.cfg as the node left it, before test 4 changed its root hash."""
+    return {}
+
+
+@pytest.fixture(scope="module")
 def said_values() -> dict[str, Any]:
     """The PCR values root slot b measured, as the node said them on its console."""
     return {}
@@ -276,7 +288,7 @@ def test_2_an_approved_release_is_kept_and_the_guest_comes_back_on_it(
     newer = releases.newer
     approval = node.vm.workdir / "slot-b.approval.json"
     values = {int(p): bytes.fromhex(v) for p, v in said_values.items()}
-    approve_pcrs(image_signer.release_key, values, approval)
+    approve_pcrs(image_signer.release_key, values, approval, epoch=1)
     r = run_edgepin(["host", "approve", newer["image_id"], "--approval", str(approval)], cli_env)
     assert r.returncode == 0, r.stderr
     console.skip_to_end()
@@ -288,6 +300,7 @@ def test_2_an_approved_release_is_kept_and_the_guest_comes_back_on_it(
     console.wait(r"vault open: key")
     console.wait(rf"guest {guest['image_id']} started from the local copy")
     console.wait(r"host: root slot b committed: host update \S+ version \d+ stays")
+    console.wait(r"host: the TPM's host floor rose from epoch 0 to 1")
     # edgepin-host-watch.service watched the try from early in its boot, and ended with it
     console.wait(r"host: root slot b is kept: the trial watch ends")
     watched = "host: root slot b is on trial: unless the node is healthy on it within 1200 s"
@@ -329,12 +342,14 @@ def test_4_a_try_whose_root_does_not_verify_restarts_into_the_slot_the_node_kept
     guest: dict[str, Any],
     releases: Releases,
     cli_env: dict[str, str],
+    slot_a_cfg: dict[str, str],
 ) -> None:
     node.vm.stop()
     # slot a (the build's release, which the node left for b) armed for one try on the
     # disk, with a root hash on the ESP that its root does not have: its kernel and
     # initramfs start, and the first block of the root panics the kernel
     cfg = disk.esp_file_of(node.vm.disk, "EFI/edgepin/verity-a.cfg", node.vm.workdir).decode()
+    slot_a_cfg["verity-a.cfg"] = cfg
     wrong, found = re.subn(
         r"(?m)^set edgepin_roothash=[0-9a-f]{64}$", f"set edgepin_roothash={'0' * 64}", cfg
     )
@@ -360,3 +375,37 @@ def test_4_a_try_whose_root_does_not_verify_restarts_into_the_slot_the_node_kept
     assert disk.esp_file_of(node.vm.disk, "EFI/edgepin/boot.env", node.vm.workdir) == (
         env_block("b")
     )
+
+
+def test_5_the_release_below_the_tpms_host_floor_opens_nothing(
+    node: Node,
+    console: Console,
+    guest: dict[str, Any],
+    slot_a_cfg: dict[str, str],
+) -> None:
+    node.vm.stop()
+    # slot a (the build's release, epoch 0) put back as it was and named as the slot to
+    # keep booting: its measured state is the one the node sealed everything in
+    assert slot_a_cfg, "test 4 did not run"
+    image = node.vm.disk
+    disk.write_esp_file(
+        image, "EFI/edgepin/verity-a.cfg", slot_a_cfg["verity-a.cfg"].encode(), node.vm.workdir
+    )
+    for name in ("boot.env", "after.env"):
+        disk.write_esp_file(image, f"EFI/edgepin/{name}", env_block("a"), node.vm.workdir)
+    node.boot("host-update-below-the-floor")
+    console.at = 0
+    try:
+        console.wait(r"Loading root slot a")
+        console.wait(r"edgepin: verity: root \S+ opened as \S+ \(slot a\)")
+        refused = console.wait(
+            r"the TPM's host floor is above epoch 0: this host release is revoked"
+        )
+        console.wait(r"this host release \(epoch 0\) is below the TPM's host floor")
+        console.wait(r"Failed to start .{0,16}edgepin-vault", 120)
+    finally:
+        node.vm.stop()
+    after = node.vm.console()[refused.start() :]
+    assert "vault open: key" not in after, node.vm.tail()
+    assert f"guest {guest['image_id']} started" not in after, node.vm.tail()
+    assert "is on trial" not in after  # a committed slot: nothing restarts it

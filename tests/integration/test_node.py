@@ -920,6 +920,7 @@ def test_a_node_with_a_release_key_keeps_its_secrets_through_an_approved_boot_ch
     approve_pcrs(key, {7: bytes(32)}, approvals / "release-1.json", epoch=0)
     r = node.node("reconcile")
     assert r.returncode == 9 and "host floor is above epoch 0" in r.stderr, r.stderr
+    assert "this host release (epoch 0) is below the TPM's host floor" in r.stderr, r.stderr
     assert_guest_stopped(node)
 
 

@@ -1,8 +1,9 @@
 """A newer host release made from a built one, for the image tier's host update: the same
-Debian packages and edgepin, with a greater host version.
+Debian packages and edgepin, with a greater host version (and, if asked, another epoch).
 
 The build's root (``root.squashfs`` of its host update) is unpacked, its
-``/etc/edgepin/edgepin.conf`` given the new ``EDGEPIN_HOST_VERSION``, packed again with the
+``/etc/edgepin/edgepin.conf`` given the new ``EDGEPIN_HOST_VERSION`` (and
+``EDGEPIN_HOST_EPOCH``), packed again with the
 build's squashfs options, sealed with ``veritysetup format`` as seal-verity seals it, and
 written with the kernel, the initramfs and the build's ``grub.cfg`` (read from the built
 disk's boot partition by the build's own ``boot-files``) by
@@ -32,9 +33,11 @@ def _run(args: list[str]) -> str:
     return r.stdout
 
 
-def newer_release(update: Path, image: Path, version: int, work: Path) -> Path:
+def newer_release(
+    update: Path, image: Path, version: int, work: Path, epoch: int | None = None
+) -> Path:
     """The host release of the build that wrote ``update`` and ``image`` (its qcow2), with
-    host version ``version``; written in ``work``."""
+    host version ``version`` (and host epoch ``epoch``); written in ``work``."""
     built = hostupdate.read(update)
     if version <= built.host_version:
         raise ValueError(f"{version} is not newer than the build's {built.host_version}")
@@ -57,6 +60,12 @@ def newer_release(update: Path, image: Path, version: int, work: Path) -> Path:
     )
     if n != 1:
         raise RuntimeError(f"{conf} has no EDGEPIN_HOST_VERSION line")
+    if epoch is not None:
+        text, n = re.subn(
+            r"^EDGEPIN_HOST_EPOCH=\d+$", f"EDGEPIN_HOST_EPOCH={epoch}", text, flags=re.MULTILINE
+        )
+        if n != 1:
+            raise RuntimeError(f"{conf} has no EDGEPIN_HOST_EPOCH line")
     conf.write_text(text)
     squashfs.unlink()
     _run(
