@@ -589,3 +589,25 @@ def test_a_release_key_with_a_short_coordinate_loads_in_the_tpm(swtpm: Swtpm) ->
         _public, name, _qname = t.esys.read_public(handle)
         t.esys.flush_context(handle)
     assert bytes(name) == tpm.release_key_name(pem)
+
+
+def test_a_persistent_key_at_the_storage_handle_that_is_not_edgepins_is_refused(
+    swtpm: Swtpm,
+) -> None:
+    """Someone who planted a key of their own at the handle before the node's first boot
+    (the owner authorization still empty) gets nothing sealed under it."""
+    from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
+
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        # edgepin's template but for one attribute: a key the dictionary-attack lockout counts
+        template = t._storage_template()
+        template.publicArea.objectAttributes &= ~TPMA_OBJECT.NODA
+        planted, *_ = t.esys.create_primary(None, template, ESYS_TR.OWNER)
+        kept = t.esys.evict_control(ESYS_TR.OWNER, planted, tpm.STORAGE_HANDLE)
+        t.esys.flush_context(planted)
+        t.esys.tr_close(kept)
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        with pytest.raises(tpm.TpmPolicyError, match="not edgepin's storage key"):
+            t.seal(b"node credential", [7])
+        with pytest.raises(tpm.TpmPolicyError, match="not edgepin's storage key"):
+            t.storage_persist()

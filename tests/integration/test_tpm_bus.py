@@ -114,3 +114,20 @@ def test_the_bootstrap_credential_crosses_the_bus_only_encrypted(
     # the duplicate itself crosses as it is: only the TPM's EK can open it
     duplicate = base64.b64decode(json.loads(wrapped)["duplicate"])
     assert sniffer.find(duplicate)
+
+
+def test_the_owner_hierarchys_secret_never_crosses_the_bus_in_clear(sniffer: TpmSniffer) -> None:
+    """Given to the TPM encrypted, then used by HMAC to raise the host floor: the secret is
+    a key of the session there, never a parameter."""
+    owner = secrets.token_bytes(tpm.OWNER_AUTH_SIZE)
+    with tpm.Tpm.open(sniffer.tcti) as t:
+        t.storage_persist()
+        t.floor_define()
+        t.owner_auth_set(owner)
+        t.floor_raise(3, owner)
+        raised = t.floor_read() == 3 and t.owner_auth_is_set()
+    assert raised, "the floor did not rise with the owner's secret"
+    assert_not_on_the_bus(sniffer, owner)
+    assert_encrypted(sniffer, "HierarchyChangeAuth", DECRYPT)
+    set_bits = [c for c in sniffer.commands() if c.name == "NV_SetBits"]
+    assert len(set_bits) == 2, set_bits  # defining the floor, then raising it

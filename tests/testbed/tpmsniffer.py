@@ -34,6 +34,8 @@ CC = {
     "NV_Write": (0x137, 2),
     "NV_Read": (0x14E, 2),
     "NV_DefineSpace": (0x12A, 1),
+    "NV_SetBits": (0x135, 2),
+    "HierarchyChangeAuth": (0x129, 1),
 }
 NAMES = {code: (name, handles) for name, (code, handles) in CC.items()}
 
