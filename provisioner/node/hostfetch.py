@@ -112,10 +112,11 @@ def check_release(image: dict[str, Any], a: HostAssignment) -> None:
         raise ImageError(f"host release {a.image_id} has no size, or one too large")
 
 
-def release_approvals(cfg: NodeConfig, image: dict[str, Any]) -> list[bytes]:
+def release_approvals(cfg: NodeConfig, image: dict[str, Any], floor: int = 0) -> list[bytes]:
     """The approvals that go with the release and count on this node (as JSON documents):
-    signed by the release key it pins, of exactly its PCR selection. None needed (and none
-    kept) on a node without a release key; ImageError on a node with one when none counts."""
+    signed by the release key it pins, of exactly its PCR selection, at an epoch not below
+    the TPM's host ``floor``. None needed (and none kept) on a node without a release key;
+    ImageError on a node with one when none counts."""
     pem = policy.release_key(cfg)
     if pem is None:
         return []
@@ -127,6 +128,7 @@ def release_approvals(cfg: NodeConfig, image: dict[str, Any]) -> list[bytes]:
     if not isinstance(docs, list) or len(docs) > hostassign.MAX_APPROVALS:
         raise ImageError(f"the host release's {APPROVALS_PROPERTY} is not a list of approvals")
     kept: list[bytes] = []
+    below: set[int] = set()
     for doc in docs:
         data = json.dumps(doc, sort_keys=True).encode()
         try:
@@ -135,8 +137,18 @@ def release_approvals(cfg: NodeConfig, image: dict[str, Any]) -> list[bytes]:
         except tpm.TpmError as e:
             LOG.warning("host: an approval that goes with the release is skipped: %s", e)
             continue
-        if sorted(approval.pcrs) == list(cfg.pcrs):
-            kept.append(data)
+        if sorted(approval.pcrs) != list(cfg.pcrs):
+            continue
+        if approval.epoch < floor:
+            below.add(approval.epoch)
+            continue
+        kept.append(data)
+    if not kept and below:
+        raise ImageError(
+            f"the host release is approved only at epoch {max(below)}, below this node's "
+            f"host floor ({floor}): the TPM would open nothing on it: refused",
+            hint="assign a release of the floor's epoch or later",
+        )
     if not kept:
         raise ImageError(
             "the host release carries no approval of its PCR values signed by this node's "
@@ -245,7 +257,8 @@ def step(
         image = client.image(a.image_id)
         check_release(image, a)
         cert = release_certificate(cfg, image)
-        approvals = release_approvals(cfg, image)  # before 200 MB are fetched for nothing
+        # before 200 MB are fetched for nothing
+        approvals = release_approvals(cfg, image, policy.host_floor(cfg))
         path = _fetch(client, image, cert, folder)
         try:
             LOG.info("host: writing host release %s into the other root slot", a.image_id)

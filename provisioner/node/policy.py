@@ -157,6 +157,20 @@ def seal_owner(cfg: NodeConfig) -> bool:
     return True
 
 
+def host_floor(cfg: NodeConfig) -> int:
+    """The TPM's host floor, for refusing a release below it before fetching it; 0 on a
+    node without a release key, or when the TPM cannot say (the TPM enforces the floor
+    itself when the release boots)."""
+    if release_key(cfg) is None:
+        return 0
+    try:
+        with tpm.Tpm.open(cfg.tcti) as t:
+            return t.floor_read() or 0
+    except tpm.TpmError as e:
+        LOG.warning("policy: the TPM's host floor cannot be read: %s", e)
+        return 0
+
+
 def raise_floor(cfg: NodeConfig) -> str | None:
     """Raise the TPM's host floor to this release's epoch (called once the release is
     kept): what it did, or None when the floor is there already."""

@@ -212,8 +212,21 @@ def node_with_release_key(tmp_path: Path) -> NodeConfig:
     return cfg
 
 
-def approval(key: ec.EllipticCurvePrivateKey, pcrs: tuple[int, ...], fill: int) -> Any:
-    return json.loads(tpm.sign_approval(key, {p: bytes([fill]) * 32 for p in pcrs}))
+def approval(
+    key: ec.EllipticCurvePrivateKey, pcrs: tuple[int, ...], fill: int, epoch: int = 0
+) -> Any:
+    return json.loads(tpm.sign_approval(key, {p: bytes([fill]) * 32 for p in pcrs}, epoch))
+
+
+def test_a_release_approved_only_below_the_host_floor_is_refused(tmp_path: Path) -> None:
+    cfg = node_with_release_key(tmp_path)
+    old, new = approval(RELEASE_KEY, cfg.pcrs, 1, epoch=2), approval(RELEASE_KEY, cfg.pcrs, 2, 3)
+    release = {**RELEASE, hostfetch.APPROVALS_PROPERTY: json.dumps([old, new])}
+    assert len(hostfetch.release_approvals(cfg, release, floor=2)) == 2
+    kept = hostfetch.release_approvals(cfg, release, floor=3)
+    assert [json.loads(k) for k in kept] == [new]  # the one below the floor is not kept
+    with pytest.raises(ImageError, match=r"only at epoch 3, below this node's host floor \(4\)"):
+        hostfetch.release_approvals(cfg, release, floor=4)
 
 
 def test_only_approvals_of_the_nodes_key_and_pcrs_go_with_the_release(tmp_path: Path) -> None:

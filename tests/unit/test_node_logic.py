@@ -55,6 +55,14 @@ def test_a_trial_timeout_that_is_not_a_number_of_seconds_is_refused(
         config.load(tmp_path, environ={"EDGEPIN_HOST_TRIAL_TIMEOUT": value})
 
 
+@pytest.mark.parametrize("value", ["-1", "64", "1.5", "one", ""])
+def test_a_host_epoch_outside_0_to_63_is_refused(tmp_path: Path, value: str) -> None:
+    assert config.load(tmp_path, environ={}).host_epoch == 0
+    assert config.load(tmp_path, environ={"EDGEPIN_HOST_EPOCH": "63"}).host_epoch == 63
+    with pytest.raises(ConfigError, match=r"EDGEPIN_HOST_EPOCH|bad setting"):
+        config.load(tmp_path, environ={"EDGEPIN_HOST_EPOCH": value})
+
+
 def test_the_watchdog_fact_is_the_armed_hardware_watchdog(tmp_path: Path) -> None:
     cfg = config.NodeConfig(root=tmp_path)
     assert facts.watchdog(cfg) == ""  # none
