@@ -5,8 +5,9 @@ Works with tpm2-pytss 2.3 (Debian trixie) and 3.0; ``tpm2_pytss.policy`` is not 
 
 Blobs are JSON bytes:
 - ``kind: "sealed"``: created on this TPM under the owner hierarchy's storage key
-  (an ECC P-256 primary recreated from the owner seed each time, so nothing must be
-  persisted); the object is fixedTPM|fixedParent.
+  (an ECC P-256 primary recreated from the owner seed each time; a node with a release key
+  keeps the same key at ``STORAGE_HANDLE`` before its owner hierarchy gets a secret); the
+  object is fixedTPM|fixedParent.
 - ``kind: "duplicate"``: made offline by the factory for one TPM's endorsement key; it
   is imported under the EK (which needs PolicySecret(endorsement)) and unsealed once.
 Both are sealed with PolicyPCR; there is no way to seal or unseal without one. The node
@@ -15,7 +16,8 @@ A node whose image pins a release key seals to a ``SignedPolicy`` instead: Polic
 PolicyPCR over the PCRs in the values they have when it seals, and PolicyAuthorize over the
 release key, which approves other PCR values (``Approval``). Such a secret opens in the
 measured state it was sealed in, as before, and in any state the key approved (a host
-update that brings its approval), and in no other.
+update that brings its approval), and in no other; both branches also check the host
+floor (``FLOOR_NV_INDEX``, PolicyNV), so that a release of an epoch below it opens nothing.
 
 The anchor is an ordinary NV index (``ANCHOR_NV_INDEX``, 40 bytes) that anyone may read
 and only a PolicyPCR session over the node's PCRs may write: someone who boots anything
