@@ -40,6 +40,7 @@ DISK_QUANTUM_MB = 256  # free disk is reported in steps of this: small writes ch
 FLAG = re.compile(r"[a-z0-9][a-z0-9_.]{0,63}")
 TEXT_SIZE = 128
 MAX_HOST_VERSION = 2**63 - 1
+MAX_EPOCH = 63  # a host epoch: provisioner.tpm.MAX_EPOCH
 
 
 class ReportError(EdgepinError):
@@ -77,6 +78,8 @@ class Facts:
     host_refused: str = ""  # why the assigned host release is refused; "": it is not
     # the hardware watchdog systemd keeps armed ("<driver>, <timeout> s"); "": none
     host_watchdog: str = ""
+    host_epoch: int = 0  # the host release's epoch (EDGEPIN_HOST_EPOCH)
+    host_floor: int = 0  # the TPM's host floor: no release of a lower epoch opens anything
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +102,8 @@ class Facts:
             "host_next": self.host_next,
             "host_refused": self.host_refused,
             "host_watchdog": self.host_watchdog,
+            "host_epoch": self.host_epoch,
+            "host_floor": self.host_floor,
         }
 
 
@@ -322,4 +327,7 @@ def _facts(value: Any) -> Facts | None:
         host_refused=_text(value, "host_refused", MAX_REASON) if "host_refused" in value else "",
         # absent in reports of nodes from before the watchdog
         host_watchdog=_text(value, "host_watchdog", TEXT_SIZE) if "host_watchdog" in value else "",
+        # absent in reports of nodes from before the host floor
+        host_epoch=_int(value, "host_epoch", MAX_EPOCH) if "host_epoch" in value else 0,
+        host_floor=_int(value, "host_floor", MAX_EPOCH) if "host_floor" in value else 0,
     )

@@ -14,7 +14,7 @@ import libvirt
 
 from provisioner import __version__, nodereport
 from provisioner.errors import HostSlotError
-from provisioner.node import domain, hostfetch, hostslot
+from provisioner.node import domain, hostfetch, hostslot, policy
 from provisioner.node.config import NodeConfig
 
 LOG = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ def gather(cfg: NodeConfig, conn: Any, local_images: list[str]) -> nodereport.Fa
         host_version=cfg.host_version,
         **host_slot_facts(cfg),
         host_watchdog=watchdog(cfg),
+        host_epoch=cfg.host_epoch,
+        host_floor=policy.host_floor(cfg),
     )
 
 

@@ -159,6 +159,8 @@ def status(
                 "host_next": (facts.host_next or None) if facts else None,
                 "host_refused": (facts.host_refused or None) if facts else None,
                 "host_watchdog": (facts.host_watchdog or None) if facts else None,
+                "host_epoch": facts.host_epoch if facts else None,
+                "host_floor": facts.host_floor if facts else None,
                 "outcome": str(report.report.state) if report.report else None,
                 "reason": report.report.reason if report.report else report.problem,
                 "seen_at": report.seen_at,

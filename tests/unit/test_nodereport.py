@@ -84,12 +84,23 @@ def test_the_host_slot_and_fallback_read_back_and_an_older_node_s_report_has_non
     assert nodereport.parse(r.text(), "node-1").facts == r.facts
     r = report(facts=replace(FACTS, host_watchdog="iTCO_wdt, 120 s"))
     assert nodereport.parse(r.text(), "node-1").facts == r.facts
+    r = report(facts=replace(FACTS, host_epoch=3, host_floor=2))
+    assert nodereport.parse(r.text(), "node-1").facts == r.facts
     doc = json.loads(report().text())
-    for key in ("host_slot", "host_fallback", "host_next", "host_refused", "host_watchdog"):
-        del doc["facts"][key]  # from before root slots, host assignments, the watchdog
+    for key in (
+        "host_slot",
+        "host_fallback",
+        "host_next",
+        "host_refused",
+        "host_watchdog",
+        "host_epoch",
+        "host_floor",
+    ):
+        del doc["facts"][key]  # from before root slots, host assignments, watchdog, floor
     got = nodereport.parse(json.dumps(doc), "node-1").facts
     assert got is not None and (got.host_slot, got.host_fallback) == ("", 0)
     assert (got.host_next, got.host_refused, got.host_watchdog) == (0, "", "")
+    assert (got.host_epoch, got.host_floor) == (0, 0)
     for key, bad in (
         ("host_slot", "c"),
         ("host_slot", 1),
@@ -99,6 +110,9 @@ def test_the_host_slot_and_fallback_read_back_and_an_older_node_s_report_has_non
         ("host_refused", "x" * 600),
         ("host_watchdog", "x" * 200),
         ("host_watchdog", 120),
+        ("host_epoch", 64),
+        ("host_floor", -1),
+        ("host_floor", "1"),
     ):
         changed = json.loads(json.dumps(doc))
         changed["facts"][key] = bad
