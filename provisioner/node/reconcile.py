@@ -252,7 +252,9 @@ def _settle_host(run: Run, healthy: bool) -> None:
         return
     if healthy and not hostslot.on_trial(run.cfg):
         try:
-            policy.raise_floor(run.cfg)  # the release is kept: none below it opens again
+            # the release is kept: none below it opens again
+            if policy.raise_floor(run.cfg) is not None and run.facts is not None:
+                run.facts = replace(run.facts, host_floor=run.cfg.host_epoch)
         except EdgepinError as e:
             LOG.error("%s", e.message)
     if said is not None and run.facts is not None:

@@ -273,6 +273,7 @@ def test_1_a_release_whose_boot_chain_is_not_approved_is_tried_once_and_left(
     assert row["outcome"] == "running", row
     # the board's watchdog (the ICH9's TCO), armed by systemd and kept from firing
     assert row["host_watchdog"] == "iTCO_wdt, 120 s", row
+    assert (row["host_epoch"], row["host_floor"]) == (0, 0), row
 
 
 def test_2_an_approved_release_is_kept_and_the_guest_comes_back_on_it(
@@ -310,6 +311,7 @@ def test_2_an_approved_release_is_kept_and_the_guest_comes_back_on_it(
     assert (row["host_slot"], row["host_fallback"], row["host_next"]) == ("b", None, None), row
     assert row["outcome"] == "running", row
     assert row["host_watchdog"] == "iTCO_wdt, 120 s", row
+    assert (row["host_epoch"], row["host_floor"]) == (1, 1), row
 
 
 def test_3_an_older_release_and_one_not_signed_by_a_pinned_certificate_are_refused(

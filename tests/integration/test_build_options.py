@@ -89,6 +89,23 @@ def test_a_bad_host_version_is_refused_before_anything_is_built(tmp_path: Path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["-1", "64", "007", "1.5", "", "1;reboot"])
+def test_a_bad_host_epoch_is_refused_before_anything_is_built(tmp_path: Path, value: str) -> None:
+    done = build_image(tmp_path, "--host-epoch", value)
+    assert done.returncode == 1, done
+    assert "build.sh: error: --host-epoch must be a whole number from 0 to 63" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "9", "63"])
+def test_a_good_host_epoch_passes_the_check(tmp_path: Path, value: str) -> None:
+    missing = tmp_path / "no-such-pins.json"
+    done = build_image(tmp_path, "--host-epoch", value, "--pins", str(missing))
+    assert done.returncode == 1, done
+    assert "--host-epoch" not in done.stderr
+    assert "--pins: no such file" in done.stderr
+
+
 def test_a_source_date_epoch_that_is_no_time_is_refused_before_anything_is_built(
     tmp_path: Path,
 ) -> None:

@@ -904,6 +904,8 @@ def test_a_node_with_a_release_key_keeps_its_secrets_through_an_approved_boot_ch
     assert node_status(node)["state"] == "running"
     with tpm.Tpm.open(node.tpm.tcti) as t:
         assert t.floor_read() == 1
+    [row] = json.loads(ok(run_edgepin(["status", node.name, "--json"], cli_env)).stdout)
+    assert (row["host_epoch"], row["host_floor"]) == (1, 1), row
 
     # a boot chain no one approved: refused, the guest not started
     guest_stopped()
