@@ -611,3 +611,27 @@ def test_a_persistent_key_at_the_storage_handle_that_is_not_edgepins_is_refused(
             t.seal(b"node credential", [7])
         with pytest.raises(tpm.TpmPolicyError, match="not edgepin's storage key"):
             t.storage_persist()
+
+
+def test_a_tpm_cleared_through_its_lockout_hierarchy_keeps_nothing_to_open(swtpm: Swtpm) -> None:
+    """Clearing is the way around the owner's secret, and it takes the node's keys with the
+    floor: a floor defined again at 0 opens nothing that was sealed before."""
+    from tpm2_pytss.constants import ESYS_TR
+
+    _key, pem = _release_key()
+    policy = tpm.SignedPolicy(pem, tuple(PCRS), epoch=0)
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        t.storage_persist()
+        t.floor_define()
+        blob = t.seal(b"node credential", policy)
+        t.vault_key_create(policy, KEY)
+        t.owner_auth_set(bytes(range(tpm.OWNER_AUTH_SIZE)))
+        t.esys.clear(ESYS_TR.LOCKOUT)
+    with tpm.Tpm.open(swtpm.tcti) as t:
+        assert t.floor_read() is None and not t.owner_auth_is_set()
+        assert t.vault_key_read(policy) is None
+        t.storage_persist()
+        t.floor_define()  # what someone would do next: a floor at 0 again
+        assert t.floor_read() == 0
+        with pytest.raises(tpm.TpmBlobError, match="does not belong to this TPM"):
+            t.unseal(blob, policy)
