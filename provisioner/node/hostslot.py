@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from provisioner import hostupdate
-from provisioner.errors import EdgepinError, HostSlotError, HostUpdateError
+from provisioner.errors import HostSlotError, HostUpdateError
 from provisioner.hostupdate import HostUpdate
 from provisioner.node import state
 from provisioner.node.config import NodeConfig
@@ -571,18 +571,6 @@ def pending(cfg: NodeConfig) -> Pending | None:
         return None
     except OSError as e:
         raise HostSlotError(f"cannot read {RECORD}: {e.strerror}") from None
-
-
-def on_trial(cfg: NodeConfig) -> bool:
-    """Whether this boot is a root slot's one try (not kept yet); slots that cannot be read
-    count as a try, a host without root slots (a development machine) as kept."""
-    layout = Layout.of(cfg)
-    try:
-        if not layout.cmdline.exists() or booted_slot(layout.cmdline.read_text()) is None:
-            return False
-        return read_slots(layout).trial
-    except (OSError, EdgepinError):
-        return True
 
 
 def settle(cfg: NodeConfig, healthy: bool) -> str | None:

@@ -243,16 +243,20 @@ def _host_release(run: Run) -> hostfetch.HostStep | None:
 
 def _settle_host(run: Run, healthy: bool) -> None:
     """Commit the root slot this boot is on trial in once the node is healthy on it (its
-    keys opened, its guest running or none assigned), and note an update it came back
-    from; either goes into this run's report."""
+    keys opened, its guest running or none assigned), note an update it came back from,
+    and raise the TPM's host floor to a kept release's epoch; each goes into this run's
+    report."""
     try:
         said = hostslot.settle(run.cfg, healthy)
     except EdgepinError as e:
         LOG.warning("host: the root slots cannot be read: %s", e.message)
         return
-    if healthy and not hostslot.on_trial(run.cfg):
+    # healthy and settled, the boot is kept (committed now or before, or no root slots):
+    # no release below it opens again. The facts read the floor this run; the TPM is asked
+    # again only when it is below this release's epoch.
+    below = run.facts is None or run.facts.host_floor < run.cfg.host_epoch
+    if healthy and below:
         try:
-            # the release is kept: none below it opens again
             if policy.raise_floor(run.cfg) is not None and run.facts is not None:
                 run.facts = replace(run.facts, host_floor=run.cfg.host_epoch)
         except EdgepinError as e:
